@@ -1,0 +1,613 @@
+"""The chat stream layer: SSE events of a `chat.completion.chunk` stream in, typed deltas out.
+
+Theory of operation
+-------------------
+`ChatAccumulator` sits on top of an `SSEDecoder`. Each data event is one JSON chunk; it is
+parsed once, turned into a `ChatChunk` (its typed deltas plus the raw dict), and its fragments
+are appended to per-choice lists. Nothing is concatenated per chunk: `completion` joins each
+list once when asked (and keeps the joined string, so asking again is free). That keeps
+accumulation linear in the size of the stream.
+
+The stream ends well when `data: [DONE]` arrives, or, for servers that omit it, when a
+`finish_reason` was seen and no event was cut off. `close()` checks that and raises
+`IncompleteStreamError` with the partial completion otherwise.
+
+Tool calls arrive as fragments keyed by `index`. Real gateways bend that: some omit `index`
+(we fall back to `id`, then to the latest call), some repeat `id` and `name` on every
+fragment (we keep one copy), some reuse index 0 for parallel calls with distinct ids (a new id
+at a known index starts a new call). Numbers are never added together: the latest `usage` wins.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any, Union, final
+
+import attrs
+
+from ._exceptions import IncompleteStreamError, LocalProtocolError, RemoteProtocolError, StreamError
+from ._sse import ServerSentEvent, SSEDecoder
+
+__all__ = [
+    "ChatAccumulator",
+    "ChatChunk",
+    "ChatDelta",
+    "Choice",
+    "Completion",
+    "ContentDelta",
+    "Finished",
+    "ReasoningDelta",
+    "RefusalDelta",
+    "ToolCall",
+    "ToolCallDelta",
+    "Usage",
+    "UsageReport",
+    "is_retryable_error",
+]
+
+try:  # orjson parses chunks ~2-3x faster; it is an optional extra (`holysheep[speedups]`).
+    import orjson
+
+    _loads: Callable[[str | bytes], Any] = orjson.loads
+    JSON_BACKEND = "orjson"
+except ImportError:  # pragma: no cover - depends on the environment
+    _loads = json.loads
+    JSON_BACKEND = "json"
+
+_DONE = "[DONE]"
+# Long enough to recognise a payload in an error message, short enough to read.
+_SNIPPET = 200
+
+# Error types and codes that mean "try again later", from OpenAI, Anthropic and the gateways
+# in front of them. Anything else (invalid request, auth, quota) will fail the same way again.
+_RETRYABLE_KINDS = frozenset(
+    {
+        "overloaded",
+        "overloaded_error",
+        "rate_limit",
+        "rate_limit_error",
+        "rate_limit_exceeded",
+        "server_error",
+        "api_error",
+        "internal_error",
+        "internal_server_error",
+        "service_unavailable",
+        "service_unavailable_error",
+        "timeout",
+        "timeout_error",
+        "upstream_error",
+        "bad_gateway",
+    }
+)
+_RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+
+
+def is_retryable_error(type: str | None, code: str | int | None) -> bool:
+    """Whether an error of this type/code is transient (overloaded, rate limit, server error)."""
+    for kind in (type, code):
+        if isinstance(kind, int) or (isinstance(kind, str) and kind.isdigit()):
+            if int(kind) in _RETRYABLE_STATUS:
+                return True
+        elif isinstance(kind, str) and kind.lower() in _RETRYABLE_KINDS:
+            return True
+    return False
+
+
+def _snippet(text: str) -> str:
+    return repr(text if len(text) <= _SNIPPET else text[:_SNIPPET] + "...")
+
+
+# -- values ------------------------------------------------------------------------------------
+
+
+@final
+@attrs.frozen
+class Usage:
+    """Token counts as the server reported them; `raw` keeps details such as cached tokens."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    raw: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Usage:
+        """Read OpenAI names, falling back to Anthropic's `input_tokens`/`output_tokens`."""
+        prompt = raw.get("prompt_tokens", raw.get("input_tokens"))
+        completion = raw.get("completion_tokens", raw.get("output_tokens"))
+        total = raw.get("total_tokens")
+        if total is None and isinstance(prompt, int) and isinstance(completion, int):
+            total = prompt + completion
+        return cls(
+            prompt if isinstance(prompt, int) else None,
+            completion if isinstance(completion, int) else None,
+            total if isinstance(total, int) else None,
+            raw,
+        )
+
+
+@final
+@attrs.frozen
+class ToolCall:
+    """A complete tool call: `arguments` is the whole JSON string, as the model wrote it."""
+
+    id: str
+    name: str
+    arguments: str
+    index: int = 0
+    type: str = "function"
+
+    def parsed_arguments(self) -> Any:
+        """`arguments` parsed as JSON (raises `json.JSONDecodeError` if the model wrote junk)."""
+        return json.loads(self.arguments) if self.arguments else {}
+
+
+@final
+@attrs.frozen
+class Choice:
+    """One choice of a completion (there are several when the request sets `n`)."""
+
+    index: int
+    text: str = ""
+    role: str | None = None
+    refusal: str | None = None
+    reasoning: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    finish_reason: str | None = None
+
+
+@final
+@attrs.frozen
+class Completion:
+    """The accumulated result of a stream, complete or partial.
+
+    `text`, `role`, `tool_calls`, `finish_reason` and friends read choice 0, which is the only
+    choice unless the request set `n`; `choices` has all of them.
+    """
+
+    choices: tuple[Choice, ...] = ()
+    id: str | None = None
+    model: str | None = None
+    created: int | None = None
+    system_fingerprint: str | None = None
+    usage: Usage | None = None
+    last_chunk: Mapping[str, Any] | None = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def _first(self) -> Choice:
+        return self.choices[0] if self.choices else _EMPTY_CHOICE
+
+    @property
+    def text(self) -> str:
+        return self._first.text
+
+    @property
+    def role(self) -> str | None:
+        return self._first.role
+
+    @property
+    def refusal(self) -> str | None:
+        return self._first.refusal
+
+    @property
+    def reasoning(self) -> str | None:
+        return self._first.reasoning
+
+    @property
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        return self._first.tool_calls
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._first.finish_reason
+
+
+_EMPTY_CHOICE = Choice(0)
+
+
+# -- deltas: what one chunk says ------------------------------------------------------------
+
+
+@final
+@attrs.frozen
+class ContentDelta:
+    """A piece of the answer's text."""
+
+    text: str
+    choice: int = 0
+
+
+@final
+@attrs.frozen
+class ReasoningDelta:
+    """A piece of the model's reasoning (DeepSeek's `reasoning_content`, `reasoning`)."""
+
+    text: str
+    choice: int = 0
+
+
+@final
+@attrs.frozen
+class RefusalDelta:
+    """A piece of a refusal message, sent instead of content when the model declines."""
+
+    text: str
+    choice: int = 0
+
+
+@final
+@attrs.frozen
+class ToolCallDelta:
+    """A fragment of a tool call; `arguments` is this fragment only, not the whole string."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+    choice: int = 0
+
+
+@final
+@attrs.frozen
+class Finished:
+    """The server says a choice is done, and why (`stop`, `length`, `tool_calls`, ...)."""
+
+    reason: str
+    choice: int = 0
+
+
+@final
+@attrs.frozen
+class UsageReport:
+    """Token usage, usually in the last chunk when `stream_options.include_usage` is set."""
+
+    usage: Usage
+
+
+ChatDelta = Union[ContentDelta, ReasoningDelta, RefusalDelta, ToolCallDelta, Finished, UsageReport]
+
+
+@final
+@attrs.frozen
+class ChatChunk:
+    """One `chat.completion.chunk` event.
+
+    `text` is choice 0's content in this chunk ("" if none), which is what most callers print;
+    `deltas` has everything the chunk said, typed; `raw` is the parsed JSON.
+    """
+
+    text: str
+    deltas: tuple[ChatDelta, ...]
+    raw: Mapping[str, Any] = attrs.field(eq=False, repr=False)
+    event: ServerSentEvent | None = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def id(self) -> str | None:
+        value = self.raw.get("id")
+        return value if isinstance(value, str) else None
+
+    @property
+    def model(self) -> str | None:
+        value = self.raw.get("model")
+        return value if isinstance(value, str) else None
+
+
+# -- the accumulator ----------------------------------------------------------------------------
+
+
+@attrs.define
+class _ToolCallState:
+    index: int
+    id: str = ""
+    name: str = ""
+    type: str = "function"
+    arguments: list[str] = attrs.field(factory=list)
+
+    def freeze(self) -> ToolCall:
+        if len(self.arguments) > 1:
+            self.arguments[:] = ["".join(self.arguments)]
+        return ToolCall(self.id, self.name, "".join(self.arguments), self.index, self.type)
+
+
+@attrs.define
+class _ChoiceState:
+    index: int
+    text: list[str] = attrs.field(factory=list)
+    refusal: list[str] | None = None
+    reasoning: list[str] | None = None
+    role: str | None = None
+    finish_reason: str | None = None
+    calls: list[_ToolCallState] = attrs.field(factory=list)
+    calls_by_index: dict[int, _ToolCallState] = attrs.field(factory=dict)
+    calls_by_id: dict[str, _ToolCallState] = attrs.field(factory=dict)
+
+    def tool_call(self, index: Any, id: Any) -> _ToolCallState:
+        call: _ToolCallState | None
+        if isinstance(index, int):
+            call = self.calls_by_index.get(index)
+            if call is not None and id and call.id and call.id != id:
+                call = None  # a gateway reusing one index for parallel calls
+        elif id:
+            call = self.calls_by_id.get(id)
+        else:
+            call = self.calls[-1] if self.calls else None
+        if call is None:
+            call = _ToolCallState(index if isinstance(index, int) else len(self.calls))
+            self.calls.append(call)
+            self.calls_by_index[call.index] = call
+        if id and isinstance(id, str) and not call.id:
+            call.id = id
+            self.calls_by_id[id] = call
+        return call
+
+    def freeze(self) -> Choice:
+        return Choice(
+            self.index,
+            _joined(self.text),
+            self.role,
+            None if self.refusal is None else _joined(self.refusal),
+            None if self.reasoning is None else _joined(self.reasoning),
+            tuple(call.freeze() for call in self.calls),
+            self.finish_reason,
+        )
+
+
+def _joined(parts: list[str]) -> str:
+    # Join once and keep the result, so building a snapshot twice costs nothing extra.
+    if len(parts) > 1:
+        parts[:] = ["".join(parts)]
+    return parts[0] if parts else ""
+
+
+class ChatAccumulator:
+    """Turns an OpenAI-compatible chat stream into `ChatChunk`s and one `Completion`.
+
+    Sans-IO: feed it bytes (`feed`) or decoded events (`feed_event`), then call `close()` at
+    end of stream. `completion` is available at any time, partial until the stream is done.
+
+    `require_end=False` accepts a stream that ends without `[DONE]` or a `finish_reason`
+    (some self-hosted servers); by default that raises `IncompleteStreamError`.
+    """
+
+    def __init__(
+        self,
+        *,
+        require_end: bool = True,
+        decoder: SSEDecoder | None = None,
+        json_loads: Callable[[str], Any] | None = None,
+    ) -> None:
+        self.require_end = require_end
+        self.decoder = decoder if decoder is not None else SSEDecoder()
+        #: True once `data: [DONE]` arrived.
+        self.done = False
+        #: Data events turned into chunks so far.
+        self.chunk_count = 0
+        self._loads = json_loads or _loads
+        self._choices: dict[int, _ChoiceState] = {}
+        self._usage: Usage | None = None
+        self._first: Mapping[str, Any] | None = None
+        self._last: Mapping[str, Any] | None = None
+        self._finished = False
+        self._closed = False
+        self._error: StreamError | None = None
+
+    # -- input ---------------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> list[ChatChunk]:
+        """Take the next bytes of the response body; return the chunks they complete."""
+        chunks = []
+        for event in self.decoder.feed(data):
+            chunk = self.feed_event(event)
+            if chunk is not None:
+                chunks.append(chunk)
+        return chunks
+
+    def feed_event(self, event: ServerSentEvent) -> ChatChunk | None:
+        """Take one decoded event; return its chunk, or None for `[DONE]` and ignored events."""
+        if self._closed or self._error is not None:
+            raise LocalProtocolError(
+                "ChatAccumulator fed after "
+                + ("close()" if self._closed else f"the stream reported an error: {self._error}")
+            )
+        data = event.data
+        if event.event == "error":
+            raise self._stream_error(self._parse_error_payload(data))
+        if event.event != "message" or not data:
+            return None  # other event types and empty keep-alives carry no chunk
+        if data == _DONE:
+            self.done = True
+            return None
+        try:
+            obj = self._loads(data)
+        except ValueError as exc:
+            raise RemoteProtocolError(
+                f"invalid JSON in stream event: {exc}; data: {_snippet(data)}"
+            ) from exc
+        if not isinstance(obj, dict):
+            raise RemoteProtocolError(f"expected a JSON object in stream event, got {_snippet(data)}")
+        if "error" in obj:
+            raise self._stream_error(obj)
+        return self._chunk(obj, event)
+
+    def close(self) -> list[ChatChunk]:
+        """End of stream. Raises `IncompleteStreamError` if the stream was cut short."""
+        if self._closed:
+            return []
+        self._closed = True
+        self.decoder.close()
+        if self.require_end and not self.done:
+            if not self._finished:
+                raise IncompleteStreamError(
+                    "stream ended without [DONE] and without a finish_reason"
+                    + self._truncation_note(),
+                    completion=self.completion,
+                )
+            if self.decoder.truncated:
+                raise IncompleteStreamError(
+                    "stream ended in the middle of an event after the finish_reason (usage may be"
+                    " missing)",
+                    completion=self.completion,
+                )
+        return []
+
+    # -- output --------------------------------------------------------------------------------
+
+    @property
+    def completion(self) -> Completion:
+        """A snapshot of everything accumulated so far."""
+        last, first = self._last or {}, self._first or {}
+
+        def meta(name: str) -> Any:
+            # The last chunk may omit what the first one said (some gateways send it once).
+            value = last.get(name)
+            return first.get(name) if value is None else value
+
+        created = meta("created")
+        return Completion(
+            tuple(self._choices[i].freeze() for i in sorted(self._choices)),
+            _str_or_none(meta("id")),
+            _str_or_none(meta("model")),
+            created if isinstance(created, int) else None,
+            _str_or_none(meta("system_fingerprint")),
+            self._usage,
+            self._last,
+        )
+
+    @property
+    def finished(self) -> bool:
+        """True once the stream said it is done (`[DONE]` or a `finish_reason`)."""
+        return self.done or self._finished
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _chunk(self, obj: dict[str, Any], event: ServerSentEvent) -> ChatChunk:
+        self.chunk_count += 1
+        if self._first is None:
+            self._first = obj
+        self._last = obj
+        deltas: list[ChatDelta] = []
+        text = ""
+        choices = obj.get("choices")
+        if choices and isinstance(choices, list):
+            for raw_choice in choices:
+                if not isinstance(raw_choice, dict):
+                    raise RemoteProtocolError(
+                        f"expected choices to be objects, got {_snippet(repr(raw_choice))}"
+                    )
+                index = raw_choice.get("index", 0)
+                if not isinstance(index, int):
+                    index = 0
+                state = self._choices.get(index)
+                if state is None:
+                    state = self._choices[index] = _ChoiceState(index)
+                delta = raw_choice.get("delta") or raw_choice.get("message")
+                if delta and isinstance(delta, dict):
+                    content = delta.get("content")
+                    if content and isinstance(content, str):
+                        state.text.append(content)
+                        deltas.append(ContentDelta(content, index))
+                        if index == 0:
+                            text = content if not text else text + content
+                    if len(delta) > 1 or content is None:
+                        self._rest_of_delta(delta, state, deltas)
+                finish = raw_choice.get("finish_reason")
+                if finish:
+                    state.finish_reason = str(finish)
+                    self._finished = True
+                    deltas.append(Finished(state.finish_reason, index))
+        usage = obj.get("usage")
+        if usage and isinstance(usage, dict):
+            self._usage = Usage.from_dict(usage)
+            deltas.append(UsageReport(self._usage))
+        return ChatChunk(text, tuple(deltas), obj, event)
+
+    def _rest_of_delta(
+        self, delta: dict[str, Any], state: _ChoiceState, deltas: list[ChatDelta]
+    ) -> None:
+        # Everything but `content`, off the hot path.
+        role = delta.get("role")
+        if role and isinstance(role, str):
+            state.role = role
+        index = state.index
+        refusal = delta.get("refusal")
+        if refusal and isinstance(refusal, str):
+            if state.refusal is None:
+                state.refusal = []
+            state.refusal.append(refusal)
+            deltas.append(RefusalDelta(refusal, index))
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if reasoning and isinstance(reasoning, str):
+            if state.reasoning is None:
+                state.reasoning = []
+            state.reasoning.append(reasoning)
+            deltas.append(ReasoningDelta(reasoning, index))
+        tool_calls = delta.get("tool_calls")
+        if tool_calls and isinstance(tool_calls, list):
+            for raw_call in tool_calls:
+                if isinstance(raw_call, dict):
+                    deltas.append(self._tool_call(raw_call, state))
+
+    @staticmethod
+    def _tool_call(raw: dict[str, Any], state: _ChoiceState) -> ToolCallDelta:
+        call_id = raw.get("id") or None
+        call = state.tool_call(raw.get("index"), call_id)
+        function = raw.get("function")
+        if not isinstance(function, dict):
+            function = {}
+        name = function.get("name") or None
+        if name and isinstance(name, str) and name != call.name:
+            # Names come whole, once; some gateways repeat them on every fragment.
+            call.name = name if not call.name else call.name + name
+        kind = raw.get("type")
+        if kind and isinstance(kind, str):
+            call.type = kind
+        arguments = function.get("arguments")
+        if arguments is None:
+            arguments = ""
+        elif not isinstance(arguments, str):  # a gateway that sends an object, not a string
+            arguments = json.dumps(arguments, separators=(",", ":"))
+        if arguments:
+            call.arguments.append(arguments)
+        return ToolCallDelta(
+            call.index,
+            call_id if isinstance(call_id, str) else None,
+            name if isinstance(name, str) else None,
+            arguments,
+            state.index,
+        )
+
+    def _parse_error_payload(self, data: str) -> Any:
+        try:
+            return self._loads(data)
+        except ValueError:
+            return {"error": {"message": data}}
+
+    def _stream_error(self, payload: Any) -> StreamError:
+        error = payload.get("error", payload) if isinstance(payload, dict) else payload
+        if isinstance(error, dict):
+            message = error.get("message") or error.get("msg") or json.dumps(error)
+            kind = _str_or_none(error.get("type"))
+            raw_code = error.get("code", error.get("status"))
+        else:
+            message, kind, raw_code = str(error), None, None
+        code = None if raw_code is None else str(raw_code)
+        status = raw_code if isinstance(raw_code, int) else None
+        self._error = StreamError(
+            f"the server reported an error in the stream: {message}",
+            type=kind,
+            code=code,
+            status_code=status,
+            retryable=is_retryable_error(kind, raw_code),
+            completion=self.completion,
+        )
+        return self._error
+
+    def _truncation_note(self) -> str:
+        if self.decoder.truncated:
+            return " (the connection closed in the middle of an event)"
+        return ""
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

@@ -1,0 +1,319 @@
+"""A Server-Sent Events decoder: bytes in, events out, nothing else.
+
+Theory of operation
+-------------------
+The WHATWG HTML standard, section 9.2.6 "Interpreting an event stream", defines the format as
+lines of UTF-8 text. Lines end in CRLF, LF or CR; a blank line dispatches the event collected so
+far; `field: value` lines fill the event; lines starting with `:` are comments.
+
+`SSEDecoder.feed()` keeps the bytes after the last line ending of everything fed so far in
+`_pending` (a list of chunks, joined once a line ending arrives, so reading one byte at a time
+stays linear). Everything up to the last line ending is decoded to text in one call and split
+into lines in one call. This is exact because CR and LF are ASCII: they never occur inside a
+multi-byte UTF-8 sequence, so a split character always sits in `_pending` until it is whole,
+and an invalid sequence is replaced by U+FFFD the same way whatever the chunking.
+
+Two states survive between chunks besides `_pending`:
+
+- `_skip_lf`: the last chunk ended in CR. The event that CR ended is dispatched at once (a
+  peer that waits for the next byte to see whether it is LF stalls a live stream); if the next
+  chunk starts with LF, that LF is the second half of the same CRLF and is dropped.
+- `_at_start`: a single U+FEFF BYTE ORDER MARK is stripped from the very start of the stream,
+  even when its three bytes arrive in separate chunks.
+
+At end of stream (`close()`), the spec says an event without its blank line is discarded. We
+discard it too, but say so: `truncated` is true, so a client can tell a cut stream from a
+finished one.
+
+Sizes are bounded (`max_line_size`, `max_event_size`); going over raises `RemoteProtocolError`
+and the decoder refuses further input.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, final
+
+import attrs
+
+from ._exceptions import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_EVENT_SIZE",
+    "DEFAULT_MAX_LINE_SIZE",
+    "SSEDecoder",
+    "ServerSentEvent",
+]
+
+# 16 MiB. A chat chunk is typically 100-400 bytes, but one event may legitimately carry a whole
+# tool-call argument string or a base64 image (a 2048x2048 PNG is ~8 MiB in base64). 16 MiB
+# leaves room for those and still stops a server that never sends a line ending from growing
+# our memory without bound.
+DEFAULT_MAX_LINE_SIZE = 16 * 1024 * 1024
+# An event's data is the sum of its lines, so the same reasoning and the same default apply.
+DEFAULT_MAX_EVENT_SIZE = 16 * 1024 * 1024
+
+_BOM = b"\xef\xbb\xbf"
+_CR = 0x0D
+_LF = 0x0A
+
+
+@final
+@attrs.frozen
+class ServerSentEvent:
+    """One dispatched event, as the WHATWG spec defines it.
+
+    `id` is the stream's last-event-ID at dispatch time: it persists across events until the
+    server sends another `id` field, which is what a client must send back as `Last-Event-ID`.
+    `retry` is the reconnection time (ms) set by a valid `retry` field *in this event's block*,
+    else None; the decoder's `retry` keeps the latest one.
+    """
+
+    event: str = "message"
+    data: str = ""
+    id: str = ""
+    retry: int | None = None
+
+    def json(self) -> Any:
+        """Parse `data` as JSON."""
+        return json.loads(self.data)
+
+    def encode(self) -> bytes:
+        """Serialize to the wire format; decoding the result yields an equal event.
+
+        An empty `id` is not written, so the event inherits the stream's last event ID, as a
+        server that sends no `id` field does.
+        """
+        for name, value in (("event", self.event), ("id", self.id)):
+            if "\n" in value or "\r" in value:
+                raise ValueError(f"SSE {name} cannot contain a line ending: {value!r}")
+        if "\r" in self.data:
+            raise ValueError("SSE data cannot contain CR; a bare CR would end the line")
+        if "\0" in self.id:
+            raise ValueError("SSE id cannot contain U+0000; a decoder ignores such an id")
+        lines = []
+        if self.event != "message":
+            lines.append(f"event: {self.event}\n")
+        if self.id:
+            lines.append(f"id: {self.id}\n")
+        if self.retry is not None:
+            if self.retry < 0:
+                raise ValueError(f"SSE retry must be >= 0, got {self.retry}")
+            lines.append(f"retry: {self.retry}\n")
+        lines.extend(f"data: {line}\n" for line in self.data.split("\n"))
+        lines.append("\n")
+        return "".join(lines).encode("utf-8")
+
+
+class SSEDecoder:
+    """Incremental, exact, bounded SSE parser.
+
+    >>> decoder = SSEDecoder()
+    >>> decoder.feed(b"data: hel")
+    []
+    >>> decoder.feed(b"lo\\n\\n")
+    [ServerSentEvent(event='message', data='hello', id='', retry=None)]
+    >>> decoder.close()
+    []
+    """
+
+    def __init__(
+        self,
+        *,
+        max_line_size: int = DEFAULT_MAX_LINE_SIZE,
+        max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
+    ) -> None:
+        if max_line_size < 1 or max_event_size < 1:
+            raise ValueError("max_line_size and max_event_size must be positive")
+        self.max_line_size = max_line_size
+        self.max_event_size = max_event_size
+        #: The last event ID string (WHATWG): send it back as `Last-Event-ID` to resume.
+        self.last_event_id = ""
+        #: The latest reconnection time the server asked for, in milliseconds, or None.
+        self.retry: int | None = None
+        #: True after `close()` if the stream ended in the middle of an event.
+        self.truncated = False
+        self.closed = False
+
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._skip_lf = False
+        self._at_start = True
+        self._failed: RemoteProtocolError | None = None
+        # The event being collected.
+        self._data: list[str] = []
+        self._data_size = 0
+        self._event_type = ""
+        self._id_buffer = ""
+        self._event_retry: int | None = None
+        self._in_event = False
+
+    def feed(self, data: bytes) -> list[ServerSentEvent]:
+        """Take the next bytes of the stream; return the events they complete."""
+        if self.closed or self._failed is not None:
+            self._refuse()
+        if not data:
+            return []
+        if self._skip_lf:
+            self._skip_lf = False
+            if data[0] == _LF:
+                data = data[1:]
+                if not data:
+                    return []
+        if self._at_start:
+            data = self._strip_bom(data)
+            if not data:
+                return []
+
+        cut = max(data.rfind(b"\n"), data.rfind(b"\r"))
+        if cut < 0:
+            self._pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size > self.max_line_size:
+                self._fail(
+                    f"SSE line exceeds max_line_size ({self.max_line_size} bytes): "
+                    f"{self._pending_size} bytes received without a line ending"
+                )
+            return []
+
+        end = cut + 1
+        if self._pending:
+            self._pending.append(data[:end] if end < len(data) else data)
+            block = b"".join(self._pending)
+            self._pending = []
+            self._pending_size = 0
+        else:
+            block = data[:end] if end < len(data) else data
+        if end < len(data):
+            rest = data[end:]
+            self._pending.append(rest)
+            self._pending_size = len(rest)
+            if self._pending_size > self.max_line_size:
+                self._fail(
+                    f"SSE line exceeds max_line_size ({self.max_line_size} bytes): "
+                    f"{self._pending_size} bytes received without a line ending"
+                )
+        elif data[cut] == _CR:
+            self._skip_lf = True
+
+        text = block.decode("utf-8", "replace")
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        lines = text.split("\n")
+        lines.pop()  # the block ends with a line ending: the last item is always ""
+        if len(block) > self.max_line_size:
+            self._check_line_sizes(lines)
+        return self._process(lines)
+
+    def close(self) -> list[ServerSentEvent]:
+        """Signal end of stream. An unfinished event is discarded and sets `truncated`.
+
+        Returns the events the end completes, which the WHATWG rules make always none; it
+        returns a list anyway so a caller can treat it like `feed()`. Calling it again is a
+        no-op; feeding afterwards raises `LocalProtocolError`.
+        """
+        if self.closed:
+            return []
+        self.closed = True
+        self.truncated = self._pending_size > 0 or self._in_event
+        self._pending = []
+        self._pending_size = 0
+        self._reset_event()
+        return []
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _process(self, lines: list[str]) -> list[ServerSentEvent]:
+        events: list[ServerSentEvent] = []
+        data = self._data
+        for line in lines:
+            if not line:
+                # A blank line dispatches (WHATWG "dispatch the event").
+                self.last_event_id = self._id_buffer
+                if data:
+                    events.append(
+                        ServerSentEvent(
+                            self._event_type or "message",
+                            "\n".join(data),
+                            self._id_buffer,
+                            self._event_retry,
+                        )
+                    )
+                    self._data = data = []
+                    self._data_size = 0
+                    self._event_type = ""
+                    self._event_retry = None
+                elif self._in_event:
+                    self._reset_event()
+                self._in_event = False
+            elif line.startswith("data:"):
+                # The hot path: almost every line of a chat stream is `data: {...}`.
+                value = line[6:] if line.startswith(" ", 5) else line[5:]
+                data.append(value)
+                self._in_event = True
+                self._data_size += len(value) + 1
+                if self._data_size > self.max_event_size:
+                    self._fail(
+                        f"SSE event exceeds max_event_size ({self.max_event_size}): "
+                        f"{self._data_size} characters of data without a blank line"
+                    )
+            elif line[0] != ":":
+                self._field(line)
+        return events
+
+    def _field(self, line: str) -> None:
+        self._in_event = True
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if name == "event":
+            self._event_type = value
+        elif name == "data":  # only reached as a bare `data` line with no colon
+            self._data.append(value)
+            self._data_size += 1
+        elif name == "id":
+            if "\0" not in value:
+                self._id_buffer = value
+        elif name == "retry":
+            if value.isascii() and value.isdigit():
+                self.retry = self._event_retry = int(value)
+        # Any other field name is ignored, as the spec says.
+
+    def _reset_event(self) -> None:
+        self._data = []
+        self._data_size = 0
+        self._event_type = ""
+        self._event_retry = None
+        self._in_event = False
+
+    def _strip_bom(self, data: bytes) -> bytes:
+        # The BOM may arrive split; hold its prefix in `_pending` until we can tell.
+        if self._pending:
+            data = b"".join(self._pending) + data
+            self._pending = []
+            self._pending_size = 0
+        if len(data) < len(_BOM) and _BOM.startswith(data):
+            self._pending.append(data)
+            self._pending_size = len(data)
+            return b""
+        self._at_start = False
+        return data[len(_BOM) :] if data.startswith(_BOM) else data
+
+    def _check_line_sizes(self, lines: list[str]) -> None:
+        for line in lines:
+            if len(line) > self.max_line_size:
+                self._fail(
+                    f"SSE line exceeds max_line_size ({self.max_line_size}): "
+                    f"a line of {len(line)} characters"
+                )
+
+    def _fail(self, message: str) -> None:
+        self._failed = RemoteProtocolError(message)
+        raise self._failed
+
+    def _refuse(self) -> None:
+        if self._failed is not None:
+            raise LocalProtocolError(
+                f"this SSEDecoder failed earlier and cannot take more input: {self._failed}"
+            )
+        raise LocalProtocolError("SSEDecoder.feed() called after close()")
