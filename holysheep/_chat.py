@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import Any, Union, final
+from typing import Any, TypeAlias, final
 
 import attrs
 
@@ -265,7 +265,9 @@ class UsageReport:
     usage: Usage
 
 
-ChatDelta = Union[ContentDelta, ReasoningDelta, RefusalDelta, ToolCallDelta, Finished, UsageReport]
+ChatDelta: TypeAlias = (
+    ContentDelta | ReasoningDelta | RefusalDelta | ToolCallDelta | Finished | UsageReport
+)
 
 
 @final
@@ -425,7 +427,9 @@ class ChatAccumulator:
                 f"invalid JSON in stream event: {exc}; data: {_snippet(data)}"
             ) from exc
         if not isinstance(obj, dict):
-            raise RemoteProtocolError(f"expected a JSON object in stream event, got {_snippet(data)}")
+            raise RemoteProtocolError(
+                f"expected a JSON object in stream event, got {_snippet(data)}"
+            )
         if "error" in obj:
             raise self._stream_error(obj)
         return self._chunk(obj, event)

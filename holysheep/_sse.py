@@ -274,9 +274,8 @@ class SSEDecoder:
         elif name == "id":
             if "\0" not in value:
                 self._id_buffer = value
-        elif name == "retry":
-            if value.isascii() and value.isdigit():
-                self.retry = self._event_retry = int(value)
+        elif name == "retry" and value.isascii() and value.isdigit():
+            self.retry = self._event_retry = int(value)
         # Any other field name is ignored, as the spec says.
 
     def _reset_event(self) -> None:

@@ -1,0 +1,494 @@
+"""The chat stream layer: chunks in, typed deltas and one Completion out."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from holysheep import (
+    ChatAccumulator,
+    ContentDelta,
+    Finished,
+    IncompleteStreamError,
+    LocalProtocolError,
+    ReasoningDelta,
+    RefusalDelta,
+    RemoteProtocolError,
+    ServerSentEvent,
+    StreamError,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+    UsageReport,
+    is_retryable_error,
+)
+
+
+def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: Any) -> bytes:
+    body: dict[str, Any] = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "gpt-4.1",
+        "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}],
+    }
+    body.update(extra)
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def usage_chunk(prompt: int, completion: int) -> bytes:
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion}
+    usage["total_tokens"] = prompt + completion
+    return chunk(choices=[], usage=usage)
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def openai_stream(tokens: list[str]) -> bytes:
+    return b"".join(
+        [
+            chunk({"role": "assistant", "content": ""}),
+            *(chunk({"content": t}) for t in tokens),
+            chunk(finish="stop"),
+            usage_chunk(5, len(tokens)),
+            DONE,
+        ]
+    )
+
+
+def run(stream: bytes, **options: Any) -> ChatAccumulator:
+    acc = ChatAccumulator(**options)
+    acc.feed(stream)
+    acc.close()
+    return acc
+
+
+def test_a_stream_accumulates_into_a_completion() -> None:
+    """Text, role, finish reason, usage and metadata all land on the Completion."""
+    completion = run(openai_stream(["Hel", "lo", ", ", "sheep"])).completion
+    assert "Hello, sheep" == completion.text
+    assert ("assistant", "stop") == (completion.role, completion.finish_reason)
+    assert Usage(5, 4, 9) == completion.usage
+    assert ("chatcmpl-1", "gpt-4.1", 1700000000) == (
+        completion.id,
+        completion.model,
+        completion.created,
+    )
+    assert [] == list(completion.last_chunk["choices"])  # type: ignore[index]
+
+
+def test_chunks_carry_text_and_typed_deltas() -> None:
+    """Each chunk says what it added, typed; `text` is choice 0's content."""
+    acc = ChatAccumulator()
+    chunks = acc.feed(openai_stream(["a", "b"]))
+    assert ["", "a", "b", "", ""] == [c.text for c in chunks]
+    assert (ContentDelta("a"),) == chunks[1].deltas
+    assert (Finished("stop"),) == chunks[3].deltas
+    assert (UsageReport(Usage(5, 2, 7)),) == chunks[4].deltas
+    assert ("chatcmpl-1", "gpt-4.1") == (chunks[1].id, chunks[1].model)
+    assert acc.done
+
+
+def test_keepalives_and_dataless_events_are_ignored() -> None:
+    """Comments, empty data and unknown event types produce no chunk."""
+    stream = (
+        b": keep-alive\n\n" + b"data:\n\n" + b"event: ping\ndata: {}\n\n" + openai_stream(["x"])
+    )
+    acc = ChatAccumulator()
+    assert 4 == len(acc.feed(stream))  # role, "x", finish, usage
+    acc.close()
+    assert "x" == acc.completion.text
+
+
+def test_several_choices_accumulate_separately() -> None:
+    """With `n > 1`, each choice has its own text and finish reason."""
+    stream = b"".join(
+        [
+            chunk(
+                choices=[
+                    {"index": 0, "delta": {"content": "a"}},
+                    {"index": 1, "delta": {"content": "x"}},
+                ]
+            ),
+            chunk(choices=[{"index": 1, "delta": {"content": "y"}, "finish_reason": "length"}]),
+            chunk(choices=[{"index": 0, "delta": {"content": "b"}, "finish_reason": "stop"}]),
+            DONE,
+        ]
+    )
+    completion = run(stream).completion
+    assert [("ab", "stop"), ("xy", "length")] == [
+        (c.text, c.finish_reason) for c in completion.choices
+    ]
+
+
+def test_reasoning_and_refusal_are_kept_apart_from_text() -> None:
+    """DeepSeek-style reasoning and refusals do not leak into `text`."""
+    acc = ChatAccumulator()
+    chunks = acc.feed(
+        chunk({"reasoning_content": "think"})
+        + chunk({"reasoning": "ing"})
+        + chunk({"refusal": "no"})
+        + chunk({"content": "ok"}, "stop")
+        + DONE
+    )
+    acc.close()
+    assert (ReasoningDelta("think"),) == chunks[0].deltas
+    assert (RefusalDelta("no"),) == chunks[2].deltas
+    completion = acc.completion
+    assert ("thinking", "no", "ok") == (completion.reasoning, completion.refusal, completion.text)
+
+
+# -- tool calls -------------------------------------------------------------------------------
+
+
+def tool_stream(*fragment_lists: list[dict[str, Any]]) -> bytes:
+    parts = [chunk({"tool_calls": fragments}) for fragments in fragment_lists]
+    return b"".join([*parts, chunk(finish="tool_calls"), DONE])
+
+
+def fn(name: str | None = None, arguments: Any = None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if name is not None:
+        out["name"] = name
+    if arguments is not None:
+        out["arguments"] = arguments
+    return out
+
+
+def test_tool_call_fragments_merge_by_index() -> None:
+    """OpenAI's shape: id and name once, then argument fragments by index."""
+    stream = tool_stream(
+        [{"index": 0, "id": "call_a", "type": "function", "function": fn("get", "")}],
+        [{"index": 0, "function": fn(arguments='{"ci')}],
+        [{"index": 0, "function": fn(arguments='ty": "Oslo"}')}],
+    )
+    calls = run(stream).completion.tool_calls
+    assert (ToolCall("call_a", "get", '{"city": "Oslo"}', 0),) == calls
+    assert {"city": "Oslo"} == calls[0].parsed_arguments()
+
+
+def test_parallel_tool_calls_interleaved_by_index() -> None:
+    """Two calls streamed in alternation stay apart."""
+    stream = tool_stream(
+        [
+            {"index": 0, "id": "a", "function": fn("f", "")},
+            {"index": 1, "id": "b", "function": fn("g", "")},
+        ],
+        [{"index": 1, "function": fn(arguments="[2")}],
+        [{"index": 0, "function": fn(arguments="[1")}],
+        [{"index": 0, "function": fn(arguments="]")}, {"index": 1, "function": fn(arguments="]")}],
+    )
+    calls = run(stream).completion.tool_calls
+    assert [("a", "f", "[1]"), ("b", "g", "[2]")] == [(c.id, c.name, c.arguments) for c in calls]
+
+
+def test_duplicate_index_in_one_chunk_appends_in_order() -> None:
+    """Two fragments for the same index in one chunk are both kept, in order."""
+    stream = tool_stream(
+        [
+            {"index": 0, "id": "a", "function": fn("f", "{")},
+            {"index": 0, "function": fn(arguments="}")},
+        ]
+    )
+    assert "{}" == run(stream).completion.tool_calls[0].arguments
+
+
+def test_each_parallel_call_complete_in_one_chunk() -> None:
+    """Gateways that send every call whole, one per chunk."""
+    stream = tool_stream(
+        [{"index": 0, "id": "a", "function": fn("f", '{"x": 1}')}],
+        [{"index": 1, "id": "b", "function": fn("g", '{"y": 2}')}],
+    )
+    calls = run(stream).completion.tool_calls
+    assert ['{"x": 1}', '{"y": 2}'] == [c.arguments for c in calls]
+
+
+def test_missing_index_falls_back_to_id() -> None:
+    """Without `index`, fragments are matched by `id`."""
+    stream = tool_stream(
+        [{"id": "a", "function": fn("f", "{")}],
+        [{"id": "b", "function": fn("g", "[")}],
+        [{"id": "a", "function": fn(arguments="}")}],
+        [{"id": "b", "function": fn(arguments="]")}],
+    )
+    calls = run(stream).completion.tool_calls
+    assert [("a", "f", "{}", 0), ("b", "g", "[]", 1)] == [
+        (c.id, c.name, c.arguments, c.index) for c in calls
+    ]
+
+
+def test_fragments_without_index_or_id_continue_the_latest_call() -> None:
+    """A bare fragment belongs to the call being streamed."""
+    stream = tool_stream([{"id": "a", "function": fn("f", "{")}], [{"function": fn(arguments="}")}])
+    assert "{}" == run(stream).completion.tool_calls[0].arguments
+
+
+def test_id_and_name_repeated_on_every_fragment_are_not_duplicated() -> None:
+    """Some gateways resend id and name with each fragment."""
+    stream = tool_stream(
+        [{"index": 0, "id": "a", "function": fn("f", "{")}],
+        [{"index": 0, "id": "a", "function": fn("f", "}")}],
+    )
+    assert [("a", "f", "{}")] == [
+        (c.id, c.name, c.arguments) for c in run(stream).completion.tool_calls
+    ]
+
+
+def test_reused_index_with_a_new_id_is_a_new_call() -> None:
+    """Gateways that put every parallel call at index 0 still yield separate calls."""
+    stream = tool_stream(
+        [{"index": 0, "id": "a", "function": fn("f", "{}")}],
+        [{"index": 0, "id": "b", "function": fn("g", "[]")}],
+    )
+    calls = run(stream).completion.tool_calls
+    assert [("a", "f", "{}"), ("b", "g", "[]")] == [(c.id, c.name, c.arguments) for c in calls]
+
+
+def test_object_arguments_are_serialized_not_dropped() -> None:
+    """A gateway that sends arguments as an object still gives a JSON string."""
+    stream = tool_stream([{"index": 0, "id": "a", "function": fn("f", {"x": 1})}])
+    assert '{"x":1}' == run(stream).completion.tool_calls[0].arguments
+
+
+def test_tool_call_deltas_are_typed() -> None:
+    """Each fragment surfaces as a ToolCallDelta carrying only its own piece."""
+    acc = ChatAccumulator()
+    chunks = acc.feed(tool_stream([{"index": 0, "id": "a", "function": fn("f", "{")}]))
+    assert (ToolCallDelta(0, "a", "f", "{"),) == chunks[0].deltas
+
+
+def test_numeric_fields_are_never_added() -> None:
+    """Cumulative usage on every chunk: the latest wins."""
+    stream = chunk({"content": "a"}, usage={"prompt_tokens": 5, "completion_tokens": 1})
+    stream += chunk({"content": "b"}, "stop", usage={"prompt_tokens": 5, "completion_tokens": 2})
+    assert Usage(5, 2, 7) == run(stream + DONE).completion.usage
+
+
+def test_anthropic_usage_names_are_understood() -> None:
+    """`input_tokens`/`output_tokens` map onto the OpenAI names."""
+    assert Usage(3, 4, 7) == Usage.from_dict({"input_tokens": 3, "output_tokens": 4})
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+def test_invalid_json_raises_with_the_payload() -> None:
+    """Invalid JSON is never skipped: the error names the payload, truncated."""
+    acc = ChatAccumulator()
+    with pytest.raises(RemoteProtocolError, match=r"invalid JSON.*data: '\{not json'"):
+        acc.feed(chunk({"content": "a"}) + b"data: {not json\n\n")
+    long = b"data: {" + b"x" * 1000 + b"\n\n"
+    with pytest.raises(RemoteProtocolError) as info:
+        ChatAccumulator().feed(long)
+    assert len(str(info.value)) < 400
+
+
+def test_non_object_json_raises() -> None:
+    """A JSON value that is not an object is not a chunk."""
+    with pytest.raises(RemoteProtocolError, match="expected a JSON object"):
+        ChatAccumulator().feed(b"data: [1, 2]\n\n")
+    with pytest.raises(RemoteProtocolError, match="expected choices to be objects"):
+        ChatAccumulator().feed(b'data: {"choices": [1]}\n\n')
+
+
+def test_inband_openai_error_carries_partial_completion() -> None:
+    """`data: {"error": ...}` raises StreamError with what was streamed before it."""
+    acc = ChatAccumulator()
+    error = {"error": {"message": "Overloaded", "type": "overloaded_error", "code": "overloaded"}}
+    with pytest.raises(StreamError) as info:
+        acc.feed(
+            chunk({"content": "par"})
+            + chunk({"content": "tial"})
+            + b"data: "
+            + json.dumps(error).encode()
+            + b"\n\n"
+        )
+    exc = info.value
+    assert ("Overloaded", "overloaded_error", "overloaded", True) == (
+        exc.message.split(": ", 1)[1],
+        exc.type,
+        exc.code,
+        exc.retryable,
+    )
+    assert exc.completion is not None
+    assert "partial" == exc.completion.text
+    assert "7 chars kept" in str(exc)
+    with pytest.raises(LocalProtocolError, match="reported an error"):
+        acc.feed(b"data: {}\n\n")
+
+
+def test_anthropic_error_event() -> None:
+    """`event: error` in Anthropic's shape is a StreamError too."""
+    data = {"type": "error", "error": {"type": "invalid_request_error", "message": "bad"}}
+    with pytest.raises(StreamError) as info:
+        ChatAccumulator().feed(b"event: error\ndata: " + json.dumps(data).encode() + b"\n\n")
+    assert ("invalid_request_error", False) == (info.value.type, info.value.retryable)
+
+
+def test_error_event_with_plain_text_data() -> None:
+    """A non-JSON error event keeps its text as the message."""
+    with pytest.raises(StreamError, match="upstream exploded"):
+        ChatAccumulator().feed(b"event: error\ndata: upstream exploded\n\n")
+
+
+def test_string_error_and_numeric_code() -> None:
+    """`{"error": "..."}` and numeric codes are understood."""
+    with pytest.raises(StreamError, match="slow down") as info:
+        ChatAccumulator().feed(b'data: {"error": "slow down"}\n\n')
+    assert not info.value.retryable
+    with pytest.raises(StreamError) as info:
+        ChatAccumulator().feed(b'data: {"error": {"message": "busy", "code": 529}}\n\n')
+    assert (True, 529) == (info.value.retryable, info.value.status_code)
+
+
+@pytest.mark.parametrize(
+    ("type_", "code", "retryable"),
+    [
+        ("overloaded_error", None, True),
+        ("rate_limit_error", None, True),
+        (None, "rate_limit_exceeded", True),
+        ("server_error", None, True),
+        (None, 503, True),
+        (None, "429", True),
+        ("invalid_request_error", None, False),
+        ("authentication_error", "invalid_api_key", False),
+        (None, "insufficient_quota", False),
+        (None, 400, False),
+        (None, None, False),
+    ],
+)
+def test_retryable_classification(
+    type_: str | None, code: str | int | None, retryable: bool
+) -> None:
+    """Transient classes are retryable; request and auth errors are not."""
+    assert retryable == is_retryable_error(type_, code)
+
+
+def test_truncated_stream_raises_with_partial_completion() -> None:
+    """No [DONE] and no finish_reason: IncompleteStreamError keeps the text."""
+    acc = ChatAccumulator()
+    acc.feed(chunk({"content": "half"}) + b'data: {"choices": [{"delta": {"con')
+    with pytest.raises(IncompleteStreamError, match="middle of an event") as info:
+        acc.close()
+    assert info.value.completion is not None
+    assert "half" == info.value.completion.text
+
+
+def test_truncation_check_can_be_turned_off() -> None:
+    """`require_end=False` accepts servers that never say they are done."""
+    assert "half" == run(chunk({"content": "half"}), require_end=False).completion.text
+
+
+def test_finish_reason_without_done_is_complete() -> None:
+    """Servers that omit [DONE] but send a finish_reason end cleanly."""
+    assert "ok" == run(chunk({"content": "ok"}, "stop")).completion.text
+
+
+def test_cut_after_finish_reason_still_raises() -> None:
+    """A stream cut inside the usage chunk lost data: that is reported too."""
+    acc = ChatAccumulator()
+    acc.feed(chunk({"content": "ok"}, "stop") + b'data: {"usage": {"prompt')
+    with pytest.raises(IncompleteStreamError, match="usage may be missing"):
+        acc.close()
+
+
+def test_use_after_close() -> None:
+    """Feeding a closed accumulator is a caller bug; closing twice is fine."""
+    acc = run(openai_stream(["a"]))
+    assert [] == acc.close()
+    with pytest.raises(LocalProtocolError, match="after close"):
+        acc.feed_event(ServerSentEvent(data="{}"))
+
+
+def test_completion_snapshots_are_independent() -> None:
+    """A snapshot taken mid-stream does not change as more text arrives."""
+    acc = ChatAccumulator()
+    acc.feed(chunk({"content": "a"}))
+    early = acc.completion
+    acc.feed(chunk({"content": "b"}))
+    assert ("a", "ab") == (early.text, acc.completion.text)
+    assert acc.completion == acc.completion
+
+
+def test_accumulation_memory_is_linear_in_text() -> None:
+    """20,000 chunks of 4 characters keep ~that much text, not the chunks."""
+    one = chunk({"content": "abcd"})
+    acc = ChatAccumulator()
+    tracemalloc.start()
+    try:
+        for _ in range(20_000):
+            acc.feed(one)
+        text = acc.completion.text
+        current, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert 80_000 == len(text)
+    # The joined text (80 KB) plus the last chunk; far below keeping 20k dicts (~20 MB).
+    assert current < 1_000_000
+
+
+# -- properties --------------------------------------------------------------------------------
+
+tokens_strategy = st.lists(st.text(min_size=1, max_size=8), max_size=30)
+
+
+@given(tokens_strategy, st.lists(st.integers(min_value=0, max_value=5000), max_size=15))
+def test_any_split_gives_the_same_completion(tokens: list[str], cuts: list[int]) -> None:
+    """However the bytes are cut, the accumulated text is exactly the tokens joined."""
+    stream = openai_stream(tokens)
+    acc = ChatAccumulator()
+    start = 0
+    for cut in [*sorted(c for c in cuts if c <= len(stream)), len(stream)]:
+        acc.feed(stream[start:cut])
+        start = cut
+    acc.close()
+    assert "".join(tokens) == acc.completion.text
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "choices",
+                    "delta",
+                    "content",
+                    "index",
+                    "tool_calls",
+                    "function",
+                    "id",
+                    "name",
+                    "arguments",
+                    "usage",
+                    "finish_reason",
+                    "error",
+                    "role",
+                ]
+            ),
+            children,
+            max_size=4,
+        )
+    ),
+    max_leaves=12,
+)
+
+
+@given(st.lists(json_values, max_size=5))
+def test_arbitrary_json_yields_chunks_or_our_errors(values: list[Any]) -> None:
+    """Any JSON, however odd its shape, gives chunks or a HolySheep error, never a crash."""
+    acc = ChatAccumulator(require_end=False)
+    try:
+        for value in values:
+            acc.feed(b"data: " + json.dumps(value).encode() + b"\n\n")
+        acc.close()
+        assert isinstance(acc.completion.text, str)
+    except (RemoteProtocolError, StreamError):
+        pass

@@ -1,0 +1,285 @@
+"""The SSE decoder against the WHATWG HTML standard, section 9.2.6, and the peers' defects."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from holysheep import LocalProtocolError, RemoteProtocolError, ServerSentEvent, SSEDecoder
+
+E = ServerSentEvent
+
+
+def decode_whole(data: bytes) -> tuple[list[ServerSentEvent], SSEDecoder]:
+    decoder = SSEDecoder()
+    events = decoder.feed(data)
+    events += decoder.close()
+    return events, decoder
+
+
+def decode_split(data: bytes, cuts: list[int]) -> tuple[list[ServerSentEvent], SSEDecoder]:
+    decoder = SSEDecoder()
+    events: list[ServerSentEvent] = []
+    start = 0
+    for cut in [*sorted(cuts), len(data)]:
+        events += decoder.feed(data[start:cut])
+        start = cut
+    events += decoder.close()
+    return events, decoder
+
+
+def decode_bytewise(data: bytes) -> list[ServerSentEvent]:
+    return decode_split(data, list(range(len(data))))[0]
+
+
+# Each case: (source, input, expected events). "WHATWG" cites the parsing rules in
+# html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation.
+SPEC_CASES = [
+    ("WHATWG: data line, blank line dispatches", b"data: hi\n\n", [E(data="hi")]),
+    ("WHATWG: one leading space stripped", b"data:  two\n\n", [E(data=" two")]),
+    ("WHATWG: no space after colon", b"data:x\n\n", [E(data="x")]),
+    ("WHATWG: data lines joined with LF", b"data: a\ndata: b\n\n", [E(data="a\nb")]),
+    ("WHATWG: trailing LF of data removed once", b"data: a\ndata\n\n", [E(data="a\n")]),
+    ("WHATWG: line without colon is a field", b"data\n\n", [E(data="")]),
+    ("WHATWG: empty data buffer dispatches nothing", b"event: x\n\n", []),
+    ("WHATWG: comment ignored", b": hello\ndata: a\n\n", [E(data="a")]),
+    ("WHATWG: event type", b"event: add\ndata: 1\n\n", [E(event="add", data="1")]),
+    ("WHATWG: empty event type means message", b"event:\ndata: 1\n\n", [E(data="1")]),
+    ("WHATWG: unknown field ignored", b"foo: bar\ndata: 1\n\n", [E(data="1")]),
+    ("WHATWG: field names are case-sensitive", b"Data: x\ndata: y\n\n", [E(data="y")]),
+    ("WHATWG: CR line endings", b"data: a\rdata: b\r\r", [E(data="a\nb")]),
+    ("WHATWG: CRLF line endings", b"data: a\r\n\r\n", [E(data="a")]),
+    ("WHATWG: mixed line endings", b"data: a\r\ndata: b\rdata: c\n\n", [E(data="a\nb\nc")]),
+    (
+        "WHATWG: id persists",
+        b"id: 1\ndata: a\n\ndata: b\n\n",
+        [E(data="a", id="1"), E(data="b", id="1")],
+    ),
+    (
+        "WHATWG: empty id resets",
+        b"id: 1\ndata: a\n\nid\ndata: b\n\n",
+        [E(data="a", id="1"), E(data="b")],
+    ),
+    (
+        "WHATWG: id with NULL ignored",
+        b"id: 1\ndata: a\n\nid: 2\x003\ndata: b\n\n",
+        [E(data="a", id="1"), E(data="b", id="1")],
+    ),
+    ("WHATWG: id without data still sets last id", b"id: 7\n\ndata: b\n\n", [E(data="b", id="7")]),
+    ("WHATWG: retry digits", b"retry: 1500\ndata: a\n\n", [E(data="a", retry=1500)]),
+    ("WHATWG: retry non-digits ignored", b"retry: 15x\ndata: a\n\n", [E(data="a")]),
+    ("WHATWG: retry non-ASCII digits ignored", "retry: ١٥\ndata: a\n\n".encode(), [E(data="a")]),
+    ("WHATWG: retry empty ignored", b"retry:\ndata: a\n\n", [E(data="a")]),
+    ("WHATWG: BOM stripped at start", b"\xef\xbb\xbfdata: a\n\n", [E(data="a")]),
+    ("WHATWG: only one BOM stripped", b"\xef\xbb\xbf\xef\xbb\xbfdata: a\n\n", []),
+    ("WHATWG: invalid UTF-8 replaced", b"data: \xff\xfe\n\n", [E(data="\ufffd\ufffd")]),
+    ("WHATWG: unterminated event discarded", b"data: a\n\ndata: b\n", [E(data="a")]),
+    ("WHATWG: unterminated line discarded", b"data: a\n\ndata: b", [E(data="a")]),
+    ("WHATWG: space-only value keeps the rest", b"data:   \n\n", [E(data="  ")]),
+    ("WHATWG: colon in value kept", b"data: a:b\n\n", [E(data="a:b")]),
+    (
+        "openai SDK defect: id + ping must not dispatch an empty event",
+        b"id: 1\n: ping\n\ndata: {}\n\n",
+        [E(data="{}", id="1")],
+    ),
+    ("sseclient/anthropic defect: LF CR LF ends the event", b"data: a\n\r\n", [E(data="a")]),
+    ("httpx-sse defect: bare CR ends the event", b"data: a\r\r", [E(data="a")]),
+    (
+        "all peers: first event after a BOM kept",
+        b"\xef\xbb\xbfevent: x\ndata: 1\n\n",
+        [E("x", "1")],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("source", "stream", "expected"), SPEC_CASES, ids=[c[0] for c in SPEC_CASES]
+)
+def test_spec_cases_whole_bytewise_and_with_junk_after(
+    source: str, stream: bytes, expected: list[ServerSentEvent]
+) -> None:
+    """Each spec case decodes the same whole, one byte at a time, and with a partial event after."""
+    assert expected == decode_whole(stream)[0]
+    assert expected == decode_bytewise(stream)
+    assert expected == decode_whole(stream + b"data: junk-without-end")[0]
+
+
+def test_event_ended_by_cr_is_dispatched_before_the_next_chunk() -> None:
+    """A CR ends the event at once; the LF that may follow belongs to it and is dropped."""
+    decoder = SSEDecoder()
+    assert [E(data="a")] == decoder.feed(b"data: a\r\r")
+    assert [] == decoder.feed(b"\n")
+    assert [E(data="b")] == decoder.feed(b"data: b\n\n")
+
+
+def test_event_ended_by_lf_cr_lf_is_dispatched_at_once() -> None:
+    """`\\n\\r\\n` is a line end then a blank line; no waiting for more bytes."""
+    decoder = SSEDecoder()
+    assert [E(data="a")] == decoder.feed(b"data: a\n\r\n")
+
+
+def test_bom_split_across_chunks_is_stripped() -> None:
+    """The three BOM bytes may arrive one by one."""
+    decoder = SSEDecoder()
+    assert [] == decoder.feed(b"\xef")
+    assert [] == decoder.feed(b"\xbb")
+    assert [E(data="x")] == decoder.feed(b"\xbfdata: x\n\n")
+
+
+def test_bom_later_in_stream_is_kept() -> None:
+    """Only a BOM at the very start is stripped; later it is part of a line."""
+    events, _ = decode_whole(b"data: a\n\n\xef\xbb\xbfdata: b\n\ndata: c\n\n")
+    assert [E(data="a"), E(data="c")] == events
+
+
+def test_split_multibyte_utf8_decodes_correctly() -> None:
+    """A character split across chunks is reassembled, never replaced."""
+    stream = "data: héllo 🐑\n\n".encode()
+    assert [E(data="héllo 🐑")] == decode_bytewise(stream)
+
+
+def test_last_event_id_and_retry_are_tracked() -> None:
+    """The decoder keeps the last event ID at dispatch and the latest valid retry."""
+    decoder = SSEDecoder()
+    decoder.feed(b"id: 1\nretry: 3000\ndata: a\n\nid: 2\n")
+    assert "1" == decoder.last_event_id  # `id: 2` is not committed until its event ends
+    assert 3000 == decoder.retry
+    decoder.feed(b"\n")
+    assert "2" == decoder.last_event_id
+
+
+def test_truncation_is_reported_on_close() -> None:
+    """An unfinished event is discarded, and `truncated` says so."""
+    _, cut = decode_whole(b"data: a\n\ndata: b")
+    _, cut_after_field = decode_whole(b"data: a\n\nevent: x\n")
+    _, clean = decode_whole(b"data: a\n\n: trailing comment\n")
+    assert (True, True, False) == (cut.truncated, cut_after_field.truncated, clean.truncated)
+
+
+def test_feed_after_close_is_a_local_error() -> None:
+    """Feeding a closed decoder is the caller's bug."""
+    decoder = SSEDecoder()
+    decoder.close()
+    assert [] == decoder.close()
+    with pytest.raises(LocalProtocolError, match="after close"):
+        decoder.feed(b"data: a\n\n")
+
+
+def test_line_limit_raises_with_sizes() -> None:
+    """A line longer than max_line_size raises, naming the limit and the size."""
+    decoder = SSEDecoder(max_line_size=10)
+    with pytest.raises(RemoteProtocolError, match=r"max_line_size \(10 bytes\): 11 bytes"):
+        decoder.feed(b"data: 12345")
+    with pytest.raises(LocalProtocolError, match="failed earlier"):
+        decoder.feed(b"\n\n")
+
+
+def test_line_limit_applies_to_complete_lines_too() -> None:
+    """A long line that arrives whole in one chunk is caught as well."""
+    with pytest.raises(RemoteProtocolError, match="a line of 21 characters"):
+        SSEDecoder(max_line_size=20).feed(b"data: 123456789012345\n\n")
+
+
+def test_line_limit_applies_to_the_tail_of_a_chunk() -> None:
+    """The unterminated rest of a chunk counts against the limit immediately."""
+    with pytest.raises(RemoteProtocolError, match="max_line_size"):
+        SSEDecoder(max_line_size=10).feed(b"data: a\n\ndata: 123456789")
+
+
+def test_event_limit_raises() -> None:
+    """Many short data lines without a blank line are bounded by max_event_size."""
+    decoder = SSEDecoder(max_event_size=20)
+    with pytest.raises(RemoteProtocolError, match="max_event_size"):
+        decoder.feed(b"data: 12345\n" * 5)
+
+
+def test_limits_must_be_positive() -> None:
+    """A zero limit is a configuration mistake."""
+    with pytest.raises(ValueError, match="positive"):
+        SSEDecoder(max_line_size=0)
+
+
+def test_encode_rejects_what_cannot_round_trip() -> None:
+    """Values that would change meaning on the wire are refused."""
+    for bad in (E(data="a\rb"), E(event="a\nb"), E(id="a\x00"), E(id="a\rb"), E(retry=-1)):
+        with pytest.raises(ValueError, match="SSE"):
+            bad.encode()
+
+
+def test_event_json() -> None:
+    """`json()` parses the data."""
+    assert {"a": [1]} == E(data='{"a": [1]}').json()
+
+
+# -- properties --------------------------------------------------------------------------------
+
+field_text = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_characters="\r\n\x00"),
+    max_size=20,
+)
+events_strategy = st.lists(
+    st.builds(
+        ServerSentEvent,
+        event=st.one_of(st.just("message"), field_text.filter(bool)),
+        data=st.lists(field_text, min_size=1, max_size=3).map("\n".join),
+        id=field_text.filter(bool),
+        retry=st.one_of(st.none(), st.integers(min_value=0, max_value=10**6)),
+    ),
+    max_size=8,
+)
+
+
+@st.composite
+def stream_with_cuts(draw: st.DrawFn) -> tuple[bytes, list[int]]:
+    events = draw(events_strategy)
+    eol = draw(st.sampled_from([b"\n", b"\r\n", b"\r"]))
+    stream = b"".join(e.encode().replace(b"\n", eol) for e in events)
+    stream = draw(st.sampled_from([b"", b"\xef\xbb\xbf"])) + stream
+    cuts = draw(st.lists(st.integers(min_value=0, max_value=len(stream)), max_size=20))
+    return stream, cuts
+
+
+@given(events_strategy, st.sampled_from([b"\n", b"\r\n", b"\r"]))
+def test_encode_decode_round_trip(events: list[ServerSentEvent], eol: bytes) -> None:
+    """Any events, encoded with any line ending, decode back to themselves."""
+    stream = b"".join(e.encode().replace(b"\n", eol) for e in events)
+    assert events == decode_whole(stream)[0]
+
+
+@given(stream_with_cuts())
+def test_chunk_split_invariance(case: tuple[bytes, list[int]]) -> None:
+    """Splitting the stream anywhere (inside CRLF, inside UTF-8, inside the BOM) changes nothing."""
+    stream, cuts = case
+    whole, whole_decoder = decode_whole(stream)
+    split, split_decoder = decode_split(stream, cuts)
+    assert whole == split
+    assert whole_decoder.last_event_id == split_decoder.last_event_id
+    assert whole_decoder.retry == split_decoder.retry
+    assert whole_decoder.truncated == split_decoder.truncated
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300), st.lists(st.integers(min_value=0, max_value=300), max_size=10))
+def test_arbitrary_bytes_decode_or_raise_remote_protocol_error(
+    data: bytes, cuts: list[int]
+) -> None:
+    """Garbage never crashes the decoder with anything but our own error, whatever the split."""
+    cuts = [c for c in cuts if c <= len(data)]
+    try:
+        whole, _ = decode_whole(data)
+    except RemoteProtocolError:  # pragma: no cover - only the size limits raise
+        return
+    assert whole == decode_split(data, cuts)[0]
+
+
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_with_tiny_limits_raise_only_remote_protocol_error(data: bytes) -> None:
+    """With limits small enough to trip, the only failure is RemoteProtocolError."""
+    decoder = SSEDecoder(max_line_size=16, max_event_size=16)
+    try:
+        for i in range(0, len(data), 7):
+            decoder.feed(data[i : i + 7])
+        decoder.close()
+    except RemoteProtocolError:
+        pass
