@@ -140,61 +140,53 @@ class SSEDecoder:
         self._skip_lf = False
         self._at_start = True
         self._failed: RemoteProtocolError | None = None
-        # The event being collected.
+        # True while any of closed, failed, _skip_lf, _at_start holds: one test per read.
+        self._special = True
+        # The event being collected. `_fields` is true once a line other than `data:` (an
+        # `event`, `id` or `retry` field, an unknown field) is part of it.
         self._data: list[str] = []
         self._data_size = 0
         self._event_type = ""
         self._id_buffer = ""
         self._event_retry: int | None = None
-        self._in_event = False
+        self._fields = False
 
     def feed(self, data: bytes) -> list[ServerSentEvent]:
         """Take the next bytes of the stream; return the events they complete."""
-        if self.closed or self._failed is not None:
-            self._refuse()
+        if self._special:
+            data = self._special_start(data)
         if not data:
             return []
-        if self._skip_lf:
-            self._skip_lf = False
-            if data[0] == _LF:
-                data = data[1:]
-                if not data:
-                    return []
-        if self._at_start:
-            data = self._strip_bom(data)
-            if not data:
-                return []
-
-        cut = max(data.rfind(b"\n"), data.rfind(b"\r"))
-        if cut < 0:
-            self._pending.append(data)
-            self._pending_size += len(data)
-            if self._pending_size > self.max_line_size:
-                self._fail(
-                    f"SSE line exceeds max_line_size ({self.max_line_size} bytes): "
-                    f"{self._pending_size} bytes received without a line ending"
-                )
-            return []
-
-        end = cut + 1
-        if self._pending:
-            self._pending.append(data[:end] if end < len(data) else data)
-            block = b"".join(self._pending)
-            self._pending = []
-            self._pending_size = 0
+        last = data[-1]
+        if last == _LF or last == _CR:  # noqa: SIM109 - two compares beat a tuple here
+            # The common case: the read ends on a line ending, so all of it is complete lines.
+            if self._pending:
+                self._pending.append(data)
+                block = b"".join(self._pending)
+                self._pending = []
+                self._pending_size = 0
+            else:
+                block = data
+            if last == _CR:
+                self._skip_lf = self._special = True
         else:
-            block = data[:end] if end < len(data) else data
-        if end < len(data):
-            rest = data[end:]
-            self._pending.append(rest)
-            self._pending_size = len(rest)
+            cut = max(data.rfind(b"\n"), data.rfind(b"\r"))
+            if cut < 0:
+                self._pending.append(data)
+                self._pending_size += len(data)
+                if self._pending_size > self.max_line_size:
+                    self._line_too_long()
+                return []
+            end = cut + 1
+            if self._pending:
+                self._pending.append(data[:end])
+                block = b"".join(self._pending)
+            else:
+                block = data[:end]
+            self._pending = [data[end:]]
+            self._pending_size = len(data) - end
             if self._pending_size > self.max_line_size:
-                self._fail(
-                    f"SSE line exceeds max_line_size ({self.max_line_size} bytes): "
-                    f"{self._pending_size} bytes received without a line ending"
-                )
-        elif data[cut] == _CR:
-            self._skip_lf = True
+                self._line_too_long()
 
         text = block.decode("utf-8", "replace")
         if "\r" in text:
@@ -214,55 +206,55 @@ class SSEDecoder:
         """
         if self.closed:
             return []
-        self.closed = True
-        self.truncated = self._pending_size > 0 or self._in_event
+        self.closed = self._special = True
+        self.truncated = self._pending_size > 0 or bool(self._data) or self._fields
         self._pending = []
         self._pending_size = 0
-        self._reset_event()
+        self._data = []
+        self._reset_fields()
         return []
 
     # -- internals ---------------------------------------------------------------------------
 
     def _process(self, lines: list[str]) -> list[ServerSentEvent]:
+        # The hot loop. Almost every line of a chat stream is `data: {...}` or blank, so those
+        # two are tested first and everything else goes to `_field()`.
         events: list[ServerSentEvent] = []
         data = self._data
         for line in lines:
-            if not line:
-                # A blank line dispatches (WHATWG "dispatch the event").
-                self.last_event_id = self._id_buffer
-                if data:
+            if line:
+                if line.startswith("data:"):
+                    data.append(line[6:] if line.startswith(" ", 5) else line[5:])
+                    if len(data) > 1:
+                        self._count_data(data)
+                elif line[0] != ":":
+                    self._field(line)
+                continue
+            # A blank line dispatches the event (WHATWG "dispatch the event").
+            self.last_event_id = self._id_buffer
+            if data:
+                payload = data[0] if len(data) == 1 else "\n".join(data)
+                if len(payload) > self.max_event_size:
+                    self._event_too_large(len(payload))
+                if self._fields:
                     events.append(
                         ServerSentEvent(
                             self._event_type or "message",
-                            "\n".join(data),
+                            payload,
                             self._id_buffer,
                             self._event_retry,
                         )
                     )
-                    self._data = data = []
-                    self._data_size = 0
-                    self._event_type = ""
-                    self._event_retry = None
-                elif self._in_event:
-                    self._reset_event()
-                self._in_event = False
-            elif line.startswith("data:"):
-                # The hot path: almost every line of a chat stream is `data: {...}`.
-                value = line[6:] if line.startswith(" ", 5) else line[5:]
-                data.append(value)
-                self._in_event = True
-                self._data_size += len(value) + 1
-                if self._data_size > self.max_event_size:
-                    self._fail(
-                        f"SSE event exceeds max_event_size ({self.max_event_size}): "
-                        f"{self._data_size} characters of data without a blank line"
-                    )
-            elif line[0] != ":":
-                self._field(line)
+                    self._reset_fields()
+                else:
+                    events.append(ServerSentEvent("message", payload, self._id_buffer, None))
+                self._data = data = []
+            elif self._fields:
+                self._reset_fields()
         return events
 
     def _field(self, line: str) -> None:
-        self._in_event = True
+        self._fields = True
         name, colon, value = line.partition(":")
         if colon and value.startswith(" "):
             value = value[1:]
@@ -270,7 +262,8 @@ class SSEDecoder:
             self._event_type = value
         elif name == "data":  # only reached as a bare `data` line with no colon
             self._data.append(value)
-            self._data_size += 1
+            if len(self._data) > 1:
+                self._count_data(self._data)
         elif name == "id":
             if "\0" not in value:
                 self._id_buffer = value
@@ -278,12 +271,31 @@ class SSEDecoder:
             self.retry = self._event_retry = int(value)
         # Any other field name is ignored, as the spec says.
 
-    def _reset_event(self) -> None:
-        self._data = []
-        self._data_size = 0
+    def _count_data(self, data: list[str]) -> None:
+        # Only events with several data lines get here; a single line is bounded at dispatch.
+        if len(data) == 2:
+            self._data_size = len(data[0]) + 1
+        self._data_size += len(data[-1]) + 1
+        if self._data_size > self.max_event_size:
+            self._event_too_large(self._data_size)
+
+    def _reset_fields(self) -> None:
         self._event_type = ""
         self._event_retry = None
-        self._in_event = False
+        self._fields = False
+
+    def _special_start(self, data: bytes) -> bytes:
+        # Everything that only matters at the start of some reads, kept off the hot path.
+        if self.closed or self._failed is not None:
+            self._refuse()
+        if data and self._skip_lf:
+            self._skip_lf = False
+            if data[0] == _LF:
+                data = data[1:]
+        if data and self._at_start:
+            data = self._strip_bom(data)
+        self._special = self._skip_lf or self._at_start
+        return data
 
     def _strip_bom(self, data: bytes) -> bytes:
         # The BOM may arrive split; hold its prefix in `_pending` until we can tell.
@@ -306,8 +318,21 @@ class SSEDecoder:
                     f"a line of {len(line)} characters"
                 )
 
+    def _line_too_long(self) -> None:
+        self._fail(
+            f"SSE line exceeds max_line_size ({self.max_line_size} bytes): "
+            f"{self._pending_size} bytes received without a line ending"
+        )
+
+    def _event_too_large(self, size: int) -> None:
+        self._fail(
+            f"SSE event exceeds max_event_size ({self.max_event_size}): "
+            f"{size} characters of data without a blank line"
+        )
+
     def _fail(self, message: str) -> None:
         self._failed = RemoteProtocolError(message)
+        self._special = True
         raise self._failed
 
     def _refuse(self) -> None:
