@@ -1,8 +1,12 @@
 """holysheep: streaming LLM chat completions over Server-Sent Events.
 
-The core (`SSEDecoder`, `ChatAccumulator`) is sans-IO: bytes in, events out, no sockets or
-clocks. Everything public is importable from here; the `_modules` are private.
+The core (`SSEDecoder`, `ChatAccumulator`, `Exchange`) is sans-IO: bytes in, events out, no
+sockets or clocks. The clients are loaded on first use, so `import holysheep` stays free of
+requests, httpx and anyio for code that only needs the core. Everything public is importable
+from here; the `_modules` are private.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from ._chat import (
     ChatAccumulator,
@@ -21,37 +25,103 @@ from ._chat import (
     is_retryable_error,
 )
 from ._exceptions import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    ConflictError,
+    ConnectTimeoutError,
+    FirstTokenTimeoutError,
     HolySheepError,
+    IdleTimeoutError,
     IncompleteStreamError,
+    InternalServerError,
     LocalProtocolError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
     RemoteProtocolError,
     StreamError,
+    TotalTimeoutError,
+    UnexpectedContentTypeError,
+    UnprocessableEntityError,
 )
+from ._exchange import Exchange, Request, StreamStats, Timeouts
 from ._sse import DEFAULT_MAX_EVENT_SIZE, DEFAULT_MAX_LINE_SIZE, ServerSentEvent, SSEDecoder
+from ._version import __version__
 
-__version__ = "0.1.0.dev0"
+if TYPE_CHECKING:
+    from ._async_client import AsyncClient, AsyncStream
+    from ._client import Client, Stream
+
+_LAZY = {
+    "AsyncClient": "._async_client",
+    "AsyncStream": "._async_client",
+    "Client": "._client",
+    "Stream": "._client",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # The clients pull in their I/O libraries; load them when first asked for.
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'holysheep' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DEFAULT_MAX_EVENT_SIZE",
     "DEFAULT_MAX_LINE_SIZE",
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AsyncClient",
+    "AsyncStream",
+    "AuthenticationError",
+    "BadRequestError",
     "ChatAccumulator",
     "ChatChunk",
     "ChatDelta",
     "Choice",
+    "Client",
     "Completion",
+    "ConfigurationError",
+    "ConflictError",
+    "ConnectTimeoutError",
     "ContentDelta",
+    "Exchange",
     "Finished",
+    "FirstTokenTimeoutError",
     "HolySheepError",
+    "IdleTimeoutError",
     "IncompleteStreamError",
+    "InternalServerError",
     "LocalProtocolError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitError",
     "ReasoningDelta",
     "RefusalDelta",
     "RemoteProtocolError",
+    "Request",
     "SSEDecoder",
     "ServerSentEvent",
+    "Stream",
     "StreamError",
+    "StreamStats",
+    "Timeouts",
     "ToolCall",
     "ToolCallDelta",
+    "TotalTimeoutError",
+    "UnexpectedContentTypeError",
+    "UnprocessableEntityError",
     "Usage",
     "UsageReport",
     "__version__",

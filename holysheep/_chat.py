@@ -479,6 +479,11 @@ class ChatAccumulator:
         )
 
     @property
+    def usage(self) -> Usage | None:
+        """The latest usage the server reported, without building a snapshot."""
+        return self._usage
+
+    @property
     def finished(self) -> bool:
         """True once the stream said it is done (`[DONE]` or a `finish_reason`)."""
         return self.done or self._finished

@@ -1,3 +1,27 @@
-"""Transports: the I/O edge of holysheep (sync on requests, async on httpx)."""
+"""Transports: the I/O edge of holysheep.
 
-__all__: list[str] = []
+`RequestsTransport` (sync, the `Client` default), `HTTPXTransport` (sync),
+`AsyncHTTPXTransport` (async, the `AsyncClient` default), `MockTransport` and
+`AsyncMockTransport` (scripted responses for tests), and the base classes to write your own.
+"""
+
+from holysheep.transports._base import (
+    AsyncBaseTransport,
+    AsyncResponse,
+    BaseTransport,
+    Request,
+    Response,
+)
+from holysheep.transports._httpx import AsyncHTTPXTransport, HTTPXTransport
+from holysheep.transports._requests import RequestsTransport
+
+__all__ = [
+    "AsyncBaseTransport",
+    "AsyncHTTPXTransport",
+    "AsyncResponse",
+    "BaseTransport",
+    "HTTPXTransport",
+    "Request",
+    "RequestsTransport",
+    "Response",
+]

@@ -1,0 +1,318 @@
+"""The sync client: drives an `Exchange` with blocking reads and a watchdog thread.
+
+A blocking read cannot time itself out on a deadline that moves (the idle timeout restarts
+with every content chunk, but not with keep-alive comments), so one watchdog thread per client
+watches the deadlines of its open streams and closes a stream whose deadline passed; the read
+then fails and the stream raises the typed timeout. The same mechanism serves
+`stream.close()` from another thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from ._chat import ChatChunk, Completion
+from ._config import ClientConfig
+from ._exceptions import HolySheepError
+from ._exchange import MAX_ERROR_BODY, Exchange, StreamStats, Timeouts
+
+if TYPE_CHECKING:
+    from holysheep.transports import BaseTransport, Response
+
+__all__ = ["Client", "Stream"]
+
+_clock = time.monotonic
+
+
+class Client:
+    """Streams chat completions synchronously.
+
+    `api_key` and `base_url` default to `HOLYSHEEP_API_KEY` and `HOLYSHEEP_BASE_URL`;
+    `transport` defaults to `RequestsTransport()`.
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        *,
+        timeout: Timeouts | float | None = None,
+        transport: BaseTransport | None = None,
+        headers: Mapping[str, str] | None = None,
+        require_end: bool = True,
+    ) -> None:
+        self._config = ClientConfig.from_arguments(api_key, base_url, timeout, headers, require_end)
+        if transport is None:
+            from holysheep.transports import RequestsTransport
+
+            transport = RequestsTransport()
+        self.transport = transport
+        self.chat = Chat(self)
+        self._watchdog = _Watchdog()
+
+    @property
+    def base_url(self) -> str:
+        return self._config.base_url
+
+    def close(self) -> None:
+        self._watchdog.stop()
+        self.transport.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Chat:
+    """`client.chat`: the chat completions endpoint."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def stream(
+        self,
+        *,
+        model: str,
+        messages: Iterable[Mapping[str, Any]],
+        timeout: Timeouts | float | None = None,
+        request_id: str | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        **params: Any,
+    ) -> Stream:
+        """Start a streamed completion. Use as `with client.chat.stream(...) as stream:`.
+
+        Extra keyword arguments (`max_tokens`, `temperature`, `tools`, ...) go into the JSON
+        body as they are.
+        """
+        exchange = self._client._config.exchange(
+            model, messages, params, timeout=timeout, request_id=request_id, headers=extra_headers
+        )
+        return Stream(exchange, self._client.transport, self._client._watchdog)
+
+    def complete(
+        self,
+        *,
+        model: str,
+        messages: Iterable[Mapping[str, Any]],
+        **params: Any,
+    ) -> Completion:
+        """Stream a completion to the end and return it (the stream protects against timeouts
+        a single long response cannot)."""
+        with self.stream(model=model, messages=messages, **params) as stream:
+            return stream.until_done()
+
+
+class Stream:
+    """One streamed completion: iterate it for `ChatChunk`s; `completion` and `stats` after."""
+
+    def __init__(self, exchange: Exchange, transport: BaseTransport, watchdog: _Watchdog) -> None:
+        self._exchange = exchange
+        self._transport = transport
+        self._watchdog = watchdog
+        self._response: Response | None = None
+        self._body: Iterator[bytes] | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._expired = False
+        self._exhausted = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Stream:
+        self.open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Send the request and read the response head. Raises on an error status."""
+        if self._response is not None or self._closed:
+            return
+        exchange = self._exchange
+        exchange.start(_clock())
+        self._watchdog.watch(self)
+        try:
+            response = self._transport.send(exchange.request)
+        except HolySheepError as exc:
+            self._watchdog.unwatch(self)
+            raise self._timeout_or(exc) from exc
+        self._response = response
+        action = exchange.on_headers(response.status_code, response.headers, _clock())
+        if action == "read_error_body":
+            body = self._read_error_body(response)
+            self.close()
+            raise exchange.error_for_body(body)
+        self._body = response.stream
+
+    def close(self) -> None:
+        """Close the connection. Safe to call from another thread while one is reading."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._watchdog.unwatch(self)
+        self._exchange.finish(_clock())
+        if self._response is not None:
+            self._response.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[ChatChunk]:
+        self.open()
+        if self._body is None or self._exhausted:
+            return
+        exchange = self._exchange
+        on_data = exchange.on_data
+        try:
+            for data in self._body:
+                chunks = on_data(data, _clock())
+                if chunks:
+                    yield from chunks
+            if self._expired:
+                raise self._timeout_or(None)
+            if not self._closed:
+                exchange.on_eof(_clock())
+        except HolySheepError as exc:
+            if self._closed and not self._expired:
+                return  # closed by the caller: stop quietly, the partial completion stays
+            raise self._timeout_or(exc) from exc
+        finally:
+            self._exhausted = True
+            self.close()
+
+    def text_stream(self) -> Iterator[str]:
+        """Only the content text, piece by piece (skips chunks without any)."""
+        for chunk in self:
+            if chunk.text:
+                yield chunk.text
+
+    def until_done(self) -> Completion:
+        """Read the stream to its end and return the completion."""
+        for _ in self:
+            pass
+        return self.completion
+
+    @property
+    def completion(self) -> Completion:
+        """Everything accumulated so far (complete once the stream ended cleanly)."""
+        return self._exchange.completion
+
+    @property
+    def stats(self) -> StreamStats:
+        return self._exchange.stats(_clock())
+
+    @property
+    def request_id(self) -> str:
+        return self._exchange.server_request_id or self._exchange.request_id
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _timeout_or(self, exc: HolySheepError | None) -> HolySheepError:
+        now = _clock()
+        timeout = self._exchange.timeout_error(now)
+        if timeout is not None:
+            return timeout
+        if exc is None:  # pragma: no cover - the watchdog only expires streams that are due
+            raise RuntimeError("stream expired without a due timeout")
+        if self._body is not None:
+            return self._exchange.interrupted(exc, now)
+        exc.request_id = exc.request_id or self._exchange.request_id
+        return exc
+
+    def _read_error_body(self, response: Response) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        try:
+            for data in response.stream:
+                parts.append(data)
+                size += len(data)
+                if size >= MAX_ERROR_BODY:
+                    break
+        except HolySheepError:
+            pass  # what arrived is still worth quoting
+        return b"".join(parts)
+
+    def _expire(self) -> None:
+        """Called by the watchdog when a deadline passed."""
+        self._expired = True
+        if self._response is not None:
+            self._response.close()
+
+
+class _Watchdog:
+    """One thread per client that closes streams whose deadline passed.
+
+    Streams only register and unregister; the thread recomputes deadlines when it wakes, so a
+    deadline that moved later (new content arrived) costs the reading thread nothing.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._streams: set[Stream] = set()
+        self._thread: threading.Thread | None = None
+        self._wake_at: float | None = None
+        self._stopped = False
+
+    def watch(self, stream: Stream) -> None:
+        due = stream._exchange.deadline()
+        if due is None:
+            return
+        with self._cond:
+            self._streams.add(stream)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="holysheep-watchdog", daemon=True
+                )
+                self._thread.start()
+            elif self._wake_at is None or due[0] < self._wake_at:
+                self._cond.notify()
+
+    def unwatch(self, stream: Stream) -> None:
+        with self._cond:
+            self._streams.discard(stream)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                now = _clock()
+                soonest: float | None = None
+                for stream in list(self._streams):
+                    due = stream._exchange.deadline()
+                    if due is None:
+                        self._streams.discard(stream)
+                    elif due[0] <= now:
+                        self._streams.discard(stream)
+                        stream._expire()
+                    elif soonest is None or due[0] < soonest:
+                        soonest = due[0]
+                self._wake_at = soonest
+                self._cond.wait(None if soonest is None else max(0.0, soonest - now) + 0.001)

@@ -1,0 +1,430 @@
+"""One streamed chat request, from the request bytes to the last chunk, without any I/O.
+
+Theory of operation
+-------------------
+The sync and async clients differ only in how they wait; everything they decide is here, so it
+is written once and tested without sockets. An `Exchange` is driven through four calls, each
+given the time (`now`, seconds on the driver's monotonic clock; the core never reads a clock):
+
+    request            the `Request` to send (URL, headers, JSON body)
+    start(now)         the request is about to go out: the timeouts start counting
+    on_headers(...)    the status line and headers arrived: stream on, or read an error body
+    on_data(bytes, now) -> chunks    body bytes in, `ChatChunk`s out
+    on_eof(now)        the body ended: raises `IncompleteStreamError` if it was cut short
+
+At any moment `deadline()` says when the next timeout would fire and which one; a driver waits
+no longer than that, and when it passes it asks `timeout_error(now)` for the typed error. Only
+chunks that carry deltas (content, reasoning, tool calls, finish, usage) count as progress for
+the `ttft` and `idle` timeouts: a keep-alive comment proves the connection is up, not that the
+model is producing anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import Mapping
+from typing import Any, Literal, final
+
+import attrs
+
+from ._chat import ChatAccumulator, ChatChunk, Completion
+from ._exceptions import (
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    ConnectTimeoutError,
+    FirstTokenTimeoutError,
+    HolySheepError,
+    IdleTimeoutError,
+    IncompleteStreamError,
+    InternalServerError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    TotalTimeoutError,
+    UnexpectedContentTypeError,
+    UnprocessableEntityError,
+)
+from ._version import __version__
+
+__all__ = ["Exchange", "Request", "StreamStats", "Timeouts", "parse_retry_after"]
+
+# An error body is read only to quote the server's message; 64 KiB holds any real one.
+MAX_ERROR_BODY = 64 * 1024
+# How much of an unexpected body (a proxy's HTML page) an error message quotes.
+_BODY_SNIPPET = 300
+
+TimeoutKind = Literal["connect", "ttft", "idle", "total"]
+
+_TIMEOUT_ERRORS: dict[str, type[APITimeoutError]] = {
+    "connect": ConnectTimeoutError,
+    "ttft": FirstTokenTimeoutError,
+    "idle": IdleTimeoutError,
+    "total": TotalTimeoutError,
+}
+
+_STATUS_ERRORS: dict[int, type[APIStatusError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    422: UnprocessableEntityError,
+    429: RateLimitError,
+}
+
+
+@final
+@attrs.frozen
+class Timeouts:
+    """The four limits on one streamed request, in seconds; None disables one.
+
+    The defaults never let a stalled stream hang a caller, while leaving room for slow models:
+    `connect` 10 s covers a cold TLS handshake across the world with retransmits; `ttft` 120 s
+    lets a reasoning model with a long prompt think before its first token; `idle` 60 s is far
+    above any real gap between tokens yet catches a stall within a minute; `total` 30 min lets
+    a 32k-token answer finish at 20 tokens/s.
+    """
+
+    connect: float | None = 10.0
+    ttft: float | None = 120.0
+    idle: float | None = 60.0
+    total: float | None = 1800.0
+
+    @classmethod
+    def from_value(cls, value: Timeouts | float | None) -> Timeouts:
+        """Accept a `Timeouts`, a number (applied to `connect`, `ttft` and `idle`), or None."""
+        if value is None:
+            return cls()
+        if isinstance(value, Timeouts):
+            return value
+        return cls(connect=value, ttft=value, idle=value)
+
+    def head_timeout(self) -> float | None:
+        """How long a transport may wait for the response head: the first-token clock runs."""
+        limits = [t for t in (self.ttft, self.total) if t is not None]
+        return min(limits) + 0.05 if limits else None
+
+    def read_backstop(self) -> float | None:
+        """A socket read timeout for transports: a last line of defence, never the first.
+
+        The drivers enforce `ttft`/`idle`/`total` themselves; this only makes sure a transport
+        cannot block forever if a driver's timer fails to fire.
+        """
+        limits = [t for t in (self.ttft, self.idle, self.total) if t is not None]
+        return max(limits) + 5.0 if limits else None
+
+
+@final
+@attrs.frozen
+class Request:
+    """What a transport sends: everything is already encoded."""
+
+    method: str
+    url: str
+    headers: tuple[tuple[str, str], ...]
+    content: bytes
+    timeouts: Timeouts = Timeouts()
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+
+@final
+@attrs.frozen
+class StreamStats:
+    """What one stream measured. Times are in seconds; None where not (yet) known.
+
+    `ttft` runs from sending the request to the first chunk with a delta; `tokens_per_s` is
+    output tokens over the time after that first token, the figure gateways quote.
+    """
+
+    request_id: str
+    server_request_id: str | None
+    status_code: int | None
+    ttft: float | None
+    duration: float | None
+    events: int
+    bytes: int
+    tokens: int
+    tokens_estimated: bool
+    attempts: int = 1
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        if self.ttft is None or self.duration is None or self.tokens == 0:
+            return None
+        generating = self.duration - self.ttft
+        return self.tokens / generating if generating > 0 else None
+
+    def summary(self) -> str:
+        """One line for a terminal: the numbers people compare gateways by."""
+        ttft = "-" if self.ttft is None else f"{self.ttft * 1000:.0f} ms"
+        duration = "-" if self.duration is None else f"{self.duration:.2f} s"
+        rate = self.tokens_per_s
+        tokens = f"{'~' if self.tokens_estimated else ''}{self.tokens}"
+        return (
+            f"ttft {ttft} | {tokens} tokens in {duration}"
+            f" | {'-' if rate is None else f'{rate:.1f}'} tokens/s"
+            f" | {self.events} events, {self.bytes} bytes | attempts {self.attempts}"
+            f" | request {self.server_request_id or self.request_id}"
+        )
+
+
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait from `retry-after-ms` or `Retry-After` (RFC 9110 section 10.2.3).
+
+    Only the delta-seconds form is read here; an HTTP-date needs a wall clock, which the
+    retry policy is given by its driver.
+    """
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        with contextlib.suppress(ValueError):
+            return max(0.0, float(value) / 1000)
+    value = headers.get("retry-after")
+    if value is not None:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            return None
+    return None
+
+
+def new_request_id() -> str:
+    return f"hs-{uuid.uuid4().hex}"
+
+
+class Exchange:
+    """The state of one streamed request: see the module docstring for the protocol."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        api_key: str | None,
+        body: Mapping[str, Any],
+        timeouts: Timeouts,
+        headers: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+        require_end: bool = True,
+    ) -> None:
+        self.request_id = request_id or new_request_id()
+        merged = {
+            "content-type": "application/json",
+            "accept": "text/event-stream",
+            # Compression makes proxies and clients buffer; an event stream must flow.
+            "accept-encoding": "identity",
+            "user-agent": f"holysheep/{__version__}",
+            "x-request-id": self.request_id,
+        }
+        if api_key:
+            merged["authorization"] = f"Bearer {api_key}"
+        for name, value in (headers or {}).items():
+            merged[name.lower()] = value
+        self.request = Request(
+            "POST",
+            url,
+            tuple(merged.items()),
+            json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode(),
+            timeouts,
+        )
+        self.timeouts = timeouts
+        self.accumulator = ChatAccumulator(require_end=require_end)
+        self.status_code: int | None = None
+        self.response_headers: Mapping[str, str] = {}
+        self.server_request_id: str | None = None
+        self.bytes = 0
+        self.events = 0
+        self.content_chunks = 0
+        self._started: float | None = None
+        self._connected: float | None = None
+        self._first_progress: float | None = None
+        self._last_progress: float | None = None
+        self._ended: float | None = None
+
+    # -- the protocol ----------------------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        self._started = now
+
+    def on_headers(
+        self, status_code: int, headers: Mapping[str, str], now: float
+    ) -> Literal["stream", "read_error_body"]:
+        """Record the response head; say whether to stream it or read it as an error."""
+        self.status_code = status_code
+        self.response_headers = headers
+        self.server_request_id = headers.get("x-request-id") or headers.get("request-id")
+        self._connected = now
+        if not 200 <= status_code < 300:
+            return "read_error_body"
+        content_type = headers.get("content-type", "")
+        if not content_type.lower().startswith("text/event-stream"):
+            return "read_error_body"
+        return "stream"
+
+    def error_for_body(self, body: bytes) -> HolySheepError:
+        """The error a non-stream response stands for, quoting the server."""
+        status = self.status_code or 0
+        text = body[:MAX_ERROR_BODY].decode("utf-8", "replace")
+        request_id = self.server_request_id or self.request_id
+        if 200 <= status < 300:
+            content_type = self.response_headers.get("content-type", "(none)")
+            snippet = text[:_BODY_SNIPPET] + ("..." if len(text) > _BODY_SNIPPET else "")
+            return UnexpectedContentTypeError(
+                f"expected an event stream (text/event-stream) but the server sent "
+                f"{content_type!r}; the body starts: {snippet!r}",
+                content_type=content_type,
+                body=text,
+                status_code=status,
+                request_id=request_id,
+            )
+        parsed: Any = None
+        message, kind, code = text.strip()[:_BODY_SNIPPET] or "(empty body)", None, None
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(text)
+        if isinstance(parsed, dict):
+            error = parsed.get("error", parsed)
+            if isinstance(error, dict):
+                message = str(error.get("message") or message)
+                kind = error.get("type") if isinstance(error.get("type"), str) else None
+                code = None if error.get("code") is None else str(error.get("code"))
+            elif isinstance(error, str):
+                message = error
+        cls = _STATUS_ERRORS.get(status, InternalServerError if status >= 500 else APIStatusError)
+        exc = cls(
+            f"HTTP {status} from {self.request.url}: {message}",
+            status_code=status,
+            request_id=request_id,
+            body=parsed if parsed is not None else text,
+            headers=self.response_headers,
+            type=kind,
+            code=code,
+        )
+        if isinstance(exc, RateLimitError):
+            exc.retry_after = parse_retry_after(self.response_headers)
+        return exc
+
+    def on_data(self, data: bytes, now: float) -> list[ChatChunk]:
+        """Body bytes in, chunks out; progress is stamped with `now`."""
+        self.bytes += len(data)
+        chunks = self.accumulator.feed(data)
+        if chunks:
+            self.events += len(chunks)
+            for chunk in chunks:
+                if chunk.deltas:
+                    self._last_progress = now
+                    if self._first_progress is None:
+                        self._first_progress = now
+                    if chunk.text:
+                        self.content_chunks += 1
+        return chunks
+
+    def on_eof(self, now: float) -> None:
+        """The body ended. Raises `IncompleteStreamError` if it ended too early."""
+        self._ended = now
+        try:
+            self.accumulator.close()
+        except IncompleteStreamError as exc:
+            exc.request_id = self.server_request_id or self.request_id
+            raise
+
+    def interrupted(self, cause: BaseException, now: float) -> HolySheepError:
+        """The error for a body read that failed: a timeout if one is due, else a cut stream."""
+        self._ended = now
+        timeout = self.timeout_error(now)
+        if timeout is not None:
+            return timeout
+        return IncompleteStreamError(
+            f"the connection broke after {self.events} chunks ({self.bytes} bytes): {cause}",
+            completion=self.accumulator.completion,
+            request_id=self.server_request_id or self.request_id,
+            status_code=self.status_code,
+        )
+
+    def finish(self, now: float) -> None:
+        """The caller stopped early (closed the stream); stamp the end for the stats."""
+        if self._ended is None:
+            self._ended = now
+
+    # -- timeouts --------------------------------------------------------------------------------
+
+    def deadline(self) -> tuple[float, TimeoutKind] | None:
+        """When the next timeout fires (on the driver's clock) and which one; None if never."""
+        started = self._started
+        if started is None or self._ended is not None:
+            return None
+        t = self.timeouts
+        best: tuple[float, TimeoutKind] | None = None
+        if t.total is not None:
+            best = (started + t.total, "total")
+        if self._connected is None:
+            candidate: tuple[float, TimeoutKind] | None = (
+                None if t.connect is None else (started + t.connect, "connect")
+            )
+            # Until the head arrives, the first-token clock runs too.
+            if t.ttft is not None and (candidate is None or started + t.ttft < candidate[0]):
+                candidate = (started + t.ttft, "ttft")
+        elif self._last_progress is None:
+            candidate = None if t.ttft is None else (started + t.ttft, "ttft")
+        else:
+            candidate = None if t.idle is None else (self._last_progress + t.idle, "idle")
+        if candidate is not None and (best is None or candidate[0] < best[0]):
+            best = candidate
+        return best
+
+    def timeout_error(self, now: float) -> APITimeoutError | None:
+        """The typed error for the timeout that has fired by `now`, or None."""
+        due = self.deadline()
+        if due is None or now < due[0]:
+            return None
+        kind = due[1]
+        limit = getattr(self.timeouts, kind)
+        started = self._started or now
+        since = self._last_progress if kind == "idle" and self._last_progress else started
+        what = {
+            "connect": "no response head",
+            "ttft": "no first token",
+            "idle": "no new content",
+            "total": "the stream did not finish",
+        }[kind]
+        partial = self.accumulator.completion if self.events else None
+        return _TIMEOUT_ERRORS[kind](
+            f"{kind} timeout: {what} within {limit:g} s (waited {now - since:.2f} s)",
+            limit=limit,
+            elapsed=now - since,
+            request_id=self.server_request_id or self.request_id,
+            completion=partial,
+        )
+
+    # -- results -------------------------------------------------------------------------------
+
+    @property
+    def completion(self) -> Completion:
+        return self.accumulator.completion
+
+    def stats(self, now: float) -> StreamStats:
+        started = self._started
+        end = self._ended if self._ended is not None else now
+        usage = self.accumulator.usage
+        tokens = usage.completion_tokens if usage and usage.completion_tokens is not None else None
+        return StreamStats(
+            request_id=self.request_id,
+            server_request_id=self.server_request_id,
+            status_code=self.status_code,
+            ttft=None
+            if started is None or self._first_progress is None
+            else self._first_progress - started,
+            duration=None if started is None else end - started,
+            events=self.events,
+            bytes=self.bytes,
+            tokens=tokens if tokens is not None else self.content_chunks,
+            tokens_estimated=tokens is None,
+        )

@@ -1,0 +1,101 @@
+"""The transport interface: the only place holysheep touches the network.
+
+A transport sends one `Request` and returns the response head plus an iterator of raw body
+bytes. It does not parse SSE, retry or time anything out beyond the connect timeout and a read
+backstop; the clients do that, the same way for every transport. Transports translate their
+library's exceptions into `APIConnectionError` (and `ConnectTimeoutError`) at the edge, so the
+rest of holysheep never sees a `requests` or `httpx` exception.
+
+Two rules every transport keeps:
+
+- `Response.close()` may be called from another thread (or, for async transports, another
+  task) while a read is blocked, and must make that read return or raise promptly.
+- An unfinished body is closed, never drained: the server sees the client go away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from types import TracebackType
+from typing import final
+
+import attrs
+
+from holysheep._exchange import Request
+
+__all__ = ["AsyncBaseTransport", "AsyncResponse", "BaseTransport", "Request", "Response"]
+
+
+def _noop() -> None:
+    pass
+
+
+async def _anoop() -> None:
+    pass
+
+
+@final
+@attrs.frozen
+class Response:
+    """A response head and its body, as raw byte chunks in arrival order.
+
+    `headers` has lower-case names. `close` releases the connection; it is idempotent.
+    """
+
+    status_code: int
+    headers: Mapping[str, str]
+    stream: Iterator[bytes]
+    close: Callable[[], None] = _noop
+
+
+@final
+@attrs.frozen
+class AsyncResponse:
+    """The async twin of `Response`."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    stream: AsyncIterator[bytes]
+    aclose: Callable[[], Awaitable[None]] = _anoop
+
+
+class BaseTransport:
+    """Subclass and implement `send` (and `close` if you hold resources)."""
+
+    def send(self, request: Request) -> Response:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release pooled connections."""
+
+    def __enter__(self) -> BaseTransport:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncBaseTransport:
+    """Subclass and implement `send` (and `aclose` if you hold resources)."""
+
+    async def send(self, request: Request) -> AsyncResponse:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Release pooled connections."""
+
+    async def __aenter__(self) -> AsyncBaseTransport:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,143 @@
+"""Transports on `httpx`: `HTTPXTransport` (sync) and `AsyncHTTPXTransport` (async, default)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+
+from holysheep._exceptions import APIConnectionError, ConnectTimeoutError
+from holysheep._exchange import Request
+from holysheep.transports._base import AsyncBaseTransport, AsyncResponse, BaseTransport, Response
+
+__all__ = ["AsyncHTTPXTransport", "HTTPXTransport", "default_limits"]
+
+
+def default_limits(max_connections: int | None = 10_000) -> httpx.Limits:
+    """Pool limits for streaming: httpx's default of 100 would queue the 101st stream.
+
+    A stream holds its connection for its whole life, so the pool must be as large as the
+    number of concurrent streams a process runs; keep-alive connections stay bounded.
+    """
+    return httpx.Limits(max_connections=max_connections, max_keepalive_connections=100)
+
+
+def _timeout(request: Request) -> httpx.Timeout:
+    t = request.timeouts
+    return httpx.Timeout(connect=t.connect, read=t.head_timeout(), write=t.connect, pool=t.connect)
+
+
+def _body_timeout(built: httpx.Request, request: Request) -> None:
+    # The head arrived; from here the clients' ttft/idle timers rule and the read timeout is
+    # only a backstop. httpcore reads this dict when the body iteration starts.
+    timeouts = built.extensions.get("timeout")
+    if isinstance(timeouts, dict):
+        timeouts["read"] = request.timeouts.read_backstop()
+
+
+def _translate(exc: httpx.HTTPError, request: Request) -> Exception:
+    if isinstance(exc, httpx.ConnectTimeout):
+        limit = request.timeouts.connect or 0.0
+        return ConnectTimeoutError(
+            f"connect timeout: no connection to {request.url} within {limit:g} s",
+            limit=limit,
+            elapsed=limit,
+        )
+    return APIConnectionError(f"could not reach {request.url}: {exc!r}")
+
+
+class HTTPXTransport(BaseTransport):
+    """Sync transport on `httpx.Client`."""
+
+    def __init__(
+        self,
+        client: httpx.Client | None = None,
+        *,
+        max_connections: int | None = 1000,
+        verify: bool | str = True,
+    ) -> None:
+        self._owns_client = client is None
+        self.client = client or httpx.Client(limits=default_limits(max_connections), verify=verify)
+
+    def send(self, request: Request) -> Response:
+        built = self.client.build_request(
+            request.method,
+            request.url,
+            headers=request.headers,
+            content=request.content,
+            timeout=_timeout(request),
+        )
+        try:
+            response = self.client.send(built, stream=True)
+        except httpx.HTTPError as exc:
+            raise _translate(exc, request) from exc
+        _body_timeout(built, request)
+        return Response(
+            response.status_code,
+            {k.lower(): v for k, v in response.headers.items()},
+            _iter_raw(response),
+            response.close,
+        )
+
+    def close(self) -> None:
+        if self._owns_client:
+            self.client.close()
+
+
+def _iter_raw(response: httpx.Response) -> Iterator[bytes]:
+    try:
+        yield from response.iter_raw()
+    except (httpx.HTTPError, httpx.StreamError) as exc:
+        raise APIConnectionError(
+            f"the connection failed while reading the stream: {exc!r}"
+        ) from exc
+
+
+class AsyncHTTPXTransport(AsyncBaseTransport):
+    """Async transport on `httpx.AsyncClient`; runs on asyncio and trio."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient | None = None,
+        *,
+        max_connections: int | None = 10_000,
+        verify: bool | str = True,
+    ) -> None:
+        self._owns_client = client is None
+        self.client = client or httpx.AsyncClient(
+            limits=default_limits(max_connections), verify=verify
+        )
+
+    async def send(self, request: Request) -> AsyncResponse:
+        built = self.client.build_request(
+            request.method,
+            request.url,
+            headers=request.headers,
+            content=request.content,
+            timeout=_timeout(request),
+        )
+        try:
+            response = await self.client.send(built, stream=True)
+        except httpx.HTTPError as exc:
+            raise _translate(exc, request) from exc
+        _body_timeout(built, request)
+        return AsyncResponse(
+            response.status_code,
+            {k.lower(): v for k, v in response.headers.items()},
+            _aiter_raw(response),
+            response.aclose,
+        )
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self.client.aclose()
+
+
+async def _aiter_raw(response: httpx.Response) -> AsyncIterator[bytes]:
+    try:
+        async for data in response.aiter_raw():
+            yield data
+    except (httpx.HTTPError, httpx.StreamError) as exc:
+        raise APIConnectionError(
+            f"the connection failed while reading the stream: {exc!r}"
+        ) from exc

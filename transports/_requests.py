@@ -1,0 +1,125 @@
+"""The default sync transport, on `requests` (urllib3 underneath)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+import requests.adapters
+import urllib3
+
+from holysheep._exceptions import APIConnectionError, ConnectTimeoutError
+from holysheep._exchange import Request
+from holysheep.transports._base import BaseTransport, Response
+
+__all__ = ["RequestsTransport"]
+
+# urllib3 hands out at most this many bytes per read; big enough that a fast stream costs few
+# calls, and `read1`/chunked reads return as soon as anything arrives, so it never delays one.
+_READ_SIZE = 64 * 1024
+
+
+class RequestsTransport(BaseTransport):
+    """Streams over a `requests.Session` with a pool sized for many concurrent streams.
+
+    `max_connections` bounds the pool per host (requests' default of 10 would make the 11th
+    concurrent stream from a thread pool open and drop a fresh connection each time).
+    """
+
+    def __init__(
+        self,
+        session: requests.Session | None = None,
+        *,
+        max_connections: int = 100,
+        verify: bool | str = True,
+    ) -> None:
+        self._owns_session = session is None
+        self.session = session if session is not None else requests.Session()
+        if self._owns_session:
+            adapter = requests.adapters.HTTPAdapter(
+                pool_connections=4, pool_maxsize=max_connections, max_retries=0
+            )
+            self.session.mount("http://", adapter)
+            self.session.mount("https://", adapter)
+        self.verify = verify
+
+    def send(self, request: Request) -> Response:
+        t = request.timeouts
+        try:
+            response = self.session.request(
+                request.method,
+                request.url,
+                data=request.content,
+                headers=dict(request.headers),
+                stream=True,
+                timeout=(t.connect, t.head_timeout()),
+                verify=self.verify,
+                allow_redirects=False,
+            )
+        except requests.exceptions.ConnectTimeout as exc:
+            limit = t.connect or 0.0
+            raise ConnectTimeoutError(
+                f"connect timeout: no connection to {request.url} within {limit:g} s",
+                limit=limit,
+                elapsed=limit,
+            ) from exc
+        except requests.exceptions.ReadTimeout as exc:
+            raise APIConnectionError(f"no response head from {request.url}: {exc}") from exc
+        except requests.exceptions.RequestException as exc:
+            raise APIConnectionError(f"could not reach {request.url}: {exc}") from exc
+        raw: urllib3.HTTPResponse = response.raw
+        # The head arrived; from here the clients' ttft/idle timers rule, and the socket
+        # timeout is only a backstop in case a timer fails.
+        sock = _socket_of(raw)
+        if sock is not None:
+            sock.settimeout(t.read_backstop())
+        headers = {name.lower(): value for name, value in response.headers.items()}
+        return Response(
+            response.status_code,
+            headers,
+            _iter_body(raw),
+            _closer(response),
+        )
+
+    def close(self) -> None:
+        if self._owns_session:
+            self.session.close()
+
+
+def _iter_body(raw: urllib3.HTTPResponse) -> Iterator[bytes]:
+    try:
+        if raw.chunked and raw.supports_chunked_reads():
+            yield from raw.read_chunked(_READ_SIZE, decode_content=True)
+        else:
+            read1 = raw.read1
+            while data := read1(_READ_SIZE, decode_content=True):
+                yield data
+    except (urllib3.exceptions.HTTPError, OSError, ValueError, AttributeError) as exc:
+        # ValueError/AttributeError: the response was closed under us from another thread.
+        raise APIConnectionError(f"the connection failed while reading the stream: {exc}") from exc
+
+
+def _closer(response: requests.Response) -> Any:
+    def close() -> None:
+        # Shut the socket down first: close() alone does not wake a thread blocked in recv().
+        sock = _socket_of(response.raw)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        response.close()
+
+    return close
+
+
+def _socket_of(raw: urllib3.HTTPResponse) -> socket.socket | None:
+    connection = getattr(raw, "_connection", None) or getattr(raw, "connection", None)
+    sock = getattr(connection, "sock", None)
+    if isinstance(sock, socket.socket):
+        return sock
+    # The connection may already be back in the pool; reach the socket through the body file.
+    fp = getattr(getattr(raw, "_fp", None), "fp", None)
+    sock = getattr(getattr(fp, "raw", None), "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
