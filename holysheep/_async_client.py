@@ -226,10 +226,12 @@ class AsyncStream:
                 raise self._timeout_or(exc) from exc
         now = anyio.current_time()
         if scope.cancelled_caught:  # a deadline passed, or close() was called
+            stopped = self._stopped_by_caller()
+            error = None if stopped else self._timeout_or(None)
             await self._finish()
-            if self._stopped_by_caller():
+            if error is None:
                 return []
-            raise self._timeout_or(None)
+            raise error
         if not data:
             await self._finish()
             exchange.on_eof(now)

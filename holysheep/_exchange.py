@@ -338,8 +338,8 @@ class Exchange:
 
     def interrupted(self, cause: BaseException, now: float) -> HolySheepError:
         """The error for a body read that failed: a timeout if one is due, else a cut stream."""
-        self._ended = now
         timeout = self.timeout_error(now)
+        self._ended = now
         if timeout is not None:
             return timeout
         return IncompleteStreamError(
@@ -359,7 +359,7 @@ class Exchange:
     def deadline(self) -> tuple[float, TimeoutKind] | None:
         """When the next timeout fires (on the driver's clock) and which one; None if never."""
         started = self._started
-        if started is None or self._ended is not None:
+        if started is None:
             return None
         t = self.timeouts
         best: tuple[float, TimeoutKind] | None = None

@@ -13,15 +13,20 @@ from holysheep.transports._base import (
     Response,
 )
 from holysheep.transports._httpx import AsyncHTTPXTransport, HTTPXTransport
+from holysheep.transports._mock import AsyncMockTransport, MockResponse, MockTransport, sse_body
 from holysheep.transports._requests import RequestsTransport
 
 __all__ = [
     "AsyncBaseTransport",
     "AsyncHTTPXTransport",
+    "AsyncMockTransport",
     "AsyncResponse",
     "BaseTransport",
     "HTTPXTransport",
+    "MockResponse",
+    "MockTransport",
     "Request",
     "RequestsTransport",
     "Response",
+    "sse_body",
 ]
