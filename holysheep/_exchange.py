@@ -387,8 +387,10 @@ class Exchange:
             return None
         kind = due[1]
         limit = getattr(self.timeouts, kind)
-        started = self._started or now
-        since = self._last_progress if kind == "idle" and self._last_progress else started
+        started = self._started if self._started is not None else now
+        since = started
+        if kind == "idle" and self._last_progress is not None:
+            since = self._last_progress
         what = {
             "connect": "no response head",
             "ttft": "no first token",

@@ -1,0 +1,307 @@
+"""The sans-IO exchange: request building, status errors, deadlines and stats, with no I/O."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from holysheep import (
+    APIStatusError,
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    ConflictError,
+    Exchange,
+    FirstTokenTimeoutError,
+    IdleTimeoutError,
+    IncompleteStreamError,
+    InternalServerError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    Timeouts,
+    TotalTimeoutError,
+    UnexpectedContentTypeError,
+    UnprocessableEntityError,
+)
+from holysheep._config import ClientConfig
+from holysheep._exchange import parse_retry_after
+from holysheep.transports import sse_body
+
+SSE = {"content-type": "text/event-stream; charset=utf-8", "x-request-id": "req_server"}
+
+
+def make(timeouts: Timeouts | None = None, **body: Any) -> Exchange:
+    return Exchange(
+        url="http://127.0.0.1:1/v1/chat/completions",
+        api_key="sk-test",
+        body={"model": "gpt-4.1", "messages": [], "stream": True, **body},
+        timeouts=timeouts or Timeouts(),
+        request_id="req_client",
+    )
+
+
+def test_request_carries_auth_ids_and_body() -> None:
+    """The request is complete: key, request id, SSE accept, no compression, JSON body."""
+    request = make(temperature=0.2).request
+    headers = dict(request.headers)
+    assert "Bearer sk-test" == headers["authorization"]
+    assert "req_client" == headers["x-request-id"]
+    assert "text/event-stream" == headers["accept"]
+    assert "identity" == headers["accept-encoding"]
+    assert {"model": "gpt-4.1", "messages": [], "stream": True, "temperature": 0.2} == json.loads(
+        request.content
+    )
+    assert "req_client" == request.header("X-Request-ID")
+    assert request.header("missing") is None
+
+
+def test_config_passes_params_through_and_asks_for_usage() -> None:
+    """Extra params land in the body; usage is requested unless the caller says otherwise."""
+    config = ClientConfig.from_arguments("k", "http://h/v1/", None, {"x-team": "a"}, True)
+    exchange = config.exchange("m", [{"role": "user", "content": "hi"}], {"max_tokens": 5})
+    body = json.loads(exchange.request.content)
+    assert (True, {"include_usage": True}, 5) == (
+        body["stream"],
+        body["stream_options"],
+        body["max_tokens"],
+    )
+    assert "http://h/v1/chat/completions" == exchange.request.url
+    assert "a" == exchange.request.header("x-team")
+    assert str(exchange.request.header("x-request-id")).startswith("hs-")
+    override = config.exchange("m", [], {"stream_options": {"include_usage": False}})
+    assert {"include_usage": False} == json.loads(override.request.content)["stream_options"]
+
+
+def test_missing_api_key_names_the_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No key anywhere is a clear error at construction."""
+    monkeypatch.delenv("HOLYSHEEP_API_KEY", raising=False)
+    with pytest.raises(ConfigurationError, match="HOLYSHEEP_API_KEY"):
+        ClientConfig.from_arguments(None, None, None, None, True)
+
+
+def test_env_vars_configure_key_and_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HOLYSHEEP_API_KEY and HOLYSHEEP_BASE_URL are read; the default URL is the gateway."""
+    monkeypatch.setenv("HOLYSHEEP_API_KEY", "sk-env")
+    monkeypatch.delenv("HOLYSHEEP_BASE_URL", raising=False)
+    config = ClientConfig.from_arguments(None, None, None, None, True)
+    assert ("sk-env", "https://api.holysheep.ai/v1") == (config.api_key, config.base_url)
+    monkeypatch.setenv("HOLYSHEEP_BASE_URL", "http://127.0.0.1:9/v1")
+    assert (
+        "http://127.0.0.1:9/v1"
+        == ClientConfig.from_arguments(None, None, None, None, True).base_url
+    )
+
+
+def test_a_clean_stream_accumulates_and_measures() -> None:
+    """Bytes in, chunks out, stats from the driver's timestamps."""
+    exchange = make()
+    exchange.start(100.0)
+    assert "stream" == exchange.on_headers(200, SSE, 100.1)
+    body = b"".join(sse_body("Hel", "lo"))
+    chunks = exchange.on_data(body[:10], 100.2) + exchange.on_data(body[10:], 100.5)
+    exchange.on_eof(101.0)
+    assert "Hello" == "".join(c.text for c in chunks)
+    stats = exchange.stats(200.0)
+    assert (pytest.approx(0.5), pytest.approx(1.0), 2, True) == (
+        stats.ttft,
+        stats.duration,
+        stats.tokens,
+        stats.tokens_estimated,
+    )
+    assert ("req_server", len(body)) == (stats.server_request_id, stats.bytes)
+    assert stats.tokens_per_s == pytest.approx(4.0)
+    assert "ttft 500 ms" in stats.summary()
+
+
+@pytest.mark.parametrize(
+    ("status", "cls"),
+    [
+        (400, BadRequestError),
+        (401, AuthenticationError),
+        (403, PermissionDeniedError),
+        (404, NotFoundError),
+        (409, ConflictError),
+        (422, UnprocessableEntityError),
+        (429, RateLimitError),
+        (500, InternalServerError),
+        (503, InternalServerError),
+        (418, APIStatusError),
+    ],
+)
+def test_error_statuses_map_to_typed_errors(status: int, cls: type[APIStatusError]) -> None:
+    """Each status class has its error, quoting the server's message and request id."""
+    exchange = make()
+    exchange.start(0.0)
+    assert "read_error_body" == exchange.on_headers(status, {"x-request-id": "req_9"}, 0.1)
+    body = {"error": {"message": "nope", "type": "invalid_request_error", "code": "bad"}}
+    exc = exchange.error_for_body(json.dumps(body).encode())
+    assert type(exc) is cls
+    assert isinstance(exc, APIStatusError)
+    assert (status, "req_9", "invalid_request_error", "bad") == (
+        exc.status_code,
+        exc.request_id,
+        exc.type,
+        exc.code,
+    )
+    assert f"HTTP {status}" in str(exc)
+    assert "nope" in str(exc)
+    assert "request_id=req_9" in str(exc)
+
+
+def test_rate_limit_error_carries_retry_after() -> None:
+    """429 parses Retry-After (and retry-after-ms, which wins)."""
+    exchange = make()
+    exchange.on_headers(429, {"retry-after": "7"}, 0.0)
+    exc = exchange.error_for_body(b"")
+    assert isinstance(exc, RateLimitError)
+    assert (7.0, "(empty body)") == (exc.retry_after, exc.message.split(": ", 1)[1])
+
+
+def test_non_json_error_body_is_quoted() -> None:
+    """A plain-text or HTML error body is shown as it is, truncated."""
+    exchange = make()
+    exchange.on_headers(502, {}, 0.0)
+    exc = exchange.error_for_body(b"<html>Bad Gateway</html>" + b"x" * 1000)
+    assert "<html>Bad Gateway</html>" in str(exc)
+    assert len(str(exc)) < 500
+
+
+def test_wrong_content_type_on_200_is_an_error_with_the_body_start() -> None:
+    """A proxy's HTML page with 200 never becomes an empty success."""
+    exchange = make()
+    assert "read_error_body" == exchange.on_headers(200, {"content-type": "text/html"}, 0.0)
+    exc = exchange.error_for_body(b"<html><h1>502 Bad Gateway</h1></html>")
+    assert isinstance(exc, UnexpectedContentTypeError)
+    assert "text/html" in str(exc)
+    assert "502 Bad Gateway" in str(exc)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"retry-after": "3"}, 3.0),
+        ({"retry-after": "1.5"}, 1.5),
+        ({"retry-after-ms": "250"}, 0.25),
+        ({"retry-after-ms": "x", "retry-after": "2"}, 2.0),
+        ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, None),
+        ({"retry-after": "-4"}, 0.0),
+        ({}, None),
+    ],
+)
+def test_parse_retry_after(headers: dict[str, str], expected: float | None) -> None:
+    """Delta-seconds forms are read; dates are left to a policy with a wall clock."""
+    assert expected == parse_retry_after(headers)
+
+
+def test_deadlines_move_from_connect_to_ttft_to_idle() -> None:
+    """Before the head: connect; before content: ttft; then idle from the last content."""
+    exchange = make(Timeouts(connect=1, ttft=5, idle=2, total=100))
+    assert exchange.deadline() is None
+    exchange.start(10.0)
+    assert (11.0, "connect") == exchange.deadline()
+    exchange.on_headers(200, SSE, 10.5)
+    assert (15.0, "ttft") == exchange.deadline()
+    exchange.on_data(b": keep-alive\n\n", 14.0)
+    assert (15.0, "ttft") == exchange.deadline()  # comments prove nothing
+    body = sse_body("a")
+    exchange.on_data(body[0], 14.5)  # the role chunk carries no delta
+    assert (15.0, "ttft") == exchange.deadline()
+    exchange.on_data(body[1], 14.8)
+    assert (16.8, "idle") == exchange.deadline()
+    exchange.on_data(b": keep-alive\n\n", 16.0)
+    assert (16.8, "idle") == exchange.deadline()
+
+
+def test_total_deadline_wins_when_sooner() -> None:
+    """The total budget caps every phase."""
+    exchange = make(Timeouts(connect=None, ttft=None, idle=50, total=3))
+    exchange.start(0.0)
+    assert (3.0, "total") == exchange.deadline()
+    assert make(Timeouts(None, None, None, None)).deadline() is None
+
+
+def test_timeout_errors_name_the_timeout_and_keep_the_partial() -> None:
+    """The error says which timeout fired, after how long, with the text so far."""
+    exchange = make(Timeouts(connect=1, ttft=5, idle=2, total=100))
+    exchange.start(0.0)
+    exchange.on_headers(200, SSE, 0.1)
+    assert exchange.timeout_error(4.9) is None
+    ttft = exchange.timeout_error(5.0)
+    assert isinstance(ttft, FirstTokenTimeoutError)
+    assert (5, 5.0, "ttft") == (ttft.limit, ttft.elapsed, ttft.timeout)
+    assert isinstance(ttft, TimeoutError)  # also a builtin TimeoutError
+    exchange.on_data(b"".join(sse_body("par")[:2]), 1.0)
+    idle = exchange.timeout_error(3.5)
+    assert isinstance(idle, IdleTimeoutError)
+    assert "no new content within 2 s" in str(idle)
+    assert idle.completion is not None
+    assert "par" == idle.completion.text
+
+
+def test_total_timeout_error() -> None:
+    """`total` fires even while content flows."""
+    exchange = make(Timeouts(total=1))
+    exchange.start(0.0)
+    exchange.on_headers(200, SSE, 0.0)
+    exchange.on_data(b"".join(sse_body("a")[:2]), 0.9)
+    assert isinstance(exchange.timeout_error(1.0), TotalTimeoutError)
+
+
+def test_interrupted_read_becomes_incomplete_stream_with_partial() -> None:
+    """A connection that breaks mid-stream loses nothing that arrived."""
+    exchange = make()
+    exchange.start(0.0)
+    exchange.on_headers(200, SSE, 0.0)
+    exchange.on_data(b"".join(sse_body("Hello", "wor")[:3]), 0.1)
+    exc = exchange.interrupted(ConnectionResetError("reset by peer"), 0.2)
+    assert isinstance(exc, IncompleteStreamError)
+    assert "reset by peer" in str(exc)
+    assert exc.completion is not None
+    assert "Hellowor" == exc.completion.text
+    assert "req_server" == exc.request_id
+
+
+def test_eof_without_end_raises_with_request_id() -> None:
+    """A body that stops early raises IncompleteStreamError naming the request."""
+    exchange = make()
+    exchange.start(0.0)
+    exchange.on_headers(200, SSE, 0.0)
+    exchange.on_data(sse_body("a")[1], 0.1)
+    with pytest.raises(IncompleteStreamError) as info:
+        exchange.on_eof(0.2)
+    assert "req_server" == info.value.request_id
+
+
+@given(st.lists(st.floats(min_value=0, max_value=5), min_size=1, max_size=20))
+def test_idle_deadline_is_always_last_progress_plus_idle(gaps: list[float]) -> None:
+    """Whatever the timing, the idle deadline tracks the latest content exactly."""
+    exchange = make(Timeouts(connect=None, ttft=None, idle=2.0, total=None))
+    exchange.start(0.0)
+    exchange.on_headers(200, SSE, 0.0)
+    now = 0.0
+    content = sse_body("x")[1]
+    for gap in gaps:
+        now += gap
+        exchange.on_data(content, now)
+    assert (now + 2.0, "idle") == exchange.deadline()
+
+
+def test_core_imports_no_io_libraries() -> None:
+    """The sans-IO core loads no socket, HTTP or async library (checked in a fresh process)."""
+    code = (
+        "import sys, holysheep; "
+        "import holysheep._sse, holysheep._chat, holysheep._exchange; "
+        "print(sorted({'socket', 'requests', 'httpx', 'anyio', 'trio', 'asyncio', 'urllib3', "
+        "'select', 'selectors'} & set(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert "[]" == result.stdout.strip()

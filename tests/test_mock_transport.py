@@ -1,0 +1,97 @@
+"""MockTransport: the scripted transport users test their own code with."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import holysheep
+from holysheep import (
+    APIConnectionError,
+    FirstTokenTimeoutError,
+    IncompleteStreamError,
+    InternalServerError,
+    Timeouts,
+)
+from holysheep.transports import AsyncMockTransport, MockResponse, MockTransport, sse_body
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def test_scripted_responses_are_served_in_order_and_requests_recorded() -> None:
+    """A list script answers one request each; `requests` shows what was sent."""
+    transport = MockTransport(
+        [MockResponse(chunks=sse_body("one")), MockResponse(chunks=sse_body("two"))]
+    )
+    with holysheep.Client(api_key="k", base_url="http://mock/v1", transport=transport) as client:
+        first = client.chat.complete(model="m", messages=MESSAGES, max_tokens=3)
+        second = client.chat.complete(model="m", messages=MESSAGES)
+        with pytest.raises(APIConnectionError, match="no response left"):
+            client.chat.complete(model="m", messages=MESSAGES)
+    assert ("one", "two") == (first.text, second.text)
+    assert "http://mock/v1/chat/completions" == transport.requests[0].url
+    assert 3 == json.loads(transport.requests[0].content)["max_tokens"]
+
+
+def test_handler_sees_the_request() -> None:
+    """A handler can answer based on the request."""
+
+    def echo(request: holysheep.Request) -> MockResponse:
+        body = json.loads(request.content)
+        return MockResponse(chunks=sse_body(body["messages"][-1]["content"].upper()))
+
+    client = holysheep.Client(api_key="k", transport=MockTransport(echo))
+    assert "HI" == client.chat.complete(model="m", messages=MESSAGES).text
+
+
+def test_fault_after_chunks_is_an_incomplete_stream_with_partial_text() -> None:
+    """A dropped connection keeps the text that arrived."""
+    chunks = sse_body("Hel", "lo")[:3]
+    client = holysheep.Client(
+        api_key="k", transport=MockTransport([MockResponse(chunks=chunks, fault="reset")])
+    )
+    seen = []
+    with (
+        pytest.raises(IncompleteStreamError) as info,
+        client.chat.stream(model="m", messages=MESSAGES) as stream,
+    ):
+        seen.extend(chunk.text for chunk in stream)
+    assert "Hello" == "".join(seen)
+    assert info.value.completion is not None
+    assert "Hello" == info.value.completion.text
+
+
+def test_error_status_from_script() -> None:
+    """Scripted statuses raise the typed error."""
+    response = MockResponse(status_code=503, chunks=[b'{"error": {"message": "down"}}'])
+    client = holysheep.Client(api_key="k", transport=MockTransport([response]))
+    with pytest.raises(InternalServerError, match="down"):
+        client.chat.complete(model="m", messages=MESSAGES)
+
+
+def test_delays_trip_the_clients_timeouts() -> None:
+    """Delays really wait, so timeouts can be tested without a server."""
+    client = holysheep.Client(
+        api_key="k",
+        transport=MockTransport([MockResponse(delay=1.0)]),
+        timeout=Timeouts(ttft=0.05),
+    )
+    with pytest.raises(FirstTokenTimeoutError):
+        client.chat.complete(model="m", messages=MESSAGES)
+    client.close()
+
+
+@pytest.mark.anyio
+async def test_async_mock_transport() -> None:
+    """The async twin serves scripts the same way, on asyncio and trio."""
+    transport = AsyncMockTransport([MockResponse(chunks=sse_body("a", "b")), MockResponse(delay=1)])
+    async with holysheep.AsyncClient(
+        api_key="k", transport=transport, timeout=Timeouts(ttft=0.05)
+    ) as client:
+        async with client.chat.stream(model="m", messages=MESSAGES) as stream:
+            texts = [chunk.text async for chunk in stream]
+        assert ["", "a", "b", ""] == texts
+        assert "ab" == stream.completion.text
+        with pytest.raises(FirstTokenTimeoutError):
+            await client.chat.complete(model="m", messages=MESSAGES)
