@@ -170,7 +170,8 @@ class SSEDecoder:
             if last == _CR:
                 self._skip_lf = self._special = True
         else:
-            cut = max(data.rfind(b"\n"), data.rfind(b"\r"))
+            cut = data.rfind(b"\n")
+            cut = max(cut, data.rfind(b"\r", cut + 1))  # only the bytes after the last LF
             if cut < 0:
                 self._pending.append(data)
                 self._pending_size += len(data)
@@ -191,11 +192,9 @@ class SSEDecoder:
         text = block.decode("utf-8", "replace")
         if "\r" in text:
             text = text.replace("\r\n", "\n").replace("\r", "\n")
-        lines = text.split("\n")
-        lines.pop()  # the block ends with a line ending: the last item is always ""
         if len(block) > self.max_line_size:
-            self._check_line_sizes(lines)
-        return self._process(lines)
+            self._check_line_sizes(text)
+        return self._process_text(text)
 
     def close(self) -> list[ServerSentEvent]:
         """Signal end of stream. An unfinished event is discarded and sets `truncated`.
@@ -215,6 +214,32 @@ class SSEDecoder:
         return []
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _process_text(self, text: str) -> list[ServerSentEvent]:
+        # `text` is whole lines, each ended by LF. Splitting on blank lines first lets the
+        # common event, a single `data:` line, be dispatched without a per-line loop; any
+        # other block goes through `_process` line by line.
+        blocks = text.split("\n\n")
+        tail = blocks.pop()  # the lines after the last blank line: an event still open
+        events: list[ServerSentEvent] = []
+        if blocks:
+            if self._data or self._fields:
+                # The first block completes an event begun in an earlier read.
+                events = self._process([*blocks[0].split("\n"), ""])
+                del blocks[0]
+            max_event_size = self.max_event_size
+            for block in blocks:
+                if block.startswith("data:") and "\n" not in block:
+                    payload = block[6:] if block.startswith(" ", 5) else block[5:]
+                    if len(payload) > max_event_size:
+                        self._event_too_large(len(payload))
+                    events.append(ServerSentEvent("message", payload, self._id_buffer, None))
+                else:
+                    events += self._process([*block.split("\n"), ""])
+            self.last_event_id = self._id_buffer
+        if tail:
+            events += self._process(tail[:-1].split("\n"))
+        return events
 
     def _process(self, lines: list[str]) -> list[ServerSentEvent]:
         # The hot loop. Almost every line of a chat stream is `data: {...}` or blank, so those
@@ -310,8 +335,8 @@ class SSEDecoder:
         self._at_start = False
         return data[len(_BOM) :] if data.startswith(_BOM) else data
 
-    def _check_line_sizes(self, lines: list[str]) -> None:
-        for line in lines:
+    def _check_line_sizes(self, text: str) -> None:
+        for line in text.split("\n"):
             if len(line) > self.max_line_size:
                 self._fail(
                     f"SSE line exceeds max_line_size ({self.max_line_size}): "
