@@ -105,6 +105,24 @@ class ServerSentEvent:
         return "".join(lines).encode("utf-8")
 
 
+_new = object.__new__
+_set_event, _set_data, _set_id, _set_retry = (
+    ServerSentEvent.__dict__[name].__set__ for name in ("event", "data", "id", "retry")
+)
+
+
+def _event(event: str, data: str, id: str, retry: int | None) -> ServerSentEvent:
+    # The decoder's own constructor: the same frozen object as `ServerSentEvent(...)`, built
+    # through the slot descriptors, which skips attrs' frozen `__init__` (a third of the cost
+    # of dispatching an event). Only the parser calls it, with values it produced itself.
+    obj = _new(ServerSentEvent)
+    _set_event(obj, event)
+    _set_data(obj, data)
+    _set_id(obj, id)
+    _set_retry(obj, retry)
+    return obj
+
+
 class SSEDecoder:
     """Incremental, exact, bounded SSE parser.
 
@@ -171,7 +189,8 @@ class SSEDecoder:
                 self._skip_lf = self._special = True
         else:
             cut = data.rfind(b"\n")
-            cut = max(cut, data.rfind(b"\r", cut + 1))  # only the bytes after the last LF
+            if data.find(b"\r", cut + 1) >= 0:  # a CR can only matter after the last LF
+                cut = data.rfind(b"\r")
             if cut < 0:
                 self._pending.append(data)
                 self._pending_size += len(data)
@@ -192,9 +211,11 @@ class SSEDecoder:
         text = block.decode("utf-8", "replace")
         if "\r" in text:
             text = text.replace("\r\n", "\n").replace("\r", "\n")
+        lines = text.split("\n")
+        lines.pop()  # the block ends with a line ending: the last item is always ""
         if len(block) > self.max_line_size:
-            self._check_line_sizes(text)
-        return self._process_text(text)
+            self._check_line_sizes(lines)
+        return self._process(lines)
 
     def close(self) -> list[ServerSentEvent]:
         """Signal end of stream. An unfinished event is discarded and sets `truncated`.
@@ -214,32 +235,6 @@ class SSEDecoder:
         return []
 
     # -- internals ---------------------------------------------------------------------------
-
-    def _process_text(self, text: str) -> list[ServerSentEvent]:
-        # `text` is whole lines, each ended by LF. Splitting on blank lines first lets the
-        # common event, a single `data:` line, be dispatched without a per-line loop; any
-        # other block goes through `_process` line by line.
-        blocks = text.split("\n\n")
-        tail = blocks.pop()  # the lines after the last blank line: an event still open
-        events: list[ServerSentEvent] = []
-        if blocks:
-            if self._data or self._fields:
-                # The first block completes an event begun in an earlier read.
-                events = self._process([*blocks[0].split("\n"), ""])
-                del blocks[0]
-            max_event_size = self.max_event_size
-            for block in blocks:
-                if block.startswith("data:") and "\n" not in block:
-                    payload = block[6:] if block.startswith(" ", 5) else block[5:]
-                    if len(payload) > max_event_size:
-                        self._event_too_large(len(payload))
-                    events.append(ServerSentEvent("message", payload, self._id_buffer, None))
-                else:
-                    events += self._process([*block.split("\n"), ""])
-            self.last_event_id = self._id_buffer
-        if tail:
-            events += self._process(tail[:-1].split("\n"))
-        return events
 
     def _process(self, lines: list[str]) -> list[ServerSentEvent]:
         # The hot loop. Almost every line of a chat stream is `data: {...}` or blank, so those
@@ -263,7 +258,7 @@ class SSEDecoder:
                     self._event_too_large(len(payload))
                 if self._fields:
                     events.append(
-                        ServerSentEvent(
+                        _event(
                             self._event_type or "message",
                             payload,
                             self._id_buffer,
@@ -272,7 +267,7 @@ class SSEDecoder:
                     )
                     self._reset_fields()
                 else:
-                    events.append(ServerSentEvent("message", payload, self._id_buffer, None))
+                    events.append(_event("message", payload, self._id_buffer, None))
                 self._data = data = []
             elif self._fields:
                 self._reset_fields()
@@ -335,8 +330,8 @@ class SSEDecoder:
         self._at_start = False
         return data[len(_BOM) :] if data.startswith(_BOM) else data
 
-    def _check_line_sizes(self, text: str) -> None:
-        for line in text.split("\n"):
+    def _check_line_sizes(self, lines: list[str]) -> None:
+        for line in lines:
             if len(line) > self.max_line_size:
                 self._fail(
                     f"SSE line exceeds max_line_size ({self.max_line_size}): "

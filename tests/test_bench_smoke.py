@@ -1,0 +1,24 @@
+"""The benchmark scripts keep working (run tiny; their figures are not checked here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_sse_decode_benchmark_runs_quick() -> None:
+    """`bench/sse_decode.py --quick` measures every contender and prints the target lines."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "sse_decode.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert 0 == result.returncode, result.stderr[-2000:]
+    assert "== Targets ==" in result.stdout
+    assert "(c) chat layer" in result.stdout
+    assert "error" not in result.stdout.lower()
