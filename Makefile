@@ -19,7 +19,7 @@ $(VENV)/.dev: $(VENV)/.base
 	@touch $@
 
 demo: $(VENV)/.base
-	$(PY) examples/decode_sample.py
+	$(PY) examples/demo.py
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check $(SRC) tests bench examples

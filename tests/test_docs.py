@@ -20,6 +20,7 @@ def examples() -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize(("where", "code"), examples(), ids=[name for name, _ in examples()])
-def test_doc_example_runs(where: str, code: str) -> None:
+def test_doc_example_runs(where: str, code: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The example executes without error; its own asserts check what it shows."""
+    monkeypatch.chdir(DOCS.parent)
     exec(compile(code, where, "exec"), {"__name__": "__doc_example__"})

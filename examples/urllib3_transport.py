@@ -1,0 +1,74 @@
+"""A custom transport written by a user: holysheep on plain urllib3, in about 40 lines.
+
+Run against the embedded upstream: python examples/urllib3_transport.py
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import urllib3
+
+import holysheep
+from holysheep.transports import BaseTransport, Request, Response
+
+
+class Urllib3Transport(BaseTransport):
+    def __init__(self) -> None:
+        self.pool = urllib3.PoolManager(maxsize=100, retries=False)
+
+    def send(self, request: Request) -> Response:
+        t = request.timeouts
+        try:
+            response = self.pool.request(
+                request.method,
+                request.url,
+                body=request.content,
+                headers=dict(request.headers),
+                preload_content=False,  # stream the body
+                timeout=urllib3.Timeout(connect=t.connect, read=t.read_backstop()),
+            )
+        except urllib3.exceptions.HTTPError as exc:  # translate at the edge
+            raise holysheep.APIConnectionError(f"could not reach {request.url}: {exc}") from exc
+
+        done = []
+
+        def body() -> Iterator[bytes]:
+            try:
+                if response.chunked:
+                    yield from response.read_chunked(decode_content=True)
+                else:
+                    yield from iter(lambda: response.read1(65536), b"")
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise holysheep.APIConnectionError(f"stream broke: {exc}") from exc
+            done.append(True)
+
+        def close() -> None:
+            # A finished body returns its connection to the pool; an abandoned one is closed,
+            # so the server sees the client leave.
+            response.release_conn() if done else response.close()
+
+        headers = {name.lower(): value for name, value in response.headers.items()}
+        return Response(response.status, headers, body(), close)
+
+    def close(self) -> None:
+        self.pool.clear()
+
+
+def main() -> None:
+    from holysheep.testing import serve
+
+    with (
+        serve() as upstream,
+        holysheep.Client(
+            api_key="unused", base_url=upstream.base_url, transport=Urllib3Transport()
+        ) as client,
+    ):
+        completion = client.chat.complete(
+            model="gpt-4.1", messages=[{"role": "user", "content": "Say hello"}]
+        )
+        print(completion.text)
+
+
+if __name__ == "__main__":
+    main()

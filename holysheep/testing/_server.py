@@ -1,0 +1,577 @@
+"""An OpenAI-compatible upstream on 127.0.0.1, for tests, demos and benchmarks.
+
+Theory of operation
+-------------------
+One asyncio server (stdlib only) speaks just enough HTTP/1.1: keep-alive, `Content-Length`
+request bodies, chunked responses. `POST /v1/chat/completions` with `"stream": true` answers
+exactly as the OpenAI API does (a role chunk, one chunk per token, a finish chunk, a usage chunk
+when `stream_options.include_usage` is set, `data: [DONE]`); without it, one `chat.completion`
+object. The tokens are a deterministic function of the configuration, so a stream resumed with
+`Last-Event-ID` can be compared byte for byte with an uninterrupted one.
+
+Behaviour is an `UpstreamConfig`: token count and text, time to first token, token rate,
+keep-alive comments, event ids, and one `Fault`. The server's default config can be overridden
+per request (an `X-Mock-Config` header holding JSON) or by a queue (`enqueue`), whose entries are
+taken one per request: "the first attempt gets a 429, the second succeeds".
+
+One coroutine per connection and no per-token tasks keep 10,000 slow streams cheap. The server
+notices a client leaving at its next write (or at once while stalled, by reading) and records it
+in `disconnects`, which tests wait on to prove a client really closed its connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import random
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal, final
+
+import attrs
+
+__all__ = ["DEFAULT_TEXT", "Fault", "MockUpstream", "RecordedRequest", "UpstreamConfig", "serve"]
+
+DEFAULT_TEXT = (
+    "Sheep are gentle, social animals that have lived beside people for more than ten thousand "
+    "years. A flock moves as one because every sheep keeps an eye on its neighbours: when one "
+    "starts to walk, the others follow within seconds. Their wool grows all year long, so most "
+    "sheep are shorn once a year, and a single fleece can weigh several kilograms. Sheep "
+    "recognise faces, remember them for years, and call to their lambs with a voice each lamb "
+    "knows. "
+)
+
+FaultKind = Literal["drop", "stall", "status", "inband_error", "wrong_content_type", "invalid_json"]
+_FAULT_KINDS = ("drop", "stall", "status", "inband_error", "wrong_content_type", "invalid_json")
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    408: "Request Timeout",
+    409: "Conflict",
+    422: "Unprocessable Entity",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+    529: "Site Overloaded",
+}
+# Request heads beyond this are refused; real clients send a few hundred bytes.
+_MAX_HEAD = 64 * 1024
+_MAX_BODY = 16 * 1024 * 1024
+
+
+@final
+@attrs.frozen
+class Fault:
+    """Something for the upstream to get wrong, after `after` content events.
+
+    `drop`: close the socket abruptly. `stall`: stop sending, keep the connection open.
+    `status`: answer `status` (with `retry_after` as `Retry-After`) and an OpenAI error body.
+    `inband_error`: send `data: {"error": ...}` (overloaded) and end the stream.
+    `wrong_content_type`: a 200 with an HTML page, like a misbehaving proxy.
+    `invalid_json`: send `data: {not json`.
+
+    `Fault.parse("drop@5")`, `"stall@3"`, `"status=429,retry_after=2"`, `"inband_error@4"`,
+    `"wrong_content_type"`, `"invalid_json@2"` build them from text (for the command line).
+    """
+
+    kind: FaultKind
+    after: int = 0
+    status: int = 500
+    retry_after: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Fault:
+        head, _, options = text.partition(",")
+        kind, _, after = head.partition("@")
+        status, retry_after = 500, None
+        if kind.startswith("status"):
+            kind, _, value = kind.partition("=")
+            status = int(value or 500)
+        for option in filter(None, options.split(",")):
+            name, _, value = option.partition("=")
+            if name == "retry_after":
+                retry_after = float(value)
+            elif name == "after":
+                after = value
+            else:
+                raise ValueError(f"unknown fault option {name!r} in {text!r}")
+        if kind not in _FAULT_KINDS:
+            raise ValueError(f"unknown fault {kind!r}; expected one of {', '.join(_FAULT_KINDS)}")
+        return cls(kind, int(after or 0), status, retry_after)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_value(cls, value: Fault | str | Mapping[str, Any] | None) -> Fault | None:
+        if value is None or isinstance(value, Fault):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        return cls(**value)
+
+
+def _to_fault(value: Fault | str | Mapping[str, Any] | None) -> Fault | None:
+    return Fault.from_value(value)
+
+
+@final
+@attrs.frozen
+class UpstreamConfig:
+    """How the upstream behaves. Times in seconds; `tokens_per_s=None` means no pacing."""
+
+    tokens: int | None = None
+    text: str = DEFAULT_TEXT
+    ttft: float = 0.0
+    tokens_per_s: float | None = None
+    keepalive_interval: float | None = None
+    event_ids: bool = False
+    retry_ms: int | None = None
+    fault: Fault | None = attrs.field(default=None, converter=_to_fault)
+
+    def merged(self, overrides: Mapping[str, Any] | UpstreamConfig | None) -> UpstreamConfig:
+        if overrides is None:
+            return self
+        if isinstance(overrides, UpstreamConfig):
+            return overrides
+        return attrs.evolve(self, **dict(overrides))
+
+    def token_list(self, max_tokens: int | None) -> list[str]:
+        """The deterministic tokens: `text` cut into 1-8 character pieces, cycled as needed."""
+        rng = random.Random(len(self.text))
+        pieces: list[str] = []
+        source = itertools.cycle([self.text]) if self.text else iter(())
+        wanted = self.tokens
+        for text in source:
+            i = 0
+            while i < len(text):
+                n = rng.randint(1, 8)
+                pieces.append(text[i : i + n])
+                i += n
+                if wanted is not None and len(pieces) >= wanted:
+                    break
+            if wanted is None or len(pieces) >= wanted:
+                break
+        if max_tokens is not None:
+            pieces = pieces[: max(0, max_tokens)]
+        return pieces
+
+
+@final
+@attrs.frozen
+class RecordedRequest:
+    """A request as the upstream saw it; `headers` has lower-case names."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    body: Any
+
+
+class MockUpstream:
+    """The server. Use `serve()` to run one on a background thread."""
+
+    def __init__(self, config: UpstreamConfig | None = None) -> None:
+        self.config = config or UpstreamConfig()
+        self.requests: list[RecordedRequest] = []
+        self.connections_opened = 0
+        self.disconnects = 0
+        self.port = 0
+        self._queue: list[Mapping[str, Any] | UpstreamConfig] = []
+        self._lock = threading.Lock()
+        self._disconnected = threading.Condition(self._lock)
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def enqueue(self, *overrides: Mapping[str, Any] | UpstreamConfig) -> None:
+        """Each next request takes one of these overrides, in order."""
+        with self._lock:
+            self._queue.extend(overrides)
+
+    def wait_for_disconnect(self, timeout: float, count: int = 1) -> bool:
+        """Block until at least `count` clients left mid-stream; False on timeout."""
+        with self._disconnected:
+            return self._disconnected.wait_for(lambda: self.disconnects >= count, timeout)
+
+    # -- serving -------------------------------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._server = await asyncio.start_server(
+            self._connection, host, port, limit=_MAX_HEAD, backlog=4096
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+            await self._server.wait_closed()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections_opened += 1
+        self._writers.add(writer)
+        try:
+            while await self._exchange(reader, writer):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        except asyncio.CancelledError:
+            pass  # the server is shutting down; end quietly
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Serve one request; return whether the connection stays open."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return False
+        lines = head.decode("latin-1").split("\r\n")
+        method, path, _version = [*lines[0].split(" "), "", ""][:3]
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            body_bytes = await _read_chunked(reader)
+        else:
+            length = int(headers.get("content-length") or 0)
+            if length > _MAX_BODY:
+                await self._send_json(writer, 413, _error("request body too large"), headers)
+                return False
+            body_bytes = await reader.readexactly(length) if length else b""
+        keep_alive = headers.get("connection", "").lower() != "close"
+        try:
+            body = json.loads(body_bytes) if body_bytes else None
+        except ValueError:
+            body = None
+        self.requests.append(RecordedRequest(method, path.split("?")[0], headers, body))
+        route = path.split("?")[0].rstrip("/")
+        if method == "GET" and route.endswith("/models"):
+            models = [{"id": m, "object": "model", "owned_by": "holysheep-mock"} for m in _MODELS]
+            await self._send_json(writer, 200, {"object": "list", "data": models}, headers)
+        elif method == "POST" and route.endswith("/chat/completions"):
+            if not isinstance(body, dict) or "messages" not in body:
+                await self._send_json(
+                    writer, 400, _error("the body must be a JSON object with messages"), headers
+                )
+            else:
+                return await self._chat(body, headers, reader, writer) and keep_alive
+        else:
+            await self._send_json(writer, 404, _error(f"no route for {method} {path}"), headers)
+        return keep_alive
+
+    def _config_for(self, headers: Mapping[str, str]) -> UpstreamConfig:
+        config = self.config
+        with self._lock:
+            queued = self._queue.pop(0) if self._queue else None
+        config = config.merged(queued)
+        header = headers.get("x-mock-config")
+        if header:
+            config = config.merged(json.loads(header))
+        return config
+
+    async def _chat(
+        self,
+        body: dict[str, Any],
+        headers: Mapping[str, str],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> bool:
+        config = self._config_for(headers)
+        fault = config.fault
+        if fault is not None and fault.kind == "status":
+            extra = {} if fault.retry_after is None else {"retry-after": f"{fault.retry_after:g}"}
+            kind = "rate_limit_error" if fault.status == 429 else "server_error"
+            await self._send_json(
+                writer,
+                fault.status,
+                _error(f"mock fault: HTTP {fault.status}", kind),
+                headers,
+                extra,
+            )
+            return True
+        if fault is not None and fault.kind == "wrong_content_type":
+            page = b"<html><body><h1>502 Bad Gateway</h1><p>nginx</p></body></html>"
+            await self._send(writer, 200, page, headers, {"content-type": "text/html"})
+            return True
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        tokens = config.token_list(max_tokens if isinstance(max_tokens, int) else None)
+        finish = "length" if isinstance(max_tokens, int) and len(tokens) >= max_tokens else "stop"
+        model = str(body.get("model") or "gpt-4.1")
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) + 3 for m in body["messages"])
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(tokens),
+            "total_tokens": prompt_tokens + len(tokens),
+        }
+        if not body.get("stream"):
+            await asyncio.sleep(config.ttft)
+            completion = {
+                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(tokens)},
+                        "finish_reason": finish,
+                    }
+                ],
+                "usage": usage,
+            }
+            await self._send_json(writer, 200, completion, headers)
+            return True
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return await self._stream(
+            config, model, tokens, finish, usage if include_usage else None, headers, reader, writer
+        )
+
+    async def _stream(
+        self,
+        config: UpstreamConfig,
+        model: str,
+        tokens: list[str],
+        finish: str,
+        usage: dict[str, int] | None,
+        headers: Mapping[str, str],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> bool:
+        events = list(_events(model, tokens, finish, usage))
+        start = 0
+        last_id = headers.get("last-event-id")
+        if config.event_ids and last_id is not None and last_id.isdigit():
+            start = int(last_id) + 1  # resume right after the last event the client saw
+        fault = config.fault
+        writer.write(self._head(200, headers, {"content-type": "text/event-stream"}, None))
+        if config.retry_ms is not None:
+            writer.write(_chunk(f"retry: {config.retry_ms}\n\n".encode()))
+        interval = 1 / config.tokens_per_s if config.tokens_per_s else 0.0
+        content_sent = 0
+        try:
+            if start == 0 and config.ttft:
+                await self._wait(config.ttft, config.keepalive_interval, writer)
+            for index in range(start, len(events)):
+                is_content, payload = events[index]
+                if fault is not None and is_content and content_sent >= fault.after:
+                    return await self._fault(fault, reader, writer)
+                event = b"data: " + payload + b"\n\n"
+                if config.event_ids:
+                    event = b"id: %d\n" % index + event
+                writer.write(_chunk(event))
+                content_sent += is_content
+                if is_content and interval:
+                    await self._wait(interval, config.keepalive_interval, writer)
+                elif writer.transport.get_write_buffer_size() > 65536:
+                    await writer.drain()
+            if fault is not None and fault.kind != "status":
+                return await self._fault(fault, reader, writer)
+            writer.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            await writer.drain()
+            return True
+        except ConnectionError:
+            self._note_disconnect()
+            return False
+
+    async def _wait(
+        self, seconds: float, keepalive: float | None, writer: asyncio.StreamWriter
+    ) -> None:
+        """Sleep, sending keep-alive comments; a client that left shows up as ConnectionError."""
+        deadline = time.monotonic() + seconds
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            step = min(remaining, keepalive) if keepalive else remaining
+            await writer.drain()
+            await asyncio.sleep(step)
+            if keepalive and deadline - time.monotonic() > 0:
+                writer.write(_chunk(b": keep-alive\n\n"))
+            if writer.transport.is_closing():
+                raise ConnectionResetError("client went away")
+        await writer.drain()
+
+    async def _fault(
+        self, fault: Fault, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        if fault.kind == "drop":
+            await writer.drain()
+            transport = writer.transport
+            sock = transport.get_extra_info("socket")
+            if sock is not None:  # RST rather than FIN: an abrupt loss, not a clean close
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.close()
+            return False
+        if fault.kind == "stall":
+            await writer.drain()
+            with contextlib.suppress(ConnectionError):
+                while await reader.read(65536):
+                    pass  # hold the line until the client gives up
+            self._note_disconnect()
+            return False
+        if fault.kind == "inband_error":
+            error = {
+                "error": {"message": "Overloaded", "type": "overloaded_error", "code": "overloaded"}
+            }
+            writer.write(_chunk(b"data: " + json.dumps(error).encode() + b"\n\n") + b"0\r\n\r\n")
+        else:  # invalid_json
+            writer.write(_chunk(b"data: {not json\n\n") + b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    def _note_disconnect(self) -> None:
+        with self._disconnected:
+            self.disconnects += 1
+            self._disconnected.notify_all()
+
+    def _head(
+        self,
+        status: int,
+        request_headers: Mapping[str, str],
+        extra: Mapping[str, str],
+        length: int | None,
+    ) -> bytes:
+        request_id = request_headers.get("x-request-id") or f"req_{uuid.uuid4().hex[:16]}"
+        lines = [
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}",
+            f"x-request-id: {request_id}",
+        ]
+        lines += [f"{name}: {value}" for name, value in extra.items()]
+        if length is None:
+            lines += ["transfer-encoding: chunked", "cache-control: no-cache"]
+        else:
+            lines.append(f"content-length: {length}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    async def _send(
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        body: bytes,
+        request_headers: Mapping[str, str],
+        extra: Mapping[str, str],
+    ) -> None:
+        writer.write(self._head(status, request_headers, extra, len(body)) + body)
+        await writer.drain()
+
+    async def _send_json(
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        payload: Any,
+        request_headers: Mapping[str, str],
+        extra: Mapping[str, str] | None = None,
+    ) -> None:
+        headers = {"content-type": "application/json", **(extra or {})}
+        await self._send(writer, status, json.dumps(payload).encode(), request_headers, headers)
+
+
+_MODELS = ("gpt-4.1", "claude-sonnet-4.5", "gemini-2.5-flash", "deepseek-v3.2")
+
+
+def _error(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _events(
+    model: str, tokens: list[str], finish: str, usage: dict[str, int] | None
+) -> Iterator[tuple[bool, bytes]]:
+    """(is_content, JSON payload) for every event of the stream, in order."""
+    base = {
+        "id": f"chatcmpl-{uuid.uuid5(uuid.NAMESPACE_OID, model + ''.join(tokens)).hex[:24]}",
+        "object": "chat.completion.chunk",
+        "created": 1764000000,
+        "model": model,
+        "system_fingerprint": "fp_mock",
+    }
+
+    def event(choices: list[Any], **extra: Any) -> bytes:
+        return json.dumps({**base, "choices": choices, **extra}, separators=(",", ":")).encode()
+
+    def choice(delta: dict[str, Any], finish_reason: str | None = None) -> list[Any]:
+        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+
+    yield False, event(choice({"role": "assistant", "content": ""}))
+    for token in tokens:
+        yield True, event(choice({"content": token}))
+    yield False, event(choice({}, finish))
+    if usage is not None:
+        yield False, event([], usage=usage)
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    parts: list[bytes] = []
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")
+            return b"".join(parts)
+        parts.append(await reader.readexactly(size))
+        await reader.readexactly(2)
+
+
+@contextlib.contextmanager
+def serve(
+    config: UpstreamConfig | None = None, *, port: int = 0, **overrides: Any
+) -> Iterator[MockUpstream]:
+    """Run a `MockUpstream` on a background thread for the duration of the block.
+
+    `serve(ttft=0.2, tokens_per_s=50)` is `serve(UpstreamConfig(ttft=0.2, tokens_per_s=50))`.
+    """
+    upstream = MockUpstream((config or UpstreamConfig()).merged(overrides or None))
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(upstream.start(port=port))
+        except BaseException as exc:  # pragma: no cover - a busy port
+            failure.append(exc)
+            ready.set()
+            return
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(upstream.stop())
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+    thread = threading.Thread(target=run, name="holysheep-upstream", daemon=True)
+    thread.start()
+    ready.wait()
+    if failure:
+        raise failure[0]
+    try:
+        yield upstream
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
