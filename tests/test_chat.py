@@ -318,7 +318,7 @@ def test_inband_openai_error_carries_partial_completion() -> None:
     )
     assert exc.completion is not None
     assert "partial" == exc.completion.text
-    assert "7 chars kept" in str(exc)
+    assert "partial completion kept: 7 chars" in str(exc)
     with pytest.raises(LocalProtocolError, match="reported an error"):
         acc.feed(b"data: {}\n\n")
 
