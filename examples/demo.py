@@ -26,7 +26,10 @@ def main() -> None:
                     print(text, end="", flush=True)
             print("\n")
             completion = stream.completion
-            print(f"finish_reason={completion.finish_reason} usage={completion.usage}", file=sys.stderr)
+            print(
+                f"finish_reason={completion.finish_reason} usage={completion.usage}",
+                file=sys.stderr,
+            )
             print(stream.stats.summary(), file=sys.stderr)
 
 

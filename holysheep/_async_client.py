@@ -18,7 +18,7 @@ import anyio
 
 from ._chat import ChatChunk, Completion
 from ._config import ClientConfig
-from ._exceptions import HolySheepError
+from ._exceptions import APIConnectionError, HolySheepError
 from ._exchange import MAX_ERROR_BODY, Exchange, StreamStats, Timeouts
 
 if TYPE_CHECKING:
@@ -222,12 +222,12 @@ class AsyncStream:
             except StopAsyncIteration:
                 pass
             except HolySheepError as exc:
+                failure = self._timeout_or(exc)  # before _finish() forgets the body
                 await self._finish()
-                raise self._timeout_or(exc) from exc
+                raise failure from exc
         now = anyio.current_time()
         if scope.cancelled_caught:  # a deadline passed, or close() was called
-            stopped = self._stopped_by_caller()
-            error = None if stopped else self._timeout_or(None)
+            error = None if self._stopped_by_caller() else self._timeout_or(None)
             await self._finish()
             if error is None:
                 return []
@@ -291,9 +291,10 @@ class AsyncStream:
             return timeout
         if exc is None:  # pragma: no cover - scopes only expire at a due deadline
             raise RuntimeError("deadline scope expired without a due timeout")
-        if self._body is not None:
-            return self._exchange.interrupted(exc, now)
-        exc.request_id = exc.request_id or self._exchange.request_id
+        if self._body is not None and isinstance(exc, APIConnectionError):
+            return self._exchange.interrupted(exc, now)  # the transport lost the stream
+        if exc.request_id is None:
+            exc.request_id = self._exchange.server_request_id or self._exchange.request_id
         return exc
 
     async def _read_error_body(self, response: AsyncResponse) -> bytes:

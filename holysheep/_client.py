@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._chat import ChatChunk, Completion
 from ._config import ClientConfig
-from ._exceptions import HolySheepError
+from ._exceptions import APIConnectionError, HolySheepError
 from ._exchange import MAX_ERROR_BODY, Exchange, StreamStats, Timeouts
 
 if TYPE_CHECKING:
@@ -185,9 +185,15 @@ class Stream:
         exchange = self._exchange
         on_data = exchange.on_data
         try:
+            waiting_for_first = True
             for data in self._body:
                 chunks = on_data(data, _clock())
                 if chunks:
+                    if waiting_for_first and exchange.progressed:
+                        # The first content swaps the ttft deadline for the idle one, which
+                        # may come sooner: the only time a deadline moves earlier.
+                        waiting_for_first = False
+                        self._watchdog.watch(self)
                     yield from chunks
             if self._expired:
                 raise self._timeout_or(None)
@@ -235,9 +241,10 @@ class Stream:
             return timeout
         if exc is None:  # pragma: no cover - the watchdog only expires streams that are due
             raise RuntimeError("stream expired without a due timeout")
-        if self._body is not None:
-            return self._exchange.interrupted(exc, now)
-        exc.request_id = exc.request_id or self._exchange.request_id
+        if self._body is not None and isinstance(exc, APIConnectionError):
+            return self._exchange.interrupted(exc, now)  # the transport lost the stream
+        if exc.request_id is None:
+            exc.request_id = self._exchange.server_request_id or self._exchange.request_id
         return exc
 
     def _read_error_body(self, response: Response) -> bytes:

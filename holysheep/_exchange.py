@@ -349,6 +349,11 @@ class Exchange:
             status_code=self.status_code,
         )
 
+    @property
+    def progressed(self) -> bool:
+        """Whether any content (a chunk with deltas) has arrived."""
+        return self._first_progress is not None
+
     def finish(self, now: float) -> None:
         """The caller stopped early (closed the stream); stamp the end for the stats."""
         if self._ended is None:

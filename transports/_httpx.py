@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 
@@ -75,8 +77,7 @@ class HTTPXTransport(BaseTransport):
         return Response(
             response.status_code,
             {k.lower(): v for k, v in response.headers.items()},
-            _iter_raw(response),
-            response.close,
+            *_body_and_closer(response),
         )
 
     def close(self) -> None:
@@ -84,13 +85,31 @@ class HTTPXTransport(BaseTransport):
             self.client.close()
 
 
-def _iter_raw(response: httpx.Response) -> Iterator[bytes]:
-    try:
-        yield from response.iter_raw()
-    except (httpx.HTTPError, httpx.StreamError) as exc:
-        raise APIConnectionError(
-            f"the connection failed while reading the stream: {exc!r}"
-        ) from exc
+def _body_and_closer(response: httpx.Response) -> tuple[Iterator[bytes], Callable[[], None]]:
+    finished = False
+
+    def body() -> Iterator[bytes]:
+        nonlocal finished
+        try:
+            yield from response.iter_raw()
+        except (httpx.HTTPError, httpx.StreamError) as exc:
+            raise APIConnectionError(
+                f"the connection failed while reading the stream: {exc!r}"
+            ) from exc
+        finished = True
+
+    def close() -> None:
+        if not finished:
+            # Shut the socket down first: closing it does not wake a thread blocked in recv(),
+            # and an unfinished body must not go back to the pool.
+            stream = response.extensions.get("network_stream")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if isinstance(sock, socket.socket):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        response.close()
+
+    return body(), close
 
 
 class AsyncHTTPXTransport(AsyncBaseTransport):

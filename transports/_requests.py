@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
 
 import requests
 import requests.adapters
@@ -77,41 +76,46 @@ class RequestsTransport(BaseTransport):
         if sock is not None:
             sock.settimeout(t.read_backstop())
         headers = {name.lower(): value for name, value in response.headers.items()}
-        return Response(
-            response.status_code,
-            headers,
-            _iter_body(raw),
-            _closer(response),
-        )
+        return Response(response.status_code, headers, *_body_and_closer(response))
 
     def close(self) -> None:
         if self._owns_session:
             self.session.close()
 
 
-def _iter_body(raw: urllib3.HTTPResponse) -> Iterator[bytes]:
-    try:
-        if raw.chunked and raw.supports_chunked_reads():
-            yield from raw.read_chunked(_READ_SIZE, decode_content=True)
-        else:
-            read1 = raw.read1
-            while data := read1(_READ_SIZE, decode_content=True):
-                yield data
-    except (urllib3.exceptions.HTTPError, OSError, ValueError, AttributeError) as exc:
-        # ValueError/AttributeError: the response was closed under us from another thread.
-        raise APIConnectionError(f"the connection failed while reading the stream: {exc}") from exc
+def _body_and_closer(
+    response: requests.Response,
+) -> tuple[Iterator[bytes], Callable[[], None]]:
+    raw: urllib3.HTTPResponse = response.raw
+    finished = False
 
+    def body() -> Iterator[bytes]:
+        nonlocal finished
+        try:
+            if raw.chunked and raw.supports_chunked_reads():
+                yield from raw.read_chunked(_READ_SIZE, decode_content=True)
+            else:
+                read1 = raw.read1
+                while data := read1(_READ_SIZE, decode_content=True):
+                    yield data
+        except (urllib3.exceptions.HTTPError, OSError, ValueError, AttributeError) as exc:
+            # ValueError/AttributeError: the response was closed under us from another thread.
+            raise APIConnectionError(
+                f"the connection failed while reading the stream: {exc}"
+            ) from exc
+        finished = True
 
-def _closer(response: requests.Response) -> Any:
     def close() -> None:
-        # Shut the socket down first: close() alone does not wake a thread blocked in recv().
-        sock = _socket_of(response.raw)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        if not finished:
+            # Shut the socket down first: close() alone does not wake a thread blocked in
+            # recv(), and an unfinished body must not go back to the pool.
+            sock = _socket_of(raw)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
         response.close()
 
-    return close
+    return body(), close
 
 
 def _socket_of(raw: urllib3.HTTPResponse) -> socket.socket | None:

@@ -233,7 +233,7 @@ class MockUpstream:
         finally:
             self._writers.discard(writer)
             writer.close()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await writer.wait_closed()
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
@@ -377,6 +377,8 @@ class MockUpstream:
                 event = b"data: " + payload + b"\n\n"
                 if config.event_ids:
                     event = b"id: %d\n" % index + event
+                if writer.transport.is_closing():
+                    raise ConnectionResetError("client went away")
                 writer.write(_chunk(event))
                 content_sent += is_content
                 if is_content and interval:

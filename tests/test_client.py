@@ -1,0 +1,414 @@
+"""The sync and async clients against a real HTTP server on 127.0.0.1 (holysheep.testing).
+
+Every fault is injected by the server, over real sockets; nothing here is mocked.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+import holysheep
+from holysheep import (
+    APIConnectionError,
+    AuthenticationError,
+    BadRequestError,
+    FirstTokenTimeoutError,
+    IdleTimeoutError,
+    IncompleteStreamError,
+    InternalServerError,
+    RateLimitError,
+    RemoteProtocolError,
+    StreamError,
+    Timeouts,
+    TotalTimeoutError,
+    UnexpectedContentTypeError,
+)
+from holysheep.testing import MockUpstream, UpstreamConfig, serve
+from holysheep.transports import (
+    AsyncHTTPXTransport,
+    BaseTransport,
+    HTTPXTransport,
+    RequestsTransport,
+)
+
+MESSAGES = [{"role": "user", "content": "Tell me about sheep."}]
+EXPECTED = "".join(UpstreamConfig().token_list(None))
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[MockUpstream]:
+    with serve() as server:
+        yield server
+
+
+@pytest.fixture(params=["requests", "httpx"])
+def transport(request: pytest.FixtureRequest) -> Iterator[BaseTransport]:
+    chosen: BaseTransport = RequestsTransport() if request.param == "requests" else HTTPXTransport()
+    with chosen:
+        yield chosen
+
+
+def client_for(upstream: MockUpstream, transport: BaseTransport, **kwargs: Any) -> holysheep.Client:
+    return holysheep.Client(
+        api_key="sk-test", base_url=upstream.base_url, transport=transport, **kwargs
+    )
+
+
+def config(**kwargs: Any) -> dict[str, str]:
+    """Per-request server behaviour, sent as the X-Mock-Config header."""
+    import json
+
+    return {"x-mock-config": json.dumps(kwargs)}
+
+
+# -- the happy path ---------------------------------------------------------------------------
+
+
+def test_sync_stream_yields_typed_chunks_and_the_completion(
+    upstream: MockUpstream, transport: BaseTransport
+) -> None:
+    """The contract: `with client.chat.stream(...) as stream: for chunk in stream`."""
+    client = client_for(upstream, transport)
+    with client.chat.stream(model="gpt-4.1", messages=MESSAGES, max_tokens=500) as stream:
+        texts = [chunk.text for chunk in stream]
+    assert EXPECTED == "".join(texts)
+    completion = stream.completion
+    assert (EXPECTED, "stop", "assistant", "gpt-4.1") == (
+        completion.text,
+        completion.finish_reason,
+        completion.role,
+        completion.model,
+    )
+    assert completion.usage is not None
+    assert len(texts) - 3 == completion.usage.completion_tokens  # role, finish, usage chunks
+    stats = stream.stats
+    assert (len(texts), False, 1) == (stats.events, stats.tokens_estimated, stats.attempts)
+    assert stats.ttft is not None
+    assert stats.duration is not None
+    assert stats.bytes > len(EXPECTED)
+
+
+def test_request_body_headers_and_ids(upstream: MockUpstream, transport: BaseTransport) -> None:
+    """Extra params pass through; the request id is sent and the server's is captured."""
+    client = client_for(upstream, transport)
+    with client.chat.stream(
+        model="gpt-4.1", messages=MESSAGES, temperature=0.3, request_id="my-id-1"
+    ) as stream:
+        stream.until_done()
+    seen = upstream.requests[-1]
+    assert ("Bearer sk-test", "my-id-1", "text/event-stream") == (
+        seen.headers["authorization"],
+        seen.headers["x-request-id"],
+        seen.headers["accept"],
+    )
+    assert (0.3, True, {"include_usage": True}) == (
+        seen.body["temperature"],
+        seen.body["stream"],
+        seen.body["stream_options"],
+    )
+    assert "my-id-1" == stream.request_id  # the upstream echoes it back
+
+
+def test_complete_and_text_stream(upstream: MockUpstream, transport: BaseTransport) -> None:
+    """`complete()` returns the Completion; `text_stream()` yields only text."""
+    client = client_for(upstream, transport)
+    assert EXPECTED == client.chat.complete(model="m", messages=MESSAGES).text
+    with client.chat.stream(model="m", messages=MESSAGES) as stream:
+        pieces = list(stream.text_stream())
+    assert all(pieces)
+    assert EXPECTED == "".join(pieces)
+
+
+def test_max_tokens_gives_length(upstream: MockUpstream, transport: BaseTransport) -> None:
+    """The server's `length` finish reason comes through."""
+    completion = client_for(upstream, transport).chat.complete(
+        model="m", messages=MESSAGES, max_tokens=5
+    )
+    assert ("length", 5) == (
+        completion.finish_reason,
+        completion.usage and completion.usage.completion_tokens,
+    )
+
+
+def test_sequential_streams_reuse_one_connection(transport: BaseTransport) -> None:
+    """Keep-alive: ten streams, one connection."""
+    with serve() as fresh:
+        client = client_for(fresh, transport)
+        for _ in range(10):
+            client.chat.complete(model="m", messages=MESSAGES)
+        assert 1 == fresh.connections_opened
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (400, BadRequestError),
+        (401, AuthenticationError),
+        (429, RateLimitError),
+        (503, InternalServerError),
+    ],
+)
+def test_error_statuses_raise_typed_errors_with_details(
+    upstream: MockUpstream, transport: BaseTransport, status: int, error: type[Exception]
+) -> None:
+    """Status, the server's message and the request id are in the error."""
+    client = client_for(upstream, transport)
+    fault = {"kind": "status", "status": status, "retry_after": 3}
+    with pytest.raises(error) as info:
+        client.chat.complete(
+            model="m", messages=MESSAGES, extra_headers=config(fault=fault), request_id="rid-7"
+        )
+    text = str(info.value)
+    assert f"HTTP {status}" in text
+    assert "mock fault" in text
+    assert "request_id=rid-7" in text
+    if isinstance(info.value, RateLimitError):
+        assert 3.0 == info.value.retry_after
+
+
+def test_error_responses_are_closed_so_the_pool_never_runs_dry(transport: BaseTransport) -> None:
+    """200 rate-limited requests in a row, then a normal one: no connection is leaked."""
+    with serve(fault={"kind": "status", "status": 429}) as limited:
+        client = client_for(limited, transport)
+        for _ in range(200):
+            with pytest.raises(RateLimitError):
+                client.chat.complete(model="m", messages=MESSAGES)
+        assert limited.connections_opened <= 2
+        limited.config = UpstreamConfig()
+        assert EXPECTED == client.chat.complete(model="m", messages=MESSAGES).text
+
+
+def test_wrong_content_type_is_a_clear_error(
+    upstream: MockUpstream, transport: BaseTransport
+) -> None:
+    """A proxy's HTML page served with 200 is not an empty success."""
+    client = client_for(upstream, transport)
+    with pytest.raises(UnexpectedContentTypeError, match="502 Bad Gateway") as info:
+        client.chat.complete(
+            model="m", messages=MESSAGES, extra_headers=config(fault="wrong_content_type")
+        )
+    assert "text/html" == info.value.content_type
+
+
+def test_dropped_connection_keeps_the_partial_text(
+    upstream: MockUpstream, transport: BaseTransport
+) -> None:
+    """The server resets the connection after 5 tokens: exactly those 5 are kept."""
+    client = client_for(upstream, transport)
+    seen: list[str] = []
+    with (
+        pytest.raises(IncompleteStreamError) as info,
+        client.chat.stream(
+            model="m", messages=MESSAGES, extra_headers=config(fault="drop@5")
+        ) as stream,
+    ):
+        seen.extend(chunk.text for chunk in stream)
+    five = "".join(UpstreamConfig().token_list(5))
+    assert five == "".join(seen)
+    assert info.value.completion is not None
+    assert five == info.value.completion.text
+    assert info.value.request_id is not None
+
+
+def test_inband_error_raises_stream_error_with_partial(
+    upstream: MockUpstream, transport: BaseTransport
+) -> None:
+    """An in-band overloaded error is a retryable StreamError carrying the text so far."""
+    client = client_for(upstream, transport)
+    with pytest.raises(StreamError) as info:
+        client.chat.complete(
+            model="m", messages=MESSAGES, extra_headers=config(fault="inband_error@3")
+        )
+    assert (True, "overloaded_error") == (info.value.retryable, info.value.type)
+    assert info.value.completion is not None
+    assert "".join(UpstreamConfig().token_list(3)) == info.value.completion.text
+
+
+def test_invalid_json_raises_remote_protocol_error(
+    upstream: MockUpstream, transport: BaseTransport
+) -> None:
+    """Invalid JSON in the stream is named, never skipped."""
+    client = client_for(upstream, transport)
+    with pytest.raises(RemoteProtocolError, match="not json"):
+        client.chat.complete(
+            model="m", messages=MESSAGES, extra_headers=config(fault="invalid_json@2")
+        )
+
+
+def test_connection_refused_is_a_connection_error(transport: BaseTransport) -> None:
+    """Nothing listening: APIConnectionError naming the URL and our request id."""
+    with serve() as gone:
+        url = gone.base_url
+    client = holysheep.Client(api_key="k", base_url=url, transport=transport)
+    with pytest.raises(APIConnectionError, match="could not reach") as info:
+        client.chat.complete(model="m", messages=MESSAGES, request_id="rid-x")
+    assert "rid-x" == info.value.request_id
+
+
+# -- timeouts ---------------------------------------------------------------------------------
+
+
+def test_ttft_timeout(upstream: MockUpstream, transport: BaseTransport) -> None:
+    """A slow first token trips `ttft`, and the error says so."""
+    client = client_for(upstream, transport, timeout=Timeouts(ttft=0.2))
+    started = time.monotonic()
+    with pytest.raises(FirstTokenTimeoutError, match="ttft timeout"):
+        client.chat.complete(model="m", messages=MESSAGES, extra_headers=config(ttft=2))
+    assert time.monotonic() - started < 1.5
+    client.close()
+
+
+def test_idle_timeout_ignores_keepalives(upstream: MockUpstream, transport: BaseTransport) -> None:
+    """A stall with keep-alive comments still trips `idle`; the partial text is kept."""
+    client = client_for(upstream, transport, timeout=Timeouts(idle=0.3))
+    behaviour = config(fault="stall@4", keepalive_interval=0.05)
+    started = time.monotonic()
+    with pytest.raises(IdleTimeoutError) as info:
+        client.chat.complete(model="m", messages=MESSAGES, extra_headers=behaviour)
+    assert time.monotonic() - started < 2.0
+    assert info.value.completion is not None
+    assert "".join(UpstreamConfig().token_list(4)) == info.value.completion.text
+    assert upstream.wait_for_disconnect(2.0, count=upstream.disconnects)  # the server saw it
+    client.close()
+
+
+def test_total_timeout(upstream: MockUpstream, transport: BaseTransport) -> None:
+    """`total` fires even while tokens flow."""
+    client = client_for(upstream, transport, timeout=Timeouts(total=0.3))
+    with pytest.raises(TotalTimeoutError):
+        client.chat.complete(model="m", messages=MESSAGES, extra_headers=config(tokens_per_s=20))
+    client.close()
+
+
+# -- stopping early: the server must see the client leave -------------------------------------
+
+
+def test_break_closes_the_connection(transport: BaseTransport) -> None:
+    """`break` out of the loop: the server observes the disconnect."""
+    with serve(tokens_per_s=200, tokens=400) as slow:
+        client = client_for(slow, transport)
+        with client.chat.stream(model="m", messages=MESSAGES) as stream:
+            for chunk in stream:
+                if chunk.text:
+                    break
+        assert stream.closed
+        assert slow.wait_for_disconnect(3.0)
+
+
+def test_close_from_another_thread_unblocks_a_read(transport: BaseTransport) -> None:
+    """A reader blocked on a stalled stream returns promptly when another thread closes it."""
+    with serve(fault="stall@2") as stalled:
+        client = client_for(stalled, transport)
+        stream = client.chat.stream(model="m", messages=MESSAGES)
+        stream.open()
+        threading.Timer(0.2, stream.close).start()
+        started = time.monotonic()
+        texts = [chunk.text for chunk in stream]
+        assert time.monotonic() - started < 2.0
+        assert "".join(UpstreamConfig().token_list(2)) == "".join(texts)
+        assert stalled.wait_for_disconnect(3.0)
+
+
+# -- async, on asyncio and trio ----------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_async_stream(upstream: MockUpstream) -> None:
+    """`async with client.chat.stream(...)` / `async for`, on both backends."""
+    async with holysheep.AsyncClient(api_key="k", base_url=upstream.base_url) as client:
+        async with client.chat.stream(model="m", messages=MESSAGES) as stream:
+            texts = [chunk.text async for chunk in stream]
+        assert EXPECTED == "".join(texts) == stream.completion.text
+        assert EXPECTED == (await client.chat.complete(model="m", messages=MESSAGES)).text
+
+
+@pytest.mark.anyio
+async def test_async_errors_and_timeouts(upstream: MockUpstream) -> None:
+    """Status errors, drops and timeouts behave as in the sync client."""
+    async with holysheep.AsyncClient(
+        api_key="k", base_url=upstream.base_url, timeout=Timeouts(ttft=0.2, idle=0.3)
+    ) as client:
+        with pytest.raises(RateLimitError):
+            await client.chat.complete(
+                model="m",
+                messages=MESSAGES,
+                extra_headers=config(fault={"kind": "status", "status": 429}),
+            )
+        with pytest.raises(IncompleteStreamError) as info:
+            await client.chat.complete(
+                model="m", messages=MESSAGES, extra_headers=config(fault="drop@3")
+            )
+        assert info.value.completion is not None
+        assert "".join(UpstreamConfig().token_list(3)) == info.value.completion.text
+        with pytest.raises(FirstTokenTimeoutError):
+            await client.chat.complete(model="m", messages=MESSAGES, extra_headers=config(ttft=2))
+        with pytest.raises(IdleTimeoutError):
+            await client.chat.complete(
+                model="m",
+                messages=MESSAGES,
+                extra_headers=config(fault="stall@2", keepalive_interval=0.05),
+            )
+
+
+@pytest.mark.anyio
+async def test_cancelling_the_task_closes_the_connection() -> None:
+    """Cancel scope around a slow stream: the server sees the disconnect, nothing leaks."""
+    with serve(tokens_per_s=100, tokens=1000) as slow:
+        async with holysheep.AsyncClient(api_key="k", base_url=slow.base_url) as client:
+            received = 0
+            with anyio.move_on_after(0.3):
+                async with client.chat.stream(model="m", messages=MESSAGES) as stream:
+                    async for chunk in stream:
+                        received += bool(chunk.text)
+            assert 0 < received < 1000
+            assert await anyio.to_thread.run_sync(slow.wait_for_disconnect, 3.0)
+
+
+@pytest.mark.anyio
+async def test_async_close_from_another_task() -> None:
+    """`stream.close()` from another task ends a stalled read at once, quietly."""
+    with serve(fault="stall@2") as stalled:
+        async with holysheep.AsyncClient(api_key="k", base_url=stalled.base_url) as client:
+            async with (
+                client.chat.stream(model="m", messages=MESSAGES) as stream,
+                anyio.create_task_group() as tg,
+            ):
+
+                async def close_soon() -> None:
+                    await anyio.sleep(0.2)
+                    stream.close()
+
+                tg.start_soon(close_soon)
+                texts = [chunk.text async for chunk in stream]
+            assert "".join(UpstreamConfig().token_list(2)) == "".join(texts)
+            assert await anyio.to_thread.run_sync(stalled.wait_for_disconnect, 3.0)
+
+
+@pytest.mark.anyio
+async def test_many_concurrent_streams_share_the_pool() -> None:
+    """300 concurrent streams through one AsyncClient all finish (httpx's default pool is 100)."""
+    with serve(tokens=20, tokens_per_s=100) as server:
+        transport = AsyncHTTPXTransport()
+        async with holysheep.AsyncClient(
+            api_key="k", base_url=server.base_url, transport=transport
+        ) as client:
+            results: list[str] = []
+
+            async def one() -> None:
+                results.append((await client.chat.complete(model="m", messages=MESSAGES)).text)
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    for _ in range(300):
+                        tg.start_soon(one)
+        assert 300 == len(results)
+        assert {"".join(UpstreamConfig(tokens=20).token_list(None))} == set(results)
