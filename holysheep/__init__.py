@@ -8,6 +8,7 @@ from here; the `_modules` are private.
 
 from typing import TYPE_CHECKING, Any
 
+from ._call import Attempt, Call, OnInterrupt
 from ._chat import (
     ChatAccumulator,
     ChatChunk,
@@ -18,6 +19,7 @@ from ._chat import (
     Finished,
     ReasoningDelta,
     RefusalDelta,
+    Reset,
     ToolCall,
     ToolCallDelta,
     Usage,
@@ -44,11 +46,14 @@ from ._exceptions import (
     RateLimitError,
     RemoteProtocolError,
     StreamError,
+    StreamInterruptedError,
     TotalTimeoutError,
     UnexpectedContentTypeError,
     UnprocessableEntityError,
 )
 from ._exchange import Exchange, Request, StreamStats, Timeouts
+from ._limiter import Admit, RateLimiter, Ticket, Wait
+from ._retry import Classification, GiveUp, Retry, RetryDecision, RetryPolicy, classify
 from ._sse import DEFAULT_MAX_EVENT_SIZE, DEFAULT_MAX_LINE_SIZE, ServerSentEvent, SSEDecoder
 from ._version import __version__
 
@@ -82,14 +87,18 @@ __all__ = [
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",
+    "Admit",
     "AsyncClient",
     "AsyncStream",
+    "Attempt",
     "AuthenticationError",
     "BadRequestError",
+    "Call",
     "ChatAccumulator",
     "ChatChunk",
     "ChatDelta",
     "Choice",
+    "Classification",
     "Client",
     "Completion",
     "ConfigurationError",
@@ -99,23 +108,32 @@ __all__ = [
     "Exchange",
     "Finished",
     "FirstTokenTimeoutError",
+    "GiveUp",
     "HolySheepError",
     "IdleTimeoutError",
     "IncompleteStreamError",
     "InternalServerError",
     "LocalProtocolError",
     "NotFoundError",
+    "OnInterrupt",
     "PermissionDeniedError",
     "RateLimitError",
+    "RateLimiter",
     "ReasoningDelta",
     "RefusalDelta",
     "RemoteProtocolError",
     "Request",
+    "Reset",
+    "Retry",
+    "RetryDecision",
+    "RetryPolicy",
     "SSEDecoder",
     "ServerSentEvent",
     "Stream",
     "StreamError",
+    "StreamInterruptedError",
     "StreamStats",
+    "Ticket",
     "Timeouts",
     "ToolCall",
     "ToolCallDelta",
@@ -124,6 +142,8 @@ __all__ = [
     "UnprocessableEntityError",
     "Usage",
     "UsageReport",
+    "Wait",
     "__version__",
+    "classify",
     "is_retryable_error",
 ]

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import AsyncIterator, Iterable, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from ._call import Attempt, Call, OnInterrupt
 from ._chat import ChatChunk, Completion
 from ._config import ClientConfig
 from ._exceptions import APIConnectionError, HolySheepError
 from ._exchange import MAX_ERROR_BODY, Exchange, StreamStats, Timeouts
+from ._gate import Gate, gate_for
+from ._limiter import RateLimiter, Ticket
+from ._retry import GiveUp, RetryPolicy
 
 if TYPE_CHECKING:
     from holysheep.transports import AsyncBaseTransport, AsyncResponse
@@ -45,8 +50,15 @@ class AsyncClient:
         transport: AsyncBaseTransport | None = None,
         headers: Mapping[str, str] | None = None,
         require_end: bool = True,
+        retry: RetryPolicy | None = None,
+        on_interrupt: OnInterrupt = "raise",
+        limiter: RateLimiter | None = None,
+        hooks: Iterable[Callable[[Attempt], None]] = (),
     ) -> None:
-        self._config = ClientConfig.from_arguments(api_key, base_url, timeout, headers, require_end)
+        self._config = ClientConfig.from_arguments(
+            api_key, base_url, timeout, headers, require_end, retry, on_interrupt, hooks
+        )
+        self.limiter = limiter
         if transport is None:
             from holysheep.transports import AsyncHTTPXTransport
 
@@ -87,13 +99,24 @@ class AsyncChat:
         timeout: Timeouts | float | None = None,
         request_id: str | None = None,
         extra_headers: Mapping[str, str] | None = None,
+        retry: RetryPolicy | None = None,
+        on_interrupt: OnInterrupt | None = None,
         **params: Any,
     ) -> AsyncStream:
         """Start a streamed completion: `async with client.chat.stream(...) as stream:`."""
-        exchange = self._client._config.exchange(
-            model, messages, params, timeout=timeout, request_id=request_id, headers=extra_headers
+        client = self._client
+        call = client._config.call(
+            model,
+            messages,
+            params,
+            timeout=timeout,
+            request_id=request_id,
+            headers=extra_headers,
+            retry=retry,
+            on_interrupt=on_interrupt,
         )
-        return AsyncStream(exchange, self._client.transport)
+        gate = gate_for(client.limiter) if client.limiter is not None else None
+        return AsyncStream(call, client.transport, gate)
 
     async def complete(
         self,
@@ -110,9 +133,11 @@ class AsyncChat:
 class AsyncStream:
     """One streamed completion: `async for chunk in stream`; `completion` and `stats` after."""
 
-    def __init__(self, exchange: Exchange, transport: AsyncBaseTransport) -> None:
-        self._exchange = exchange
+    def __init__(self, call: Call, transport: AsyncBaseTransport, gate: Gate | None) -> None:
+        self._call = call
         self._transport = transport
+        self._gate = gate
+        self._ticket: Ticket | None = None
         self._response: AsyncResponse | None = None
         self._body: AsyncIterator[bytes] | None = None
         self._scope: anyio.CancelScope | None = None
@@ -120,6 +145,13 @@ class AsyncStream:
         self._index = 0
         self._closed = False
         self._exhausted = False
+
+    @property
+    def _exchange(self) -> Exchange:
+        exchange = self._call.exchange
+        if exchange is None:
+            exchange = self._call.start_attempt(anyio.current_time())
+        return exchange
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -136,51 +168,29 @@ class AsyncStream:
         await self.aclose()
 
     async def open(self) -> None:
-        """Send the request and read the response head. Raises on an error status."""
-        if self._response is not None or self._closed:
-            return
-        exchange = self._exchange
-        exchange.start(anyio.current_time())
-        with self._deadline_scope() as scope:
+        """Send the request and read the response head, retrying as the policy allows."""
+        while self._body is None and not self._closed:
+            exchange = self._call.start_attempt(anyio.current_time())
             try:
-                self._response = await self._transport.send(exchange.request)
+                await self._open_attempt(exchange)
             except HolySheepError as exc:
-                raise self._timeout_or(exc) from exc
-        response = self._response
-        if scope.cancelled_caught or response is None:
-            if self._stopped_by_caller():
-                return
-            raise self._timeout_or(None)
-        action = exchange.on_headers(response.status_code, response.headers, anyio.current_time())
-        if action == "read_error_body":
-            body = await self._read_error_body(response)
-            await self.aclose()
-            raise exchange.error_for_body(body)
-        self._body = response.stream
+                await self._after_failure(exc)
 
     async def aclose(self) -> None:
         """Close the connection; the server sees the client leave."""
         self.close()
-        response, self._response = self._response, None
-        body, self._body = self._body, None
-        if response is not None:
-            with anyio.CancelScope(shield=True) as scope:
-                scope.deadline = anyio.current_time() + _CLOSE_TIMEOUT
-                close_body = getattr(body, "aclose", None)
-                if close_body is not None:
-                    with contextlib.suppress(RuntimeError):  # still running in another task
-                        await close_body()
-                await response.aclose()
+        await self._end_attempt()
 
     def close(self) -> None:
-        """Stop the stream from another task: a pending read ends at once, quietly.
+        """Stop the stream from another task: a pending read or wait ends at once, quietly.
 
         The connection itself is released by the reading task (or `aclose()`).
         """
         if self._closed:
             return
         self._closed = True
-        self._exchange.finish(anyio.current_time())
+        if self._call.exchange is not None:
+            self._call.exchange.finish(anyio.current_time())
         if self._scope is not None:
             self._scope.cancel()
 
@@ -199,10 +209,16 @@ class AsyncStream:
             chunk = pending[self._index]
             self._index += 1
             return chunk
-        if self._body is None:
+        if self._body is None and not self._exhausted:
             await self.open()
         while not self._exhausted:
-            chunks = await self._read()
+            try:
+                chunks = await self._read()
+            except HolySheepError as exc:
+                await self._after_failure(exc)
+                await self.open()
+                reset = self._call.take_reset()
+                chunks = [ChatChunk.for_reset(reset)] if reset is not None else []
             if chunks:
                 self._pending = chunks
                 self._index = 1
@@ -222,25 +238,21 @@ class AsyncStream:
             except StopAsyncIteration:
                 pass
             except HolySheepError as exc:
-                failure = self._timeout_or(exc)  # before _finish() forgets the body
-                await self._finish()
-                raise failure from exc
+                raise self._timeout_or(exc) from exc  # while the body is still known
         now = anyio.current_time()
         if scope.cancelled_caught:  # a deadline passed, or close() was called
-            error = None if self._stopped_by_caller() else self._timeout_or(None)
-            await self._finish()
-            if error is None:
+            if self._stopped_by_caller():
+                await self._finish()
                 return []
-            raise error
+            raise self._timeout_or(None)
         if not data:
-            await self._finish()
             exchange.on_eof(now)
-            return []
-        try:
-            return exchange.on_data(data, now)
-        except HolySheepError:
             await self._finish()
-            raise
+            return []
+        chunks = exchange.on_data(data, now)
+        if chunks:
+            self._call.delivered(chunks)
+        return chunks
 
     async def text_stream(self) -> AsyncIterator[str]:
         """Only the content text, piece by piece."""
@@ -260,13 +272,75 @@ class AsyncStream:
 
     @property
     def stats(self) -> StreamStats:
-        return self._exchange.stats(anyio.current_time())
+        return self._exchange.stats(anyio.current_time(), self._call)
 
     @property
     def request_id(self) -> str:
         return self._exchange.server_request_id or self._exchange.request_id
 
     # -- internals ---------------------------------------------------------------------------
+
+    async def _open_attempt(self, exchange: Exchange) -> None:
+        if self._gate is not None:
+            waited = anyio.current_time()
+            self._ticket = await self._gate.aacquire(self._call.cost)
+            self._call.queued += anyio.current_time() - waited
+        exchange.start(anyio.current_time())
+        with self._deadline_scope() as scope:
+            try:
+                self._response = await self._transport.send(exchange.request)
+            except HolySheepError as exc:
+                raise self._timeout_or(exc) from exc
+        response = self._response
+        if scope.cancelled_caught or response is None:
+            if self._stopped_by_caller():
+                return
+            raise self._timeout_or(None)
+        action = exchange.on_headers(response.status_code, response.headers, anyio.current_time())
+        if action == "read_error_body":
+            raise exchange.error_for_body(await self._read_error_body(response))
+        self._body = response.stream
+
+    async def _after_failure(self, error: HolySheepError) -> None:
+        """End the failed attempt; wait and return to try again, or raise."""
+        await self._end_attempt()
+        decision = self._call.failed(error, anyio.current_time(), time.time())
+        if isinstance(decision, GiveUp):
+            self._exhausted = True
+            failure = self._call.error_to_raise(error, decision)
+            if failure is error:
+                raise error
+            raise failure from error
+        if decision.pause_all and self._gate is not None:
+            self._gate.pause(decision.delay)
+        with anyio.CancelScope() as scope:
+            self._scope = scope
+            if self._closed:
+                scope.cancel()
+            await anyio.sleep(decision.delay)
+        if self._closed:
+            self._exhausted = True
+            raise error  # closed while waiting to retry: report why it was still failing
+
+    async def _finish(self) -> None:
+        self._exhausted = True
+        await self._end_attempt()
+
+    async def _end_attempt(self) -> None:
+        response, self._response = self._response, None
+        body, self._body = self._body, None
+        ticket, self._ticket = self._ticket, None
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + _CLOSE_TIMEOUT
+            if response is not None:
+                close_body = getattr(body, "aclose", None)
+                if close_body is not None:
+                    with contextlib.suppress(RuntimeError):  # still running in another task
+                        await close_body()
+                await response.aclose()
+        if ticket is not None and self._gate is not None:
+            usage = self._exchange.accumulator.usage
+            self._gate.release(ticket, usage.total_tokens if usage is not None else None)
 
     def _stopped_by_caller(self) -> bool:
         # A method, not an inline test: the flag changes while we await.
@@ -279,10 +353,6 @@ class AsyncStream:
             scope.cancel()
         self._scope = scope
         return scope
-
-    async def _finish(self) -> None:
-        self._exhausted = True
-        await self.aclose()
 
     def _timeout_or(self, exc: HolySheepError | None) -> HolySheepError:
         now = anyio.current_time()

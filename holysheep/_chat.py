@@ -39,6 +39,7 @@ __all__ = [
     "Finished",
     "ReasoningDelta",
     "RefusalDelta",
+    "Reset",
     "ToolCall",
     "ToolCallDelta",
     "Usage",
@@ -265,8 +266,20 @@ class UsageReport:
     usage: Usage
 
 
+@final
+@attrs.frozen
+class Reset:
+    """The stream restarts from the beginning (`on_interrupt="restart"`).
+
+    Forget the partial text shown so far; the completion starts over too.
+    """
+
+    reason: str
+    attempt: int
+
+
 ChatDelta: TypeAlias = (
-    ContentDelta | ReasoningDelta | RefusalDelta | ToolCallDelta | Finished | UsageReport
+    ContentDelta | ReasoningDelta | RefusalDelta | ToolCallDelta | Finished | UsageReport | Reset
 )
 
 
@@ -283,6 +296,18 @@ class ChatChunk:
     deltas: tuple[ChatDelta, ...]
     raw: Mapping[str, Any] = attrs.field(eq=False, repr=False)
     event: ServerSentEvent | None = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def reset(self) -> Reset | None:
+        """The `Reset` marker this chunk carries, if the stream restarted here."""
+        for delta in self.deltas:
+            if isinstance(delta, Reset):
+                return delta
+        return None
+
+    @classmethod
+    def for_reset(cls, reset: Reset) -> ChatChunk:
+        return cls("", (reset,), {}, None)
 
     @property
     def id(self) -> str | None:
@@ -483,6 +508,14 @@ class ChatAccumulator:
                     completion=self.completion,
                 )
         return []
+
+    def restart_decoder(self) -> None:
+        """Continue on a new connection (a resume): a fresh decoder, the same accumulation."""
+        self.decoder = SSEDecoder(
+            max_line_size=self.decoder.max_line_size, max_event_size=self.decoder.max_event_size
+        )
+        self._closed = False
+        self._error = None
 
     # -- output --------------------------------------------------------------------------------
 

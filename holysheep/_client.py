@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from ._call import Attempt, Call, OnInterrupt
 from ._chat import ChatChunk, Completion
 from ._config import ClientConfig
 from ._exceptions import APIConnectionError, HolySheepError
 from ._exchange import MAX_ERROR_BODY, Exchange, StreamStats, Timeouts
+from ._gate import Gate, gate_for
+from ._limiter import RateLimiter, Ticket
+from ._retry import GiveUp, RetryPolicy
 
 if TYPE_CHECKING:
     from holysheep.transports import BaseTransport, Response
@@ -44,8 +48,15 @@ class Client:
         transport: BaseTransport | None = None,
         headers: Mapping[str, str] | None = None,
         require_end: bool = True,
+        retry: RetryPolicy | None = None,
+        on_interrupt: OnInterrupt = "raise",
+        limiter: RateLimiter | None = None,
+        hooks: Iterable[Callable[[Attempt], None]] = (),
     ) -> None:
-        self._config = ClientConfig.from_arguments(api_key, base_url, timeout, headers, require_end)
+        self._config = ClientConfig.from_arguments(
+            api_key, base_url, timeout, headers, require_end, retry, on_interrupt, hooks
+        )
+        self.limiter = limiter
         if transport is None:
             from holysheep.transports import RequestsTransport
 
@@ -88,17 +99,28 @@ class Chat:
         timeout: Timeouts | float | None = None,
         request_id: str | None = None,
         extra_headers: Mapping[str, str] | None = None,
+        retry: RetryPolicy | None = None,
+        on_interrupt: OnInterrupt | None = None,
         **params: Any,
     ) -> Stream:
         """Start a streamed completion. Use as `with client.chat.stream(...) as stream:`.
 
         Extra keyword arguments (`max_tokens`, `temperature`, `tools`, ...) go into the JSON
-        body as they are.
+        body as they are. `retry` and `on_interrupt` override the client's for this call.
         """
-        exchange = self._client._config.exchange(
-            model, messages, params, timeout=timeout, request_id=request_id, headers=extra_headers
+        client = self._client
+        call = client._config.call(
+            model,
+            messages,
+            params,
+            timeout=timeout,
+            request_id=request_id,
+            headers=extra_headers,
+            retry=retry,
+            on_interrupt=on_interrupt,
         )
-        return Stream(exchange, self._client.transport, self._client._watchdog)
+        gate = gate_for(client.limiter) if client.limiter is not None else None
+        return Stream(call, client.transport, client._watchdog, gate)
 
     def complete(
         self,
@@ -116,16 +138,28 @@ class Chat:
 class Stream:
     """One streamed completion: iterate it for `ChatChunk`s; `completion` and `stats` after."""
 
-    def __init__(self, exchange: Exchange, transport: BaseTransport, watchdog: _Watchdog) -> None:
-        self._exchange = exchange
+    def __init__(
+        self, call: Call, transport: BaseTransport, watchdog: _Watchdog, gate: Gate | None
+    ) -> None:
+        self._call = call
         self._transport = transport
         self._watchdog = watchdog
+        self._gate = gate
+        self._ticket: Ticket | None = None
         self._response: Response | None = None
         self._body: Iterator[bytes] | None = None
         self._lock = threading.Lock()
+        self._stop = threading.Event()  # set by close(): ends waits and reads
         self._closed = False
         self._expired = False
         self._exhausted = False
+
+    @property
+    def _exchange(self) -> Exchange:
+        exchange = self._call.exchange
+        if exchange is None:
+            exchange = self._call.start_attempt(_clock())
+        return exchange
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -142,24 +176,16 @@ class Stream:
         self.close()
 
     def open(self) -> None:
-        """Send the request and read the response head. Raises on an error status."""
-        if self._response is not None or self._closed:
-            return
-        exchange = self._exchange
-        exchange.start(_clock())
-        self._watchdog.watch(self)
-        try:
-            response = self._transport.send(exchange.request)
-        except HolySheepError as exc:
-            self._watchdog.unwatch(self)
-            raise self._timeout_or(exc) from exc
-        self._response = response
-        action = exchange.on_headers(response.status_code, response.headers, _clock())
-        if action == "read_error_body":
-            body = self._read_error_body(response)
-            self.close()
-            raise exchange.error_for_body(body)
-        self._body = response.stream
+        """Send the request and read the response head, retrying as the policy allows.
+
+        Raises the typed error for a status that cannot be retried (or no longer can).
+        """
+        while self._body is None and not self._closed:
+            exchange = self._call.start_attempt(_clock())
+            try:
+                self._open_attempt(exchange)
+            except HolySheepError as exc:
+                self._after_failure(exc)
 
     def close(self) -> None:
         """Close the connection. Safe to call from another thread while one is reading."""
@@ -167,10 +193,10 @@ class Stream:
             if self._closed:
                 return
             self._closed = True
-        self._watchdog.unwatch(self)
-        self._exchange.finish(_clock())
-        if self._response is not None:
-            self._response.close()
+        self._stop.set()
+        self._end_attempt()
+        if self._call.exchange is not None:
+            self._call.exchange.finish(_clock())
 
     @property
     def closed(self) -> bool:
@@ -180,32 +206,43 @@ class Stream:
 
     def __iter__(self) -> Iterator[ChatChunk]:
         self.open()
-        if self._body is None or self._exhausted:
-            return
-        exchange = self._exchange
-        on_data = exchange.on_data
         try:
-            waiting_for_first = True
-            for data in self._body:
-                chunks = on_data(data, _clock())
-                if chunks:
-                    if waiting_for_first and exchange.progressed:
-                        # The first content swaps the ttft deadline for the idle one, which
-                        # may come sooner: the only time a deadline moves earlier.
-                        waiting_for_first = False
-                        self._watchdog.watch(self)
-                    yield from chunks
-            if self._expired:
-                raise self._timeout_or(None)
-            if not self._closed:
-                exchange.on_eof(_clock())
-        except HolySheepError as exc:
-            if self._closed and not self._expired:
-                return  # closed by the caller: stop quietly, the partial completion stays
-            raise self._timeout_or(exc) from exc
+            while self._body is not None and not self._exhausted:
+                try:
+                    yield from self._read_attempt()
+                    return
+                except HolySheepError as exc:
+                    if self._closed and not self._expired:
+                        return  # closed by the caller: stop quietly, the partial result stays
+                    self._after_failure(self._timeout_or(exc))
+                    reset = self._call.take_reset()
+                    if reset is not None:
+                        yield ChatChunk.for_reset(reset)
+                    self.open()
         finally:
             self._exhausted = True
             self.close()
+
+    def _read_attempt(self) -> Iterator[ChatChunk]:
+        exchange, body = self._exchange, self._body
+        assert body is not None
+        on_data, delivered = exchange.on_data, self._call.delivered
+        waiting_for_first = True
+        for data in body:
+            chunks = on_data(data, _clock())
+            if chunks:
+                if waiting_for_first and exchange.progressed:
+                    # The first content swaps the ttft deadline for the idle one, which may
+                    # come sooner: the only time a deadline moves earlier.
+                    waiting_for_first = False
+                    self._watchdog.watch(self)
+                delivered(chunks)
+                yield from chunks
+        if self._expired:
+            raise self._timeout_or(None)
+        if not self._closed:
+            exchange.on_eof(_clock())
+            self._end_attempt()
 
     def text_stream(self) -> Iterator[str]:
         """Only the content text, piece by piece (skips chunks without any)."""
@@ -226,13 +263,58 @@ class Stream:
 
     @property
     def stats(self) -> StreamStats:
-        return self._exchange.stats(_clock())
+        return self._exchange.stats(_clock(), self._call)
 
     @property
     def request_id(self) -> str:
         return self._exchange.server_request_id or self._exchange.request_id
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _open_attempt(self, exchange: Exchange) -> None:
+        self._expired = False
+        if self._gate is not None:
+            waited = _clock()
+            self._ticket = self._gate.acquire(self._call.cost, self._stop.is_set)
+            self._call.queued += _clock() - waited
+            if self._ticket is None:
+                return  # closed while queued
+        exchange.start(_clock())
+        self._watchdog.watch(self)
+        try:
+            response = self._transport.send(exchange.request)
+        except HolySheepError as exc:
+            raise self._timeout_or(exc) from exc
+        self._response = response
+        action = exchange.on_headers(response.status_code, response.headers, _clock())
+        if action == "read_error_body":
+            raise exchange.error_for_body(self._read_error_body(response))
+        self._body = response.stream
+
+    def _after_failure(self, error: HolySheepError) -> None:
+        """End the failed attempt; wait and return to try again, or raise."""
+        self._end_attempt()
+        decision = self._call.failed(error, _clock(), time.time())
+        if isinstance(decision, GiveUp):
+            failure = self._call.error_to_raise(error, decision)
+            if failure is error:
+                raise error
+            raise failure from error
+        if decision.pause_all and self._gate is not None:
+            self._gate.pause(decision.delay)
+        if self._stop.wait(decision.delay):
+            raise error  # closed while waiting to retry: report why it was still failing
+
+    def _end_attempt(self) -> None:
+        self._watchdog.unwatch(self)
+        response, self._response, self._body = self._response, None, None
+        if response is not None:
+            response.close()
+        ticket, self._ticket = self._ticket, None
+        if ticket is not None and self._gate is not None:
+            usage = self._exchange.accumulator.usage
+            tokens = usage.total_tokens if usage is not None else None
+            self._gate.release(ticket, tokens)
 
     def _timeout_or(self, exc: HolySheepError | None) -> HolySheepError:
         now = _clock()
@@ -263,8 +345,9 @@ class Stream:
     def _expire(self) -> None:
         """Called by the watchdog when a deadline passed."""
         self._expired = True
-        if self._response is not None:
-            self._response.close()
+        response = self._response
+        if response is not None:
+            response.close()
 
 
 class _Watchdog:

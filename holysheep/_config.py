@@ -6,15 +6,19 @@ Kept apart from both clients so that neither imports the other and both stay I/O
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+import random as _random
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
 
+from ._call import Attempt, Call, OnInterrupt
+from ._chat import ChatAccumulator
 from ._exceptions import ConfigurationError
-from ._exchange import Exchange, Timeouts
+from ._exchange import Exchange, Timeouts, new_request_id
+from ._retry import RetryPolicy
 
-__all__ = ["API_KEY_ENV", "BASE_URL_ENV", "DEFAULT_BASE_URL", "ClientConfig"]
+__all__ = ["API_KEY_ENV", "BASE_URL_ENV", "DEFAULT_BASE_URL", "ClientConfig", "estimate_cost"]
 
 API_KEY_ENV = "HOLYSHEEP_API_KEY"
 BASE_URL_ENV = "HOLYSHEEP_BASE_URL"
@@ -28,6 +32,9 @@ class ClientConfig:
     timeouts: Timeouts
     headers: Mapping[str, str]
     require_end: bool
+    retry: RetryPolicy = attrs.field(factory=RetryPolicy)
+    on_interrupt: OnInterrupt = "raise"
+    hooks: tuple[Callable[[Attempt], None], ...] = ()
 
     @classmethod
     def from_arguments(
@@ -37,6 +44,9 @@ class ClientConfig:
         timeout: Timeouts | float | None,
         headers: Mapping[str, str] | None,
         require_end: bool,
+        retry: RetryPolicy | None = None,
+        on_interrupt: OnInterrupt = "raise",
+        hooks: Iterable[Callable[[Attempt], None]] = (),
     ) -> ClientConfig:
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         if not key:
@@ -45,10 +55,17 @@ class ClientConfig:
             )
         url = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
         return cls(
-            key, url.rstrip("/"), Timeouts.from_value(timeout), dict(headers or {}), require_end
+            key,
+            url.rstrip("/"),
+            Timeouts.from_value(timeout),
+            dict(headers or {}),
+            require_end,
+            retry if retry is not None else RetryPolicy(),
+            on_interrupt,
+            tuple(hooks),
         )
 
-    def exchange(
+    def call(
         self,
         model: str,
         messages: Iterable[Mapping[str, Any]],
@@ -57,7 +74,10 @@ class ClientConfig:
         timeout: Timeouts | float | None = None,
         request_id: str | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> Exchange:
+        retry: RetryPolicy | None = None,
+        on_interrupt: OnInterrupt | None = None,
+    ) -> Call:
+        """A `Call` whose attempts each build a fresh `Exchange` for this request."""
         body: dict[str, Any] = {
             "model": model,
             "messages": list(messages),
@@ -66,12 +86,39 @@ class ClientConfig:
             "stream_options": {"include_usage": True},
         }
         body.update(params)
-        return Exchange(
-            url=f"{self.base_url}/chat/completions",
-            api_key=self.api_key,
-            body=body,
-            timeouts=self.timeouts if timeout is None else Timeouts.from_value(timeout),
-            headers={**self.headers, **(headers or {})},
-            request_id=request_id,
-            require_end=self.require_end,
+        timeouts = self.timeouts if timeout is None else Timeouts.from_value(timeout)
+        extra = {**self.headers, **(headers or {})}
+        request_id = request_id or new_request_id()
+
+        def make_exchange(
+            attempt_headers: Mapping[str, str], accumulator: ChatAccumulator | None
+        ) -> Exchange:
+            return Exchange(
+                url=f"{self.base_url}/chat/completions",
+                api_key=self.api_key,
+                body=body,
+                timeouts=timeouts,
+                headers={**extra, **attempt_headers},
+                request_id=request_id,
+                require_end=self.require_end,
+                accumulator=accumulator,
+            )
+
+        call = Call(
+            make_exchange,
+            policy=retry or self.retry,
+            on_interrupt=on_interrupt or self.on_interrupt,
+            random=_random.random,
+            hooks=self.hooks,
         )
+        call.cost = estimate_cost(body)
+        return call
+
+
+def estimate_cost(body: Mapping[str, Any]) -> int:
+    """Tokens to reserve from a tokens-per-minute budget: the prompt (about 4 characters a
+    token) plus `max_tokens`; reconciled with the real usage when the stream ends."""
+    messages = body.get("messages") or []
+    prompt = sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, Mapping)) // 4
+    limit = body.get("max_tokens") or body.get("max_completion_tokens") or 0
+    return prompt + (limit if isinstance(limit, int) else 0)

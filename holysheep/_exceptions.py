@@ -17,6 +17,7 @@
     │   ├── RateLimitError 429 (with `retry_after`), InternalServerError 5xx
     └── StreamError                   the server reported an error inside a stream
         └── IncompleteStreamError     the stream ended before the server said it was done
+            └── StreamInterruptedError  ... after content had reached the caller
 
 Every error carries what is known of the request: `status_code`, `request_id` (the server's,
 else ours), the server's `message`, and, for errors during a stream, the partial `completion`
@@ -30,7 +31,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._chat import Completion
+    from ._chat import Completion, Usage
 
 __all__ = [
     "APIConnectionError",
@@ -52,6 +53,7 @@ __all__ = [
     "RateLimitError",
     "RemoteProtocolError",
     "StreamError",
+    "StreamInterruptedError",
     "TotalTimeoutError",
     "UnexpectedContentTypeError",
     "UnprocessableEntityError",
@@ -278,3 +280,26 @@ class IncompleteStreamError(StreamError):
     `.completion`. Servers known to omit both markers can be accepted with
     `ChatAccumulator(require_end=False)`.
     """
+
+
+class StreamInterruptedError(IncompleteStreamError):
+    """The stream broke after content had reached the caller, and was not resumed.
+
+    Retrying silently would repeat text the caller already showed, so this is raised instead
+    (the default `on_interrupt="raise"`). `completion` is everything received, `usage` the
+    server's last usage report, if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        completion: Completion | None = None,
+        request_id: str | None = None,
+        status_code: int | None = None,
+        usage: Usage | None = None,
+    ) -> None:
+        super().__init__(
+            message, completion=completion, request_id=request_id, status_code=status_code
+        )
+        self.usage = usage

@@ -25,7 +25,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import Mapping
-from typing import Any, Literal, final
+from typing import TYPE_CHECKING, Any, Literal, final
 
 import attrs
 
@@ -50,6 +50,9 @@ from ._exceptions import (
     UnprocessableEntityError,
 )
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from ._call import Attempt, Call
 
 __all__ = ["Exchange", "Request", "StreamStats", "Timeouts", "parse_retry_after"]
 
@@ -157,6 +160,10 @@ class StreamStats:
     tokens: int
     tokens_estimated: bool
     attempts: int = 1
+    #: One `Attempt` per failed attempt: the error, the decision and the wait.
+    retries: tuple[Attempt, ...] = ()
+    #: Seconds spent waiting for the rate limiter.
+    queued: float = 0.0
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -215,6 +222,7 @@ class Exchange:
         headers: Mapping[str, str] | None = None,
         request_id: str | None = None,
         require_end: bool = True,
+        accumulator: ChatAccumulator | None = None,
     ) -> None:
         self.request_id = request_id or new_request_id()
         merged = {
@@ -237,7 +245,10 @@ class Exchange:
             timeouts,
         )
         self.timeouts = timeouts
-        self.accumulator = ChatAccumulator(require_end=require_end)
+        self.accumulator = accumulator or ChatAccumulator(require_end=require_end)
+        #: Event ids this exchange received, when tracking them for a resume.
+        self.ids_seen: set[str] = set()
+        self._skip_ids: frozenset[str] | None = None
         self.status_code: int | None = None
         self.response_headers: Mapping[str, str] = {}
         self.server_request_id: str | None = None
@@ -312,10 +323,17 @@ class Exchange:
             exc.retry_after = parse_retry_after(self.response_headers)
         return exc
 
+    def track_event_ids(self, skip: frozenset[str]) -> None:
+        """Record event ids, and drop events whose id an earlier attempt already delivered."""
+        self._skip_ids = skip
+
     def on_data(self, data: bytes, now: float) -> list[ChatChunk]:
         """Body bytes in, chunks out; progress is stamped with `now`."""
         self.bytes += len(data)
-        chunks = self.accumulator.feed(data)
+        if self._skip_ids is None:
+            chunks = self.accumulator.feed(data)
+        else:
+            chunks = self._feed_tracking_ids(data)
         if chunks:
             self.events += len(chunks)
             for chunk in chunks:
@@ -325,6 +343,19 @@ class Exchange:
                         self._first_progress = now
                     if chunk.text:
                         self.content_chunks += 1
+        return chunks
+
+    def _feed_tracking_ids(self, data: bytes) -> list[ChatChunk]:
+        chunks = []
+        skip, seen = self._skip_ids or frozenset(), self.ids_seen
+        for event in self.accumulator.decoder.feed(data):
+            if event.id:
+                if event.id in skip:
+                    continue  # delivered before the resume: never twice
+                seen.add(event.id)
+            chunk = self.accumulator.feed_event(event)
+            if chunk is not None:
+                chunks.append(chunk)
         return chunks
 
     def on_eof(self, now: float) -> None:
@@ -417,7 +448,7 @@ class Exchange:
     def completion(self) -> Completion:
         return self.accumulator.completion
 
-    def stats(self, now: float) -> StreamStats:
+    def stats(self, now: float, call: Call | None = None) -> StreamStats:
         started = self._started
         end = self._ended if self._ended is not None else now
         usage = self.accumulator.usage
@@ -434,4 +465,7 @@ class Exchange:
             bytes=self.bytes,
             tokens=tokens if tokens is not None else self.content_chunks,
             tokens_estimated=tokens is None,
+            attempts=call.attempt if call is not None else 1,
+            retries=tuple(call.history) if call is not None else (),
+            queued=call.queued if call is not None else 0.0,
         )

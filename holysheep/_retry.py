@@ -33,10 +33,9 @@ The policy never sleeps and keeps no state, so one policy can serve every client
 
 from __future__ import annotations
 
-import email.utils
 import math
 from collections.abc import Callable
-from datetime import timezone
+from datetime import datetime, timezone
 from typing import Literal, TypeAlias, final
 
 import attrs
@@ -142,13 +141,32 @@ def _retry_after(error: APIStatusError, wall_clock: float | None) -> float | Non
     value = headers.get("retry-after")
     if value is None or wall_clock is None:
         return None
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when.tzinfo is None:  # `-0000`: RFC 5322's "UTC, origin unknown"; HTTP-dates are GMT
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, when.timestamp() - wall_clock)
+    when = _http_date(value)
+    return None if when is None else max(0.0, when - wall_clock)
+
+
+# RFC 9110 section 5.6.7: IMF-fixdate, and the obsolete RFC 850 and asctime forms a recipient
+# must still accept. All are GMT. (Parsed here rather than with email.utils, which would pull
+# the socket module into the sans-IO core.)
+_HTTP_DATE_FORMATS = (
+    "%a, %d %b %Y %H:%M:%S GMT",
+    "%A, %d-%b-%y %H:%M:%S GMT",
+    "%a %b %d %H:%M:%S %Y",
+    "%a, %d %b %Y %H:%M:%S %z",  # RFC 5322 style with a numeric zone, which servers also send
+)
+
+
+def _http_date(value: str) -> float | None:
+    text = " ".join(value.split())
+    for form in _HTTP_DATE_FORMATS:
+        try:
+            when = datetime.strptime(text, form)
+        except ValueError:
+            continue
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        return when.timestamp()
+    return None
 
 
 def _should_retry_header(error: APIStatusError) -> bool | None:

@@ -24,6 +24,7 @@ from holysheep import (
     InternalServerError,
     RateLimitError,
     RemoteProtocolError,
+    RetryPolicy,
     StreamError,
     Timeouts,
     TotalTimeoutError,
@@ -55,6 +56,8 @@ def transport(request: pytest.FixtureRequest) -> Iterator[BaseTransport]:
 
 
 def client_for(upstream: MockUpstream, transport: BaseTransport, **kwargs: Any) -> holysheep.Client:
+    """A client that raises every failure as it happens (retries have their own tests)."""
+    kwargs.setdefault("retry", RetryPolicy.none())
     return holysheep.Client(
         api_key="sk-test", base_url=upstream.base_url, transport=transport, **kwargs
     )
@@ -248,7 +251,9 @@ def test_connection_refused_is_a_connection_error(transport: BaseTransport) -> N
     """Nothing listening: APIConnectionError naming the URL and our request id."""
     with serve() as gone:
         url = gone.base_url
-    client = holysheep.Client(api_key="k", base_url=url, transport=transport)
+    client = holysheep.Client(
+        api_key="k", base_url=url, transport=transport, retry=RetryPolicy.none()
+    )
     with pytest.raises(APIConnectionError, match="could not reach") as info:
         client.chat.complete(model="m", messages=MESSAGES, request_id="rid-x")
     assert "rid-x" == info.value.request_id
@@ -335,7 +340,10 @@ async def test_async_stream(upstream: MockUpstream) -> None:
 async def test_async_errors_and_timeouts(upstream: MockUpstream) -> None:
     """Status errors, drops and timeouts behave as in the sync client."""
     async with holysheep.AsyncClient(
-        api_key="k", base_url=upstream.base_url, timeout=Timeouts(ttft=0.2, idle=0.3)
+        api_key="k",
+        base_url=upstream.base_url,
+        timeout=Timeouts(ttft=0.2, idle=0.3),
+        retry=RetryPolicy.none(),
     ) as client:
         with pytest.raises(RateLimitError):
             await client.chat.complete(

@@ -65,7 +65,8 @@ def test_request_carries_auth_ids_and_body() -> None:
 def test_config_passes_params_through_and_asks_for_usage() -> None:
     """Extra params land in the body; usage is requested unless the caller says otherwise."""
     config = ClientConfig.from_arguments("k", "http://h/v1/", None, {"x-team": "a"}, True)
-    exchange = config.exchange("m", [{"role": "user", "content": "hi"}], {"max_tokens": 5})
+    call = config.call("m", [{"role": "user", "content": "hi"}], {"max_tokens": 5})
+    exchange = call.start_attempt(0.0)
     body = json.loads(exchange.request.content)
     assert (True, {"include_usage": True}, 5) == (
         body["stream"],
@@ -75,8 +76,11 @@ def test_config_passes_params_through_and_asks_for_usage() -> None:
     assert "http://h/v1/chat/completions" == exchange.request.url
     assert "a" == exchange.request.header("x-team")
     assert str(exchange.request.header("x-request-id")).startswith("hs-")
-    override = config.exchange("m", [], {"stream_options": {"include_usage": False}})
-    assert {"include_usage": False} == json.loads(override.request.content)["stream_options"]
+    assert str(exchange.request.header("idempotency-key")).startswith("hs-idem-")
+    assert 5 + 0 == call.cost  # max_tokens + a prompt of 2 characters (~0 tokens)
+    override = config.call("m", [], {"stream_options": {"include_usage": False}})
+    body = json.loads(override.start_attempt(0.0).request.content)
+    assert {"include_usage": False} == body["stream_options"]
 
 
 def test_missing_api_key_names_the_env_var(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,7 +24,12 @@ def test_scripted_responses_are_served_in_order_and_requests_recorded() -> None:
     transport = MockTransport(
         [MockResponse(chunks=sse_body("one")), MockResponse(chunks=sse_body("two"))]
     )
-    with holysheep.Client(api_key="k", base_url="http://mock/v1", transport=transport) as client:
+    with holysheep.Client(
+        api_key="k",
+        base_url="http://mock/v1",
+        transport=transport,
+        retry=holysheep.RetryPolicy.none(),
+    ) as client:
         first = client.chat.complete(model="m", messages=MESSAGES, max_tokens=3)
         second = client.chat.complete(model="m", messages=MESSAGES)
         with pytest.raises(APIConnectionError, match="no response left"):
@@ -49,7 +54,9 @@ def test_fault_after_chunks_is_an_incomplete_stream_with_partial_text() -> None:
     """A dropped connection keeps the text that arrived."""
     chunks = sse_body("Hel", "lo")[:3]
     client = holysheep.Client(
-        api_key="k", transport=MockTransport([MockResponse(chunks=chunks, fault="reset")])
+        api_key="k",
+        transport=MockTransport([MockResponse(chunks=chunks, fault="reset")]),
+        retry=holysheep.RetryPolicy.none(),
     )
     seen = []
     with (
@@ -65,7 +72,9 @@ def test_fault_after_chunks_is_an_incomplete_stream_with_partial_text() -> None:
 def test_error_status_from_script() -> None:
     """Scripted statuses raise the typed error."""
     response = MockResponse(status_code=503, chunks=[b'{"error": {"message": "down"}}'])
-    client = holysheep.Client(api_key="k", transport=MockTransport([response]))
+    client = holysheep.Client(
+        api_key="k", transport=MockTransport([response]), retry=holysheep.RetryPolicy.none()
+    )
     with pytest.raises(InternalServerError, match="down"):
         client.chat.complete(model="m", messages=MESSAGES)
 
@@ -76,6 +85,7 @@ def test_delays_trip_the_clients_timeouts() -> None:
         api_key="k",
         transport=MockTransport([MockResponse(delay=1.0)]),
         timeout=Timeouts(ttft=0.05),
+        retry=holysheep.RetryPolicy.none(),
     )
     with pytest.raises(FirstTokenTimeoutError):
         client.chat.complete(model="m", messages=MESSAGES)
@@ -87,7 +97,10 @@ async def test_async_mock_transport() -> None:
     """The async twin serves scripts the same way, on asyncio and trio."""
     transport = AsyncMockTransport([MockResponse(chunks=sse_body("a", "b")), MockResponse(delay=1)])
     async with holysheep.AsyncClient(
-        api_key="k", transport=transport, timeout=Timeouts(ttft=0.05)
+        api_key="k",
+        transport=transport,
+        timeout=Timeouts(ttft=0.05),
+        retry=holysheep.RetryPolicy.none(),
     ) as client:
         async with client.chat.stream(model="m", messages=MESSAGES) as stream:
             texts = [chunk.text async for chunk in stream]

@@ -1,0 +1,201 @@
+"""One logical chat request across all its attempts: retries, resume and restart, without I/O.
+
+Theory of operation
+-------------------
+The clients drive a `Call` the same way, sync or async. For each attempt they ask
+`start_attempt(now)` for a fresh `Exchange` (its request carries a stable `Idempotency-Key`,
+and `Last-Event-ID` when resuming), run it, and when it fails they ask `failed(error, now,
+wall_clock)` what to do. The answer is one of:
+
+- `GiveUp`: raise `error` (possibly rewritten: a stream that broke after content reached the
+  caller becomes `StreamInterruptedError`, carrying the partial completion).
+- `Retry`: wait `delay`, then start the next attempt. Before any content was delivered this is
+  transparent; after, it happens only as the caller chose with `on_interrupt`:
+  `"resume"` reconnects with `Last-Event-ID` and continues after the last event seen (events
+  seen twice are dropped by id); `"restart"` starts over, and the driver first hands the caller
+  a `Reset` marker (`Retry.reset` is true) so it can clear what it printed.
+
+Content "delivered" means a chunk with a delta was handed to the caller; the drivers report it
+with `delivered()`. Every attempt, its reason and its wait is kept in `history`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Literal, final
+
+import attrs
+
+from ._chat import ChatAccumulator, ChatChunk, Completion, Reset
+from ._exceptions import (
+    APIConnectionError,
+    HolySheepError,
+    IdleTimeoutError,
+    IncompleteStreamError,
+    StreamError,
+    StreamInterruptedError,
+)
+from ._exchange import Exchange
+from ._retry import GiveUp, Retry, RetryPolicy
+
+__all__ = ["Attempt", "Call", "OnInterrupt", "Reset"]
+
+OnInterrupt = Literal["raise", "resume", "restart"]
+_ON_INTERRUPT = ("raise", "resume", "restart")
+
+logger = logging.getLogger("holysheep")
+
+
+@final
+@attrs.frozen
+class Attempt:
+    """One failed attempt: what failed, what was decided, how long the wait."""
+
+    attempt: int
+    error: str
+    decision: str
+    delay: float | None
+
+
+ExchangeFactory = Callable[[Mapping[str, str], ChatAccumulator | None], Exchange]
+Hook = Callable[[Attempt], None]
+
+
+class Call:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        make_exchange: ExchangeFactory,
+        *,
+        policy: RetryPolicy,
+        on_interrupt: OnInterrupt = "raise",
+        random: Callable[[], float],
+        hooks: tuple[Hook, ...] = (),
+    ) -> None:
+        if on_interrupt not in _ON_INTERRUPT:
+            raise ValueError(f"on_interrupt must be one of {_ON_INTERRUPT}, got {on_interrupt!r}")
+        self._make_exchange = make_exchange
+        self.policy = policy
+        self.on_interrupt = on_interrupt
+        self._random = random
+        self._hooks = hooks
+        self.idempotency_key = f"hs-idem-{uuid.uuid4().hex}"
+        #: Tokens to reserve from a rate limiter's per-minute budget for each attempt.
+        self.cost = 0
+        #: Seconds spent waiting for a rate limiter, over all attempts.
+        self.queued = 0.0
+        self.attempt = 0
+        self.history: list[Attempt] = []
+        self.exchange: Exchange | None = None
+        self._started: float | None = None
+        self._delivered = False
+        self._resume_from: str | None = None
+        self._seen_ids: set[str] = set()
+        self._pending_reset: Reset | None = None
+
+    def start_attempt(self, now: float) -> Exchange:
+        """The exchange for the next attempt."""
+        if self._started is None:
+            self._started = now
+        self.attempt += 1
+        headers = {"idempotency-key": self.idempotency_key}
+        accumulator = None
+        previous = self.exchange
+        if previous is not None and previous.ids_seen:
+            self._seen_ids |= previous.ids_seen
+        if self._resume_from is not None and previous is not None:
+            headers["last-event-id"] = self._resume_from
+            accumulator = previous.accumulator
+            accumulator.restart_decoder()
+        exchange = self._make_exchange(headers, accumulator)
+        if self.on_interrupt == "resume":
+            exchange.track_event_ids(skip=frozenset(self._seen_ids))
+        self.exchange = exchange
+        return exchange
+
+    def take_reset(self) -> Reset | None:
+        """The `Reset` marker the driver must hand the caller before the next attempt."""
+        reset, self._pending_reset = self._pending_reset, None
+        return reset
+
+    def delivered(self, chunks: list[ChatChunk]) -> None:
+        """The driver handed these chunks to the caller."""
+        if not self._delivered:
+            self._delivered = any(chunk.deltas for chunk in chunks)
+
+    def failed(self, error: HolySheepError, now: float, wall_clock: float | None) -> Retry | GiveUp:
+        """What to do about `error`, which ended the current attempt."""
+        exchange = self.exchange
+        elapsed = now - (self._started if self._started is not None else now)
+        hint = None
+        if exchange is not None and exchange.accumulator.decoder.retry is not None:
+            hint = exchange.accumulator.decoder.retry / 1000
+        interrupted = self._delivered and _is_interruption(error)
+        if interrupted and self.on_interrupt == "resume" and not self._last_event_id():
+            decision: Retry | GiveUp = GiveUp(
+                "the stream cannot be resumed: the server sent no event ids"
+            )
+        else:
+            decision = self.policy.decide(
+                error,
+                attempt=self.attempt,
+                elapsed=elapsed,
+                delivered=self._delivered and not (interrupted and self.on_interrupt != "raise"),
+                random=self._random,
+                wall_clock=wall_clock,
+                retry_delay_hint=hint,
+            )
+        if isinstance(decision, Retry) and interrupted:
+            if self.on_interrupt == "resume":
+                self._resume_from = self._last_event_id()
+            else:  # restart: nothing of the broken attempt survives
+                self._delivered = False
+                self._resume_from = None
+                self._pending_reset = Reset(decision.reason, decision.attempt)
+        record = Attempt(
+            self.attempt,
+            f"{type(error).__name__}: {error}",
+            decision.reason,
+            decision.delay if isinstance(decision, Retry) else None,
+        )
+        self.history.append(record)
+        if isinstance(decision, Retry):
+            logger.warning("holysheep retry: attempt %d failed: %s", self.attempt, decision.reason)
+        else:
+            logger.info("holysheep gives up after attempt %d: %s", self.attempt, decision.reason)
+        for hook in self._hooks:
+            hook(record)
+        return decision
+
+    def error_to_raise(self, error: HolySheepError, decision: GiveUp) -> HolySheepError:
+        """The exception the caller sees when we give up."""
+        if (
+            self._delivered
+            and isinstance(error, IncompleteStreamError)
+            and not isinstance(error, StreamInterruptedError)
+        ):
+            exchange = self.exchange
+            completion: Completion | None = error.completion
+            return StreamInterruptedError(
+                f"the stream was interrupted after content was delivered: {error.message}"
+                f" ({decision.reason})",
+                completion=completion,
+                request_id=error.request_id,
+                status_code=error.status_code,
+                usage=exchange.accumulator.usage if exchange is not None else None,
+            )
+        return error
+
+    def _last_event_id(self) -> str:
+        exchange = self.exchange
+        return exchange.accumulator.decoder.last_event_id if exchange is not None else ""
+
+
+def _is_interruption(error: HolySheepError) -> bool:
+    """Errors that cut a stream short (as opposed to a refused request)."""
+    if isinstance(error, StreamError) and not isinstance(error, IncompleteStreamError):
+        return error.retryable
+    return isinstance(error, IncompleteStreamError | APIConnectionError | IdleTimeoutError)
