@@ -1,0 +1,252 @@
+"""Retries, resume, restart and rate limiting against the real local upstream."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import anyio
+import pytest
+
+import holysheep
+from holysheep import (
+    Attempt,
+    BadRequestError,
+    RateLimiter,
+    RetryPolicy,
+    StreamInterruptedError,
+    Timeouts,
+)
+from holysheep.testing import MockUpstream, UpstreamConfig, serve
+
+MESSAGES = [{"role": "user", "content": "Tell me about sheep."}]
+FAST = RetryPolicy(attempts=4, wait_initial=0.01, wait_max=0.05, wait_jitter=0.01)
+FULL = "".join(UpstreamConfig().token_list(None))
+
+
+def first(n: int) -> str:
+    return "".join(UpstreamConfig().token_list(n))
+
+
+def client(upstream: MockUpstream, **kwargs: Any) -> holysheep.Client:
+    kwargs.setdefault("retry", FAST)
+    return holysheep.Client(api_key="k", base_url=upstream.base_url, **kwargs)
+
+
+def test_429_then_success_is_retried_transparently_after_retry_after() -> None:
+    """The caller sees one clean completion; stats show both attempts and why."""
+    with serve() as upstream:
+        upstream.enqueue({"fault": {"kind": "status", "status": 429, "retry_after": 0.1}})
+        with client(upstream).chat.stream(model="m", messages=MESSAGES) as stream:
+            text = "".join(stream.text_stream())
+        assert FULL == text
+        stats = stream.stats
+        assert 2 == stats.attempts
+        (attempt,) = stats.retries
+        assert (1, 0.1) == (attempt.attempt, attempt.delay)
+        assert "Retry-After" in attempt.decision
+        keys = {r.headers["idempotency-key"] for r in upstream.requests}
+        assert 1 == len(keys)  # one logical request, one key
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"kind": "status", "status": 503},
+        {"kind": "status", "status": 529},
+        "drop@0",
+        "inband_error@0",
+    ],
+)
+def test_failures_before_any_content_are_retried(fault: Any) -> None:
+    """Server errors, overload, a drop or an in-band error before the first token: retried."""
+    with serve() as upstream:
+        upstream.enqueue({"fault": fault})
+        assert FULL == client(upstream).chat.complete(model="m", messages=MESSAGES).text
+        assert 2 == len(upstream.requests)
+
+
+def test_client_errors_are_never_retried() -> None:
+    """400 is the caller's mistake: one request, then the error."""
+    with serve(fault={"kind": "status", "status": 400}) as upstream:
+        with pytest.raises(BadRequestError):
+            client(upstream).chat.complete(model="m", messages=MESSAGES)
+        assert 1 == len(upstream.requests)
+
+
+def test_attempts_are_bounded() -> None:
+    """A server that keeps failing gets `attempts` requests, then the last error."""
+    with serve(fault={"kind": "status", "status": 503}) as upstream:
+        with pytest.raises(holysheep.InternalServerError):
+            client(upstream).chat.complete(model="m", messages=MESSAGES)
+        assert 4 == len(upstream.requests)
+
+
+def test_interrupted_after_content_raises_with_the_exact_partial_text() -> None:
+    """Default `on_interrupt="raise"`: no silent restart, the partial text is kept."""
+    with serve(fault="drop@5") as upstream:
+        seen: list[str] = []
+        with (
+            pytest.raises(StreamInterruptedError) as info,
+            client(upstream).chat.stream(model="m", messages=MESSAGES) as stream,
+        ):
+            seen.extend(chunk.text for chunk in stream)
+        assert first(5) == "".join(seen)
+        assert info.value.completion is not None
+        assert first(5) == info.value.completion.text
+        assert info.value.request_id is not None
+        assert 1 == len(upstream.requests)
+
+
+def test_resume_continues_exactly_after_the_last_event() -> None:
+    """`on_interrupt="resume"`: Last-Event-ID, and the text is byte-identical, nothing twice."""
+    with serve(event_ids=True) as upstream:
+        upstream.enqueue({"fault": "drop@7"})
+        seen: list[str] = []
+        with client(upstream, on_interrupt="resume").chat.stream(
+            model="m", messages=MESSAGES
+        ) as stream:
+            seen.extend(chunk.text for chunk in stream)
+        assert FULL == "".join(seen) == stream.completion.text
+        resumed = upstream.requests[1]
+        assert "7" == resumed.headers["last-event-id"]  # role chunk is event 0, tokens 1..7
+        assert 2 == stream.stats.attempts
+
+
+def test_resume_without_event_ids_raises_rather_than_guessing() -> None:
+    """A server without ids cannot be resumed exactly: the caller is told so."""
+    with serve() as upstream:
+        upstream.enqueue({"fault": "drop@3"})
+        with pytest.raises(StreamInterruptedError, match="no event ids"):
+            client(upstream, on_interrupt="resume").chat.complete(model="m", messages=MESSAGES)
+
+
+def test_restart_yields_a_reset_marker_first() -> None:
+    """`on_interrupt="restart"`: a Reset chunk, then the whole completion again."""
+    with serve() as upstream:
+        upstream.enqueue({"fault": "drop@4"})
+        shown = ""
+        resets = 0
+        with client(upstream, on_interrupt="restart").chat.stream(
+            model="m", messages=MESSAGES
+        ) as stream:
+            for chunk in stream:
+                if chunk.reset is not None:
+                    resets += 1
+                    shown = ""  # what a terminal app would do: clear and start over
+                shown += chunk.text
+        assert (1, FULL, FULL) == (resets, shown, stream.completion.text)
+
+
+@pytest.mark.anyio
+async def test_async_resume_and_retry() -> None:
+    """The async client makes the same decisions, on asyncio and trio."""
+    with serve(event_ids=True) as upstream:
+        upstream.enqueue(
+            {"fault": {"kind": "status", "status": 429, "retry_after": 0.05}}, {"fault": "drop@9"}
+        )
+        async with (
+            holysheep.AsyncClient(
+                api_key="k", base_url=upstream.base_url, retry=FAST, on_interrupt="resume"
+            ) as aclient,
+            aclient.chat.stream(model="m", messages=MESSAGES) as stream,
+        ):
+            texts = [chunk.text async for chunk in stream]
+        assert FULL == "".join(texts)
+        assert 3 == stream.stats.attempts
+
+
+@pytest.mark.anyio
+async def test_async_interrupted_raises_partial() -> None:
+    """Async, default policy: StreamInterruptedError with the exact partial text."""
+    with serve(fault="drop@6") as upstream:
+        async with holysheep.AsyncClient(
+            api_key="k", base_url=upstream.base_url, retry=FAST
+        ) as aclient:
+            with pytest.raises(StreamInterruptedError) as info:
+                await aclient.chat.complete(model="m", messages=MESSAGES)
+        assert info.value.completion is not None
+        assert first(6) == info.value.completion.text
+
+
+def test_every_retry_is_logged_and_hooked(caplog: pytest.LogCaptureFixture) -> None:
+    """Logger `holysheep` and user hooks see each failed attempt."""
+    seen: list[Attempt] = []
+    with serve() as upstream:
+        upstream.enqueue({"fault": {"kind": "status", "status": 503}})
+        with caplog.at_level(logging.WARNING, logger="holysheep"):
+            client(upstream, hooks=[seen.append]).chat.complete(model="m", messages=MESSAGES)
+    assert 1 == len(seen)
+    assert "InternalServerError" in seen[0].error
+    assert any("attempt 1 failed" in record.getMessage() for record in caplog.records)
+
+
+def test_limiter_caps_concurrency_across_threads() -> None:
+    """max_concurrent=3 holds for 12 threads streaming at once; the queue time is on stats."""
+    limiter = RateLimiter(max_concurrent=3)
+    with serve(tokens=10, tokens_per_s=100) as upstream:
+        shared = client(upstream, limiter=limiter)
+        queued: list[float] = []
+        peak = 0
+        lock = threading.Lock()
+
+        def one() -> None:
+            nonlocal peak
+            with shared.chat.stream(model="m", messages=MESSAGES) as stream:
+                with lock:
+                    peak = max(peak, limiter.in_flight)
+                stream.until_done()
+            queued.append(stream.stats.queued)
+
+        threads = [threading.Thread(target=one) for _ in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert 12 == len(queued)
+    assert 3 == peak
+    assert 0 == limiter.in_flight
+    assert max(queued) > 0.1  # later streams waited for a slot
+
+
+@pytest.mark.anyio
+async def test_limiter_caps_concurrency_across_tasks() -> None:
+    """The async front end enforces the same limit without blocking the loop."""
+    limiter = RateLimiter(max_concurrent=2)
+    with serve(tokens=5, tokens_per_s=100) as upstream:
+        async with holysheep.AsyncClient(
+            api_key="k", base_url=upstream.base_url, limiter=limiter
+        ) as aclient:
+            peak = 0
+
+            async def one() -> None:
+                nonlocal peak
+                async with aclient.chat.stream(model="m", messages=MESSAGES) as stream:
+                    peak = max(peak, limiter.in_flight)
+                    await stream.until_done()
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(8):
+                    tg.start_soon(one)
+    assert (2, 0) == (peak, limiter.in_flight)
+
+
+def test_a_429_pauses_everyone_sharing_the_limiter() -> None:
+    """Adaptive: Retry-After on one request holds back the whole limiter."""
+    limiter = RateLimiter(requests_per_minute=6000, burst=100)
+    with serve() as upstream:
+        upstream.enqueue({"fault": {"kind": "status", "status": 429, "retry_after": 0.3}})
+        client(upstream, limiter=limiter).chat.complete(model="m", messages=MESSAGES)
+        assert limiter.paused_until > 0
+
+
+def test_timeouts_before_content_are_retried() -> None:
+    """A first token that never comes is retried, like a connect failure."""
+    with serve() as upstream:
+        upstream.enqueue({"ttft": 2})
+        completion = client(upstream, timeout=Timeouts(ttft=0.2)).chat.complete(
+            model="m", messages=MESSAGES
+        )
+        assert FULL == completion.text
+        assert 2 == len(upstream.requests)
