@@ -46,6 +46,8 @@ OnInterrupt = Literal["raise", "resume", "restart"]
 _ON_INTERRUPT = ("raise", "resume", "restart")
 
 logger = logging.getLogger("holysheep")
+# A library logs; the application decides where it goes (no "last resort" output to stderr).
+logger.addHandler(logging.NullHandler())
 
 
 @final

@@ -22,3 +22,16 @@ def test_sse_decode_benchmark_runs_quick() -> None:
     assert "== Targets ==" in result.stdout
     assert "(c) chat layer" in result.stdout
     assert "error" not in result.stdout.lower()
+
+
+def test_soak_runs_quick_and_passes() -> None:
+    """`bench/soak.py --quick`: resume is byte-identical and raise is exact, on a small run."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "soak.py"), "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert 0 == result.returncode, result.stderr[-2000:]
+    assert "PASS" in result.stderr
