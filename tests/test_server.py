@@ -1,0 +1,159 @@
+"""The local upstream itself, over raw HTTP (http.client), and its command line."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from holysheep.testing import Fault, UpstreamConfig, serve
+
+
+def post(
+    port: int, body: Any, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request(
+            "POST",
+            "/v1/chat/completions",
+            body=json.dumps(body),
+            headers={"content-type": "application/json", **(headers or {})},
+        )
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def events(raw: bytes) -> list[str]:
+    return [line[6:] for line in raw.decode().split("\n") if line.startswith("data: ")]
+
+
+def test_stream_has_the_openai_shape() -> None:
+    """Role chunk, content chunks, finish chunk, usage chunk, [DONE]."""
+    with serve(tokens=3) as upstream:
+        status, headers, raw = post(
+            upstream.port,
+            {
+                "model": "gpt-4.1",
+                "messages": [],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
+    data = events(raw)
+    assert (200, "text/event-stream") == (status, headers["content-type"])
+    assert "[DONE]" == data[-1]
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert {"role": "assistant", "content": ""} == chunks[0]["choices"][0]["delta"]
+    assert 3 == sum(1 for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content"))
+    assert "stop" == chunks[-2]["choices"][0]["finish_reason"]
+    assert ([], 3) == (chunks[-1]["choices"], chunks[-1]["usage"]["completion_tokens"])
+    assert {"chat.completion.chunk"} == {c["object"] for c in chunks}
+
+
+def test_non_stream_matches_the_streamed_text() -> None:
+    """Without `stream`, one chat.completion with the same text."""
+    with serve(tokens=12) as upstream:
+        _, _, raw = post(upstream.port, {"model": "m", "messages": []})
+        _, _, streamed = post(upstream.port, {"model": "m", "messages": [], "stream": True})
+    completion = json.loads(raw)
+    text = "".join(
+        json.loads(d)["choices"][0]["delta"].get("content", "") for d in events(streamed)[:-1]
+    )
+    assert ("chat.completion", text) == (
+        completion["object"],
+        completion["choices"][0]["message"]["content"],
+    )
+
+
+def test_routes_and_bad_bodies_answer_in_openai_error_shape() -> None:
+    """404 for unknown paths, 400 for a body without messages; /v1/models lists models."""
+    with serve() as upstream:
+        status, _, raw = post(upstream.port, {"model": "m"})
+        connection = http.client.HTTPConnection("127.0.0.1", upstream.port, timeout=5)
+        connection.request("GET", "/v1/models")
+        models = json.loads(connection.getresponse().read())
+        connection.request("GET", "/nope")
+        missing = connection.getresponse()
+        missing_body = json.loads(missing.read())
+        connection.close()
+    assert (400, "invalid_request_error") == (status, json.loads(raw)["error"]["type"])
+    assert "gpt-4.1" in {m["id"] for m in models["data"]}
+    assert (404, "no route for GET /nope") == (missing.status, missing_body["error"]["message"])
+
+
+def test_resume_continues_after_last_event_id() -> None:
+    """With event ids, Last-Event-ID n resumes at event n+1 of the same sequence."""
+    body = {"model": "m", "messages": [], "stream": True}
+    with serve(tokens=6, event_ids=True) as upstream:
+        _, _, whole = post(upstream.port, body)
+        _, _, rest = post(upstream.port, body, {"last-event-id": "3"})
+    assert events(whole)[4:] == events(rest)
+
+
+def test_request_id_is_echoed_or_generated() -> None:
+    """x-request-id comes back as sent, or a generated one."""
+    with serve(tokens=1) as upstream:
+        _, echoed, _ = post(upstream.port, {"model": "m", "messages": []}, {"x-request-id": "abc"})
+        _, generated, _ = post(upstream.port, {"model": "m", "messages": []})
+    assert "abc" == echoed["x-request-id"]
+    assert generated["x-request-id"].startswith("req_")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("drop@5", Fault("drop", 5)),
+        ("stall", Fault("stall", 0)),
+        ("status=429,retry_after=2", Fault("status", 0, 429, 2.0)),
+        ("inband_error@4", Fault("inband_error", 4)),
+        ("invalid_json,after=2", Fault("invalid_json", 2)),
+    ],
+)
+def test_fault_parse(text: str, expected: Fault) -> None:
+    """The command-line fault syntax."""
+    assert expected == Fault.parse(text)
+
+
+def test_fault_parse_rejects_unknown() -> None:
+    """A typo is an error, not a silently healthy server."""
+    with pytest.raises(ValueError, match="unknown fault"):
+        Fault.parse("dorp@3")
+
+
+def test_tokens_are_deterministic_and_capped() -> None:
+    """Same config, same tokens; max_tokens caps them."""
+    config = UpstreamConfig(tokens=50)
+    assert config.token_list(None) == config.token_list(None)
+    assert 50 == len(config.token_list(None))
+    assert config.token_list(None)[:7] == config.token_list(7)
+
+
+def test_command_serves_and_stops_on_sigterm() -> None:
+    """`python -m holysheep.testing --port 0` prints its URL, serves, and exits on SIGTERM."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "holysheep.testing", "--port", "0", "--tokens", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert "listening on http://127.0.0.1:" in line
+        port = int(line.rsplit(":", 1)[1].split("/")[0])
+        status, _, raw = post(port, {"model": "m", "messages": [], "stream": True})
+        assert (200, "[DONE]") == (status, events(raw)[-1])
+        process.send_signal(signal.SIGTERM)
+        assert 0 == process.wait(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
