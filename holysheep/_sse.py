@@ -178,13 +178,7 @@ class SSEDecoder:
         last = data[-1]
         if last == _LF or last == _CR:  # noqa: SIM109 - two compares beat a tuple here
             # The common case: the read ends on a line ending, so all of it is complete lines.
-            if self._pending:
-                self._pending.append(data)
-                block = b"".join(self._pending)
-                self._pending = []
-                self._pending_size = 0
-            else:
-                block = data
+            block = self._take_pending(data) if self._pending else data
             if last == _CR:
                 self._skip_lf = self._special = True
         else:
@@ -198,12 +192,8 @@ class SSEDecoder:
                     self._line_too_long()
                 return []
             end = cut + 1
-            if self._pending:
-                self._pending.append(data[:end])
-                block = b"".join(self._pending)
-            else:
-                block = data[:end]
-            self._pending = [data[end:]]
+            block = self._take_pending(data[:end]) if self._pending else data[:end]
+            self._pending.append(data[end:])
             self._pending_size = len(data) - end
             if self._pending_size > self.max_line_size:
                 self._line_too_long()
@@ -216,6 +206,15 @@ class SSEDecoder:
         if len(block) > self.max_line_size:
             self._check_line_sizes(lines)
         return self._process(lines)
+
+    def _take_pending(self, data: bytes) -> bytes:
+        pending = self._pending
+        # One earlier piece is the usual case (the rest of the previous read): concatenating
+        # two bytes objects is cheaper than a join.
+        block = pending[0] + data if len(pending) == 1 else b"".join([*pending, data])
+        pending.clear()
+        self._pending_size = 0
+        return block
 
     def close(self) -> list[ServerSentEvent]:
         """Signal end of stream. An unfinished event is discarded and sets `truncated`.
