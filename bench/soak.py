@@ -69,7 +69,7 @@ def run_resume(n: int, rate: float, seed: int) -> dict[str, Any]:
             base_url=upstream.base_url,
             retry=POLICY,
             on_interrupt="resume",
-            timeout=Timeouts(idle=0.2),
+            timeout=Timeouts(ttft=0.5, idle=0.2),
         )
         identical = recovered = failed = duplicated = lost = 0
         started = time.perf_counter()
@@ -110,7 +110,10 @@ def run_raise(n: int, rate: float, seed: int) -> dict[str, Any]:
     exact = wrong = retried_away = 0
     with serve(tokens=TOKENS) as upstream:
         client = holysheep.Client(
-            api_key="soak", base_url=upstream.base_url, retry=POLICY, timeout=Timeouts(idle=0.2)
+            api_key="soak",
+            base_url=upstream.base_url,
+            retry=POLICY,
+            timeout=Timeouts(ttft=0.5, idle=0.2),
         )
         for entry in plan:
             if entry is not None:
