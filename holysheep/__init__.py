@@ -53,6 +53,7 @@ from ._exceptions import (
 )
 from ._exchange import Exchange, Request, StreamStats, Timeouts
 from ._limiter import Admit, RateLimiter, Ticket, Wait
+from ._pricing import Cost, Price, PriceTable, RoiRow, cost_of, estimate_tokens, monthly_roi
 from ._retry import Classification, GiveUp, Retry, RetryDecision, RetryPolicy, classify
 from ._sse import DEFAULT_MAX_EVENT_SIZE, DEFAULT_MAX_LINE_SIZE, ServerSentEvent, SSEDecoder
 from ._version import __version__
@@ -105,6 +106,7 @@ __all__ = [
     "ConflictError",
     "ConnectTimeoutError",
     "ContentDelta",
+    "Cost",
     "Exchange",
     "Finished",
     "FirstTokenTimeoutError",
@@ -117,6 +119,8 @@ __all__ = [
     "NotFoundError",
     "OnInterrupt",
     "PermissionDeniedError",
+    "Price",
+    "PriceTable",
     "RateLimitError",
     "RateLimiter",
     "ReasoningDelta",
@@ -127,6 +131,7 @@ __all__ = [
     "Retry",
     "RetryDecision",
     "RetryPolicy",
+    "RoiRow",
     "SSEDecoder",
     "ServerSentEvent",
     "Stream",
@@ -145,5 +150,8 @@ __all__ = [
     "Wait",
     "__version__",
     "classify",
+    "cost_of",
+    "estimate_tokens",
     "is_retryable_error",
+    "monthly_roi",
 ]

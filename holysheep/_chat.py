@@ -27,6 +27,7 @@ from typing import Any, TypeAlias, final
 import attrs
 
 from ._exceptions import IncompleteStreamError, LocalProtocolError, RemoteProtocolError, StreamError
+from ._pricing import Cost, cost_of
 from ._sse import ServerSentEvent, SSEDecoder
 
 __all__ = [
@@ -202,6 +203,21 @@ class Completion:
     @property
     def finish_reason(self) -> str | None:
         return self._first.finish_reason
+
+    @property
+    def cost(self) -> Cost | None:
+        """What this completion cost at the built-in gateway prices (None: unpriced model).
+
+        From the server's usage when it sent one; otherwise estimated from the text and marked
+        `estimated`. For other prices, call `cost_of(...)` with your own `PriceTable`.
+        """
+        usage = self.usage
+        return cost_of(
+            usage.prompt_tokens if usage is not None else None,
+            usage.completion_tokens if usage is not None else None,
+            self.model or "",
+            completion_text=self.text,
+        )
 
 
 _EMPTY_CHOICE = Choice(0)

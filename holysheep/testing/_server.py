@@ -26,8 +26,6 @@ import contextlib
 import itertools
 import json
 import random
-import socket
-import struct
 import threading
 import time
 import uuid
@@ -416,13 +414,11 @@ class MockUpstream:
         self, fault: Fault, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
         if fault.kind == "drop":
+            # Close mid-body, without the final chunk: the client sees the stream end early.
+            # A FIN, not an RST: with an RST the client's kernel may discard bytes it had
+            # already received, and tests could no longer say exactly what arrived.
             await writer.drain()
-            transport = writer.transport
-            sock = transport.get_extra_info("socket")
-            if sock is not None:  # RST rather than FIN: an abrupt loss, not a clean close
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            transport.close()
+            writer.transport.close()
             return False
         if fault.kind == "stall":
             await writer.drain()

@@ -1,0 +1,361 @@
+"""The `holysheep` command, driven as a user drives it: a subprocess, its output, its exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+import holysheep
+from holysheep.testing import UpstreamConfig, serve
+
+CLI = [sys.executable, "-m", "holysheep"]
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without any holysheep settings, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOLYSHEEP_")}
+    return {**env, **extra}
+
+
+def run(
+    *args: str, env: Mapping[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=clean_env() if env is None else dict(env),
+        timeout=60,
+    )
+
+
+def expected_text(max_tokens: int) -> str:
+    """What the embedded upstream streams for `max_tokens` (its tokens are deterministic)."""
+    return "".join(UpstreamConfig().token_list(max_tokens))
+
+
+def read_until(stream: int, predicate: Callable[[bytes], bool], timeout: float) -> bytes:
+    """Read a pipe until `predicate(data_so_far)` holds; fail after `timeout` seconds."""
+    data = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(stream, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while not predicate(data):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.select(remaining):
+                raise AssertionError(f"timed out; read so far: {data!r}")
+            piece = os.read(stream, 65536)
+            if not piece:
+                raise AssertionError(f"pipe closed; read so far: {data!r}")
+            data += piece
+    return data
+
+
+@pytest.fixture
+def fast_upstream() -> Iterator[holysheep.testing.MockUpstream]:
+    with serve(tokens_per_s=2000) as upstream:
+        yield upstream
+
+
+# -- chat --------------------------------------------------------------------------------------
+
+
+def test_chat_mock_streams_the_answer_and_prints_stats() -> None:
+    """`chat --mock` needs no key: the answer goes to stdout, one stats line to stderr."""
+    result = run("chat", "--mock", "hi", "--max-tokens", "12")
+
+    assert 0 == result.returncode, result.stderr
+    assert expected_text(12) + "\n" == result.stdout
+    stats = r"ttft \d+ ms \| [\d.]+ tokens/s \| 12 tokens \| \$0\.\d{6} \| finish length"
+    assert re.fullmatch(stats + "\n", result.stderr), result.stderr
+    ttft_ms = int(re.search(r"ttft (\d+) ms", result.stderr).group(1))  # type: ignore[union-attr]
+    assert 250 <= ttft_ms < 2000  # the embedded upstream waits ~0.3 s, like a real gateway
+
+
+def test_chat_reads_the_prompt_from_stdin(fast_upstream: holysheep.testing.MockUpstream) -> None:
+    """`-` reads the prompt from stdin; --system, --temperature and --model reach the server."""
+    result = run(
+        "chat",
+        "-",
+        "--base-url",
+        fast_upstream.base_url,
+        "--system",
+        "Be brief.",
+        "--temperature",
+        "0.2",
+        "--model",
+        "deepseek-v3.2",
+        env=clean_env(HOLYSHEEP_API_KEY="sk-test"),
+        stdin="Tell me about sheep.\n",
+    )
+
+    assert 0 == result.returncode, result.stderr
+    body = fast_upstream.requests[-1].body
+    expected_messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Tell me about sheep.\n"},
+    ]
+    assert expected_messages == body["messages"]
+    assert (0.2, "deepseek-v3.2") == (body["temperature"], body["model"])
+    assert "Bearer sk-test" == fast_upstream.requests[-1].headers["authorization"]
+    assert result.stdout.startswith("Sheep are gentle")
+
+
+def test_chat_json_prints_one_object() -> None:
+    """--json prints nothing while streaming, then one parseable object with everything."""
+    result = run("chat", "--mock", "hi", "--max-tokens", "5", "--json")
+
+    assert 0 == result.returncode, result.stderr
+    assert "" == result.stderr
+    report = json.loads(result.stdout)
+    assert expected_text(5) == report["text"]
+    assert ("gpt-4.1", "length", False) == (
+        report["model"],
+        report["finish_reason"],
+        report["interrupted"],
+    )
+    assert 5 == report["usage"]["completion_tokens"] == report["stats"]["tokens"]
+    assert report["stats"]["ttft_s"] > 0.25
+    usage = report["usage"]
+    expected_usd = (usage["prompt_tokens"] + usage["completion_tokens"]) * 8 / 1e6
+    assert {"usd": pytest.approx(expected_usd), "estimated": False} == report["cost"]
+
+
+def test_missing_api_key_is_one_line_naming_the_variable() -> None:
+    """Without a key the command says which variable to set, with no traceback."""
+    result = run("chat", "hi")
+
+    assert 1 == result.returncode
+    assert "" == result.stdout
+    assert [
+        "holysheep: error: no API key: set the HOLYSHEEP_API_KEY environment variable"
+        " (or try --mock, which needs none)"
+    ] == result.stderr.splitlines()
+
+
+def test_http_error_is_one_line() -> None:
+    """An error status prints the library's message on one line and exits 1."""
+    with serve(fault="status=401") as upstream:
+        result = run(
+            "chat", "hi", "--base-url", upstream.base_url, env=clean_env(HOLYSHEEP_API_KEY="bad")
+        )
+
+    assert 1 == result.returncode
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("holysheep: error: ")
+    assert "401" in line
+    assert "mock fault: HTTP 401" in line
+    assert "Traceback" not in result.stderr
+
+
+def test_debug_shows_the_traceback() -> None:
+    """--debug is for bug reports: the traceback comes with the error line."""
+    with serve(fault="status=401") as upstream:
+        result = run(
+            "chat",
+            "hi",
+            "--debug",
+            "--base-url",
+            upstream.base_url,
+            env=clean_env(HOLYSHEEP_API_KEY="bad"),
+        )
+
+    assert 1 == result.returncode
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "AuthenticationError" in result.stderr
+
+
+def test_ctrl_c_closes_the_stream_and_keeps_the_partial_text() -> None:
+    """SIGINT mid-stream: exit 130, what was printed stays, and the server sees us leave."""
+    with serve(tokens_per_s=40, tokens=2000) as upstream:
+        process = subprocess.Popen(
+            [*CLI, "chat", "hi", "--base-url", upstream.base_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=clean_env(HOLYSHEEP_API_KEY="k"),
+        )
+        try:
+            assert process.stdout is not None
+            partial = read_until(process.stdout.fileno(), lambda data: len(data) >= 20, 10)
+            process.send_signal(signal.SIGINT)
+            rest, err = process.communicate(timeout=10)
+        finally:
+            process.kill()
+        assert upstream.wait_for_disconnect(timeout=5)
+
+    assert 130 == process.returncode
+    printed = (partial + rest).decode()
+    full = "".join(UpstreamConfig(tokens=2000).token_list(None))
+    assert full.startswith(printed)  # exactly what arrived: no newline added, nothing lost
+    assert len(printed) < len(full)
+    lines = err.decode().splitlines()
+    assert re.fullmatch(r"holysheep: interrupted after \d+ tokens; stream closed", lines[-1])
+    assert "Traceback" not in err.decode()
+
+
+def test_usage_errors_exit_2() -> None:
+    """Wrong arguments are argparse-style usage errors with status 2."""
+    assert 2 == run("chat").returncode
+    assert 2 == run("chat", "hi", "--mock", "--base-url", "http://127.0.0.1:9/v1").returncode
+    assert 2 == run("chat", "hi", "--max-tokens", "0").returncode
+    empty = run("chat", "-", "--mock", stdin="  \n")
+    assert 2 == empty.returncode
+    assert "the prompt is empty" in empty.stderr
+    faults = run("bench", "--faults", "--base-url", "http://127.0.0.1:9/v1")
+    assert 2 == faults.returncode
+    assert "--faults" in faults.stderr.splitlines()[-1]
+
+
+def test_help_and_version() -> None:
+    """--help lists the four commands; --version prints the package version."""
+    result = run("--help")
+    assert 0 == result.returncode
+    for command in ("chat", "mock", "cost", "bench"):
+        assert command in result.stdout
+    assert f"holysheep {holysheep.__version__}\n" == run("--version").stdout
+
+
+# -- mock --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_mock_prints_its_url_serves_and_stops(stop: signal.Signals) -> None:
+    """`holysheep mock` prints the base URL first, serves the API, and exits 0 when stopped."""
+    process = subprocess.Popen(
+        [*CLI, "mock", "--tokens", "4", "--event-ids"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    )
+    try:
+        assert process.stdout is not None
+        first = read_until(process.stdout.fileno(), lambda data: b"\n" in data, 10)
+        # The first line announces the base URL (its wording belongs to holysheep.testing).
+        match = re.search(rb"(http://127\.0\.0\.1:\d+/v1)\s*$", first.splitlines()[0])
+        assert match, first
+        with holysheep.Client(api_key="k", base_url=match.group(1).decode()) as client:
+            completion = client.chat.complete(model="gpt-4.1", messages=[])
+        process.send_signal(stop)
+        _, err = process.communicate(timeout=10)
+    finally:
+        process.kill()
+
+    assert "".join(UpstreamConfig(tokens=4).token_list(None)) == completion.text
+    assert 0 == process.returncode
+    assert b"stopped" in err
+
+
+# -- cost --------------------------------------------------------------------------------------
+
+
+def test_cost_table_for_500m_tokens_of_gpt_4_1() -> None:
+    """500M tokens of gpt-4.1: $4,000 through the gateway against $30,000 direct."""
+    result = run("cost", "--tokens-per-month", "500M", "--model", "gpt-4.1")
+
+    assert 0 == result.returncode, result.stderr
+    rows = {}
+    for line in result.stdout.splitlines():
+        words = line.split()
+        if words[:1] in (["OpenAI"], ["HolySheep"]):
+            rows[" ".join(words[:3])] = line  # "HolySheep gateway gpt-4.1": the whole row
+    assert "$30,000.00" in rows["OpenAI direct gpt-4.1"]
+    assert "(baseline)" in rows["OpenAI direct gpt-4.1"]
+    assert "$4,000.00" in rows["HolySheep gateway gpt-4.1"]
+    assert "$26,000.00 (86.7%)" in rows["HolySheep gateway gpt-4.1"]
+    assert "$210.00" in rows["HolySheep gateway deepseek-v3.2"]
+    assert "$312,000.00/year" in result.stdout
+
+
+def test_cost_json_and_suffixes() -> None:
+    """--json gives the same numbers to scripts; 0.5B is 500M."""
+    result = run("cost", "--tokens-per-month", "0.5B", "--json")
+
+    assert 0 == result.returncode, result.stderr
+    report = json.loads(result.stdout)
+    assert 500_000_000 == report["tokens_per_month"]
+    by_route = {(row["route"], row["model"]): row for row in report["rows"]}
+    assert 30_000 == by_route["direct", "gpt-4.1"]["monthly_usd"]
+    assert 4_000 == by_route["gateway", "gpt-4.1"]["monthly_usd"]
+    assert 26_000 == by_route["gateway", "gpt-4.1"]["savings_usd"]
+
+
+def test_cost_reads_prices_from_holysheep_prices(tmp_path: Path) -> None:
+    """HOLYSHEEP_PRICES points at a TOML file whose prices replace the built-in ones."""
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[gateway]\n"gpt-4.1" = { input = 2.0, output = 6.0 }\n')
+    result = run(
+        "cost",
+        "--tokens-per-month",
+        "1M",
+        "--output-share",
+        "0.25",
+        env=clean_env(HOLYSHEEP_PRICES=str(prices)),
+    )
+
+    assert 0 == result.returncode, result.stderr
+    assert str(prices) in result.stdout
+    assert "2.00 in / 6.00 out" in result.stdout
+    assert "$3.00" in result.stdout  # 0.75M x $2 + 0.25M x $6
+
+
+def test_cost_unknown_model_lists_the_known_ones() -> None:
+    """A model without a price is a usage error that says which models have one."""
+    result = run("cost", "--tokens-per-month", "1M", "--model", "gpt-5")
+
+    assert 2 == result.returncode
+    assert "no gateway price for model 'gpt-5'" in result.stderr
+    assert "deepseek-v3.2" in result.stderr
+
+
+def test_cost_does_not_load_the_network_stack() -> None:
+    """`holysheep cost` is arithmetic: it starts without requests, httpx or anyio."""
+    code = (
+        "import sys; from holysheep._cli import main; "
+        "main(['cost', '--tokens-per-month', '1M']); "
+        "print(sorted({'requests', 'httpx', 'anyio', 'socket'} & set(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=clean_env()
+    )
+    assert "[]" == result.stdout.splitlines()[-1]
+
+
+# -- bench -------------------------------------------------------------------------------------
+
+
+def test_bench_json_tiny() -> None:
+    """A tiny bench against the embedded upstream: every section present and sane."""
+    result = run(
+        "bench",
+        "--json",
+        "--requests",
+        "2",
+        "--max-tokens",
+        "3",
+        "--concurrency",
+        "2,5",
+        "--faults",
+    )
+
+    assert 0 == result.returncode, result.stderr
+    report = json.loads(result.stdout)
+    sequential = report["sequential"]
+    assert (2, 2, {}) == (sequential["requests"], sequential["ok"], sequential["errors"])
+    assert 0.25 < sequential["ttft_s"]["p50"] < 2
+    assert [2, 5] == [level["level"] for level in report["concurrency"]]
+    assert [1.0, 1.0] == [level["success_rate"] for level in report["concurrency"]]
+    faults = report["faults"]
+    assert (2, 2, 1.0) == (faults["streams"], faults["byte_identical"], faults["success_rate"])
+    assert faults["attempts_per_recovered_stream"] > 1  # every stream really was faulted
