@@ -53,6 +53,7 @@ from ._exceptions import (
 )
 from ._exchange import Exchange, Request, StreamStats, Timeouts
 from ._limiter import Admit, RateLimiter, Ticket, Wait
+from ._observe import Observer, RequestInfo
 from ._pricing import Cost, Price, PriceTable, RoiRow, cost_of, estimate_tokens, monthly_roi
 from ._retry import Classification, GiveUp, Retry, RetryDecision, RetryPolicy, classify
 from ._sse import DEFAULT_MAX_EVENT_SIZE, DEFAULT_MAX_LINE_SIZE, ServerSentEvent, SSEDecoder
@@ -117,6 +118,7 @@ __all__ = [
     "InternalServerError",
     "LocalProtocolError",
     "NotFoundError",
+    "Observer",
     "OnInterrupt",
     "PermissionDeniedError",
     "Price",
@@ -127,6 +129,7 @@ __all__ = [
     "RefusalDelta",
     "RemoteProtocolError",
     "Request",
+    "RequestInfo",
     "Reset",
     "Retry",
     "RetryDecision",

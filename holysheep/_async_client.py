@@ -24,6 +24,7 @@ from ._exceptions import APIConnectionError, HolySheepError
 from ._exchange import MAX_ERROR_BODY, Exchange, StreamStats, Timeouts
 from ._gate import Gate, gate_for
 from ._limiter import RateLimiter, Ticket
+from ._observe import Observer
 from ._retry import GiveUp, RetryPolicy
 
 if TYPE_CHECKING:
@@ -54,9 +55,18 @@ class AsyncClient:
         on_interrupt: OnInterrupt = "raise",
         limiter: RateLimiter | None = None,
         hooks: Iterable[Callable[[Attempt], None]] = (),
+        observers: Iterable[Observer] = (),
     ) -> None:
         self._config = ClientConfig.from_arguments(
-            api_key, base_url, timeout, headers, require_end, retry, on_interrupt, hooks
+            api_key,
+            base_url,
+            timeout,
+            headers,
+            require_end,
+            retry,
+            on_interrupt,
+            hooks,
+            observers,
         )
         self.limiter = limiter
         if transport is None:
@@ -145,6 +155,7 @@ class AsyncStream:
         self._index = 0
         self._closed = False
         self._exhausted = False
+        self._awaiting_first = True
 
     @property
     def _exchange(self) -> Exchange:
@@ -165,6 +176,8 @@ class AsyncStream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc is not None and not isinstance(exc, Exception):  # cancelled, not a clean end
+            self._call.ended(anyio.current_time(), exc)
         await self.aclose()
 
     async def open(self) -> None:
@@ -191,6 +204,7 @@ class AsyncStream:
         self._closed = True
         if self._call.exchange is not None:
             self._call.exchange.finish(anyio.current_time())
+            self._call.ended(anyio.current_time())
         if self._scope is not None:
             self._scope.cancel()
 
@@ -251,7 +265,11 @@ class AsyncStream:
             return []
         chunks = exchange.on_data(data, now)
         if chunks:
-            self._call.delivered(chunks)
+            call = self._call
+            call.delivered(chunks)
+            if self._awaiting_first and exchange.progressed:
+                self._awaiting_first = False
+                call.first_token(now)
         return chunks
 
     async def text_stream(self) -> AsyncIterator[str]:
@@ -285,6 +303,7 @@ class AsyncStream:
             waited = anyio.current_time()
             self._ticket = await self._gate.aacquire(self._call.cost)
             self._call.queued += anyio.current_time() - waited
+        self._call.sending()
         exchange.start(anyio.current_time())
         with self._deadline_scope() as scope:
             try:
@@ -308,6 +327,7 @@ class AsyncStream:
         if isinstance(decision, GiveUp):
             self._exhausted = True
             failure = self._call.error_to_raise(error, decision)
+            self._call.ended(anyio.current_time(), failure)
             if failure is error:
                 raise error
             raise failure from error
@@ -320,11 +340,13 @@ class AsyncStream:
             await anyio.sleep(decision.delay)
         if self._closed:
             self._exhausted = True
+            self._call.ended(anyio.current_time(), error)
             raise error  # closed while waiting to retry: report why it was still failing
 
     async def _finish(self) -> None:
         self._exhausted = True
         await self._end_attempt()
+        self._call.ended(anyio.current_time())
 
     async def _end_attempt(self) -> None:
         response, self._response = self._response, None

@@ -37,7 +37,8 @@ from ._exceptions import (
     StreamError,
     StreamInterruptedError,
 )
-from ._exchange import Exchange
+from ._exchange import Exchange, StreamStats
+from ._observe import Observer, RequestInfo, notify
 from ._retry import GiveUp, Retry, RetryPolicy
 
 __all__ = ["Attempt", "Call", "OnInterrupt", "Reset"]
@@ -76,6 +77,8 @@ class Call:
         on_interrupt: OnInterrupt = "raise",
         random: Callable[[], float],
         hooks: tuple[Hook, ...] = (),
+        observers: tuple[Observer, ...] = (),
+        info: RequestInfo | None = None,
     ) -> None:
         if on_interrupt not in _ON_INTERRUPT:
             raise ValueError(f"on_interrupt must be one of {_ON_INTERRUPT}, got {on_interrupt!r}")
@@ -84,7 +87,14 @@ class Call:
         self.on_interrupt = on_interrupt
         self._random = random
         self._hooks = hooks
+        self._observers = observers
         self.idempotency_key = f"hs-idem-{uuid.uuid4().hex}"
+        if info is not None:
+            info = attrs.evolve(info, idempotency_key=self.idempotency_key)
+        #: What observers are told this request is.
+        self.info = info
+        # Lifecycle reported to observers so far: each happens at most once.
+        self._announced = self._first_token = self._reported = False
         #: Tokens to reserve from a rate limiter's per-minute budget for each attempt.
         self.cost = 0
         #: Seconds spent waiting for a rate limiter, over all attempts.
@@ -170,7 +180,42 @@ class Call:
             logger.info("holysheep gives up after attempt %d: %s", self.attempt, decision.reason)
         for hook in self._hooks:
             hook(record)
+        if isinstance(decision, Retry) and self._observers:
+            notify(self._observers, "on_retry", self.info, record)
         return decision
+
+    # -- lifecycle for observers: the drivers report, `Call` makes each happen once ------------
+
+    def sending(self) -> None:
+        """The driver is about to send an attempt."""
+        if not self._announced:
+            self._announced = True
+            if self._observers:
+                notify(self._observers, "on_request", self.info)
+
+    def first_token(self, now: float) -> None:
+        """Content from the current attempt reached the caller."""
+        if not self._first_token:
+            self._first_token = True
+            if self._observers:
+                notify(self._observers, "on_first_token", self.info, self._stats(now))
+
+    def ended(self, now: float, error: BaseException | None = None) -> None:
+        """The stream stopped for good: cleanly (`error` None) or with `error`."""
+        if self._reported or not self._announced:
+            return
+        self._reported = True
+        if self._observers:
+            stats = self._stats(now)
+            if error is None:
+                assert self.exchange is not None
+                notify(self._observers, "on_end", self.info, self.exchange.completion, stats)
+            else:
+                notify(self._observers, "on_error", self.info, error, stats)
+
+    def _stats(self, now: float) -> StreamStats:
+        assert self.exchange is not None
+        return self.exchange.stats(now, self)
 
     def error_to_raise(self, error: HolySheepError, decision: GiveUp) -> HolySheepError:
         """The exception the caller sees when we give up."""

@@ -22,6 +22,7 @@ from ._exceptions import APIConnectionError, HolySheepError
 from ._exchange import MAX_ERROR_BODY, Exchange, StreamStats, Timeouts
 from ._gate import Gate, gate_for
 from ._limiter import RateLimiter, Ticket
+from ._observe import Observer
 from ._retry import GiveUp, RetryPolicy
 
 if TYPE_CHECKING:
@@ -52,9 +53,18 @@ class Client:
         on_interrupt: OnInterrupt = "raise",
         limiter: RateLimiter | None = None,
         hooks: Iterable[Callable[[Attempt], None]] = (),
+        observers: Iterable[Observer] = (),
     ) -> None:
         self._config = ClientConfig.from_arguments(
-            api_key, base_url, timeout, headers, require_end, retry, on_interrupt, hooks
+            api_key,
+            base_url,
+            timeout,
+            headers,
+            require_end,
+            retry,
+            on_interrupt,
+            hooks,
+            observers,
         )
         self.limiter = limiter
         if transport is None:
@@ -173,6 +183,8 @@ class Stream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc is not None and not isinstance(exc, Exception):  # Ctrl-C, not a clean end
+            self._call.ended(_clock(), exc)
         self.close()
 
     def open(self) -> None:
@@ -197,6 +209,7 @@ class Stream:
         self._end_attempt()
         if self._call.exchange is not None:
             self._call.exchange.finish(_clock())
+            self._call.ended(_clock())
 
     @property
     def closed(self) -> bool:
@@ -219,6 +232,9 @@ class Stream:
                     if reset is not None:
                         yield ChatChunk.for_reset(reset)
                     self.open()
+        except (KeyboardInterrupt, SystemExit) as exc:  # interrupted, not a clean end
+            self._call.ended(_clock(), exc)
+            raise
         finally:
             self._exhausted = True
             self.close()
@@ -236,6 +252,7 @@ class Stream:
                     # come sooner: the only time a deadline moves earlier.
                     waiting_for_first = False
                     self._watchdog.watch(self)
+                    self._call.first_token(_clock())
                 delivered(chunks)
                 yield from chunks
         if self._expired:
@@ -279,6 +296,7 @@ class Stream:
             self._call.queued += _clock() - waited
             if self._ticket is None:
                 return  # closed while queued
+        self._call.sending()
         exchange.start(_clock())
         self._watchdog.watch(self)
         try:
@@ -297,12 +315,14 @@ class Stream:
         decision = self._call.failed(error, _clock(), time.time())
         if isinstance(decision, GiveUp):
             failure = self._call.error_to_raise(error, decision)
+            self._call.ended(_clock(), failure)
             if failure is error:
                 raise error
             raise failure from error
         if decision.pause_all and self._gate is not None:
             self._gate.pause(decision.delay)
         if self._stop.wait(decision.delay):
+            self._call.ended(_clock(), error)
             raise error  # closed while waiting to retry: report why it was still failing
 
     def _end_attempt(self) -> None:

@@ -16,6 +16,7 @@ from ._call import Attempt, Call, OnInterrupt
 from ._chat import ChatAccumulator
 from ._exceptions import ConfigurationError
 from ._exchange import Exchange, Timeouts, new_request_id
+from ._observe import Observer, RequestInfo
 from ._retry import RetryPolicy
 
 __all__ = ["API_KEY_ENV", "BASE_URL_ENV", "DEFAULT_BASE_URL", "ClientConfig", "estimate_cost"]
@@ -35,6 +36,7 @@ class ClientConfig:
     retry: RetryPolicy = attrs.field(factory=RetryPolicy)
     on_interrupt: OnInterrupt = "raise"
     hooks: tuple[Callable[[Attempt], None], ...] = ()
+    observers: tuple[Observer, ...] = ()
 
     @classmethod
     def from_arguments(
@@ -47,6 +49,7 @@ class ClientConfig:
         retry: RetryPolicy | None = None,
         on_interrupt: OnInterrupt = "raise",
         hooks: Iterable[Callable[[Attempt], None]] = (),
+        observers: Iterable[Observer] = (),
     ) -> ClientConfig:
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         if not key:
@@ -63,6 +66,7 @@ class ClientConfig:
             retry if retry is not None else RetryPolicy(),
             on_interrupt,
             tuple(hooks),
+            tuple(observers),
         )
 
     def call(
@@ -90,11 +94,13 @@ class ClientConfig:
         extra = {**self.headers, **(headers or {})}
         request_id = request_id or new_request_id()
 
+        url = f"{self.base_url}/chat/completions"
+
         def make_exchange(
             attempt_headers: Mapping[str, str], accumulator: ChatAccumulator | None
         ) -> Exchange:
             return Exchange(
-                url=f"{self.base_url}/chat/completions",
+                url=url,
                 api_key=self.api_key,
                 body=body,
                 timeouts=timeouts,
@@ -110,6 +116,9 @@ class ClientConfig:
             on_interrupt=on_interrupt or self.on_interrupt,
             random=_random.random,
             hooks=self.hooks,
+            observers=self.observers,
+            # The idempotency key is the Call's to choose; it fills it in.
+            info=RequestInfo(model, url, request_id, "", body) if self.observers else None,
         )
         call.cost = estimate_cost(body)
         return call
