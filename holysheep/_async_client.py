@@ -1,13 +1,20 @@
 """The async client: drives an `Exchange` with anyio, so it runs on asyncio and trio.
 
-Every wait (sending the request, each body read) runs in a cancel scope whose deadline is the
-exchange's next deadline, read just before the wait; when the scope expires the exchange names
-the timeout. `close()` from another task cancels the pending read the same way. Cleanup runs
-shielded and bounded, so cancelling a task never leaks its connection.
+Every wait (sending the request, each body read) ends at the exchange's next deadline; when it
+expires the exchange names the timeout. `close()` from another task ends the pending wait the
+same way. Cleanup runs shielded and bounded, so cancelling a task never leaks its connection.
+
+How a read is bounded depends on the event loop. On trio, each read runs in a cancel scope
+(cheap there). On asyncio an anyio cancel scope per read costs about as much as parsing the
+event it brings, so body reads use one lazy timer per stream instead: it is armed at the
+deadline, and when it fires it re-arms itself if the deadline moved later (content arrived) or
+else cancels the reading task, the way `asyncio.timeout` does, and the read turns that into the
+typed timeout. Content arriving costs nothing but a comparison.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import time
@@ -155,7 +162,14 @@ class AsyncStream:
         self._index = 0
         self._closed = False
         self._exhausted = False
-        self._awaiting_first = True
+        self._rearm_on_progress = True  # until this attempt's first content
+        # asyncio only (see the module docstring): the deadline timer, when it is due, the task
+        # blocked in a body read, and whether we cancelled it.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = math.inf
+        self._reader: asyncio.Task[Any] | None = None
+        self._cancelled_read = False
+        self._expired = False
 
     @property
     def _exchange(self) -> Exchange:
@@ -207,6 +221,7 @@ class AsyncStream:
             self._call.ended(anyio.current_time())
         if self._scope is not None:
             self._scope.cancel()
+        self._cancel_read()
 
     @property
     def closed(self) -> bool:
@@ -246,19 +261,42 @@ class AsyncStream:
             await self._finish()
             return []
         data = b""
-        with self._deadline_scope() as scope:
+        if self._timer is not None:  # asyncio: the stream's deadline timer bounds the read
+            if self._expired:
+                raise self._timeout_or(None)
+            self._reader = reader = asyncio.current_task()
             try:
                 data = await body.__anext__()
             except StopAsyncIteration:
                 pass
             except HolySheepError as exc:
                 raise self._timeout_or(exc) from exc  # while the body is still known
+            except asyncio.CancelledError:
+                if not self._cancelled_read:
+                    raise  # not ours: the caller's task is being cancelled
+                self._cancelled_read = False
+                uncancel = getattr(reader, "uncancel", None)  # Python 3.11+
+                if uncancel is not None and uncancel() > 0:
+                    raise  # cancelled from outside as well
+                return await self._deadline_passed()
+            finally:
+                self._reader = None
+            if self._cancelled_read:  # cancelled just as the read completed: never delivered
+                self._cancelled_read = False
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0)  # take our cancellation here
+                return await self._deadline_passed()
+        else:
+            with self._deadline_scope() as scope:
+                try:
+                    data = await body.__anext__()
+                except StopAsyncIteration:
+                    pass
+                except HolySheepError as exc:
+                    raise self._timeout_or(exc) from exc  # while the body is still known
+            if scope.cancelled_caught:  # a deadline passed, or close() was called
+                return await self._deadline_passed()
         now = anyio.current_time()
-        if scope.cancelled_caught:  # a deadline passed, or close() was called
-            if self._stopped_by_caller():
-                await self._finish()
-                return []
-            raise self._timeout_or(None)
         if not data:
             exchange.on_eof(now)
             await self._finish()
@@ -267,10 +305,57 @@ class AsyncStream:
         if chunks:
             call = self._call
             call.delivered(chunks)
-            if self._awaiting_first and exchange.progressed:
-                self._awaiting_first = False
+            if self._rearm_on_progress and exchange.progressed:
+                # The first content swaps the ttft deadline for the idle one, which may come
+                # sooner: the only time a deadline moves earlier.
+                self._rearm_on_progress = False
+                if self._timer is not None:
+                    self._arm()
                 call.first_token(now)
         return chunks
+
+    async def _deadline_passed(self) -> list[ChatChunk]:
+        """A read was cut short: by `close()` (end quietly) or by a deadline (raise)."""
+        if self._stopped_by_caller():
+            await self._finish()
+            return []
+        raise self._timeout_or(None)
+
+    # -- the asyncio deadline timer ----------------------------------------------------------
+
+    def _arm(self) -> None:
+        """Make sure the timer fires no later than the exchange's next deadline."""
+        due = self._exchange.deadline()
+        at = math.inf if due is None else due[0]
+        if at < self._timer_due:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = asyncio.get_running_loop().call_at(at, self._on_timer)
+            self._timer_due = at
+        elif self._timer is None:  # no deadline at all: a timer that never fires marks the mode
+            self._timer = asyncio.get_running_loop().call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_due = None, math.inf
+        due = self._exchange.deadline()
+        if due is not None and due[0] > asyncio.get_running_loop().time():
+            self._arm()  # the deadline moved later since we armed: wait for the new one
+            return
+        self._expired = True
+        self._timer = asyncio.get_running_loop().call_at(math.inf, self._on_timer)
+        self._cancel_read()
+
+    def _cancel_read(self) -> None:
+        reader = self._reader
+        if reader is not None and not self._cancelled_read:
+            self._cancelled_read = True
+            reader.cancel()
+
+    def _disarm(self) -> None:
+        timer, self._timer, self._timer_due = self._timer, None, math.inf
+        if timer is not None:
+            timer.cancel()
+        self._expired = False
 
     async def text_stream(self) -> AsyncIterator[str]:
         """Only the content text, piece by piece."""
@@ -319,6 +404,9 @@ class AsyncStream:
         if action == "read_error_body":
             raise exchange.error_for_body(await self._read_error_body(response))
         self._body = response.stream
+        if _on_asyncio():
+            self._arm()
+            self._rearm_on_progress = True
 
     async def _after_failure(self, error: HolySheepError) -> None:
         """End the failed attempt; wait and return to try again, or raise."""
@@ -349,6 +437,7 @@ class AsyncStream:
         self._call.ended(anyio.current_time())
 
     async def _end_attempt(self) -> None:
+        self._disarm()
         response, self._response = self._response, None
         body, self._body = self._body, None
         ticket, self._ticket = self._ticket, None
@@ -402,3 +491,11 @@ class AsyncStream:
             except HolySheepError:
                 pass  # what arrived is still worth quoting
         return b"".join(parts)
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio (anyio's other backend)
+        return False
+    return True

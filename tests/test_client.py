@@ -368,6 +368,28 @@ async def test_async_errors_and_timeouts(upstream: MockUpstream) -> None:
 
 
 @pytest.mark.anyio
+async def test_async_idle_deadline_sooner_than_ttft_applies_after_first_content(
+    upstream: MockUpstream,
+) -> None:
+    """The first content swaps a far ttft deadline for a near idle one: a stall after it is
+    caught after `idle`, not after what was left of `ttft`."""
+    async with holysheep.AsyncClient(
+        api_key="k",
+        base_url=upstream.base_url,
+        timeout=Timeouts(ttft=20, idle=0.3),
+        retry=RetryPolicy.none(),
+    ) as client:
+        started = anyio.current_time()
+        with pytest.raises(IdleTimeoutError) as info:
+            await client.chat.complete(
+                model="m", messages=MESSAGES, extra_headers=config(fault="stall@2")
+            )
+        assert anyio.current_time() - started < 5
+        assert info.value.completion is not None
+        assert "".join(UpstreamConfig().token_list(2)) == info.value.completion.text
+
+
+@pytest.mark.anyio
 async def test_cancelling_the_task_closes_the_connection() -> None:
     """Cancel scope around a slow stream: the server sees the disconnect, nothing leaks."""
     with serve(tokens_per_s=100, tokens=1000) as slow:
