@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import requests
 import requests.adapters
@@ -26,6 +27,11 @@ class RequestsTransport(BaseTransport):
 
     `max_connections` bounds the pool per host (requests' default of 10 would make the 11th
     concurrent stream from a thread pool open and drop a fresh connection each time).
+
+    Proxy and CA-bundle settings from the environment (`HTTPS_PROXY`, `NO_PROXY`,
+    `REQUESTS_CA_BUNDLE`, ...) are read once per origin, on its first request, as httpx does:
+    `requests` re-reads the whole environment for every request, which costs more than
+    parsing a short stream.
     """
 
     def __init__(
@@ -44,19 +50,26 @@ class RequestsTransport(BaseTransport):
             self.session.mount("http://", adapter)
             self.session.mount("https://", adapter)
         self.verify = verify
+        self._settings: dict[str, Any] = {}
 
     def send(self, request: Request) -> Response:
         t = request.timeouts
+        session = self.session
         try:
-            response = self.session.request(
-                request.method,
-                request.url,
-                data=request.content,
-                headers=dict(request.headers),
-                stream=True,
-                timeout=(t.connect, t.head_timeout()),
-                verify=self.verify,
-                allow_redirects=False,
+            prepared = session.prepare_request(
+                requests.Request(
+                    request.method, request.url, data=request.content, headers=dict(request.headers)
+                )
+            )
+            origin = request.url.split("/", 3)[2]
+            settings = self._settings.get(origin)
+            if settings is None:
+                settings = session.merge_environment_settings(
+                    request.url, {}, True, self.verify, None
+                )
+                self._settings[origin] = settings
+            response = session.send(
+                prepared, timeout=(t.connect, t.head_timeout()), allow_redirects=False, **settings
             )
         except requests.exceptions.ConnectTimeout as exc:
             limit = t.connect or 0.0
