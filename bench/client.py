@@ -307,10 +307,14 @@ def _nothing() -> None:
 
 
 class HolySheepAsync:
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, transport: str = "httpx") -> None:
         import holysheep
+        from holysheep import transports
 
-        self.client = holysheep.AsyncClient(api_key=API_KEY, base_url=base_url)
+        # aiohttp: the transport for many concurrent streams; its session is made lazily,
+        # inside the running loop, by the first request.
+        chosen = transports.AiohttpTransport() if transport == "aiohttp" else None
+        self.client = holysheep.AsyncClient(api_key=API_KEY, base_url=base_url, transport=chosen)
 
     async def stream(self, tokens: int, on_open: OnOpen = _nothing) -> Sample:
         first = None
@@ -444,6 +448,7 @@ class Spec:
 HS_REQUESTS = "holysheep Client (requests)"
 HS_HTTPX = "holysheep Client (httpx)"
 HS_ASYNC = "holysheep AsyncClient (httpx)"
+HS_ASYNC_AIOHTTP = "holysheep AsyncClient (aiohttp)"
 OPENAI = "openai"
 OPENAI_ASYNC = "openai async"
 RAW_REQUESTS = "raw requests"
@@ -458,6 +463,12 @@ SPECS = {
         Spec(HS_REQUESTS, ("holysheep", "requests"), lambda u: HolySheepSync(u, "requests")),
         Spec(HS_HTTPX, ("holysheep", "httpx"), lambda u: HolySheepSync(u, "httpx")),
         Spec(HS_ASYNC, ("holysheep", "httpx", "anyio"), HolySheepAsync, is_async=True),
+        Spec(
+            HS_ASYNC_AIOHTTP,
+            ("holysheep", "aiohttp", "anyio"),
+            lambda u: HolySheepAsync(u, "aiohttp"),
+            is_async=True,
+        ),
         Spec(OPENAI, ("openai",), OpenAISync),
         Spec(OPENAI_ASYNC, ("openai",), OpenAIAsync, is_async=True),
         Spec(RAW_REQUESTS, ("requests",), RawRequests),
@@ -472,6 +483,7 @@ THROUGHPUT = [
     HS_REQUESTS,
     HS_HTTPX,
     HS_ASYNC,
+    HS_ASYNC_AIOHTTP,
     OPENAI,
     OPENAI_ASYNC,
     RAW_REQUESTS,
@@ -489,14 +501,16 @@ TTFT = [
     HS_ASYNC,
     RAW_HTTPX_ASYNC,
     OPENAI_ASYNC,
-    RAW_AIOHTTP,  # for information: the floor an aiohttp transport would be held to
+    HS_ASYNC_AIOHTTP,
+    RAW_AIOHTTP,
 ]
-CONCURRENCY = [HS_ASYNC, RAW_HTTPX_ASYNC, RAW_AIOHTTP, OPENAI_ASYNC]
+CONCURRENCY = [HS_ASYNC, HS_ASYNC_AIOHTTP, RAW_HTTPX_ASYNC, RAW_AIOHTTP, OPENAI_ASYNC]
 # Who is compared with whom: (holysheep, raw reading on the same HTTP library, openai flavour).
 PAIRS = [
     (HS_REQUESTS, RAW_REQUESTS, OPENAI),
     (HS_HTTPX, RAW_HTTPX, OPENAI),
     (HS_ASYNC, RAW_HTTPX_ASYNC, OPENAI_ASYNC),
+    (HS_ASYNC_AIOHTTP, RAW_AIOHTTP, OPENAI_ASYNC),
 ]
 RAW_OF = {mine: raw for mine, raw, _ in PAIRS} | {OPENAI: RAW_HTTPX, OPENAI_ASYNC: RAW_HTTPX_ASYNC}
 
@@ -1081,48 +1095,55 @@ def targets(results: dict[str, list[Any]]) -> list[Target]:
                 f"over {row.streams:,} sequential streams after a warm-up",
             )
         )
-    concurrency = [r for r in results.get("concurrency", []) if r.contender == HS_ASYNC]
+    # The AsyncClient targets hold on each of its transports.
+    for mine in (HS_ASYNC, HS_ASYNC_AIOHTTP):
+        found.extend(_concurrency_targets(results, mine))
+    return found
+
+
+def _concurrency_targets(results: dict[str, list[Any]], mine: str) -> list[Target]:
+    concurrency = [r for r in results.get("concurrency", []) if r.contender == mine]
     measured = [r for r in concurrency if r.ok is not None]
-    if measured:
-        top = measured[-1]
-        top_level = max(row.streams for row in concurrency)
-        # A level skipped after a failure counts as none succeeded there.
-        detail = ""
-        if top.streams != top_level:
-            detail = (
-                f"{top.ok or 0:,} of {top.streams:,} succeeded at {top.streams:,}; skipped above"
-            )
-        found.append(
-            Target(
-                f"3 concurrency: {HS_ASYNC}, streams that succeeded at {top_level:,}",
-                float(top.ok or 0) if top.streams == top_level else 0.0,
-                float(top_level),
-                True,
-                "",
-                detail,
-            )
+    if not measured:
+        return []
+    found: list[Target] = []
+    top = measured[-1]
+    top_level = max(row.streams for row in concurrency)
+    # A level skipped after a failure counts as none succeeded there.
+    detail = ""
+    if top.streams != top_level:
+        detail = f"{top.ok or 0:,} of {top.streams:,} succeeded at {top.streams:,}; skipped above"
+    found.append(
+        Target(
+            f"3 concurrency: {mine}, streams that succeeded at {top_level:,}",
+            float(top.ok or 0) if top.streams == top_level else 0.0,
+            float(top_level),
+            True,
+            "",
+            detail,
         )
-        # CPU and memory from the largest level that has them (a mostly failed level has not).
-        top = next((r for r in reversed(measured) if r.us_per_event is not None), top)
-        found.append(
-            Target(
-                f"3 concurrency: {HS_ASYNC}, client CPU per event at {top.streams:,}",
-                top.us_per_event,
-                50.0,
-                False,
-                " us",
-            )
+    )
+    # CPU and memory from the largest level that has them (a mostly failed level has not).
+    top = next((r for r in reversed(measured) if r.us_per_event is not None), top)
+    found.append(
+        Target(
+            f"3 concurrency: {mine}, client CPU per event at {top.streams:,}",
+            top.us_per_event,
+            50.0,
+            False,
+            " us",
         )
-        found.append(
-            Target(
-                f"3 concurrency: {HS_ASYNC}, RSS per stream vs raw aiohttp at {top.streams:,}",
-                top.rss_vs_aiohttp,
-                1.15,
-                False,
-                "x",
-                "" if top.kb_per_stream is None else f"{top.kb_per_stream:.1f} KB per stream",
-            )
+    )
+    found.append(
+        Target(
+            f"3 concurrency: {mine}, RSS per stream vs raw aiohttp at {top.streams:,}",
+            top.rss_vs_aiohttp,
+            1.15,
+            False,
+            "x",
+            "" if top.kb_per_stream is None else f"{top.kb_per_stream:.1f} KB per stream",
         )
+    )
     return found
 
 
