@@ -62,12 +62,15 @@ from ._version import __version__
 if TYPE_CHECKING:
     from ._async_client import AsyncClient, AsyncStream
     from ._client import Client, Stream
+    from ._otel import OpenTelemetryObserver
 
 _LAZY = {
     "AsyncClient": "._async_client",
     "AsyncStream": "._async_client",
     "Client": "._client",
     "Stream": "._client",
+    # Needs the `otel` extra; constructing one without it raises an ImportError saying so.
+    "OpenTelemetryObserver": "._otel",
 }
 
 
@@ -120,6 +123,7 @@ __all__ = [
     "NotFoundError",
     "Observer",
     "OnInterrupt",
+    "OpenTelemetryObserver",
     "PermissionDeniedError",
     "Price",
     "PriceTable",
