@@ -7,6 +7,7 @@ import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -216,6 +217,10 @@ def test_usage_errors_exit_2() -> None:
     faults = run("bench", "--faults", "--base-url", "http://127.0.0.1:9/v1")
     assert 2 == faults.returncode
     assert "--faults" in faults.stderr.splitlines()[-1]
+    plot = run("bench", "--plot", "out.txt")
+    assert 2 == plot.returncode
+    assert "--plot out.txt: the file name must end in .png, .svg, .pdf" in plot.stderr
+    assert 2 == run("bench", "--concurrency", "10,0").returncode
 
 
 def test_help_and_version() -> None:
@@ -335,8 +340,9 @@ def test_cost_does_not_load_the_network_stack() -> None:
 # -- bench -------------------------------------------------------------------------------------
 
 
-def test_bench_json_tiny() -> None:
-    """A tiny bench against the embedded upstream: every section present and sane."""
+def test_bench_json_and_plot(tmp_path: Path) -> None:
+    """A small bench against the embedded upstream: JSON on stdout, progress on stderr, a PNG."""
+    plot = tmp_path / "bench.png"
     result = run(
         "bench",
         "--json",
@@ -345,17 +351,127 @@ def test_bench_json_tiny() -> None:
         "--max-tokens",
         "3",
         "--concurrency",
-        "2,5",
+        "2,20",
         "--faults",
+        "--plot",
+        str(plot),
     )
 
     assert 0 == result.returncode, result.stderr
-    report = json.loads(result.stdout)
+    report = json.loads(result.stdout)  # stdout is the JSON object and nothing else
+    assert {
+        "target",
+        "base_url",
+        "model",
+        "sequential",
+        "concurrency",
+        "faults",
+        "environment",
+    } <= set(report)
+    assert (None, "gpt-4.1", str(plot)) == (report["base_url"], report["model"], report["plot"])
     sequential = report["sequential"]
     assert (2, 2, {}) == (sequential["requests"], sequential["ok"], sequential["errors"])
-    assert 0.25 < sequential["ttft_s"]["p50"] < 2
-    assert [2, 5] == [level["level"] for level in report["concurrency"]]
-    assert [1.0, 1.0] == [level["success_rate"] for level in report["concurrency"]]
+    assert 0.25 < sequential["ttft_s"]["p50"] < 2  # the upstream waits 0.3 s
+    assert 20 < sequential["tokens_per_s"]["p50"] < 80  # ... and sends 50 tokens/s
+
+    levels = report["concurrency"]
+    assert [2, 20] == [level["streams"] for level in levels]
+    for level in levels:
+        streams = level["streams"]
+        assert (streams, 1.0, {}) == (level["ok"], level["success_rate"], level["errors"])
+        assert streams == level["max_open"]  # the hold kept every stream open at once
+        assert 10 * streams == level["events"]  # 10 tokens per stream, every one counted
+        hold = level["server_hold_s"]
+        assert 2 <= hold < 2.1
+        assert hold <= level["ttft_s"]["p50"] <= level["ttft_s"]["p99"] < hold + 2
+        assert 0 <= level["ttft_over_hold_s"]["p50"] < 2
+        assert 10 < level["tokens_per_s"]["p50"] < 100
+        assert 0 < level["cpu_per_event_us"] < 100_000
+        assert level["rss_per_stream_kib"] is None or 0 <= level["rss_per_stream_kib"] < 10_000
+        assert level["rss_base_mib"] > 10  # an interpreter with httpx loaded
+
     faults = report["faults"]
     assert (2, 2, 1.0) == (faults["streams"], faults["byte_identical"], faults["success_rate"])
     assert faults["attempts_per_recovered_stream"] > 1  # every stream really was faulted
+
+    # Not a terminal: one plain progress line per phase on stderr, and where the plot went.
+    progress = result.stderr.splitlines()
+    assert re.fullmatch(
+        r"holysheep bench: embedded upstream at http://127\.0\.0\.1:\d+/v1 \(pid \d+\)", progress[0]
+    )
+    assert [
+        "holysheep bench: sequential: 2 streams, one at a time",
+        "holysheep bench: 2 concurrent streams (first token held 2.00 s)",
+        "holysheep bench: 20 concurrent streams (first token held 2.02 s)",
+        "holysheep bench: faults: 2 streams, one fault each",
+        f"holysheep bench: plot written to {plot}",
+    ] == progress[1:]
+
+    png = plot.read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(png) > 20_000  # two panels of lines and text, not an empty canvas
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (1320, 528)  # 12 x 4.8 inches at 110 dpi
+
+
+def test_bench_table_stops_the_upstream_it_started() -> None:
+    """The table goes to stdout; the upstream child process is gone when the command ends."""
+    result = run("bench", "--requests", "1", "--max-tokens", "2", "--concurrency", "3")
+
+    assert 0 == result.returncode, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("holysheep bench: gpt-4.1 against embedded upstream")
+    assert re.search(r"^ttft +1/1 +\d+ ms", result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^ +3 +3/3 +100\.0% +3 +2\.00 s +2,0\d\d ms", result.stdout, re.MULTILINE)
+    port = int(re.search(r"127\.0\.0\.1:(\d+)", result.stderr).group(1))  # type: ignore[union-attr]
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_bench_ctrl_c_stops_the_upstream_and_exits_130() -> None:
+    """SIGINT in the middle of the ramp: exit 130, one line, and the upstream child is gone."""
+    process = subprocess.Popen(
+        [*CLI, "bench", "--requests", "1", "--concurrency", "50"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    )
+    try:
+        assert process.stderr is not None
+        seen = read_until(process.stderr.fileno(), lambda data: b"concurrent streams" in data, 30)
+        time.sleep(0.5)  # the 50 streams are open, waiting for their first token
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=20)
+    finally:
+        process.kill()
+
+    assert 130 == process.returncode
+    assert b"" == out
+    assert [b"holysheep: interrupted"] == err.strip().splitlines()[-1:]
+    assert b"Traceback" not in err
+    port = int(re.search(rb"127\.0\.0\.1:(\d+)", seen).group(1))  # type: ignore[union-attr]
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_bench_plot_without_matplotlib_is_one_line(tmp_path: Path) -> None:
+    """--plot without matplotlib says which pip command adds it, before measuring anything."""
+    blocked = (
+        "import sys; sys.modules['matplotlib'] = None; "  # what `import matplotlib` sees if absent
+        "from holysheep._cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", blocked, "bench", "--plot", str(tmp_path / "out.png")],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+    )
+
+    assert 1 == result.returncode
+    assert "" == result.stdout
+    assert [
+        "holysheep: error: --plot needs matplotlib, which is not installed:"
+        " pip install 'holysheep[plot]'"
+    ] == result.stderr.splitlines()
+    assert not (tmp_path / "out.png").exists()

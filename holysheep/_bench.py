@@ -1,0 +1,925 @@
+"""`holysheep bench`: latency, a concurrency ramp, and retries under injected faults.
+
+Theory of operation
+-------------------
+Three phases, each answering one question:
+
+1. *sequential*: `--requests` streams one after another through a `Client`: the time to first
+   token (TTFT) and the tokens/s one user sees, without queueing effects.
+2. *ramp*: for each level N, N streams at once from one fresh `AsyncClient`: how many succeed,
+   their TTFT and tokens/s, and what each open stream costs the client in memory and CPU.
+3. *faults* (`--faults`, embedded upstream only): one injected fault per stream, retried with
+   resume; success means the text came out byte-identical to a clean run.
+
+No retries are used in 1 and 2: a benchmark counts failures, it does not hide them.
+
+The embedded upstream runs in a child process (`python -m holysheep.testing`; its flags and the
+URL on its first line are the contract). In-process, the server's buffers and its share of the
+GIL would be billed to the client: the RSS growth and CPU time measured here must be the
+client's alone. The child is stopped in a `finally` (SIGTERM, then SIGKILL after a grace
+period), and SIGTERM to the bench itself is turned into an exit through that `finally`, so
+Ctrl-C, `timeout 60 holysheep bench` and errors never leave it behind. The fault phase keeps
+an in-process upstream: it needs `MockUpstream.enqueue` (one fault per request, so the retry
+gets a clean answer), and it measures recovery, not resources.
+
+Holding the first token. At level N the embedded upstream is asked (per request, with the
+`X-Mock-Config` header) to hold each first token long enough for this client to open all N
+streams (`ramp_hold`: 2 s + 1 s per 1,000 streams, as in `bench/client.py`, plus a term in N^2
+because opening N streams from one client costs O(N^2); see the constants). So all N are open
+at once before tokens flow: the memory peak is the cost of N open streams, which is what "N
+concurrent streams" means. TTFT at a level therefore includes that hold (the JSON also gives
+TTFT beyond it: what the client added), and `open` reports how many streams really were open
+at once. Against `--base-url` nothing is held: the gateway's own latency decides the overlap.
+
+Memory and CPU. Before a level, one warm-up stream (lazy imports, the first connection) and a
+garbage collection; then resident memory (`/proc/self/statm`) is sampled every 50 ms, and the
+level's figure is (peak - baseline) / (streams open at the peak), with the kernel's high-water
+mark (`getrusage`) catching a peak between samples. CPU is user + system time of this process
+over the level, divided by the content events received. Where `/proc` is missing (macOS) only
+the high-water mark is there, so the figure shows only for a level that sets a new peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import attrs
+
+from ._cli import (
+    BENCH_RAMP_MAX_TOKENS,
+    BENCH_TOKENS_PER_S,
+    BENCH_TTFT,
+    EXIT_OK,
+    PROG,
+    UsageError,
+    _api_key,
+    _print_table,
+)
+from ._exceptions import ConfigurationError, HolySheepError
+from ._version import __version__
+
+__all__ = ["Spread", "ramp_hold", "run_bench"]
+
+# The first token of every ramp stream is held RAMP_HOLD_BASE + RAMP_HOLD_PER_1000 * k +
+# RAMP_HOLD_PER_1000_SQUARED * k**2 seconds, k = streams / 1000, so that all are open before
+# tokens flow. Opening is not linear in N: httpcore's pool scans its connections for every
+# request it places and every response it closes, so one client opening N streams costs
+# O(N^2). Measured on 2 cores: all open after 1.8 s for 1,000, 4.3 s for 2,000, 9.2 s for
+# 3,000, 26.5 s for 5,000; the formula (4 s, 8 s, 14 s, 32 s) leaves a margin for a busy
+# machine. 2 s covers start-up and the small levels.
+RAMP_HOLD_BASE = 2.0
+RAMP_HOLD_PER_1000 = 1.0
+RAMP_HOLD_PER_1000_SQUARED = 1.0
+# 20 samples a second see every plateau of a level (the shortest lasts the 2 s hold) while
+# costing the event loop next to nothing.
+SAMPLE_INTERVAL = 0.05
+# Sockets the process needs beyond one per stream: the interpreter, the sequential client's
+# pool, the pipes to the upstream, and whatever the bench's own libraries open.
+SPARE_FILES = 64
+# A cold interpreter starts the upstream in well under a second; past this something is
+# broken, and the error shows what the child printed.
+UPSTREAM_START_TIMEOUT = 30.0
+# Closing 5,000 connections takes the upstream a moment; after this it is killed.
+UPSTREAM_STOP_TIMEOUT = 15.0
+# The upstream's first line: "holysheep mock upstream listening on http://127.0.0.1:PORT/v1".
+_URL = re.compile(rb"(http://[\w.\[\]:-]+:\d+/v1)\b")
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+PLOT_INSTALL = "pip install 'holysheep[plot]'"
+
+# The fault run uses its own fast upstream: it measures whether retries recover, not latency.
+FAULT_TTFT = 0.05
+FAULT_TOKENS_PER_S = 500.0
+FAULT_SEED = 20250101
+# What a gateway does wrong, in rotation. Status faults hit before any content (transparent
+# retries); the others cut a stream after content and need resume with event ids.
+_FAULT_ROTATION = ("drop", "status=503", "inband_error", "status=429", "stall", "drop")
+
+_BENCH_MESSAGES = ({"role": "user", "content": "Say something about sheep."},)
+
+
+# -- statistics --------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Spread:
+    """avg, p50 and p99 of a sample (nearest rank: p99 of 10 values is the largest)."""
+
+    avg: float | None
+    p50: float | None
+    p99: float | None
+    minimum: float | None
+
+    @classmethod
+    def of(cls, values: Sequence[float | None]) -> Spread:
+        sample = sorted(v for v in values if v is not None)
+        if not sample:
+            return cls(None, None, None, None)
+        return cls(sum(sample) / len(sample), _rank(sample, 0.5), _rank(sample, 0.99), sample[0])
+
+
+def _rank(sample: Sequence[float], q: float) -> float:
+    """The nearest-rank quantile of a sorted, non-empty sample."""
+    return sample[max(0, math.ceil(q * len(sample)) - 1)]
+
+
+@attrs.define
+class Samples:
+    """Raw per-stream numbers for the plot; the JSON keeps only their summaries."""
+
+    ttft: list[float | None] = attrs.Factory(list)
+    tokens_per_s: list[float | None] = attrs.Factory(list)
+
+
+# -- the command -------------------------------------------------------------------------------
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """`holysheep bench`: check everything that can fail cheaply, then measure."""
+    if args.faults and args.base_url:
+        raise UsageError("--faults injects faults into the embedded upstream; drop --base-url")
+    plot: Path | None = None
+    if args.plot is not None:
+        plot = _check_plot_path(args.plot)
+    key = _api_key() if args.base_url else "bench-key"
+    files = _raise_fd_limit()
+    needed = max(args.concurrency, default=0) + SPARE_FILES
+    if files is not None and files < needed:
+        raise UsageError(
+            f"{max(args.concurrency):,} concurrent streams need about {needed:,} open files;"
+            f" this system allows {files:,} (see `ulimit -Hn`)"
+        )
+    started = time.perf_counter()
+    progress = _Progress.create()
+    with _stop_on_sigterm(), contextlib.ExitStack() as stack:
+        stack.callback(progress.close)
+        if args.base_url:
+            base_url, hold = args.base_url, False
+            target = args.base_url
+        else:
+            upstream = stack.enter_context(_UpstreamProcess(BENCH_TTFT, BENCH_TOKENS_PER_S))
+            progress.note(f"embedded upstream at {upstream.base_url} (pid {upstream.pid})")
+            base_url, hold = upstream.base_url, True
+            target = (
+                f"embedded upstream (separate process; ttft {BENCH_TTFT:g} s,"
+                f" {BENCH_TOKENS_PER_S:g} tokens/s)"
+            )
+        samples: dict[str, Samples] = {}
+        sequential = _bench_sequential(args, base_url, key, progress, samples)
+        levels = [
+            _bench_level(args.model, base_url, key, level, hold, progress, samples)
+            for level in args.concurrency
+        ]
+        stack.close()  # stop the upstream before the fault run, which has its own
+        results: dict[str, Any] = {
+            "target": target,
+            "base_url": None if hold else base_url,
+            "model": args.model,
+            "sequential": sequential,
+            "concurrency": levels,
+        }
+        if args.faults:
+            results["faults"] = _bench_faults(args, progress)
+    results["environment"] = {
+        "holysheep": __version__,
+        "python": sys.version.split()[0],
+        "platform": sys.platform,
+        "cpus": os.cpu_count(),
+        "open_files_limit": files,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if plot is not None:
+        _draw_plot(plot, results, samples)
+        results["plot"] = str(plot)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        _print_bench(results)
+    if plot is not None:
+        print(f"{PROG} bench: plot written to {plot}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _check_plot_path(text: str) -> Path:
+    """Fail before measuring anything: a 30-second bench should not end in a missing import."""
+    path = Path(text)
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise UsageError(f"--plot {text}: the file name must end in {', '.join(PLOT_SUFFIXES)}")
+    if not path.parent.is_dir():
+        raise UsageError(f"--plot {text}: no such directory: {path.parent}")
+    try:
+        found = importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):  # a broken or half-removed installation
+        found = False
+    if not found:
+        raise ConfigurationError(f"--plot needs matplotlib, which is not installed: {PLOT_INSTALL}")
+    return path
+
+
+def _raise_fd_limit() -> int | None:
+    """Raise the soft open-files limit to the hard one; the upstream child inherits it.
+
+    Each stream holds a socket in each process; the default soft limit (often 1,024) would
+    fail the 1,000-stream level. Returns the limit now in force (None: no rlimits here).
+    """
+    if sys.platform == "win32":  # pragma: no cover - no rlimits there
+        return None
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM exits through `finally` blocks (status 143), so the upstream child is stopped.
+
+    By default SIGTERM ends the process on the spot, and the child would be left serving.
+    """
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (main() called from a thread): leave it alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# -- the upstream in a child process -----------------------------------------------------------
+
+
+class _UpstreamProcess:
+    """`python -m holysheep.testing` for the duration of a `with` block."""
+
+    def __init__(self, ttft: float, tokens_per_s: float) -> None:
+        self.args = ["--port", "0", "--ttft", f"{ttft:g}", "--tokens-per-s", f"{tokens_per_s:g}"]
+        self.base_url = ""
+        self.pid = 0
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stderr: IO[bytes] | None = None
+
+    def __enter__(self) -> _UpstreamProcess:
+        # Its stderr goes to a file: nothing has to drain it, and it is there if start-up fails.
+        self._stderr = tempfile.TemporaryFile()
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "holysheep.testing", *self.args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=_child_env(),
+        )
+        self.pid = self._process.pid
+        try:
+            self.base_url = self._read_url(self._process)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(UPSTREAM_STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    def _read_url(self, process: subprocess.Popen[bytes]) -> str:
+        assert process.stdout is not None
+        deadline = time.monotonic() + UPSTREAM_START_TIMEOUT
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            while (left := deadline - time.monotonic()) > 0:
+                if not selector.select(left):
+                    continue
+                line = process.stdout.readline()
+                if not line:
+                    break  # the child exited
+                found = _URL.search(line)
+                if found:
+                    return found.group(1).decode()
+        status = process.poll()
+        assert self._stderr is not None
+        self._stderr.seek(0)
+        said = self._stderr.read().decode(errors="replace").strip().splitlines()
+        tail = " | ".join(said[-3:]) or "nothing on stderr"
+        raise RuntimeError(
+            f"the embedded upstream (python -m holysheep.testing) printed no URL within"
+            f" {UPSTREAM_START_TIMEOUT:g} s (exit status {status}): {tail}"
+        )
+
+
+def _child_env() -> dict[str, str]:
+    """The environment for a child that must import this very holysheep.
+
+    Installed normally, the child finds it in site-packages by itself; from a checkout on
+    `sys.path` (`python -m holysheep` in the repository) it needs the checkout on PYTHONPATH.
+    Site-packages itself is never put there: ahead of the standard library it could shadow it.
+    """
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    installed = {str(Path(p).resolve()) for p in sysconfig.get_paths().values() if p}
+    if root not in installed:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+# -- progress ----------------------------------------------------------------------------------
+
+
+class _Progress:
+    """Progress on stderr: a `rich` bar on a terminal, one plain line per phase otherwise.
+
+    Stdout carries only the results (the table, or the `--json` object), so progress never
+    mixes with them, whatever is redirected where.
+    """
+
+    def __init__(self, bar: Any | None) -> None:
+        self._bar = bar
+        self._task: Any = None
+
+    @classmethod
+    def create(cls) -> _Progress:
+        if not sys.stderr.isatty() or importlib.util.find_spec("rich") is None:
+            return cls(None)
+        progress = importlib.import_module("rich.progress")
+        console = importlib.import_module("rich.console").Console(stderr=True)
+        bar = progress.Progress(
+            progress.SpinnerColumn(),
+            progress.TextColumn("{task.description}"),
+            progress.BarColumn(),
+            progress.MofNCompleteColumn(),
+            progress.TimeElapsedColumn(),
+            console=console,
+            transient=True,  # the table replaces it at the end
+            refresh_per_second=5,
+        )
+        bar.start()
+        return cls(bar)
+
+    def start(self, description: str, total: int) -> None:
+        if self._bar is None:
+            print(f"{PROG} bench: {description}", file=sys.stderr, flush=True)
+            return
+        if self._task is not None:
+            self._bar.update(self._task, completed=self._bar.tasks[-1].total)
+        self._task = self._bar.add_task(description, total=total)
+
+    def update(self, completed: int, description: str | None = None) -> None:
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, completed=completed, description=description)
+
+    def note(self, text: str) -> None:
+        if self._bar is None:
+            print(f"{PROG} bench: {text}", file=sys.stderr, flush=True)
+        else:
+            self._bar.console.print(f"{PROG} bench: {text}", markup=False, highlight=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+# -- 1. sequential -----------------------------------------------------------------------------
+
+
+def _bench_sequential(
+    args: argparse.Namespace,
+    base_url: str,
+    key: str,
+    progress: _Progress,
+    samples: dict[str, Samples],
+) -> dict[str, Any]:
+    """N streams one after another: the latency one user sees, without queueing effects."""
+    from ._client import Client
+    from ._retry import RetryPolicy
+
+    kept = samples["sequential"] = Samples()
+    errors: dict[str, int] = {}
+    first_error: HolySheepError | None = None
+    progress.start(f"sequential: {args.requests} streams, one at a time", args.requests)
+    with Client(api_key=key, base_url=base_url, retry=RetryPolicy.none()) as client:
+        for i in range(args.requests):
+            try:
+                with client.chat.stream(
+                    model=args.model, messages=_BENCH_MESSAGES, max_tokens=args.max_tokens
+                ) as stream:
+                    stream.until_done()
+            except HolySheepError as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                first_error = first_error or exc
+            else:
+                kept.ttft.append(stream.stats.ttft)
+                kept.tokens_per_s.append(stream.stats.tokens_per_s)
+            progress.update(i + 1)
+    if first_error is not None and not kept.ttft:
+        # Nothing got through: the numbers would be empty; the first error says why.
+        raise first_error
+    return {
+        "requests": args.requests,
+        "ok": len(kept.ttft),
+        "errors": errors,
+        "max_tokens": args.max_tokens,
+        "ttft_s": attrs.asdict(Spread.of(kept.ttft)),
+        "tokens_per_s": attrs.asdict(Spread.of(kept.tokens_per_s)),
+    }
+
+
+# -- 2. the ramp -------------------------------------------------------------------------------
+
+
+def ramp_hold(streams: int) -> float:
+    """Seconds the embedded upstream holds each first token at a level (see the module doc)."""
+    k = streams / 1000
+    return RAMP_HOLD_BASE + RAMP_HOLD_PER_1000 * k + RAMP_HOLD_PER_1000_SQUARED * k * k
+
+
+@attrs.define
+class _Level:
+    """What one level counts while it runs (one event loop: no locks needed)."""
+
+    streams: int
+    samples: Samples
+    errors: dict[str, int] = attrs.Factory(dict)
+    events: int = 0
+    done: int = 0
+    open_now: int = 0
+    max_open: int = 0
+    all_open_after: float | None = None
+    rss_peak: int | None = None
+
+
+def _bench_level(
+    model: str,
+    base_url: str,
+    key: str,
+    streams: int,
+    hold: bool,
+    progress: _Progress,
+    samples: dict[str, Samples],
+) -> dict[str, Any]:
+    """`streams` at once from one AsyncClient: success rate, latency, memory and CPU."""
+    import anyio
+
+    held = ramp_hold(streams) if hold else None
+    progress.start(
+        f"{streams:,} concurrent streams"
+        + (f" (first token held {held:.2f} s)" if held is not None else ""),
+        streams,
+    )
+    level = _Level(streams, samples.setdefault(f"{streams}", Samples()))
+    measured: dict[str, Any] = anyio.run(_run_level, model, base_url, key, level, held, progress)
+    ok = len(level.samples.ttft)
+    per_stream = None
+    rss_base, rss_peak = measured["rss_base"], level.rss_peak
+    if rss_base is not None and rss_peak is not None and level.max_open:
+        per_stream = max(0, rss_peak - rss_base) / level.max_open / 1024
+    events = level.events
+    return {
+        "streams": streams,
+        "ok": ok,
+        "success_rate": ok / streams,
+        "errors": level.errors,
+        "max_open": level.max_open,
+        "all_open_after_s": level.all_open_after,
+        "server_hold_s": held,
+        "wall_s": measured["wall_s"],
+        "ttft_s": attrs.asdict(Spread.of(level.samples.ttft)),
+        "ttft_over_hold_s": None
+        if held is None
+        else attrs.asdict(Spread.of([t - held for t in level.samples.ttft if t is not None])),
+        "tokens_per_s": attrs.asdict(Spread.of(level.samples.tokens_per_s)),
+        "events": events,
+        "client_cpu_s": measured["cpu_s"],
+        "cpu_per_event_us": measured["cpu_s"] / events * 1e6 if events else None,
+        "cpu_per_stream_ms": measured["cpu_s"] / streams * 1e3,
+        "rss_base_mib": None if rss_base is None else rss_base / 2**20,
+        "rss_peak_mib": None if rss_peak is None else rss_peak / 2**20,
+        "rss_per_stream_kib": per_stream,
+    }
+
+
+async def _run_level(
+    model: str, base_url: str, key: str, level: _Level, held: float | None, progress: _Progress
+) -> dict[str, Any]:
+    import anyio
+
+    from ._async_client import AsyncClient
+    from ._exchange import Timeouts
+    from ._retry import RetryPolicy
+
+    # Generous limits: at 5,000 streams the first token waits for the hold, then its turn.
+    timeouts = Timeouts(connect=60, ttft=120, idle=60, total=300)
+    headers = None if held is None else {"X-Mock-Config": json.dumps({"ttft": held})}
+    warm_up = None if held is None else {"X-Mock-Config": json.dumps({"ttft": 0})}
+    async with AsyncClient(
+        api_key=key, base_url=base_url, retry=RetryPolicy.none(), timeout=timeouts
+    ) as client:
+        # Lazy imports and the first connection are a one-off cost, not a per-stream one.
+        with contextlib.suppress(HolySheepError):
+            async with client.chat.stream(
+                model=model,
+                messages=_BENCH_MESSAGES,
+                max_tokens=BENCH_RAMP_MAX_TOKENS,
+                extra_headers=warm_up,
+            ) as stream:
+                await stream.until_done()
+        gc.collect()
+        rss_base, high_base, cpu_base = _rss_bytes(), _high_water_bytes(), _cpu_seconds()
+        level.rss_peak = rss_base
+        started = time.perf_counter()
+
+        async def one() -> None:
+            opened = False
+            try:
+                async with client.chat.stream(
+                    model=model,
+                    messages=_BENCH_MESSAGES,
+                    max_tokens=BENCH_RAMP_MAX_TOKENS,
+                    extra_headers=headers,
+                ) as stream:
+                    opened = True
+                    level.open_now += 1
+                    if level.open_now > level.max_open:
+                        level.max_open = level.open_now
+                        if level.max_open == level.streams:
+                            level.all_open_after = time.perf_counter() - started
+                    async for chunk in stream:
+                        if chunk.text:
+                            level.events += 1
+                level.samples.ttft.append(stream.stats.ttft)
+                level.samples.tokens_per_s.append(stream.stats.tokens_per_s)
+            except HolySheepError as exc:
+                level.errors[type(exc).__name__] = level.errors.get(type(exc).__name__, 0) + 1
+            finally:
+                level.open_now -= opened
+                level.done += 1
+
+        def sample() -> None:
+            rss = _rss_bytes()
+            if rss is not None and (level.rss_peak is None or rss > level.rss_peak):
+                level.rss_peak = rss
+            progress.update(level.done, f"{level.streams:,} concurrent: {level.open_now:,} open")
+
+        async def watch() -> None:
+            while True:
+                sample()
+                await anyio.sleep(SAMPLE_INTERVAL)
+
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(watch)
+            async with anyio.create_task_group() as group:
+                for _ in range(level.streams):
+                    group.start_soon(one)
+            outer.cancel_scope.cancel()
+        sample()
+        wall = time.perf_counter() - started
+        cpu = _cpu_seconds() - cpu_base
+        high = _high_water_bytes()
+        if high is not None and high_base is not None and high > high_base:
+            # The kernel saw a peak the sampler missed (or there is no /proc to sample).
+            level.rss_peak = max(level.rss_peak or 0, high)
+            if rss_base is None:  # no /proc: the earlier high-water mark is the baseline
+                rss_base = high_base
+    return {"rss_base": rss_base, "wall_s": wall, "cpu_s": cpu}
+
+
+def _rss_bytes() -> int | None:
+    """Resident memory now (Linux `/proc/self/statm`); None where there is no /proc."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _high_water_bytes() -> int | None:
+    """The process's peak resident memory so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    if sys.platform == "win32":  # pragma: no cover - no getrusage there
+        return None
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _cpu_seconds() -> float:
+    # User + system time of every thread, at clock_gettime resolution (os.times() ticks at
+    # 10 ms, too coarse for the 10-stream level).
+    return time.process_time()
+
+
+# -- 3. faults ---------------------------------------------------------------------------------
+
+
+def _bench_faults(args: argparse.Namespace, progress: _Progress) -> dict[str, Any]:
+    """Streams with a fault each, retried with resume: how many end byte-identical to a clean one.
+
+    Faults are queued one per stream (`enqueue`), so the retry that follows gets a clean
+    answer, as from a gateway whose hiccup passed. Fault positions are seeded: reruns agree.
+    """
+    from ._client import Client
+    from ._exchange import Timeouts
+    from ._retry import RetryPolicy
+    from .testing import serve
+
+    rng = random.Random(FAULT_SEED)
+    # Fast waits so faults cost milliseconds; an idle timeout short enough to notice a stall.
+    policy = RetryPolicy(attempts=4, timeout=20, wait_initial=0.01, wait_max=0.1, wait_jitter=0)
+    timeouts = Timeouts(connect=5, ttft=5, idle=0.3, total=30)
+    tokens = args.max_tokens
+    outcomes: dict[str, int] = {}
+    injected: dict[str, int] = {}
+    ok = identical = attempts = 0
+    progress.start(f"faults: {args.requests} streams, one fault each", args.requests)
+    with (
+        serve(ttft=FAULT_TTFT, tokens_per_s=FAULT_TOKENS_PER_S, event_ids=True) as upstream,
+        Client(
+            api_key="bench-key",
+            base_url=upstream.base_url,
+            retry=policy,
+            on_interrupt="resume",
+            timeout=timeouts,
+        ) as client,
+    ):
+        reference = client.chat.complete(
+            model=args.model, messages=_BENCH_MESSAGES, max_tokens=tokens
+        ).text
+        for i in range(args.requests):
+            fault = _fault_for(i, rng, tokens)
+            name = _FAULT_ROTATION[i % len(_FAULT_ROTATION)]
+            injected[name] = injected.get(name, 0) + 1
+            upstream.enqueue({"fault": fault})
+            try:
+                with client.chat.stream(
+                    model=args.model, messages=_BENCH_MESSAGES, max_tokens=tokens
+                ) as stream:
+                    text = stream.until_done().text
+            except HolySheepError as exc:
+                outcomes[type(exc).__name__] = outcomes.get(type(exc).__name__, 0) + 1
+            else:
+                ok += 1
+                identical += text == reference
+                attempts += stream.stats.attempts
+            progress.update(i + 1)
+    return {
+        "streams": args.requests,
+        "recovered": ok,
+        "byte_identical": identical,
+        "success_rate": identical / args.requests,
+        "attempts_per_recovered_stream": attempts / ok if ok else None,
+        "errors": outcomes,
+        "faults": injected,
+        "policy": "on_interrupt=resume, event ids, attempts 4, wait 0.01-0.1 s",
+    }
+
+
+def _fault_for(index: int, rng: random.Random, tokens: int) -> dict[str, Any]:
+    spec = _FAULT_ROTATION[index % len(_FAULT_ROTATION)]
+    # At least one token first for faults that cut a stream: that is the case needing resume.
+    after = rng.randint(1, max(1, tokens - 1))
+    if spec.startswith("status="):
+        status = int(spec.partition("=")[2])
+        fault: dict[str, Any] = {"kind": "status", "status": status}
+        if status == 429:
+            fault["retry_after"] = 0.05
+        return fault
+    return {"kind": spec, "after": after}
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def _print_bench(results: Mapping[str, Any]) -> None:
+    seq = results["sequential"]
+    print(f"{PROG} bench: {results['model']} against {results['target']}")
+    print()
+    ttft, rate = seq["ttft_s"], seq["tokens_per_s"]
+    _print_table(
+        ["sequential", "ok", "avg", "p50", "p99", "min"],
+        [
+            [
+                "ttft",
+                f"{seq['ok']}/{seq['requests']}",
+                _ms(ttft["avg"]),
+                _ms(ttft["p50"]),
+                _ms(ttft["p99"]),
+                _ms(ttft["minimum"]),
+            ],
+            [
+                "tokens/s",
+                "",
+                _num(rate["avg"]),
+                _num(rate["p50"]),
+                _num(rate["p99"]),
+                _num(rate["minimum"]),
+            ],
+        ],
+        "lrrrrr",
+    )
+    _print_errors(seq["errors"])
+    print()
+    levels = results["concurrency"]
+    _print_table(
+        [
+            "concurrent",
+            "ok",
+            "success",
+            "open",
+            "hold",
+            "ttft p50",
+            "ttft p99",
+            "tokens/s",
+            "rss/stream",
+            "cpu/event",
+        ],
+        [
+            [
+                f"{level['streams']:,}",
+                f"{level['ok']:,}/{level['streams']:,}",
+                f"{level['success_rate']:.1%}",
+                f"{level['max_open']:,}",
+                "-" if level["server_hold_s"] is None else f"{level['server_hold_s']:.2f} s",
+                _ms(level["ttft_s"]["p50"]),
+                _ms(level["ttft_s"]["p99"]),
+                _num(level["tokens_per_s"]["p50"]),
+                _kib(level["rss_per_stream_kib"]),
+                _us(level["cpu_per_event_us"]),
+            ]
+            for level in levels
+        ],
+        "rrrrrrrrrr",
+    )
+    for level in levels:
+        _print_errors(level["errors"], f"at {level['streams']:,}: ")
+    if levels:
+        if any(level["server_hold_s"] is not None for level in levels):
+            print(
+                "hold: the upstream holds each first token that long so all streams open first;"
+                " ttft includes it"
+            )
+        print("open: most streams open at once; tokens/s: p50 per stream")
+        print("rss/stream, cpu/event: this process alone (the client), per open stream, per token")
+    faults = results.get("faults")
+    if faults is not None:
+        print()
+        print(
+            f"faults: {faults['byte_identical']}/{faults['streams']} streams recovered"
+            f" byte-identical ({faults['success_rate']:.1%}) with {faults['policy']};"
+            f" faults: {', '.join(f'{n} {name}' for name, n in faults['faults'].items())}"
+        )
+        _print_errors(faults["errors"])
+
+
+def _print_errors(errors: Mapping[str, int], prefix: str = "") -> None:
+    if errors:
+        listed = ", ".join(f"{count} {name}" for name, count in sorted(errors.items()))
+        print(f"errors {prefix}{listed}")
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:,.0f} ms"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _kib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} KiB"
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} us"
+
+
+# -- the plot ----------------------------------------------------------------------------------
+
+
+def _draw_plot(path: Path, results: Mapping[str, Any], samples: Mapping[str, Samples]) -> None:
+    """Two panels: the TTFT distribution (a CDF per phase) and tokens/s against concurrency.
+
+    Agg renders to a file without a display; it is chosen before pyplot is imported.
+    """
+    matplotlib = importlib.import_module("matplotlib")
+    matplotlib.use("Agg")
+    plt = importlib.import_module("matplotlib.pyplot")
+    ticker = importlib.import_module("matplotlib.ticker")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    series: list[tuple[str, list[float | None], float | None]] = [
+        ("sequential", samples["sequential"].ttft, None)
+    ]
+    series += [
+        (
+            f"{level['streams']:,} concurrent",
+            samples[f"{level['streams']}"].ttft,
+            level["server_hold_s"],
+        )
+        for level in results["concurrency"]
+    ]
+    for index, (label, values, held) in enumerate(series):
+        color = colors[index % len(colors)]
+        points = sorted(v * 1000 for v in values if v is not None)
+        if not points:
+            continue
+        fractions = [(i + 1) / len(points) for i in range(len(points))]
+        left.step([points[0], *points], [0.0, *fractions], where="post", color=color, label=label)
+        if held is not None:
+            left.axvline(held * 1000, color=color, linestyle=":", linewidth=1)
+    left.set_xscale("log")
+    # Round milliseconds at 1-2-3-5 steps: the default labels of a short log axis read 3x10^2.
+    left.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+    left.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    left.xaxis.set_minor_formatter(ticker.NullFormatter())
+    left.set_xlabel("time to first token (ms, log scale)")
+    left.set_ylabel("fraction of streams")
+    left.set_ylim(0, 1.02)
+    left.grid(True, which="both", alpha=0.3)
+    title = "TTFT distribution"
+    if any(held is not None for _, _, held in series):
+        title += " (dotted: the upstream's hold at each level)"
+    left.set_title(title, fontsize=10)
+    left.legend(loc="lower right", fontsize=8)
+
+    levels = results["concurrency"]
+    streams = [level["streams"] for level in levels]
+    p10, p50, p90 = [], [], []
+    for level in levels:
+        rates = sorted(r for r in samples[f"{level['streams']}"].tokens_per_s if r is not None)
+        p10.append(_rank(rates, 0.1) if rates else math.nan)
+        p50.append(_rank(rates, 0.5) if rates else math.nan)
+        p90.append(_rank(rates, 0.9) if rates else math.nan)
+    right.fill_between(streams, p10, p90, color=colors[0], alpha=0.2, label="p10-p90")
+    right.plot(streams, p50, marker="o", color=colors[0], label="tokens/s per stream (p50)")
+    sequential = results["sequential"]["tokens_per_s"]["p50"]
+    if sequential is not None:
+        right.axhline(sequential, color="gray", linestyle="--", label="sequential (p50)")
+    # The success rate is written at each point: red where streams failed.
+    for level, rate in zip(levels, p50, strict=True):
+        share = level["success_rate"]
+        right.annotate(
+            f"{share:.1%} ok",
+            (level["streams"], 0 if math.isnan(rate) else rate),
+            textcoords="offset points",
+            xytext=(0, -15),
+            ha="center",
+            fontsize=8,
+            color="black" if share == 1 else "red",
+        )
+    right.set_xscale("log")
+    right.set_xticks(streams, [f"{n:,}" for n in streams])
+    right.minorticks_off()
+    right.set_xlabel("concurrent streams (log scale)")
+    right.set_ylabel("tokens/s per stream")
+    top = max([v for v in (*p90, sequential or 0) if not math.isnan(v)], default=1)
+    right.set_ylim(0, top * 1.15)
+    right.grid(True, alpha=0.3)
+    right.set_title("tokens/s per stream and success rate vs concurrency", fontsize=10)
+    right.legend(loc="lower left", fontsize=8)
+
+    fig.suptitle(f"{PROG} bench: {results['model']} against {results['target']}", fontsize=11)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
