@@ -60,6 +60,8 @@ class Attempt:
     error: str
     decision: str
     delay: float | None
+    #: The exception itself, for code that wants its type or fields (not compared).
+    exception: BaseException | None = attrs.field(default=None, eq=False, repr=False)
 
 
 ExchangeFactory = Callable[[Mapping[str, str], ChatAccumulator | None], Exchange]
@@ -172,6 +174,7 @@ class Call:
             f"{type(error).__name__}: {error}",
             decision.reason,
             decision.delay if isinstance(decision, Retry) else None,
+            error,
         )
         self.history.append(record)
         if isinstance(decision, Retry):

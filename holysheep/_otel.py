@@ -343,7 +343,10 @@ def _detail(raw: Mapping[str, Any], group: str, key: str) -> int | None:
 
 
 def _attempt_error_type(attempt: Attempt) -> str:
-    """The exception class an `Attempt` names: its `error` reads `"ClassName: message"`."""
+    """The exception class of a failed attempt (from its `error` text, `"ClassName: message"`,
+    for an `Attempt` built without the exception)."""
+    if attempt.exception is not None:
+        return type(attempt.exception).__name__
     name, _, _ = attempt.error.partition(":")
     return name.strip() or "_OTHER"
 

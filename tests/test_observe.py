@@ -99,6 +99,8 @@ def test_retries_are_reported_between_request_and_first_token() -> None:
     attempt = recorder.events[1][1]
     assert 1 == attempt.attempt
     assert "503" in attempt.error
+    assert isinstance(attempt.exception, holysheep.APIStatusError)
+    assert 503 == attempt.exception.status_code
 
 
 def test_a_final_error_is_reported_once_with_the_exception_the_caller_sees() -> None:
