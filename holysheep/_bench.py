@@ -6,8 +6,9 @@ Three phases, each answering one question:
 
 1. *sequential*: `--requests` streams one after another through a `Client`: the time to first
    token (TTFT) and the tokens/s one user sees, without queueing effects.
-2. *ramp*: for each level N, N streams at once from one fresh `AsyncClient`: how many succeed,
-   their TTFT and tokens/s, and what each open stream costs the client in memory and CPU.
+2. *ramp*: for each level N, N streams at once from one fresh `AsyncClient` (on
+   `AsyncHTTPXTransport`, its default, or `--transport aiohttp`): how many succeed, their TTFT
+   and tokens/s, and what each open stream costs the client in memory and CPU.
 3. *faults* (`--faults`, embedded upstream only): one injected fault per stream, retried with
    resume; success means the text came out byte-identical to a clean run.
 
@@ -22,21 +23,30 @@ Ctrl-C, `timeout 60 holysheep bench` and errors never leave it behind. The fault
 an in-process upstream: it needs `MockUpstream.enqueue` (one fault per request, so the retry
 gets a clean answer), and it measures recovery, not resources.
 
-Holding the first token. At level N the embedded upstream is asked (per request, with the
-`X-Mock-Config` header) to hold each first token long enough for this client to open all N
-streams (`ramp_hold`: 2 s + 1 s per 1,000 streams, as in `bench/client.py`, plus a term in N^2
-because opening N streams from one client costs O(N^2); see the constants). So all N are open
-at once before tokens flow: the memory peak is the cost of N open streams, which is what "N
-concurrent streams" means. TTFT at a level therefore includes that hold (the JSON also gives
-TTFT beyond it: what the client added), and `open` reports how many streams really were open
-at once. Against `--base-url` nothing is held: the gateway's own latency decides the overlap.
+One release for all first tokens. With the embedded upstream, every stream of a level asks
+(per request, in the `X-Mock-Config` header, computed as the request leaves: `_Released`) for
+its first token to be held until one instant, `ramp_hold(N)` after the level starts: long
+enough for the client to open all N streams first (2 s + 1 s per 1,000 streams, as in
+`bench/client.py`, plus a term in N^2 on httpx, whose pool makes opening N streams from one
+client cost O(N^2); see the constants). Then every first token leaves the upstream at once and
+all N streams run at the same time, which is what "N concurrent streams" means: the memory
+peak is the cost of N open streams, and the tokens of all N compete for the client. A level's
+TTFT counts from that instant to the first token in the program (what the client adds when N
+streams speak at once), and its tokens/s per stream is tokens over the time from that instant
+to the stream's end, so a client that falls behind and then reads a burst of buffered tokens
+is not credited with the burst's rate. `open` reports how many streams really were open at
+once; fewer than N means the release came too early. Against `--base-url` nothing is held:
+TTFT counts from the request, tokens/s is `StreamStats.tokens_per_s`, and the gateway's own
+latency decides how much the streams overlap.
 
 Memory and CPU. Before a level, one warm-up stream (lazy imports, the first connection) and a
 garbage collection; then resident memory (`/proc/self/statm`) is sampled every 50 ms, and the
 level's figure is (peak - baseline) / (streams open at the peak), with the kernel's high-water
 mark (`getrusage`) catching a peak between samples. CPU is user + system time of this process
-over the level, divided by the content events received. Where `/proc` is missing (macOS) only
-the high-water mark is there, so the figure shows only for a level that sets a new peak.
+over the level, divided by the content events received; the upstream's CPU over the level
+(from `/proc/PID/stat`) is reported beside it, to tell which side was the bottleneck. Where
+`/proc` is missing (macOS) only the high-water mark is there, so the memory figure shows only
+for a level that sets a new peak.
 """
 
 from __future__ import annotations
@@ -58,12 +68,14 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
 import attrs
+
+from holysheep.transports import AsyncBaseTransport, AsyncResponse
 
 from ._cli import (
     BENCH_RAMP_MAX_TOKENS,
@@ -76,20 +88,27 @@ from ._cli import (
     _print_table,
 )
 from ._exceptions import ConfigurationError, HolySheepError
+from ._exchange import Request
 from ._version import __version__
 
 __all__ = ["Spread", "ramp_hold", "run_bench"]
 
-# The first token of every ramp stream is held RAMP_HOLD_BASE + RAMP_HOLD_PER_1000 * k +
-# RAMP_HOLD_PER_1000_SQUARED * k**2 seconds, k = streams / 1000, so that all are open before
-# tokens flow. Opening is not linear in N: httpcore's pool scans its connections for every
-# request it places and every response it closes, so one client opening N streams costs
-# O(N^2). Measured on 2 cores: all open after 1.8 s for 1,000, 4.3 s for 2,000, 9.2 s for
-# 3,000, 26.5 s for 5,000; the formula (4 s, 8 s, 14 s, 32 s) leaves a margin for a busy
-# machine. 2 s covers start-up and the small levels.
+# At each level the upstream sends every first token at one instant, RAMP_HOLD_BASE +
+# RAMP_HOLD_PER_1000 * k seconds after the level starts, k = streams / 1000, plus a term in
+# k**2 on httpx: long enough for the client to open all its streams first. Measured by this
+# bench on 2 cores, all open after (1,000 / 3,000 / 5,000 streams): AiohttpTransport 0.5 / - /
+# 3.4 s, linear; AsyncHTTPXTransport 1.7 / 13.4 / 36.4 s, because httpcore's pool scans every
+# connection for each request it places and each response it closes, so one client opening N
+# streams costs O(N^2). The release times (aiohttp 3 s / 7 s at 1,000 / 5,000; httpx 5 / 23 /
+# 57 s at 1,000 / 3,000 / 5,000) leave a margin for a busy machine; 2 s covers start-up.
 RAMP_HOLD_BASE = 2.0
 RAMP_HOLD_PER_1000 = 1.0
-RAMP_HOLD_PER_1000_SQUARED = 1.0
+RAMP_HOLD_PER_1000_SQUARED = {"httpx": 2.0, "aiohttp": 0.0}
+TRANSPORTS = ("httpx", "aiohttp")
+# Requests the ramp sends at once (streams then stay open without limit): enough to keep both
+# cores busy opening, few enough that a request reaches the upstream within milliseconds of
+# computing how long its first token must wait (`_Released`).
+OPENING_AT_ONCE = 64
 # 20 samples a second see every plateau of a level (the shortest lasts the 2 s hold) while
 # costing the event loop next to nothing.
 SAMPLE_INTERVAL = 0.05
@@ -113,6 +132,8 @@ FAULT_SEED = 20250101
 # What a gateway does wrong, in rotation. Status faults hit before any content (transparent
 # retries); the others cut a stream after content and need resume with event ids.
 _FAULT_ROTATION = ("drop", "status=503", "inband_error", "status=429", "stall", "drop")
+
+_TRANSPORT_NAMES = {"httpx": "AsyncHTTPXTransport", "aiohttp": "AiohttpTransport"}
 
 _BENCH_MESSAGES = ({"role": "user", "content": "Say something about sheep."},)
 
@@ -160,6 +181,11 @@ def run_bench(args: argparse.Namespace) -> int:
     plot: Path | None = None
     if args.plot is not None:
         plot = _check_plot_path(args.plot)
+    if args.transport == "aiohttp" and importlib.util.find_spec("aiohttp") is None:
+        raise ConfigurationError(
+            "--transport aiohttp needs aiohttp, which is not installed:"
+            " pip install 'holysheep[aiohttp]'"
+        )
     key = _api_key() if args.base_url else "bench-key"
     files = _raise_fd_limit()
     needed = max(args.concurrency, default=0) + SPARE_FILES
@@ -170,35 +196,12 @@ def run_bench(args: argparse.Namespace) -> int:
         )
     started = time.perf_counter()
     progress = _Progress.create()
-    with _stop_on_sigterm(), contextlib.ExitStack() as stack:
-        stack.callback(progress.close)
-        if args.base_url:
-            base_url, hold = args.base_url, False
-            target = args.base_url
-        else:
-            upstream = stack.enter_context(_UpstreamProcess(BENCH_TTFT, BENCH_TOKENS_PER_S))
-            progress.note(f"embedded upstream at {upstream.base_url} (pid {upstream.pid})")
-            base_url, hold = upstream.base_url, True
-            target = (
-                f"embedded upstream (separate process; ttft {BENCH_TTFT:g} s,"
-                f" {BENCH_TOKENS_PER_S:g} tokens/s)"
-            )
-        samples: dict[str, Samples] = {}
-        sequential = _bench_sequential(args, base_url, key, progress, samples)
-        levels = [
-            _bench_level(args.model, base_url, key, level, hold, progress, samples)
-            for level in args.concurrency
-        ]
-        stack.close()  # stop the upstream before the fault run, which has its own
-        results: dict[str, Any] = {
-            "target": target,
-            "base_url": None if hold else base_url,
-            "model": args.model,
-            "sequential": sequential,
-            "concurrency": levels,
-        }
-        if args.faults:
-            results["faults"] = _bench_faults(args, progress)
+    try:
+        with _stop_on_sigterm():
+            results = _measure(args, key, progress)
+    finally:
+        progress.close()
+    samples: dict[str, Samples] = results.pop("samples")
     results["environment"] = {
         "holysheep": __version__,
         "python": sys.version.split()[0],
@@ -217,6 +220,45 @@ def run_bench(args: argparse.Namespace) -> int:
     if plot is not None:
         print(f"{PROG} bench: plot written to {plot}", file=sys.stderr)
     return EXIT_OK
+
+
+def _measure(args: argparse.Namespace, key: str, progress: _Progress) -> dict[str, Any]:
+    """The three phases; the embedded upstream lives exactly as long as the first two."""
+    samples: dict[str, Samples] = {}
+    with contextlib.ExitStack() as stack:
+        server_cpu: Callable[[], float | None] = _unknown
+        if args.base_url:
+            base_url, embedded = args.base_url, False
+            target = args.base_url
+        else:
+            upstream = stack.enter_context(_UpstreamProcess(BENCH_TTFT, BENCH_TOKENS_PER_S))
+            progress.note(f"embedded upstream at {upstream.base_url} (pid {upstream.pid})")
+            base_url, embedded, server_cpu = upstream.base_url, True, upstream.cpu_seconds
+            target = (
+                f"embedded upstream (separate process; ttft {BENCH_TTFT:g} s,"
+                f" {BENCH_TOKENS_PER_S:g} tokens/s)"
+            )
+        sequential = _bench_sequential(args, base_url, key, progress, samples)
+        levels = [
+            _bench_level(args, base_url, key, level, embedded, server_cpu, progress, samples)
+            for level in args.concurrency
+        ]
+    results: dict[str, Any] = {
+        "target": target,
+        "base_url": None if embedded else base_url,
+        "model": args.model,
+        "transport": f"{_TRANSPORT_NAMES[args.transport]} (the ramp's AsyncClient)",
+        "sequential": sequential,
+        "concurrency": levels,
+    }
+    if args.faults:
+        results["faults"] = _bench_faults(args, progress)
+    results["samples"] = samples
+    return results
+
+
+def _unknown() -> float | None:
+    return None  # a --base-url server's CPU time
 
 
 def _check_plot_path(text: str) -> Path:
@@ -308,6 +350,19 @@ class _UpstreamProcess:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU the upstream has used so far (Linux /proc); None elsewhere."""
+        if self._process is None:
+            return None
+        try:
+            stat = Path(f"/proc/{self._process.pid}/stat").read_text()
+        except OSError:
+            return None
+        # utime and stime are fields 14 and 15 of proc_pid_stat(5); the name (field 2) is
+        # in parentheses and may hold spaces, so count from after its closing one.
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         process, self._process = self._process, None
         if process is not None:
@@ -377,6 +432,7 @@ class _Progress:
     def __init__(self, bar: Any | None) -> None:
         self._bar = bar
         self._task: Any = None
+        self._description = ""
 
     @classmethod
     def create(cls) -> _Progress:
@@ -401,9 +457,9 @@ class _Progress:
         if self._bar is None:
             print(f"{PROG} bench: {description}", file=sys.stderr, flush=True)
             return
-        if self._task is not None:
-            self._bar.update(self._task, completed=self._bar.tasks[-1].total)
+        self._finish()
         self._task = self._bar.add_task(description, total=total)
+        self._description = description
 
     def update(self, completed: int, description: str | None = None) -> None:
         if self._bar is not None and self._task is not None:
@@ -417,8 +473,16 @@ class _Progress:
 
     def close(self) -> None:
         if self._bar is not None:
+            self._finish()
             self._bar.stop()
             self._bar = None
+
+    def _finish(self) -> None:
+        # The last phase shows as done, under its own name rather than its last live detail.
+        if self._bar is not None and self._task is not None:
+            self._bar.update(
+                self._task, completed=self._bar.tasks[-1].total, description=self._description
+            )
 
 
 # -- 1. sequential -----------------------------------------------------------------------------
@@ -469,10 +533,39 @@ def _bench_sequential(
 # -- 2. the ramp -------------------------------------------------------------------------------
 
 
-def ramp_hold(streams: int) -> float:
-    """Seconds the embedded upstream holds each first token at a level (see the module doc)."""
+def ramp_hold(streams: int, transport: str) -> float:
+    """Seconds from a level's start to the release of every first token (see the constants)."""
     k = streams / 1000
-    return RAMP_HOLD_BASE + RAMP_HOLD_PER_1000 * k + RAMP_HOLD_PER_1000_SQUARED * k * k
+    return RAMP_HOLD_BASE + RAMP_HOLD_PER_1000 * k + RAMP_HOLD_PER_1000_SQUARED[transport] * k * k
+
+
+class _Released(AsyncBaseTransport):
+    """The ramp's transport: the client's own, plus the embedded upstream's first-token hold.
+
+    Each request asks the upstream (`X-Mock-Config`) to hold its first token until
+    `release_at`, computed as the request leaves, so every stream's first token is sent at
+    the same instant however long the others took to open. Requests leave at most
+    `OPENING_AT_ONCE` at a time: that keeps the wait between computing the hold and the
+    upstream starting its clock short. Streams stay open without limit; only opening is paced.
+    """
+
+    def __init__(self, inner: AsyncBaseTransport) -> None:
+        import anyio
+
+        self.inner = inner
+        self.release_at: float | None = None  # None: no hold (the warm-up stream)
+        self._opening = anyio.Semaphore(OPENING_AT_ONCE)
+
+    async def send(self, request: Request) -> AsyncResponse:
+        async with self._opening:
+            hold = 0.0
+            if self.release_at is not None:
+                hold = max(0.0, self.release_at - time.perf_counter())
+            config = ("X-Mock-Config", json.dumps({"ttft": round(hold, 4)}))
+            return await self.inner.send(attrs.evolve(request, headers=(*request.headers, config)))
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 @attrs.define
@@ -491,25 +584,27 @@ class _Level:
 
 
 def _bench_level(
-    model: str,
+    args: argparse.Namespace,
     base_url: str,
     key: str,
     streams: int,
-    hold: bool,
+    embedded: bool,
+    server_cpu: Callable[[], float | None],
     progress: _Progress,
     samples: dict[str, Samples],
 ) -> dict[str, Any]:
     """`streams` at once from one AsyncClient: success rate, latency, memory and CPU."""
     import anyio
 
-    held = ramp_hold(streams) if hold else None
-    progress.start(
-        f"{streams:,} concurrent streams"
-        + (f" (first token held {held:.2f} s)" if held is not None else ""),
-        streams,
-    )
+    release = ramp_hold(streams, args.transport) if embedded else None
+    detail = "" if release is None else f" (first tokens released at {release:.2f} s)"
+    progress.start(f"{streams:,} concurrent streams{detail}", streams)
     level = _Level(streams, samples.setdefault(f"{streams}", Samples()))
-    measured: dict[str, Any] = anyio.run(_run_level, model, base_url, key, level, held, progress)
+    server_before = server_cpu()
+    measured: dict[str, Any] = anyio.run(
+        _run_level, args.model, base_url, key, args.transport, level, release, progress
+    )
+    server_after = server_cpu()
     ok = len(level.samples.ttft)
     per_stream = None
     rss_base, rss_peak = measured["rss_base"], level.rss_peak
@@ -523,17 +618,18 @@ def _bench_level(
         "errors": level.errors,
         "max_open": level.max_open,
         "all_open_after_s": level.all_open_after,
-        "server_hold_s": held,
+        "release_after_s": release,
         "wall_s": measured["wall_s"],
+        "ttft_from": "request" if release is None else "release",
         "ttft_s": attrs.asdict(Spread.of(level.samples.ttft)),
-        "ttft_over_hold_s": None
-        if held is None
-        else attrs.asdict(Spread.of([t - held for t in level.samples.ttft if t is not None])),
         "tokens_per_s": attrs.asdict(Spread.of(level.samples.tokens_per_s)),
         "events": events,
         "client_cpu_s": measured["cpu_s"],
         "cpu_per_event_us": measured["cpu_s"] / events * 1e6 if events else None,
         "cpu_per_stream_ms": measured["cpu_s"] / streams * 1e3,
+        "server_cpu_s": None
+        if server_before is None or server_after is None
+        else server_after - server_before,
         "rss_base_mib": None if rss_base is None else rss_base / 2**20,
         "rss_peak_mib": None if rss_peak is None else rss_peak / 2**20,
         "rss_per_stream_kib": per_stream,
@@ -541,43 +637,60 @@ def _bench_level(
 
 
 async def _run_level(
-    model: str, base_url: str, key: str, level: _Level, held: float | None, progress: _Progress
+    model: str,
+    base_url: str,
+    key: str,
+    transport: str,
+    level: _Level,
+    release: float | None,
+    progress: _Progress,
 ) -> dict[str, Any]:
+    """One level on its own event loop and client; see the module docstring for the method."""
     import anyio
 
     from ._async_client import AsyncClient
     from ._exchange import Timeouts
     from ._retry import RetryPolicy
 
-    # Generous limits: at 5,000 streams the first token waits for the hold, then its turn.
+    inner: AsyncBaseTransport
+    if transport == "aiohttp":
+        from holysheep.transports import AiohttpTransport
+
+        inner = AiohttpTransport()
+    else:
+        from holysheep.transports import AsyncHTTPXTransport
+
+        inner = AsyncHTTPXTransport()  # what AsyncClient() uses by default
+    released = _Released(inner) if release is not None else None
+    # Generous limits: at 5,000 streams the first token waits for the release, then its turn.
     timeouts = Timeouts(connect=60, ttft=120, idle=60, total=300)
-    headers = None if held is None else {"X-Mock-Config": json.dumps({"ttft": held})}
-    warm_up = None if held is None else {"X-Mock-Config": json.dumps({"ttft": 0})}
     async with AsyncClient(
-        api_key=key, base_url=base_url, retry=RetryPolicy.none(), timeout=timeouts
+        api_key=key,
+        base_url=base_url,
+        retry=RetryPolicy.none(),
+        timeout=timeouts,
+        transport=released or inner,
     ) as client:
         # Lazy imports and the first connection are a one-off cost, not a per-stream one.
         with contextlib.suppress(HolySheepError):
             async with client.chat.stream(
-                model=model,
-                messages=_BENCH_MESSAGES,
-                max_tokens=BENCH_RAMP_MAX_TOKENS,
-                extra_headers=warm_up,
+                model=model, messages=_BENCH_MESSAGES, max_tokens=BENCH_RAMP_MAX_TOKENS
             ) as stream:
                 await stream.until_done()
         gc.collect()
         rss_base, high_base, cpu_base = _rss_bytes(), _high_water_bytes(), _cpu_seconds()
         level.rss_peak = rss_base
         started = time.perf_counter()
+        release_at = None if release is None else started + release
+        if released is not None:
+            released.release_at = release_at
 
         async def one() -> None:
             opened = False
+            first: float | None = None
             try:
                 async with client.chat.stream(
-                    model=model,
-                    messages=_BENCH_MESSAGES,
-                    max_tokens=BENCH_RAMP_MAX_TOKENS,
-                    extra_headers=headers,
+                    model=model, messages=_BENCH_MESSAGES, max_tokens=BENCH_RAMP_MAX_TOKENS
                 ) as stream:
                     opened = True
                     level.open_now += 1
@@ -588,19 +701,31 @@ async def _run_level(
                     async for chunk in stream:
                         if chunk.text:
                             level.events += 1
-                level.samples.ttft.append(stream.stats.ttft)
-                level.samples.tokens_per_s.append(stream.stats.tokens_per_s)
+                            if first is None:
+                                first = time.perf_counter()
+                ended = time.perf_counter()
             except HolySheepError as exc:
                 level.errors[type(exc).__name__] = level.errors.get(type(exc).__name__, 0) + 1
+                return
             finally:
                 level.open_now -= opened
                 level.done += 1
+            stats = stream.stats
+            if release_at is None or first is None:
+                level.samples.ttft.append(stats.ttft)
+                level.samples.tokens_per_s.append(stats.tokens_per_s)
+            else:
+                # From the instant the upstream sent every first token: what the client adds.
+                level.samples.ttft.append(first - release_at)
+                level.samples.tokens_per_s.append(stats.tokens / max(ended - release_at, 1e-6))
 
         def sample() -> None:
             rss = _rss_bytes()
             if rss is not None and (level.rss_peak is None or rss > level.rss_peak):
                 level.rss_peak = rss
-            progress.update(level.done, f"{level.streams:,} concurrent: {level.open_now:,} open")
+            progress.update(
+                level.done, f"{level.streams:,} concurrent streams: {level.open_now:,} open"
+            )
 
         async def watch() -> None:
             while True:
@@ -734,6 +859,7 @@ def _fault_for(index: int, rng: random.Random, tokens: int) -> dict[str, Any]:
 def _print_bench(results: Mapping[str, Any]) -> None:
     seq = results["sequential"]
     print(f"{PROG} bench: {results['model']} against {results['target']}")
+    print(f"ramp client: AsyncClient on {results['transport'].split()[0]}")
     print()
     ttft, rate = seq["ttft_s"], seq["tokens_per_s"]
     _print_table(
@@ -767,7 +893,6 @@ def _print_bench(results: Mapping[str, Any]) -> None:
             "ok",
             "success",
             "open",
-            "hold",
             "ttft p50",
             "ttft p99",
             "tokens/s",
@@ -780,7 +905,6 @@ def _print_bench(results: Mapping[str, Any]) -> None:
                 f"{level['ok']:,}/{level['streams']:,}",
                 f"{level['success_rate']:.1%}",
                 f"{level['max_open']:,}",
-                "-" if level["server_hold_s"] is None else f"{level['server_hold_s']:.2f} s",
                 _ms(level["ttft_s"]["p50"]),
                 _ms(level["ttft_s"]["p99"]),
                 _num(level["tokens_per_s"]["p50"]),
@@ -789,18 +913,19 @@ def _print_bench(results: Mapping[str, Any]) -> None:
             ]
             for level in levels
         ],
-        "rrrrrrrrrr",
+        "rrrrrrrrr",
     )
     for level in levels:
         _print_errors(level["errors"], f"at {level['streams']:,}: ")
-    if levels:
-        if any(level["server_hold_s"] is not None for level in levels):
-            print(
-                "hold: the upstream holds each first token that long so all streams open first;"
-                " ttft includes it"
-            )
-        print("open: most streams open at once; tokens/s: p50 per stream")
-        print("rss/stream, cpu/event: this process alone (the client), per open stream, per token")
+    if levels and levels[0]["ttft_from"] == "release":
+        print("every first token of a level leaves the upstream at one instant, once all streams")
+        print("are open (open: most open at once); ttft counts from that instant, tokens/s (p50")
+        print("per stream) up to each stream's end; rss/stream and cpu/event are the client's:")
+        print("this process's peak RSS growth per open stream, its CPU time per token")
+    elif levels:
+        print("ttft from each request; tokens/s: p50 per stream; open: most streams open at once;")
+        print("rss/stream and cpu/event: this process's peak RSS growth per open stream, its CPU")
+        print("time per token")
     faults = results.get("faults")
     if faults is not None:
         print()
@@ -849,42 +974,45 @@ def _draw_plot(path: Path, results: Mapping[str, Any], samples: Mapping[str, Sam
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
-    series: list[tuple[str, list[float | None], float | None]] = [
-        ("sequential", samples["sequential"].ttft, None)
-    ]
+    levels = results["concurrency"]
+    from_release = bool(levels) and levels[0]["ttft_from"] == "release"
+    series = [("sequential" + (" (from the request)" if from_release else ""), "sequential")]
     series += [
         (
-            f"{level['streams']:,} concurrent",
-            samples[f"{level['streams']}"].ttft,
-            level["server_hold_s"],
+            f"{level['streams']:,} concurrent" + (" (from the release)" if from_release else ""),
+            f"{level['streams']}",
         )
-        for level in results["concurrency"]
+        for level in levels
     ]
-    for index, (label, values, held) in enumerate(series):
-        color = colors[index % len(colors)]
-        points = sorted(v * 1000 for v in values if v is not None)
-        if not points:
-            continue
-        fractions = [(i + 1) / len(points) for i in range(len(points))]
-        left.step([points[0], *points], [0.0, *fractions], where="post", color=color, label=label)
-        if held is not None:
-            left.axvline(held * 1000, color=color, linestyle=":", linewidth=1)
+    for index, (label, name) in enumerate(series):
+        # A log axis has no zero: a first token within 0.1 ms of its release is drawn there.
+        points = sorted(max(v * 1000, 0.1) for v in samples[name].ttft if v is not None)
+        if points:
+            fractions = [(i + 1) / len(points) for i in range(len(points))]
+            left.step(
+                [points[0], *points],
+                [0.0, *fractions],
+                where="post",
+                color=colors[index % len(colors)],
+                label=label,
+            )
     left.set_xscale("log")
     # Round milliseconds at 1-2-3-5 steps: the default labels of a short log axis read 3x10^2.
     left.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
-    left.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    left.xaxis.set_major_formatter(
+        ticker.FuncFormatter(lambda value, _: f"{value:,.0f}" if value >= 1 else f"{value:g}")
+    )
     left.xaxis.set_minor_formatter(ticker.NullFormatter())
     left.set_xlabel("time to first token (ms, log scale)")
     left.set_ylabel("fraction of streams")
     left.set_ylim(0, 1.02)
     left.grid(True, which="both", alpha=0.3)
     title = "TTFT distribution"
-    if any(held is not None for _, _, held in series):
-        title += " (dotted: the upstream's hold at each level)"
+    if from_release:
+        title += ": a level counts from the instant all first tokens leave the upstream"
     left.set_title(title, fontsize=10)
     left.legend(loc="lower right", fontsize=8)
 
-    levels = results["concurrency"]
     streams = [level["streams"] for level in levels]
     p10, p50, p90 = [], [], []
     for level in levels:

@@ -379,16 +379,20 @@ def test_bench_json_and_plot(tmp_path: Path) -> None:
     for level in levels:
         streams = level["streams"]
         assert (streams, 1.0, {}) == (level["ok"], level["success_rate"], level["errors"])
-        assert streams == level["max_open"]  # the hold kept every stream open at once
+        assert streams == level["max_open"]  # all were open before the first tokens left
         assert 10 * streams == level["events"]  # 10 tokens per stream, every one counted
-        hold = level["server_hold_s"]
-        assert 2 <= hold < 2.1
-        assert hold <= level["ttft_s"]["p50"] <= level["ttft_s"]["p99"] < hold + 2
-        assert 0 <= level["ttft_over_hold_s"]["p50"] < 2
-        assert 10 < level["tokens_per_s"]["p50"] < 100
+        assert 2 <= level["release_after_s"] < 2.1
+        assert level["all_open_after_s"] < level["release_after_s"]
+        # From the release: what the client adds, milliseconds on an idle machine.
+        assert "release" == level["ttft_from"]
+        assert 0 <= level["ttft_s"]["minimum"] <= level["ttft_s"]["p50"] <= level["ttft_s"]["p99"]
+        assert level["ttft_s"]["p99"] < 2
+        assert 5 < level["tokens_per_s"]["p50"] < 60  # the upstream sends 50 tokens/s
         assert 0 < level["cpu_per_event_us"] < 100_000
         assert level["rss_per_stream_kib"] is None or 0 <= level["rss_per_stream_kib"] < 10_000
         assert level["rss_base_mib"] > 10  # an interpreter with httpx loaded
+        assert level["server_cpu_s"] is None or level["server_cpu_s"] >= 0
+    assert report["transport"].startswith("AsyncHTTPXTransport")
 
     faults = report["faults"]
     assert (2, 2, 1.0) == (faults["streams"], faults["byte_identical"], faults["success_rate"])
@@ -401,8 +405,8 @@ def test_bench_json_and_plot(tmp_path: Path) -> None:
     )
     assert [
         "holysheep bench: sequential: 2 streams, one at a time",
-        "holysheep bench: 2 concurrent streams (first token held 2.00 s)",
-        "holysheep bench: 20 concurrent streams (first token held 2.02 s)",
+        "holysheep bench: 2 concurrent streams (first tokens released at 2.00 s)",
+        "holysheep bench: 20 concurrent streams (first tokens released at 2.02 s)",
         "holysheep bench: faults: 2 streams, one fault each",
         f"holysheep bench: plot written to {plot}",
     ] == progress[1:]
@@ -416,13 +420,25 @@ def test_bench_json_and_plot(tmp_path: Path) -> None:
 
 def test_bench_table_stops_the_upstream_it_started() -> None:
     """The table goes to stdout; the upstream child process is gone when the command ends."""
-    result = run("bench", "--requests", "1", "--max-tokens", "2", "--concurrency", "3")
+    pytest.importorskip("aiohttp")
+    result = run(
+        "bench",
+        "--requests",
+        "1",
+        "--max-tokens",
+        "2",
+        "--concurrency",
+        "3",
+        "--transport",
+        "aiohttp",
+    )
 
     assert 0 == result.returncode, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("holysheep bench: gpt-4.1 against embedded upstream")
+    assert "ramp client: AsyncClient on AiohttpTransport" == lines[1]
     assert re.search(r"^ttft +1/1 +\d+ ms", result.stdout, re.MULTILINE), result.stdout
-    assert re.search(r"^ +3 +3/3 +100\.0% +3 +2\.00 s +2,0\d\d ms", result.stdout, re.MULTILINE)
+    assert re.search(r"^ +3 +3/3 +100\.0% +3 +\d+ ms +\d+ ms", result.stdout, re.MULTILINE)
     port = int(re.search(r"127\.0\.0\.1:(\d+)", result.stderr).group(1))  # type: ignore[union-attr]
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
@@ -454,14 +470,22 @@ def test_bench_ctrl_c_stops_the_upstream_and_exits_130() -> None:
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
-def test_bench_plot_without_matplotlib_is_one_line(tmp_path: Path) -> None:
-    """--plot without matplotlib says which pip command adds it, before measuring anything."""
+@pytest.mark.parametrize(
+    ("module", "option", "extra"),
+    [("matplotlib", "--plot", "plot"), ("aiohttp", "--transport", "aiohttp")],
+)
+def test_bench_missing_extra_is_one_line(
+    module: str, option: str, extra: str, tmp_path: Path
+) -> None:
+    """--plot without matplotlib (or --transport aiohttp without aiohttp) names the pip command."""
     blocked = (
-        "import sys; sys.modules['matplotlib'] = None; "  # what `import matplotlib` sees if absent
+        f"import sys; sys.modules[{module!r}] = None; "  # what `import {module}` sees if absent
         "from holysheep._cli import main; sys.exit(main(sys.argv[1:]))"
     )
+    value = str(tmp_path / "out.png") if option == "--plot" else "aiohttp"
+    started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-c", blocked, "bench", "--plot", str(tmp_path / "out.png")],
+        [sys.executable, "-c", blocked, "bench", option, value],
         capture_output=True,
         text=True,
         env=clean_env(),
@@ -471,7 +495,8 @@ def test_bench_plot_without_matplotlib_is_one_line(tmp_path: Path) -> None:
     assert 1 == result.returncode
     assert "" == result.stdout
     assert [
-        "holysheep: error: --plot needs matplotlib, which is not installed:"
-        " pip install 'holysheep[plot]'"
+        f"holysheep: error: {option} {'aiohttp ' if option == '--transport' else ''}needs"
+        f" {module}, which is not installed: pip install 'holysheep[{extra}]'"
     ] == result.stderr.splitlines()
+    assert time.monotonic() - started < 10  # refused before measuring anything
     assert not (tmp_path / "out.png").exists()
