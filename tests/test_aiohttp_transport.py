@@ -23,6 +23,7 @@ from holysheep import (
     APIConnectionError,
     ConfigurationError,
     ConnectTimeoutError,
+    IdleTimeoutError,
     IncompleteStreamError,
     InternalServerError,
     RateLimitError,
@@ -249,6 +250,18 @@ async def test_connect_timeout_is_a_connect_timeout_error(transport: AiohttpTran
         finally:
             for filler in fillers:
                 filler.close()
+
+
+@pytest.mark.anyio
+async def test_idle_timeout_cuts_the_read_and_the_connection(transport: AiohttpTransport) -> None:
+    """A stall with keep-alives trips the client's `idle` timer; the server sees the client go."""
+    with serve(fault="stall@4", keepalive_interval=0.05) as stalled:
+        client = client_for(stalled, transport, timeout=Timeouts(idle=0.3))
+        with anyio.fail_after(2), pytest.raises(IdleTimeoutError) as info:
+            await client.chat.complete(model="m", messages=MESSAGES)
+        assert info.value.completion is not None
+        assert "".join(UpstreamConfig().token_list(4)) == info.value.completion.text
+        assert await disconnected(stalled)
 
 
 # -- stopping early: the server must see the client leave -------------------------------------
