@@ -84,9 +84,9 @@ from ._cli import (
     EXIT_OK,
     PROG,
     UsageError,
-    _api_key,
     _print_table,
 )
+from ._config import API_KEY_ENV
 from ._exceptions import ConfigurationError, HolySheepError
 from ._exchange import Request
 from ._version import __version__
@@ -186,7 +186,12 @@ def run_bench(args: argparse.Namespace) -> int:
             "--transport aiohttp needs aiohttp, which is not installed:"
             " pip install 'holysheep[aiohttp]'"
         )
-    key = _api_key() if args.base_url else "bench-key"
+    key = os.environ.get(API_KEY_ENV) if args.base_url else "bench-key"
+    if not key:
+        raise ConfigurationError(
+            f"no API key for --base-url: set the {API_KEY_ENV} environment variable"
+            " (without --base-url the bench runs against the embedded upstream, which needs none)"
+        )
     files = _raise_fd_limit()
     needed = max(args.concurrency, default=0) + SPARE_FILES
     if files is not None and files < needed:
@@ -502,7 +507,7 @@ def _bench_sequential(
     kept = samples["sequential"] = Samples()
     errors: dict[str, int] = {}
     first_error: HolySheepError | None = None
-    progress.start(f"sequential: {args.requests} streams, one at a time", args.requests)
+    progress.start(f"sequential: {_streams(args.requests)}, one at a time", args.requests)
     with Client(api_key=key, base_url=base_url, retry=RetryPolicy.none()) as client:
         for i in range(args.requests):
             try:
@@ -618,21 +623,21 @@ def _bench_level(
         "errors": level.errors,
         "max_open": level.max_open,
         "all_open_after_s": level.all_open_after,
-        "release_after_s": release,
+        "release_after_s": None if release is None else round(release, 4),
         "wall_s": measured["wall_s"],
         "ttft_from": "request" if release is None else "release",
         "ttft_s": attrs.asdict(Spread.of(level.samples.ttft)),
         "tokens_per_s": attrs.asdict(Spread.of(level.samples.tokens_per_s)),
         "events": events,
-        "client_cpu_s": measured["cpu_s"],
-        "cpu_per_event_us": measured["cpu_s"] / events * 1e6 if events else None,
-        "cpu_per_stream_ms": measured["cpu_s"] / streams * 1e3,
+        "client_cpu_s": round(measured["cpu_s"], 4),
+        "cpu_per_event_us": round(measured["cpu_s"] / events * 1e6, 1) if events else None,
+        "cpu_per_stream_ms": round(measured["cpu_s"] / streams * 1e3, 3),
         "server_cpu_s": None
         if server_before is None or server_after is None
-        else server_after - server_before,
+        else round(server_after - server_before, 2),  # clock ticks: 10 ms
         "rss_base_mib": None if rss_base is None else rss_base / 2**20,
         "rss_peak_mib": None if rss_peak is None else rss_peak / 2**20,
-        "rss_per_stream_kib": per_stream,
+        "rss_per_stream_kib": None if per_stream is None else round(per_stream, 1),
     }
 
 
@@ -797,7 +802,7 @@ def _bench_faults(args: argparse.Namespace, progress: _Progress) -> dict[str, An
     outcomes: dict[str, int] = {}
     injected: dict[str, int] = {}
     ok = identical = attempts = 0
-    progress.start(f"faults: {args.requests} streams, one fault each", args.requests)
+    progress.start(f"faults: {_streams(args.requests)}, one fault each", args.requests)
     with (
         serve(ttft=FAULT_TTFT, tokens_per_s=FAULT_TOKENS_PER_S, event_ids=True) as upstream,
         Client(
@@ -935,6 +940,10 @@ def _print_bench(results: Mapping[str, Any]) -> None:
             f" faults: {', '.join(f'{n} {name}' for name, n in faults['faults'].items())}"
         )
         _print_errors(faults["errors"])
+
+
+def _streams(count: int) -> str:
+    return f"{count:,} stream{'' if count == 1 else 's'}"
 
 
 def _print_errors(errors: Mapping[str, int], prefix: str = "") -> None:

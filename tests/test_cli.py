@@ -144,6 +144,13 @@ def test_missing_api_key_is_one_line_naming_the_variable() -> None:
         "holysheep: error: no API key: set the HOLYSHEEP_API_KEY environment variable"
         " (or try --mock, which needs none)"
     ] == result.stderr.splitlines()
+    bench = run("bench", "--base-url", "http://127.0.0.1:9/v1")
+    assert 1 == bench.returncode
+    assert [
+        "holysheep: error: no API key for --base-url: set the HOLYSHEEP_API_KEY environment"
+        " variable (without --base-url the bench runs against the embedded upstream, which needs"
+        " none)"
+    ] == bench.stderr.splitlines()
 
 
 def test_http_error_is_one_line() -> None:
