@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncClient", "AsyncStream"]
 
+_NO_CHUNKS: list[ChatChunk] = []  # shared, never mutated
+
 # Closing a connection is local work; if it takes longer, something is wrong and we move on.
 _CLOSE_TIMEOUT = 5.0
 
@@ -158,7 +160,7 @@ class AsyncStream:
         self._response: AsyncResponse | None = None
         self._body: AsyncIterator[bytes] | None = None
         self._scope: anyio.CancelScope | None = None
-        self._pending: list[ChatChunk] = []
+        self._pending: list[ChatChunk] = _NO_CHUNKS  # chunks of the last read not yet handed out
         self._index = 0
         self._closed = False
         self._exhausted = False
@@ -175,7 +177,7 @@ class AsyncStream:
     def _exchange(self) -> Exchange:
         exchange = self._call.exchange
         if exchange is None:
-            exchange = self._call.start_attempt(anyio.current_time())
+            exchange = self._call.start_attempt(_now())
         return exchange
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -191,13 +193,13 @@ class AsyncStream:
         tb: TracebackType | None,
     ) -> None:
         if exc is not None and not isinstance(exc, Exception):  # cancelled, not a clean end
-            self._call.ended(anyio.current_time(), exc)
+            self._call.ended(_now(), exc)
         await self.aclose()
 
     async def open(self) -> None:
         """Send the request and read the response head, retrying as the policy allows."""
         while self._body is None and not self._closed:
-            exchange = self._call.start_attempt(anyio.current_time())
+            exchange = self._call.start_attempt(_now())
             try:
                 await self._open_attempt(exchange)
             except HolySheepError as exc:
@@ -217,8 +219,8 @@ class AsyncStream:
             return
         self._closed = True
         if self._call.exchange is not None:
-            self._call.exchange.finish(anyio.current_time())
-            self._call.ended(anyio.current_time())
+            self._call.exchange.finish(_now())
+            self._call.ended(_now())
         if self._scope is not None:
             self._scope.cancel()
         self._cancel_read()
@@ -234,9 +236,15 @@ class AsyncStream:
 
     async def __anext__(self) -> ChatChunk:
         pending = self._pending
-        if self._index < len(pending):
-            chunk = pending[self._index]
-            self._index += 1
+        if pending:
+            index = self._index
+            chunk = pending[index]
+            index += 1
+            if index == len(pending):
+                # Hand over the last one and let go of the batch: with thousands of open
+                # streams, chunks kept until the next read are a third of the memory.
+                self._pending = _NO_CHUNKS
+            self._index = index
             return chunk
         if self._body is None and not self._exhausted:
             await self.open()
@@ -249,8 +257,9 @@ class AsyncStream:
                 reset = self._call.take_reset()
                 chunks = [ChatChunk.for_reset(reset)] if reset is not None else []
             if chunks:
-                self._pending = chunks
-                self._index = 1
+                if len(chunks) > 1:
+                    self._pending = chunks
+                    self._index = 1
                 return chunks[0]
         raise StopAsyncIteration
 
@@ -296,7 +305,7 @@ class AsyncStream:
                     raise self._timeout_or(exc) from exc  # while the body is still known
             if scope.cancelled_caught:  # a deadline passed, or close() was called
                 return await self._deadline_passed()
-        now = anyio.current_time()
+        now = _now()
         if not data:
             exchange.on_eof(now)
             await self._finish()
@@ -375,7 +384,7 @@ class AsyncStream:
 
     @property
     def stats(self) -> StreamStats:
-        return self._exchange.stats(anyio.current_time(), self._call)
+        return self._exchange.stats(_now(), self._call)
 
     @property
     def request_id(self) -> str:
@@ -385,22 +394,23 @@ class AsyncStream:
 
     async def _open_attempt(self, exchange: Exchange) -> None:
         if self._gate is not None:
-            waited = anyio.current_time()
+            waited = _now()
             self._ticket = await self._gate.aacquire(self._call.cost)
-            self._call.queued += anyio.current_time() - waited
+            self._call.queued += _now() - waited
         self._call.sending()
-        exchange.start(anyio.current_time())
+        exchange.start(_now())
         with self._deadline_scope() as scope:
             try:
                 self._response = await self._transport.send(exchange.request)
             except HolySheepError as exc:
                 raise self._timeout_or(exc) from exc
+        self._scope = None  # done with: it would otherwise live as long as the stream
         response = self._response
         if scope.cancelled_caught or response is None:
             if self._stopped_by_caller():
                 return
             raise self._timeout_or(None)
-        action = exchange.on_headers(response.status_code, response.headers, anyio.current_time())
+        action = exchange.on_headers(response.status_code, response.headers, _now())
         if action == "read_error_body":
             raise exchange.error_for_body(await self._read_error_body(response))
         self._body = response.stream
@@ -411,11 +421,11 @@ class AsyncStream:
     async def _after_failure(self, error: HolySheepError) -> None:
         """End the failed attempt; wait and return to try again, or raise."""
         await self._end_attempt()
-        decision = self._call.failed(error, anyio.current_time(), time.time())
+        decision = self._call.failed(error, _now(), time.time())
         if isinstance(decision, GiveUp):
             self._exhausted = True
             failure = self._call.error_to_raise(error, decision)
-            self._call.ended(anyio.current_time(), failure)
+            self._call.ended(_now(), failure)
             if failure is error:
                 raise error
             raise failure from error
@@ -428,13 +438,13 @@ class AsyncStream:
             await anyio.sleep(decision.delay)
         if self._closed:
             self._exhausted = True
-            self._call.ended(anyio.current_time(), error)
+            self._call.ended(_now(), error)
             raise error  # closed while waiting to retry: report why it was still failing
 
     async def _finish(self) -> None:
         self._exhausted = True
         await self._end_attempt()
-        self._call.ended(anyio.current_time())
+        self._call.ended(_now())
 
     async def _end_attempt(self) -> None:
         self._disarm()
@@ -442,7 +452,7 @@ class AsyncStream:
         body, self._body = self._body, None
         ticket, self._ticket = self._ticket, None
         with anyio.CancelScope(shield=True) as scope:
-            scope.deadline = anyio.current_time() + _CLOSE_TIMEOUT
+            scope.deadline = _now() + _CLOSE_TIMEOUT
             if response is not None:
                 close_body = getattr(body, "aclose", None)
                 if close_body is not None:
@@ -455,7 +465,7 @@ class AsyncStream:
 
     def _stopped_by_caller(self) -> bool:
         # A method, not an inline test: the flag changes while we await.
-        return self._closed and self._exchange.timeout_error(anyio.current_time()) is None
+        return self._closed and self._exchange.timeout_error(_now()) is None
 
     def _deadline_scope(self) -> anyio.CancelScope:
         due = self._exchange.deadline()
@@ -466,7 +476,7 @@ class AsyncStream:
         return scope
 
     def _timeout_or(self, exc: HolySheepError | None) -> HolySheepError:
-        now = anyio.current_time()
+        now = _now()
         timeout = self._exchange.timeout_error(now)
         if timeout is not None:
             return timeout
@@ -491,6 +501,15 @@ class AsyncStream:
             except HolySheepError:
                 pass  # what arrived is still worth quoting
         return b"".join(parts)
+
+
+def _now() -> float:
+    """anyio's clock: on asyncio the loop's time, read without anyio's backend lookup (which
+    costs more than the rest of a read's bookkeeping)."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:  # trio
+        return anyio.current_time()
 
 
 def _on_asyncio() -> bool:

@@ -22,7 +22,7 @@ with `delivered()`. Every attempt, its reason and its wait is kept in `history`.
 from __future__ import annotations
 
 import logging
-import uuid
+import os
 from collections.abc import Callable, Mapping
 from typing import Literal, final
 
@@ -90,7 +90,7 @@ class Call:
         self._random = random
         self._hooks = hooks
         self._observers = observers
-        self.idempotency_key = f"hs-idem-{uuid.uuid4().hex}"
+        self.idempotency_key = f"hs-idem-{os.urandom(16).hex()}"
         if info is not None:
             info = attrs.evolve(info, idempotency_key=self.idempotency_key)
         #: What observers are told this request is.
@@ -107,7 +107,7 @@ class Call:
         self._started: float | None = None
         self._delivered = False
         self._resume_from: str | None = None
-        self._seen_ids: set[str] = set()
+        self._seen_ids: frozenset[str] = frozenset()
         self._pending_reset: Reset | None = None
 
     def start_attempt(self, now: float) -> Exchange:
@@ -126,7 +126,7 @@ class Call:
             accumulator.restart_decoder()
         exchange = self._make_exchange(headers, accumulator)
         if self.on_interrupt == "resume":
-            exchange.track_event_ids(skip=frozenset(self._seen_ids))
+            exchange.track_event_ids(skip=self._seen_ids)
         self.exchange = exchange
         return exchange
 

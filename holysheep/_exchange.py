@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import uuid
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Set
 from typing import TYPE_CHECKING, Any, Literal, final
 
 import attrs
@@ -206,7 +206,7 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
 
 
 def new_request_id() -> str:
-    return f"hs-{uuid.uuid4().hex}"
+    return f"hs-{os.urandom(16).hex()}"  # what uuid4().hex carries, without the object
 
 
 class Exchange:
@@ -247,7 +247,8 @@ class Exchange:
         self.timeouts = timeouts
         self.accumulator = accumulator or ChatAccumulator(require_end=require_end)
         #: Event ids this exchange received, when tracking them for a resume.
-        self.ids_seen: set[str] = set()
+        self.ids_seen: Set[str] = frozenset()  # a set of its own once tracking starts
+        self._ids: set[str] | None = None
         self._skip_ids: frozenset[str] | None = None
         self.status_code: int | None = None
         self.response_headers: Mapping[str, str] = {}
@@ -326,6 +327,8 @@ class Exchange:
     def track_event_ids(self, skip: frozenset[str]) -> None:
         """Record event ids, and drop events whose id an earlier attempt already delivered."""
         self._skip_ids = skip
+        ids: set[str] = set()
+        self.ids_seen = self._ids = ids
 
     def on_data(self, data: bytes, now: float) -> list[ChatChunk]:
         """Body bytes in, chunks out; progress is stamped with `now`."""
@@ -347,7 +350,8 @@ class Exchange:
 
     def _feed_tracking_ids(self, data: bytes) -> list[ChatChunk]:
         chunks = []
-        skip, seen = self._skip_ids or frozenset(), self.ids_seen
+        skip, seen = self._skip_ids or frozenset(), self._ids
+        assert seen is not None
         for event in self.accumulator.decoder.feed(data):
             if event.id:
                 if event.id in skip:
