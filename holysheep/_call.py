@@ -44,6 +44,7 @@ from ._retry import GiveUp, Retry, RetryPolicy
 __all__ = ["Attempt", "Call", "OnInterrupt", "Reset"]
 
 OnInterrupt = Literal["raise", "resume", "restart"]
+_NO_IDS: frozenset[str] = frozenset()
 _ON_INTERRUPT = ("raise", "resume", "restart")
 
 logger = logging.getLogger("holysheep")
@@ -107,7 +108,7 @@ class Call:
         self._started: float | None = None
         self._delivered = False
         self._resume_from: str | None = None
-        self._seen_ids: frozenset[str] = frozenset()
+        self._seen_ids: frozenset[str] = _NO_IDS
         self._pending_reset: Reset | None = None
 
     def start_attempt(self, now: float) -> Exchange:

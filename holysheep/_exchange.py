@@ -58,6 +58,9 @@ __all__ = ["Exchange", "Request", "StreamStats", "Timeouts", "parse_retry_after"
 
 # An error body is read only to quote the server's message; 64 KiB holds any real one.
 MAX_ERROR_BODY = 64 * 1024
+# Shared by every exchange that does not track event ids (an empty frozenset is not a
+# singleton: each `frozenset()` costs 216 bytes, which adds up over 10,000 streams).
+_NO_IDS: frozenset[str] = frozenset()
 # How much of an unexpected body (a proxy's HTML page) an error message quotes.
 _BODY_SNIPPET = 300
 
@@ -247,7 +250,7 @@ class Exchange:
         self.timeouts = timeouts
         self.accumulator = accumulator or ChatAccumulator(require_end=require_end)
         #: Event ids this exchange received, when tracking them for a resume.
-        self.ids_seen: Set[str] = frozenset()  # a set of its own once tracking starts
+        self.ids_seen: Set[str] = _NO_IDS  # a set of its own once tracking starts
         self._ids: set[str] | None = None
         self._skip_ids: frozenset[str] | None = None
         self.status_code: int | None = None
