@@ -164,7 +164,8 @@ class AsyncStream:
         self._index = 0
         self._closed = False
         self._exhausted = False
-        self._rearm_on_progress = True  # until this attempt's first content
+        self._awaiting_first = True  # until the first content (observers are told)
+        self._read_to_end: AsyncIterator[bytes] | None = None
         # asyncio only (see the module docstring): the deadline timer, when it is due, the task
         # blocked in a body read, and whether we cancelled it.
         self._timer: asyncio.TimerHandle | None = None
@@ -307,6 +308,7 @@ class AsyncStream:
                 return await self._deadline_passed()
         now = _now()
         if not data:
+            self._read_to_end = body
             exchange.on_eof(now)
             await self._finish()
             return []
@@ -314,12 +316,8 @@ class AsyncStream:
         if chunks:
             call = self._call
             call.delivered(chunks)
-            if self._rearm_on_progress and exchange.progressed:
-                # The first content swaps the ttft deadline for the idle one, which may come
-                # sooner: the only time a deadline moves earlier.
-                self._rearm_on_progress = False
-                if self._timer is not None:
-                    self._arm()
+            if self._awaiting_first and exchange.progressed:
+                self._awaiting_first = False
                 call.first_token(now)
         return chunks
 
@@ -333,9 +331,18 @@ class AsyncStream:
     # -- the asyncio deadline timer ----------------------------------------------------------
 
     def _arm(self) -> None:
-        """Make sure the timer fires no later than the exchange's next deadline."""
-        due = self._exchange.deadline()
+        """Make sure the timer fires no later than the exchange's next deadline.
+
+        Before the first content the deadline is `ttft`, but the first content will swap it
+        for `idle`, which may come sooner; arming no later than `idle` from now covers that
+        too (a timer that fires early only re-arms), so content never has to touch the timer.
+        """
+        exchange = self._exchange
+        due = exchange.deadline()
         at = math.inf if due is None else due[0]
+        idle = exchange.timeouts.idle
+        if idle is not None and not exchange.progressed:
+            at = min(at, _now() + idle)
         if at < self._timer_due:
             if self._timer is not None:
                 self._timer.cancel()
@@ -416,7 +423,6 @@ class AsyncStream:
         self._body = response.stream
         if _on_asyncio():
             self._arm()
-            self._rearm_on_progress = True
 
     async def _after_failure(self, error: HolySheepError) -> None:
         """End the failed attempt; wait and return to try again, or raise."""
@@ -451,9 +457,10 @@ class AsyncStream:
         response, self._response = self._response, None
         body, self._body = self._body, None
         ticket, self._ticket = self._ticket, None
-        with anyio.CancelScope(shield=True) as scope:
-            scope.deadline = _now() + _CLOSE_TIMEOUT
-            if response is not None:
+        if response is not None:
+            with anyio.CancelScope(shield=True) as scope:
+                if body is not self._read_to_end:  # a body read to its end closes at once
+                    scope.deadline = _now() + _CLOSE_TIMEOUT
                 close_body = getattr(body, "aclose", None)
                 if close_body is not None:
                     with contextlib.suppress(RuntimeError):  # still running in another task

@@ -15,9 +15,10 @@ whole life and a cap would queue the stream after it.
 
 aiohttp is told to do nothing the clients already do: no automatic decompression (the request
 asks for `identity`), no redirects, and no total timeout (aiohttp's default would end every
-request after 300 s). What remains is the connect timeout from the request's `Timeouts` and a
-per-read socket timeout at `read_backstop()`, the same last line of defence the other
-transports keep in case a client's timer fails.
+request after 300 s). What remains is the connect timeout from the request's `Timeouts`. Unlike
+the other transports it keeps no per-read socket timeout as a backstop: aiohttp implements one by
+replacing a timer on every packet received, which at thousands of streams costs more than the
+clients' own deadline timer, and that timer already bounds every read.
 
 The body is a small async iterator that awaits `response.content.readany()` once per chunk:
 whatever arrived since the last read, with no copying or re-chunking. It finishes when aiohttp
@@ -67,7 +68,6 @@ def _client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
         total=None,  # the clients enforce ttft, idle and total themselves
         connect=timeouts.connect,
         sock_connect=timeouts.connect,
-        sock_read=timeouts.read_backstop(),
     )
 
 
