@@ -90,8 +90,10 @@ def _body_and_closer(response: httpx.Response) -> tuple[Iterator[bytes], Callabl
 
     def body() -> Iterator[bytes]:
         nonlocal finished
+        stream = response.stream  # not iter_raw(): see `_aiter_raw`
+        assert isinstance(stream, httpx.SyncByteStream)
         try:
-            yield from response.iter_raw()
+            yield from stream
         except (httpx.HTTPError, httpx.StreamError) as exc:
             raise APIConnectionError(
                 f"the connection failed while reading the stream: {exc!r}"
