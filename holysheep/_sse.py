@@ -267,7 +267,8 @@ class SSEDecoder:
                     self._reset_fields()
                 else:
                     events.append(_event("message", payload, self._id_buffer, None))
-                self._data = data = []
+                # Emptied, not replaced: a new list per event would live until the next one.
+                data.clear()
             elif self._fields:
                 self._reset_fields()
         return events
