@@ -60,18 +60,13 @@ import json
 import math
 import os
 import random
-import re
-import selectors
 import signal
-import subprocess
 import sys
-import sysconfig
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
 import attrs
 
@@ -90,6 +85,7 @@ from ._config import API_KEY_ENV
 from ._exceptions import ConfigurationError, HolySheepError
 from ._exchange import Request
 from ._version import __version__
+from .testing._process import UpstreamProcess, raise_fd_limit
 
 __all__ = ["Spread", "ramp_hold", "run_bench"]
 
@@ -115,13 +111,6 @@ SAMPLE_INTERVAL = 0.05
 # Sockets the process needs beyond one per stream: the interpreter, the sequential client's
 # pool, the pipes to the upstream, and whatever the bench's own libraries open.
 SPARE_FILES = 64
-# A cold interpreter starts the upstream in well under a second; past this something is
-# broken, and the error shows what the child printed.
-UPSTREAM_START_TIMEOUT = 30.0
-# Closing 5,000 connections takes the upstream a moment; after this it is killed.
-UPSTREAM_STOP_TIMEOUT = 15.0
-# The upstream's first line: "holysheep mock upstream listening on http://127.0.0.1:PORT/v1".
-_URL = re.compile(rb"(http://[\w.\[\]:-]+:\d+/v1)\b")
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 PLOT_INSTALL = "pip install 'holysheep[plot]'"
 
@@ -192,7 +181,7 @@ def run_bench(args: argparse.Namespace) -> int:
             f"no API key for --base-url: set the {API_KEY_ENV} environment variable"
             " (without --base-url the bench runs against the embedded upstream, which needs none)"
         )
-    files = _raise_fd_limit()
+    files = raise_fd_limit()
     needed = max(args.concurrency, default=0) + SPARE_FILES
     if files is not None and files < needed:
         raise UsageError(
@@ -236,7 +225,9 @@ def _measure(args: argparse.Namespace, key: str, progress: _Progress) -> dict[st
             base_url, embedded = args.base_url, False
             target = args.base_url
         else:
-            upstream = stack.enter_context(_UpstreamProcess(BENCH_TTFT, BENCH_TOKENS_PER_S))
+            upstream = stack.enter_context(
+                UpstreamProcess(ttft=BENCH_TTFT, tokens_per_s=BENCH_TOKENS_PER_S)
+            )
             progress.note(f"embedded upstream at {upstream.base_url} (pid {upstream.pid})")
             base_url, embedded, server_cpu = upstream.base_url, True, upstream.cpu_seconds
             target = (
@@ -282,24 +273,6 @@ def _check_plot_path(text: str) -> Path:
     return path
 
 
-def _raise_fd_limit() -> int | None:
-    """Raise the soft open-files limit to the hard one; the upstream child inherits it.
-
-    Each stream holds a socket in each process; the default soft limit (often 1,024) would
-    fail the 1,000-stream level. Returns the limit now in force (None: no rlimits here).
-    """
-    if sys.platform == "win32":  # pragma: no cover - no rlimits there
-        return None
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return None if soft == resource.RLIM_INFINITY else soft
-
-
 @contextlib.contextmanager
 def _stop_on_sigterm() -> Iterator[None]:
     """SIGTERM exits through `finally` blocks (status 143), so the upstream child is stopped.
@@ -319,109 +292,6 @@ def _stop_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-# -- the upstream in a child process -----------------------------------------------------------
-
-
-class _UpstreamProcess:
-    """`python -m holysheep.testing` for the duration of a `with` block."""
-
-    def __init__(self, ttft: float, tokens_per_s: float) -> None:
-        self.args = ["--port", "0", "--ttft", f"{ttft:g}", "--tokens-per-s", f"{tokens_per_s:g}"]
-        self.base_url = ""
-        self.pid = 0
-        self._process: subprocess.Popen[bytes] | None = None
-        self._stderr: IO[bytes] | None = None
-
-    def __enter__(self) -> _UpstreamProcess:
-        # Its stderr goes to a file: nothing has to drain it, and it is there if start-up fails.
-        self._stderr = tempfile.TemporaryFile()
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "holysheep.testing", *self.args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            env=_child_env(),
-        )
-        self.pid = self._process.pid
-        try:
-            self.base_url = self._read_url(self._process)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def cpu_seconds(self) -> float | None:
-        """User + system CPU the upstream has used so far (Linux /proc); None elsewhere."""
-        if self._process is None:
-            return None
-        try:
-            stat = Path(f"/proc/{self._process.pid}/stat").read_text()
-        except OSError:
-            return None
-        # utime and stime are fields 14 and 15 of proc_pid_stat(5); the name (field 2) is
-        # in parentheses and may hold spaces, so count from after its closing one.
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(UPSTREAM_STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-            if process.stdout is not None:
-                process.stdout.close()
-        if self._stderr is not None:
-            self._stderr.close()
-            self._stderr = None
-
-    def _read_url(self, process: subprocess.Popen[bytes]) -> str:
-        assert process.stdout is not None
-        deadline = time.monotonic() + UPSTREAM_START_TIMEOUT
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ)
-            while (left := deadline - time.monotonic()) > 0:
-                if not selector.select(left):
-                    continue
-                line = process.stdout.readline()
-                if not line:
-                    break  # the child exited
-                found = _URL.search(line)
-                if found:
-                    return found.group(1).decode()
-        status = process.poll()
-        assert self._stderr is not None
-        self._stderr.seek(0)
-        said = self._stderr.read().decode(errors="replace").strip().splitlines()
-        tail = " | ".join(said[-3:]) or "nothing on stderr"
-        raise RuntimeError(
-            f"the embedded upstream (python -m holysheep.testing) printed no URL within"
-            f" {UPSTREAM_START_TIMEOUT:g} s (exit status {status}): {tail}"
-        )
-
-
-def _child_env() -> dict[str, str]:
-    """The environment for a child that must import this very holysheep.
-
-    Installed normally, the child finds it in site-packages by itself; from a checkout on
-    `sys.path` (`python -m holysheep` in the repository) it needs the checkout on PYTHONPATH.
-    Site-packages itself is never put there: ahead of the standard library it could shadow it.
-    """
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    installed = {str(Path(p).resolve()) for p in sysconfig.get_paths().values() if p}
-    if root not in installed:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env
 
 
 # -- progress ----------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from holysheep.testing import Fault, UpstreamConfig, serve
+import holysheep
+from holysheep.testing import Fault, UpstreamConfig, UpstreamProcess, raise_fd_limit, serve
 
 
 def post(
@@ -157,3 +158,29 @@ def test_command_serves_and_stops_on_sigterm() -> None:
         if process.poll() is None:
             process.kill()
         process.communicate()
+
+
+def test_upstream_process_serves_from_a_child_and_stops() -> None:
+    """The same server in a child process: a client streams from it; stop() ends the child
+    and frees the port."""
+    assert (raise_fd_limit() or 1024) >= 1024
+    with UpstreamProcess(tokens=7, ttft=0.0, tokens_per_s=1000, args=["--event-ids"]) as up:
+        assert up.base_url == f"http://127.0.0.1:{up.port}/v1"
+        with holysheep.Client(api_key="k", base_url=up.base_url) as client:
+            completion = client.chat.complete(model="m", messages=[])
+        assert "".join(UpstreamConfig(tokens=7).token_list(None)) == completion.text
+        cpu = up.cpu_seconds()
+        assert cpu is None or cpu > 0
+        status, _, _ = post(up.port, {"model": "m", "messages": [], "stream": False})
+        assert 200 == status
+    assert up.cpu_seconds() is None
+    with pytest.raises(ConnectionRefusedError):
+        post(up.port, {"model": "m", "messages": []})
+
+
+def test_upstream_process_that_cannot_start_says_why() -> None:
+    with (
+        pytest.raises(RuntimeError, match=r"printed no URL.*--fault"),
+        UpstreamProcess(args=["--fault", "no-such-fault"]),
+    ):
+        pass  # pragma: no cover - never reached
