@@ -54,8 +54,8 @@ __all__ = ["AiohttpTransport"]
 _ERRORS: Final = (aiohttp.ClientError, HttpProcessingError, OSError, asyncio.TimeoutError)
 
 # aiohttp >= 3.10 names a connect timeout; 3.9 raises its parent, `ServerTimeoutError`, which
-# `send` only sees before the response head, where the connect timeout is the one that fires
-# first (the read backstop is longer than every other limit).
+# `send` only sees before the response head, where the connect timeout is the only one aiohttp
+# keeps (no total, no per-read timeout: the clients time everything else).
 _CONNECT_TIMEOUT: Final[type[Exception]] = getattr(
     aiohttp, "ConnectionTimeoutError", aiohttp.ServerTimeoutError
 )
