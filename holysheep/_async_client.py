@@ -152,6 +152,28 @@ class AsyncChat:
 class AsyncStream:
     """One streamed completion: `async for chunk in stream`; `completion` and `stats` after."""
 
+    # Slots: no per-instance dict; one is open per stream, thousands at a time.
+    __slots__ = (
+        "_awaiting_first",
+        "_body",
+        "_call",
+        "_cancelled_read",
+        "_closed",
+        "_exhausted",
+        "_expired",
+        "_gate",
+        "_index",
+        "_pending",
+        "_read_to_end",
+        "_reader",
+        "_response",
+        "_scope",
+        "_ticket",
+        "_timer",
+        "_timer_due",
+        "_transport",
+    )
+
     def __init__(self, call: Call, transport: AsyncBaseTransport, gate: Gate | None) -> None:
         self._call = call
         self._transport = transport

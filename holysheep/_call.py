@@ -72,6 +72,31 @@ Hook = Callable[[Attempt], None]
 class Call:
     """See the module docstring."""
 
+    # Slots: no per-instance dict; one is open per stream, thousands at a time.
+    __slots__ = (
+        "_announced",
+        "_delivered",
+        "_first_token",
+        "_hooks",
+        "_make_exchange",
+        "_observers",
+        "_pending_reset",
+        "_random",
+        "_reported",
+        "_resume_from",
+        "_seen_ids",
+        "_started",
+        "attempt",
+        "cost",
+        "exchange",
+        "history",
+        "idempotency_key",
+        "info",
+        "on_interrupt",
+        "policy",
+        "queued",
+    )
+
     def __init__(
         self,
         make_exchange: ExchangeFactory,

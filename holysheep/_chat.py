@@ -442,6 +442,22 @@ class ChatAccumulator:
     (some self-hosted servers); by default that raises `IncompleteStreamError`.
     """
 
+    # Slots: no per-instance dict; one is open per stream, thousands at a time.
+    __slots__ = (
+        "_choices",
+        "_closed",
+        "_error",
+        "_finished",
+        "_first",
+        "_last_data",
+        "_loads",
+        "_usage",
+        "chunk_count",
+        "decoder",
+        "done",
+        "require_end",
+    )
+
     def __init__(
         self,
         *,

@@ -148,6 +148,22 @@ class Chat:
 class Stream:
     """One streamed completion: iterate it for `ChatChunk`s; `completion` and `stats` after."""
 
+    # Slots: no per-instance dict; one is open per stream, thousands at a time.
+    __slots__ = (
+        "_body",
+        "_call",
+        "_closed",
+        "_exhausted",
+        "_expired",
+        "_gate",
+        "_lock",
+        "_response",
+        "_stop",
+        "_ticket",
+        "_transport",
+        "_watchdog",
+    )
+
     def __init__(
         self, call: Call, transport: BaseTransport, watchdog: _Watchdog, gate: Gate | None
     ) -> None:

@@ -215,6 +215,28 @@ def new_request_id() -> str:
 class Exchange:
     """The state of one streamed request: see the module docstring for the protocol."""
 
+    # Slots: no per-instance dict; one is open per stream, thousands at a time.
+    __slots__ = (
+        "_connected",
+        "_ended",
+        "_first_progress",
+        "_ids",
+        "_last_progress",
+        "_skip_ids",
+        "_started",
+        "accumulator",
+        "bytes",
+        "content_chunks",
+        "events",
+        "ids_seen",
+        "request",
+        "request_id",
+        "response_headers",
+        "server_request_id",
+        "status_code",
+        "timeouts",
+    )
+
     def __init__(
         self,
         *,

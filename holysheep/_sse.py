@@ -135,6 +135,28 @@ class SSEDecoder:
     []
     """
 
+    # Slots: no per-instance dict; one is open per stream, thousands at a time.
+    __slots__ = (
+        "_at_start",
+        "_data",
+        "_data_size",
+        "_event_retry",
+        "_event_type",
+        "_failed",
+        "_fields",
+        "_id_buffer",
+        "_pending",
+        "_pending_size",
+        "_skip_lf",
+        "_special",
+        "closed",
+        "last_event_id",
+        "max_event_size",
+        "max_line_size",
+        "retry",
+        "truncated",
+    )
+
     def __init__(
         self,
         *,
