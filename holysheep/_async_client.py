@@ -154,7 +154,6 @@ class AsyncStream:
 
     # Slots: no per-instance dict; one is open per stream, thousands at a time.
     __slots__ = (
-        "_awaiting_first",
         "_body",
         "_call",
         "_cancelled_read",
@@ -186,7 +185,6 @@ class AsyncStream:
         self._index = 0
         self._closed = False
         self._exhausted = False
-        self._awaiting_first = True  # until the first content (observers are told)
         self._read_to_end: AsyncIterator[bytes] | None = None
         # asyncio only (see the module docstring): the deadline timer, when it is due, the task
         # blocked in a body read, and whether we cancelled it.
@@ -215,8 +213,7 @@ class AsyncStream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is not None and not isinstance(exc, Exception):  # cancelled, not a clean end
-            self._call.ended(_now(), exc)
+        self._call.left(_now(), exc)
         await self.aclose()
 
     async def open(self) -> None:
@@ -336,11 +333,7 @@ class AsyncStream:
             return []
         chunks = exchange.on_data(data, now)
         if chunks:
-            call = self._call
-            call.delivered(chunks)
-            if self._awaiting_first and exchange.progressed:
-                self._awaiting_first = False
-                call.first_token(now)
+            self._call.delivered(chunks, now)
         return chunks
 
     async def _deadline_passed(self) -> list[ChatChunk]:

@@ -161,10 +161,14 @@ class Call:
         reset, self._pending_reset = self._pending_reset, None
         return reset
 
-    def delivered(self, chunks: list[ChatChunk]) -> None:
-        """The driver handed these chunks to the caller."""
+    def delivered(self, chunks: list[ChatChunk], now: float) -> None:
+        """The driver handed these chunks to the caller (read at `now`)."""
         if not self._delivered:
             self._delivered = any(chunk.deltas for chunk in chunks)
+        if not self._first_token and self.exchange is not None and self.exchange.progressed:
+            self._first_token = True
+            if self._observers:
+                notify(self._observers, "on_first_token", self.info, self._stats(now))
 
     def failed(self, error: HolySheepError, now: float, wall_clock: float | None) -> Retry | GiveUp:
         """What to do about `error`, which ended the current attempt."""
@@ -222,13 +226,6 @@ class Call:
             if self._observers:
                 notify(self._observers, "on_request", self.info)
 
-    def first_token(self, now: float) -> None:
-        """Content from the current attempt reached the caller."""
-        if not self._first_token:
-            self._first_token = True
-            if self._observers:
-                notify(self._observers, "on_first_token", self.info, self._stats(now))
-
     def ended(self, now: float, error: BaseException | None = None) -> None:
         """The stream stopped for good: cleanly (`error` None) or with `error`."""
         if self._reported or not self._announced:
@@ -241,6 +238,13 @@ class Call:
                 notify(self._observers, "on_end", self.info, self.exchange.completion, stats)
             else:
                 notify(self._observers, "on_error", self.info, error, stats)
+
+    def left(self, now: float, exc: BaseException | None) -> None:
+        """The caller's code left the stream with `exc` in flight. Ctrl-C, `SystemExit` or a
+        cancelled task end the request as an error; an ordinary exception or `break` in the
+        caller's code is the caller closing early, which `ended(now)` reports as an end."""
+        if exc is not None and not isinstance(exc, (Exception, GeneratorExit)):
+            self.ended(now, exc)
 
     def _stats(self, now: float) -> StreamStats:
         assert self.exchange is not None

@@ -199,8 +199,7 @@ class Stream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is not None and not isinstance(exc, Exception):  # Ctrl-C, not a clean end
-            self._call.ended(_clock(), exc)
+        self._call.left(_clock(), exc)
         self.close()
 
     def open(self) -> None:
@@ -248,8 +247,8 @@ class Stream:
                     if reset is not None:
                         yield ChatChunk.for_reset(reset)
                     self.open()
-        except (KeyboardInterrupt, SystemExit) as exc:  # interrupted, not a clean end
-            self._call.ended(_clock(), exc)
+        except BaseException as exc:
+            self._call.left(_clock(), exc)
             raise
         finally:
             self._exhausted = True
@@ -261,15 +260,15 @@ class Stream:
         on_data, delivered = exchange.on_data, self._call.delivered
         waiting_for_first = True
         for data in body:
-            chunks = on_data(data, _clock())
+            now = _clock()
+            chunks = on_data(data, now)
             if chunks:
                 if waiting_for_first and exchange.progressed:
                     # The first content swaps the ttft deadline for the idle one, which may
                     # come sooner: the only time a deadline moves earlier.
                     waiting_for_first = False
                     self._watchdog.watch(self)
-                    self._call.first_token(_clock())
-                delivered(chunks)
+                delivered(chunks, now)
                 yield from chunks
         if self._expired:
             raise self._timeout_or(None)
