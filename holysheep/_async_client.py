@@ -168,6 +168,7 @@ class AsyncStream:
         "_response",
         "_scope",
         "_ticket",
+        "_timed",
         "_timer",
         "_timer_due",
         "_transport",
@@ -188,6 +189,7 @@ class AsyncStream:
         self._read_to_end: AsyncIterator[bytes] | None = None
         # asyncio only (see the module docstring): the deadline timer, when it is due, the task
         # blocked in a body read, and whether we cancelled it.
+        self._timed = False  # reads of this attempt are bounded by `_timer`, not a scope
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = math.inf
         self._reader: asyncio.Task[Any] | None = None
@@ -290,7 +292,7 @@ class AsyncStream:
             await self._finish()
             return []
         data = b""
-        if self._timer is not None:  # asyncio: the stream's deadline timer bounds the read
+        if self._timed:  # asyncio: the stream's deadline timer bounds the read
             if self._expired:
                 raise self._timeout_or(None)
             self._reader = reader = asyncio.current_task()
@@ -301,19 +303,14 @@ class AsyncStream:
             except HolySheepError as exc:
                 raise self._timeout_or(exc) from exc  # while the body is still known
             except asyncio.CancelledError:
-                if not self._cancelled_read:
-                    raise  # not ours: the caller's task is being cancelled
-                self._cancelled_read = False
-                uncancel = getattr(reader, "uncancel", None)  # Python 3.11+
-                if uncancel is not None and uncancel() > 0:
-                    raise  # cancelled from outside as well
+                if not self._cancelled_read or self._took_cancel(reader):
+                    raise  # the caller's task is being cancelled (too)
                 return await self._deadline_passed()
             finally:
                 self._reader = None
-            if self._cancelled_read:  # cancelled just as the read completed: never delivered
-                self._cancelled_read = False
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.sleep(0)  # take our cancellation here
+            if self._cancelled_read:  # the body swallowed our cancellation and read anyway
+                if self._took_cancel(reader):
+                    raise asyncio.CancelledError
                 return await self._deadline_passed()
         else:
             with self._deadline_scope() as scope:
@@ -358,13 +355,11 @@ class AsyncStream:
         idle = exchange.timeouts.idle
         if idle is not None and not exchange.progressed:
             at = min(at, _now() + idle)
-        if at < self._timer_due:
+        if at < self._timer_due:  # never for math.inf: no deadline, no timer
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = asyncio.get_running_loop().call_at(at, self._on_timer)
             self._timer_due = at
-        elif self._timer is None:  # no deadline at all: a timer that never fires marks the mode
-            self._timer = asyncio.get_running_loop().call_at(at, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer, self._timer_due = None, math.inf
@@ -373,7 +368,6 @@ class AsyncStream:
             self._arm()  # the deadline moved later since we armed: wait for the new one
             return
         self._expired = True
-        self._timer = asyncio.get_running_loop().call_at(math.inf, self._on_timer)
         self._cancel_read()
 
     def _cancel_read(self) -> None:
@@ -381,6 +375,14 @@ class AsyncStream:
         if reader is not None and not self._cancelled_read:
             self._cancelled_read = True
             reader.cancel()
+
+    def _took_cancel(self, reader: asyncio.Task[Any] | None) -> bool:
+        """Our cancellation reached `reader`: take it back (Python 3.11+ counts them, and
+        `asyncio.timeout` or a task group would misread ours). True if the task was also
+        cancelled by someone else, which must go on."""
+        self._cancelled_read = False
+        uncancel = getattr(reader, "uncancel", None)
+        return uncancel is not None and uncancel() > 0
 
     def _disarm(self) -> None:
         timer, self._timer, self._timer_due = self._timer, None, math.inf
@@ -436,7 +438,8 @@ class AsyncStream:
         if action == "read_error_body":
             raise exchange.error_for_body(await self._read_error_body(response))
         self._body = response.stream
-        if _on_asyncio():
+        self._timed = _on_asyncio()
+        if self._timed:
             self._arm()
 
     async def _after_failure(self, error: HolySheepError) -> None:

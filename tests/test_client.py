@@ -390,6 +390,33 @@ async def test_async_idle_deadline_sooner_than_ttft_applies_after_first_content(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_deadline_leaves_the_reading_task_uncancelled(upstream: MockUpstream) -> None:
+    """On asyncio a deadline cancels the blocked read and takes the cancellation back: the
+    task is not left marked as cancelled (which an enclosing `asyncio.timeout` or task group
+    would misread), and it keeps running normally after the typed timeout."""
+    import asyncio
+
+    async with holysheep.AsyncClient(
+        api_key="k",
+        base_url=upstream.base_url,
+        timeout=Timeouts(idle=0.2),
+        retry=RetryPolicy.none(),
+    ) as client:
+        task = asyncio.current_task()
+        assert task is not None
+        with pytest.raises(IdleTimeoutError):
+            await client.chat.complete(
+                model="m", messages=MESSAGES, extra_headers=config(fault="stall@2")
+            )
+        if hasattr(task, "cancelling"):  # Python 3.11+
+            assert 0 == task.cancelling()
+        await asyncio.sleep(0.01)  # no cancellation left pending for the next await
+        completion = await client.chat.complete(model="m", messages=MESSAGES)
+        assert "stop" == completion.finish_reason
+
+
+@pytest.mark.anyio
 async def test_cancelling_the_task_closes_the_connection() -> None:
     """Cancel scope around a slow stream: the server sees the disconnect, nothing leaks."""
     with serve(tokens_per_s=100, tokens=1000) as slow:
