@@ -37,14 +37,13 @@ from ._exceptions import (
     StreamError,
     StreamInterruptedError,
 )
-from ._exchange import Exchange, StreamStats
+from ._exchange import _NO_IDS, Exchange, StreamStats
 from ._observe import Observer, RequestInfo, notify
 from ._retry import GiveUp, Retry, RetryPolicy
 
 __all__ = ["Attempt", "Call", "OnInterrupt", "Reset"]
 
 OnInterrupt = Literal["raise", "resume", "restart"]
-_NO_IDS: frozenset[str] = frozenset()
 _ON_INTERRUPT = ("raise", "resume", "restart")
 
 logger = logging.getLogger("holysheep")
@@ -107,6 +106,7 @@ class Call:
         hooks: tuple[Hook, ...] = (),
         observers: tuple[Observer, ...] = (),
         info: RequestInfo | None = None,
+        idempotency_key: str | None = None,
     ) -> None:
         if on_interrupt not in _ON_INTERRUPT:
             raise ValueError(f"on_interrupt must be one of {_ON_INTERRUPT}, got {on_interrupt!r}")
@@ -116,9 +116,7 @@ class Call:
         self._random = random
         self._hooks = hooks
         self._observers = observers
-        self.idempotency_key = f"hs-idem-{os.urandom(16).hex()}"
-        if info is not None:
-            info = attrs.evolve(info, idempotency_key=self.idempotency_key)
+        self.idempotency_key = idempotency_key or new_idempotency_key()
         #: What observers are told this request is.
         self.info = info
         # Lifecycle reported to observers so far: each happens at most once.
@@ -272,6 +270,11 @@ class Call:
     def _last_event_id(self) -> str:
         exchange = self.exchange
         return exchange.accumulator.decoder.last_event_id if exchange is not None else ""
+
+
+def new_idempotency_key() -> str:
+    """One per logical request, the same on every attempt, so a gateway can deduplicate."""
+    return f"hs-idem-{os.urandom(16).hex()}"
 
 
 def _is_interruption(error: HolySheepError) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from ._call import Attempt, Call, OnInterrupt
+from ._call import Attempt, Call, OnInterrupt, new_idempotency_key
 from ._chat import ChatAccumulator
 from ._exceptions import ConfigurationError
 from ._exchange import Exchange, Timeouts, new_request_id
@@ -95,6 +95,7 @@ class ClientConfig:
         request_id = request_id or new_request_id()
 
         url = f"{self.base_url}/chat/completions"
+        idempotency_key = new_idempotency_key()
 
         def make_exchange(
             attempt_headers: Mapping[str, str], accumulator: ChatAccumulator | None
@@ -117,8 +118,10 @@ class ClientConfig:
             random=_random.random,
             hooks=self.hooks,
             observers=self.observers,
-            # The idempotency key is the Call's to choose; it fills it in.
-            info=RequestInfo(model, url, request_id, "", body) if self.observers else None,
+            info=RequestInfo(model, url, request_id, idempotency_key, body)
+            if self.observers
+            else None,
+            idempotency_key=idempotency_key,
         )
         call.cost = estimate_cost(body)
         return call

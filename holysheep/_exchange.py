@@ -228,7 +228,6 @@ class Exchange:
         "bytes",
         "content_chunks",
         "events",
-        "ids_seen",
         "request",
         "request_id",
         "response_headers",
@@ -272,8 +271,7 @@ class Exchange:
         self.timeouts = timeouts
         self.accumulator = accumulator or ChatAccumulator(require_end=require_end)
         #: Event ids this exchange received, when tracking them for a resume.
-        self.ids_seen: Set[str] = _NO_IDS  # a set of its own once tracking starts
-        self._ids: set[str] | None = None
+        self._ids: set[str] | None = None  # a set once tracking starts
         self._skip_ids: frozenset[str] | None = None
         self.status_code: int | None = None
         self.response_headers: Mapping[str, str] = {}
@@ -352,8 +350,12 @@ class Exchange:
     def track_event_ids(self, skip: frozenset[str]) -> None:
         """Record event ids, and drop events whose id an earlier attempt already delivered."""
         self._skip_ids = skip
-        ids: set[str] = set()
-        self.ids_seen = self._ids = ids
+        self._ids = set()
+
+    @property
+    def ids_seen(self) -> Set[str]:
+        """Event ids this exchange received, when tracking them for a resume."""
+        return _NO_IDS if self._ids is None else self._ids
 
     def on_data(self, data: bytes, now: float) -> list[ChatChunk]:
         """Body bytes in, chunks out; progress is stamped with `now`."""
@@ -375,7 +377,8 @@ class Exchange:
 
     def _feed_tracking_ids(self, data: bytes) -> list[ChatChunk]:
         chunks = []
-        skip, seen = self._skip_ids or frozenset(), self._ids
+        skip, seen = self._skip_ids, self._ids
+        assert skip is not None
         assert seen is not None
         for event in self.accumulator.decoder.feed(data):
             if event.id:
