@@ -44,7 +44,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from importlib import metadata, util
+from importlib import util
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,8 @@ try:  # bench/ is on sys.path when this file runs as a script
 except ImportError:  # loaded some other way (runpy, a test): find the helper beside this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import _upstream_proc as upstream_proc
+import _report as report
+from _report import Target, fmt, progress, versions
 
 perf_counter = time.perf_counter
 
@@ -581,10 +583,6 @@ def rotated(items: list[Live], by: int) -> list[Live]:
     return items[k:] + items[:k]
 
 
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -624,7 +622,7 @@ def run_throughput(sizes: Sizes, loop: asyncio.AbstractEventLoop) -> tuple[list[
         served = 0
         server_cpu0 = upstream.cpu_seconds()
         for repeat in range(sizes.throughput_repeats):
-            _progress(f"throughput: round {repeat + 1}/{sizes.throughput_repeats}")
+            progress(f"throughput: round {repeat + 1}/{sizes.throughput_repeats}")
             for one in rotated(live, repeat):
                 if one.error:
                     continue
@@ -716,7 +714,7 @@ def run_ttft(sizes: Sizes, loop: asyncio.AbstractEventLoop) -> tuple[list[Any], 
     with upstream_proc.Upstream(tokens=tokens) as upstream:
         live, notes = build_all(TTFT, upstream.url, loop)
         for repeat in range(sizes.ttft_repeats):
-            _progress(f"ttft: block {repeat + 1}/{sizes.ttft_repeats}")
+            progress(f"ttft: block {repeat + 1}/{sizes.ttft_repeats}")
             for one in rotated(live, repeat):
                 if one.error:
                     continue
@@ -852,7 +850,7 @@ def run_concurrency(sizes: Sizes, loop: asyncio.AbstractEventLoop) -> tuple[list
             if name in failed:
                 row.note = failed[name]
                 continue
-            _progress(f"concurrency: {streams:,} streams, {name}")
+            progress(f"concurrency: {streams:,} streams, {name}")
             with upstream_proc.Upstream(
                 tokens=sizes.slow_tokens,
                 tokens_per_s=sizes.slow_rate,
@@ -1051,23 +1049,6 @@ async def concurrency_worker(name: str, url: str, streams: int, tokens: int, dea
 # -- the targets ----------------------------------------------------------------------------------
 
 
-@dataclass
-class Target:
-    name: str
-    value: float | None
-    threshold: float
-    higher_is_better: bool
-    unit: str = "x"
-    detail: str = ""
-
-    @property
-    def verdict(self) -> str:
-        if self.value is None:
-            return "SKIP"
-        ok = self.value >= self.threshold if self.higher_is_better else self.value <= self.threshold
-        return "PASS" if ok else "FAIL"
-
-
 def targets(results: dict[str, list[Any]]) -> list[Target]:
     found: list[Target] = []
     throughput = {row.contender: row for row in results.get("throughput", [])}
@@ -1150,24 +1131,6 @@ def _concurrency_targets(results: dict[str, list[Any]], mine: str) -> list[Targe
 # -- output ---------------------------------------------------------------------------------------
 
 
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else format(value, spec) + suffix
-
-
-def _table(headers: list[str], rows: list[list[str]], names: int = 1) -> str:
-    """The first `names` columns and the last (a note) are left-aligned, numbers right."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        out = []
-        for i, (cell, width) in enumerate(zip(cells, widths, strict=True)):
-            left = i < names or i == len(cells) - 1
-            out.append(cell.ljust(width) if left else cell.rjust(width))
-        return "  ".join(out).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
-
-
 def print_report(meta: dict[str, Any], results: dict[str, list[Any]], found: list[Target]) -> None:
     print("Client benchmark: holysheep vs peers, against a local upstream in another process")
     for key, value in meta.items():
@@ -1186,16 +1149,16 @@ def print_report(meta: dict[str, Any], results: dict[str, list[Any]], found: lis
         table = [
             [
                 row.contender,
-                _fmt(row.events_per_s, ",.0f"),
-                _fmt(row.events_per_cpu_s, ",.0f"),
-                _fmt(row.vs_raw, ".2f", "x"),
-                _fmt(row.vs_openai, ".1f", "x"),
+                fmt(row.events_per_s, ",.0f"),
+                fmt(row.events_per_cpu_s, ",.0f"),
+                fmt(row.vs_raw, ".2f", "x"),
+                fmt(row.vs_openai, ".1f", "x"),
                 row.note,
             ]
             for row in results["throughput"]
         ]
         headers = ["contender", "events/s", "per CPU-s", "vs raw", "vs openai", "note"]
-        print(_table(headers, table))
+        print(report.table(headers, table))
     if "ttft" in results:
         sizes = meta["sizes"]
         print(
@@ -1211,12 +1174,12 @@ def print_report(meta: dict[str, Any], results: dict[str, list[Any]], found: lis
         table = [
             [
                 row.contender,
-                _fmt(row.p50_ms, ".3f"),
-                _fmt(row.p99_ms, ".3f"),
-                _fmt(row.added_p50_ms, "+.3f"),
-                _fmt(row.added_p99_ms, "+.3f"),
-                _fmt(row.streams_per_s, ",.0f"),
-                _fmt(row.vs_raw, ".2f", "x"),
+                fmt(row.p50_ms, ".3f"),
+                fmt(row.p99_ms, ".3f"),
+                fmt(row.added_p50_ms, "+.3f"),
+                fmt(row.added_p99_ms, "+.3f"),
+                fmt(row.streams_per_s, ",.0f"),
+                fmt(row.vs_raw, ".2f", "x"),
                 "-" if row.new_connections is None else f"{row.new_connections}",
                 row.note,
             ]
@@ -1233,7 +1196,7 @@ def print_report(meta: dict[str, Any], results: dict[str, list[Any]], found: lis
             "new conns",
             "note",
         ]
-        print(_table(headers, table))
+        print(report.table(headers, table))
     if "concurrency" in results:
         print("\n== 3. Concurrency: N slow streams in one asyncio process per contender ==")
         print(
@@ -1253,13 +1216,13 @@ def print_report(meta: dict[str, Any], results: dict[str, list[Any]], found: lis
                     row.contender,
                     "-" if row.ok is None else f"{row.ok:,}",
                     "-" if row.max_open is None else f"{row.max_open:,}",
-                    _fmt(row.seconds_to_open_all, ".1f"),
-                    _fmt(row.wall_s, ".1f"),
-                    _fmt(row.cpu_s, ".1f"),
-                    _fmt(row.us_per_event, ".1f"),
-                    _fmt(row.kb_per_stream, ".1f"),
-                    _fmt(row.rss_vs_aiohttp, ".2f", "x"),
-                    _fmt(row.server_cpu_s, ".1f"),
+                    fmt(row.seconds_to_open_all, ".1f"),
+                    fmt(row.wall_s, ".1f"),
+                    fmt(row.cpu_s, ".1f"),
+                    fmt(row.us_per_event, ".1f"),
+                    fmt(row.kb_per_stream, ".1f"),
+                    fmt(row.rss_vs_aiohttp, ".2f", "x"),
+                    fmt(row.server_cpu_s, ".1f"),
                     row.note,
                 ]
             )
@@ -1278,7 +1241,7 @@ def print_report(meta: dict[str, Any], results: dict[str, list[Any]], found: lis
             "server s",
             "note",
         ]
-        print(_table(headers, table, names=2))
+        print(report.table(headers, table, names=2))
     print("\n== Targets ==")
     for target in found:
         sign = ">=" if target.higher_is_better else "<="
@@ -1290,17 +1253,6 @@ def print_report(meta: dict[str, Any], results: dict[str, list[Any]], found: lis
             f"{target.verdict}  {target.name}: {value} [{sign} {target.threshold:g}{target.unit}]"
             f"{detail}"
         )
-
-
-def _versions() -> str:
-    found = []
-    dists = "holysheep openai httpx httpcore httpx-sse requests urllib3 aiohttp anyio orjson"
-    for dist in dists.split():
-        try:
-            found.append(f"{dist} {metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            found.append(f"{dist} not installed")
-    return ", ".join(found)
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -1358,7 +1310,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "machine": f"{platform.machine()}, {platform.system()}, {os.cpu_count()} CPUs",
-        "versions": _versions(),
+        "versions": versions(
+            "holysheep openai httpx httpcore httpx-sse requests urllib3 aiohttp anyio orjson"
+        ),
         "sizes": asdict(sizes),
         **{name: info for name, info in extra.items() if info},
         "wall time (s)": round(perf_counter() - started, 1),

@@ -45,6 +45,8 @@ try:  # bench/ is on sys.path when this file runs as a script
 except ImportError:  # loaded some other way (runpy, a test): find the helper beside this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import _streams as streams
+import _report as report
+from _report import Target, fmt, progress, versions
 
 Adapter = Callable[[list[bytes]], int]
 
@@ -411,16 +413,12 @@ def rows_for(
     return rows
 
 
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)  # stderr: stdout stays clean for --json
-
-
 def run_decoders(sizes: Sizes, repeats: int, cap: float) -> list[Row]:
     contenders = decoders()
     rows = []
     for source in inputs(sizes):
         for case in cases(source):
-            _progress(f"  decoders: {source.title}, {case.pattern} reads")
+            progress(f"  decoders: {source.title}, {case.pattern} reads")
             results = measure(contenders, case.chunks, repeats, cap)
             rows += rows_for("decoders", source.key, case, results, HOLYSHEEP, True)
     return rows
@@ -436,7 +434,7 @@ def run_flatness(sizes: Sizes, repeats: int, cap: float) -> list[Row]:
         case = Case(
             f"{event_size // KIB} KiB events", streams.split_reads(body, 64), count, len(body)
         )
-        _progress(f"  flatness: {case.pattern} at 64 B reads")
+        progress(f"  flatness: {case.pattern} at 64 B reads")
         results = measure(contenders, case.chunks, repeats, cap)
         rows += rows_for("flatness", "large", case, results, HOLYSHEEP, True)
     return rows
@@ -452,29 +450,13 @@ def run_chat(sizes: Sizes, repeats: int, cap: float) -> list[Row]:
         if case.pattern not in TARGET_PATTERNS:
             continue
         case = Case(case.pattern, case.chunks, chunks_wanted, len(body))
-        _progress(f"  chat layer: {case.pattern} reads")
+        progress(f"  chat layer: {case.pattern} reads")
         results = measure(contenders, case.chunks, repeats, cap)
         rows += rows_for("chat", "openai", case, results, "openai construct", False)
     return rows
 
 
 # -- the targets -------------------------------------------------------------------------------
-
-
-@dataclass
-class Target:
-    name: str
-    value: float | None
-    threshold: float
-    higher_is_better: bool
-    detail: str
-
-    @property
-    def verdict(self) -> str:
-        if self.value is None:
-            return "SKIP"
-        ok = self.value >= self.threshold if self.higher_is_better else self.value <= self.threshold
-        return "PASS" if ok else "FAIL"
 
 
 def _rate(rows: list[Row], **match: str) -> float | None:
@@ -503,7 +485,7 @@ def targets(decoded: list[Row], flat: list[Row], chat: list[Row]) -> list[Target
                 mine / best if mine and best else None,
                 1.5,
                 True,
-                f"fastest peer: {best_name}",
+                detail=f"fastest peer: {best_name}",
             )
         )
         naive = _rate(decoded, input="openai", pattern=pattern, contender=NAIVE)
@@ -527,7 +509,7 @@ def targets(decoded: list[Row], flat: list[Row], chat: list[Row]) -> list[Target
             max(speeds) / min(speeds) if len(speeds) == 2 else None,
             1.5,
             False,
-            "slower / faster",
+            detail="slower / faster",
         )
     )
     for backend in ("orjson", "json"):
@@ -550,24 +532,6 @@ def targets(decoded: list[Row], flat: list[Row], chat: list[Row]) -> list[Target
 # -- output ----------------------------------------------------------------------------------------
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _table(headers: list[str], rows: list[list[str]], names: int = 2) -> str:
-    """The first `names` columns and the last (a note) are left-aligned, numbers right."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        out = []
-        for i, (cell, width) in enumerate(zip(cells, widths, strict=True)):
-            left = i < names or i == len(cells) - 1
-            out.append(cell.ljust(width) if left else cell.rjust(width))
-        return "  ".join(out).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
-
-
 def _cells(row: Row, last_pattern: str) -> list[str]:
     pattern = row.pattern
     if pattern == ONE_BYTE:
@@ -575,9 +539,9 @@ def _cells(row: Row, last_pattern: str) -> list[str]:
     return [
         pattern if row.pattern != last_pattern else "",
         row.contender,
-        _fmt(row.events_per_s, ",.0f"),
-        _fmt(row.mb_per_s, ".1f"),
-        _fmt(row.ratio, ".2f") + ("x" if row.ratio is not None else ""),
+        fmt(row.events_per_s, ",.0f"),
+        fmt(row.mb_per_s, ".1f"),
+        fmt(row.ratio, ".2f") + ("x" if row.ratio is not None else ""),
         row.status,
     ]
 
@@ -609,7 +573,7 @@ def print_report(
         full = mine[-1]
         print(f"\n== {title}: {full.expected_events:,} events, {full.bytes / 1e6:.2f} MB ==")
         print("   hs speedup = holysheep's rate / this row's rate")
-        print(_table(headers, _grouped(mine)))
+        print(report.table(headers, _grouped(mine), names=2))
 
     print("\n== Flatness: 64 B reads, same total size, 16 KiB vs 256 KiB events ==")
     table = []
@@ -622,13 +586,15 @@ def print_report(
         table.append(
             [
                 name,
-                _fmt(small.mb_per_s, ".1f"),
-                _fmt(large.mb_per_s, ".1f"),
-                _fmt(slowdown, ".2f") + ("x" if slowdown is not None else ""),
+                fmt(small.mb_per_s, ".1f"),
+                fmt(large.mb_per_s, ".1f"),
+                fmt(slowdown, ".2f") + ("x" if slowdown is not None else ""),
                 note,
             ]
         )
-    print(_table(["decoder", "16 KiB MB/s", "256 KiB MB/s", "slowdown", "note"], table, names=1))
+    print(
+        report.table(["decoder", "16 KiB MB/s", "256 KiB MB/s", "slowdown", "note"], table, names=1)
+    )
 
     print(f"\n== Chat layer: OpenAI chat stream, {chat[0].expected_events:,} chunks ==")
     print(
@@ -637,12 +603,18 @@ def print_report(
         "   the same with _strict_response_validation (model validation). vs openai = this\n"
         "   row's rate / openai construct's rate."
     )
-    print(_table(["reads", "chat layer", "chunks/s", "MB/s", "vs openai", "note"], _grouped(chat)))
+    print(
+        report.table(
+            ["reads", "chat layer", "chunks/s", "MB/s", "vs openai", "note"],
+            _grouped(chat),
+            names=2,
+        )
+    )
 
     print("\n== Targets ==")
     for target in found:
         sign = ">=" if target.higher_is_better else "<="
-        value = _fmt(target.value, ".2f") + "x" if target.value is not None else "n/a"
+        value = fmt(target.value, ".2f") + "x" if target.value is not None else "n/a"
         detail = f"  ({target.detail})" if target.detail else ""
         print(f"{target.verdict}  {target.name}: {value} [{sign} {target.threshold:g}x]{detail}")
 
@@ -656,17 +628,6 @@ def _grouped(rows: list[Row]) -> list[list[str]]:
         table.append(_cells(row, last))
         last = row.pattern
     return table
-
-
-def _versions() -> str:
-    found = [f"holysheep {holysheep.__version__}"]
-    peers = "openai httpx-sse httpx launchdarkly-eventsource sseclient-py orjson pydantic"
-    for dist in peers.split():
-        try:
-            found.append(f"{dist} {metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            found.append(f"{dist} not installed")
-    return ", ".join(found)
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -695,7 +656,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "machine": f"{platform.machine()}, {platform.system()}",
-        "versions": _versions(),
+        "versions": versions(
+            "holysheep openai httpx-sse httpx launchdarkly-eventsource sseclient-py orjson pydantic"
+        ),
         "holysheep default JSON backend": JSON_BACKEND,
         "repeats": repeats,
         "cap per repeat (s)": args.cap,
