@@ -7,7 +7,7 @@ SRC := holysheep transports
 
 .PHONY: demo test lint typecheck pytest bench clean
 
-$(VENV)/.base: pyproject.toml
+$(VENV)/.base: pyproject.toml setup.py holysheep/_speedups.c
 	@$(PYTHON) -c 'import sys; sys.exit("holysheep needs Python 3.10+, found " + sys.version.split()[0] if sys.version_info < (3, 10) else 0)'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade 'pip>=25.1'
@@ -37,4 +37,4 @@ bench: $(VENV)/.dev
 	$(PY) bench/sse_decode.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist holysheep/*.so *.egg-info .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -33,9 +33,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from typing import Any, NamedTuple, final
 
 from ._exceptions import LocalProtocolError, RemoteProtocolError
+
+try:  # the common case in C (_speedups.c); built when the installing machine has a compiler
+    from . import _speedups
+except ImportError:  # pragma: no cover - the Python path below does everything on its own
+    _speedups = None  # type: ignore[assignment]
 
 __all__ = [
     "DEFAULT_MAX_EVENT_SIZE",
@@ -109,6 +115,13 @@ class ServerSentEvent(NamedTuple):
 
 
 _tuple = tuple.__new__
+
+
+# HOLYSHEEP_NO_EXTENSIONS=1 runs the pure Python decoder even when the C part is built (the
+# tests run both; so does bench/sse_decode.py).
+_c_feed = None if _speedups is None or os.environ.get("HOLYSHEEP_NO_EXTENSIONS") else _speedups.feed
+if _speedups is not None:
+    _speedups.setup(ServerSentEvent)
 
 
 def _event(event: str, data: str, id: str, retry: int | None) -> ServerSentEvent:
@@ -189,6 +202,12 @@ class SSEDecoder:
         """Take the next bytes of the stream; return the events they complete."""
         if self._special:
             data = self._special_start(data)
+        elif _c_feed is not None:
+            # Plain reads of `data:` events are done in C; it returns None, having changed
+            # nothing, for any read it leaves to the code below.
+            events = _c_feed(self, data)
+            if events is not None:
+                return events
         if not data:
             return []
         last = data[-1]

@@ -9,6 +9,7 @@ that mypy resolves the module in each.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -53,9 +54,40 @@ def wheel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert {
         "holysheep/__init__.py",
         "holysheep/py.typed",
+        "holysheep/_speedups.pyi",
         "holysheep/transports/__init__.py",
     } <= names
+    if COMPILER:  # built from the sdist, so the sdist carries the C source and setup.py
+        assert any(
+            name.startswith("holysheep/_speedups.") and name.endswith((".so", ".pyd"))
+            for name in names
+        )
     return target
+
+
+COMPILER = any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
+
+
+@pytest.mark.skipif(
+    not COMPILER, reason="no C compiler here: the pure Python decoder is all there is"
+)
+@pytest.mark.skipif(bool(os.environ.get("HOLYSHEEP_NO_EXTENSIONS")), reason="turned off")
+def test_the_c_part_is_built_where_there_is_a_compiler() -> None:
+    """An optional build that failed would go unnoticed: on a machine with a compiler it is in."""
+    from holysheep import _sse
+
+    assert _sse._c_feed is not None
+
+
+def test_holysheep_works_without_the_c_part(tmp_path: Path) -> None:
+    """A machine that could not build _speedups.c imports and decodes with Python alone."""
+    code = (
+        "import sys; sys.modules['holysheep._speedups'] = None\n"
+        "import holysheep, holysheep._sse as s\n"
+        "assert s._c_feed is None and s._speedups is None\n"
+        "print(holysheep.SSEDecoder().feed(b'data: hi\\n\\n')[0].data)"
+    )
+    assert "hi\n" == run([sys.executable, "-c", code], tmp_path)
 
 
 def test_import_from_built_wheel(wheel_dir: Path) -> None:

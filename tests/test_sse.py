@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from holysheep import LocalProtocolError, RemoteProtocolError, ServerSentEvent, SSEDecoder
+from holysheep import LocalProtocolError, RemoteProtocolError, ServerSentEvent, SSEDecoder, _sse
 
 E = ServerSentEvent
+
+
+@pytest.fixture(autouse=True, scope="module", params=["C", "pure Python"])
+def implementation(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs twice: with the C part (_speedups.c) and with Python alone."""
+    built = _sse._c_feed
+    if request.param == "C" and built is None:
+        pytest.skip("the C part is not built here")
+    if request.param == "pure Python":
+        _sse._c_feed = None
+    yield request.param
+    _sse._c_feed = built
 
 
 def decode_whole(data: bytes) -> tuple[list[ServerSentEvent], SSEDecoder]:
@@ -377,3 +391,60 @@ def test_decoder_agrees_with_the_literal_spec(
     ):
         assert expected == events
         assert (last_id, retry) == (decoder.last_event_id, decoder.retry)
+
+
+# Bytes that matter to the decoder, and some that do not: any string of them is a stream.
+stream_bytes = st.lists(
+    st.sampled_from(
+        [
+            b"data: ",
+            b"data:",
+            b"data",
+            b"\n",
+            b"\n",
+            b"\n\n",
+            b"\r",
+            b"\r\n",
+            b"abc",
+            b" ",
+            b"\xe2\x82",
+            b"\xac",
+            b"\xff",
+            b"\xef\xbb\xbf",
+            b":",
+            b"id: 7",
+            b"event: x",
+            b"retry: 5",
+        ]
+    ),
+    max_size=40,
+).map(b"".join)
+
+
+@settings(max_examples=500)
+@given(stream_bytes, st.lists(st.integers(min_value=0, max_value=300), max_size=12))
+def test_bytes_decode_like_the_literal_spec(stream: bytes, cuts: list[int]) -> None:
+    """Byte soup too, invalid and split UTF-8 included, decodes as the spec's algorithm says."""
+    expected, last_id, retry = reference_decode(stream)
+    for events, decoder in (
+        decode_whole(stream),
+        decode_split(stream, [c for c in cuts if c <= len(stream)]),
+    ):
+        assert expected == events
+        assert (last_id, retry) == (decoder.last_event_id, decoder.retry)
+
+
+def test_c_part_takes_chat_reads_and_leaves_the_rest(implementation: str) -> None:
+    """The C part decodes plain `data:` reads itself and hands anything else back untouched."""
+    if implementation != "C":
+        pytest.skip("about the C part")
+    from holysheep import _speedups
+
+    decoder = SSEDecoder()
+    decoder.feed(b"data: first\n\n")  # the first read clears the start-of-stream state
+    assert [E(data="a"), E(data="b")] == _speedups.feed(decoder, b"data: a\n\ndata: b\n\ndata: c")
+    assert [E(data="cd")] == _speedups.feed(decoder, b"d\n\n")
+    for other in (b"event: x\ndata: y\n\n", b"data: y\r\n\r\n", b"data: 1\ndata: 2\n\n", b": hi\n"):
+        assert _speedups.feed(decoder, other) is None
+    assert [] == decoder._data
+    assert [] == decoder._pending
