@@ -423,14 +423,19 @@ class AsyncStream:
             self._call.queued += _now() - waited
         self._call.sending()
         exchange.start(_now())
-        with self._deadline_scope() as scope:
-            try:
-                self._response = await self._transport.send(exchange.request)
-            except HolySheepError as exc:
-                raise self._timeout_or(exc) from exc
-        self._scope = None  # done with: it would otherwise live as long as the stream
-        response = self._response
-        if scope.cancelled_caught or response is None:
+        if _on_asyncio():
+            response = self._response = await self._send_timed(exchange)
+        else:
+            with self._deadline_scope() as scope:
+                try:
+                    self._response = await self._transport.send(exchange.request)
+                except HolySheepError as exc:
+                    raise self._timeout_or(exc) from exc
+            self._scope = None  # done with: it would otherwise live as long as the stream
+            response = self._response
+            if scope.cancelled_caught:
+                response = None
+        if response is None:
             if self._stopped_by_caller():
                 return
             raise self._timeout_or(None)
@@ -441,6 +446,34 @@ class AsyncStream:
         self._timed = _on_asyncio()
         if self._timed:
             self._arm()
+
+    async def _send_timed(self, exchange: Exchange) -> AsyncResponse | None:
+        """asyncio: send, bounded by the deadline timer like a read; None if it was cut short.
+
+        Not an anyio cancel scope: entering one gives the task anyio state that lives as long
+        as the task, and costs more than the timer, on every stream.
+        """
+        if self._closed:
+            return None
+        self._arm()
+        self._reader = reader = asyncio.current_task()
+        try:
+            response = await self._transport.send(exchange.request)
+        except HolySheepError as exc:
+            raise self._timeout_or(exc) from exc
+        except asyncio.CancelledError:
+            if not self._cancelled_read or self._took_cancel(reader):
+                raise  # the caller's task is being cancelled (too)
+            return None
+        finally:
+            self._reader = None
+        if self._cancelled_read:  # the transport swallowed our cancellation and answered
+            cancelled = self._took_cancel(reader)
+            await response.aclose()
+            if cancelled:
+                raise asyncio.CancelledError
+            return None
+        return response
 
     async def _after_failure(self, error: HolySheepError) -> None:
         """End the failed attempt; wait and return to try again, or raise."""

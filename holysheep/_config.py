@@ -5,10 +5,11 @@ Kept apart from both clients so that neither imports the other and both stay I/O
 
 from __future__ import annotations
 
+import functools
 import os
 import random as _random
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, final
 
 import attrs
 
@@ -91,26 +92,11 @@ class ClientConfig:
         }
         body.update(params)
         timeouts = self.timeouts if timeout is None else Timeouts.from_value(timeout)
-        extra = {**self.headers, **(headers or {})}
+        extra = {**self.headers, **headers} if headers else self.headers
         request_id = request_id or new_request_id()
-
-        url = f"{self.base_url}/chat/completions"
+        url = _chat_url(self.base_url)
         idempotency_key = new_idempotency_key()
-
-        def make_exchange(
-            attempt_headers: Mapping[str, str], accumulator: ChatAccumulator | None
-        ) -> Exchange:
-            return Exchange(
-                url=url,
-                api_key=self.api_key,
-                body=body,
-                timeouts=timeouts,
-                headers={**extra, **attempt_headers},
-                request_id=request_id,
-                require_end=self.require_end,
-                accumulator=accumulator,
-            )
-
+        make_exchange = _Exchanges(self, url, body, timeouts, extra, request_id)
         call = Call(
             make_exchange,
             policy=retry or self.retry,
@@ -125,6 +111,54 @@ class ClientConfig:
         )
         call.cost = estimate_cost(body)
         return call
+
+
+@functools.lru_cache(maxsize=64)
+def _chat_url(base_url: str) -> str:
+    # One string per client, not one per stream.
+    return f"{base_url}/chat/completions"
+
+
+@final
+class _Exchanges:
+    """Builds each attempt's `Exchange` for one request.
+
+    An object with slots rather than a closure: a closure over these six names is a function
+    and six cells, held for the stream's whole life, thousands of streams at a time.
+    """
+
+    __slots__ = ("body", "config", "extra", "request_id", "timeouts", "url")
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        url: str,
+        body: Mapping[str, Any],
+        timeouts: Timeouts,
+        extra: Mapping[str, str],
+        request_id: str,
+    ) -> None:
+        self.config = config
+        self.url = url
+        self.body = body
+        self.timeouts = timeouts
+        self.extra = extra
+        self.request_id = request_id
+
+    def __call__(
+        self, attempt_headers: Mapping[str, str], accumulator: ChatAccumulator | None
+    ) -> Exchange:
+        config = self.config
+        return Exchange(
+            url=self.url,
+            api_key=config.api_key,
+            body=self.body,
+            timeouts=self.timeouts,
+            headers={**self.extra, **attempt_headers} if self.extra else attempt_headers,
+            request_id=self.request_id,
+            require_end=config.require_end,
+            accumulator=accumulator,
+        )
 
 
 def estimate_cost(body: Mapping[str, Any]) -> int:

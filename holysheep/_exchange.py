@@ -22,6 +22,7 @@ model is producing anything.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from collections.abc import Mapping, Set
@@ -208,6 +209,22 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     return None
 
 
+@functools.lru_cache(maxsize=16)
+def _fixed_headers(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The headers every request of a client sends: one tuple per client, shared by its
+    requests, instead of fresh pairs held by every open stream."""
+    fixed = [
+        ("content-type", "application/json"),
+        ("accept", "text/event-stream"),
+        # Compression makes proxies and clients buffer; an event stream must flow.
+        ("accept-encoding", "identity"),
+        ("user-agent", f"holysheep/{__version__}"),
+    ]
+    if api_key:
+        fixed.append(("authorization", f"Bearer {api_key}"))
+    return tuple(fixed)
+
+
 def new_request_id() -> str:
     return f"hs-{os.urandom(16).hex()}"  # what uuid4().hex carries, without the object
 
@@ -249,22 +266,15 @@ class Exchange:
         accumulator: ChatAccumulator | None = None,
     ) -> None:
         self.request_id = request_id or new_request_id()
-        merged = {
-            "content-type": "application/json",
-            "accept": "text/event-stream",
-            # Compression makes proxies and clients buffer; an event stream must flow.
-            "accept-encoding": "identity",
-            "user-agent": f"holysheep/{__version__}",
-            "x-request-id": self.request_id,
-        }
-        if api_key:
-            merged["authorization"] = f"Bearer {api_key}"
-        for name, value in (headers or {}).items():
-            merged[name.lower()] = value
+        fixed = _fixed_headers(api_key)
+        given = {name.lower(): value for name, value in headers.items()} if headers else {}
+        if given:
+            fixed = tuple(pair for pair in fixed if pair[0] not in given)
+        given.setdefault("x-request-id", self.request_id)
         self.request = Request(
             "POST",
             url,
-            tuple(merged.items()),
+            (*fixed, *given.items()),
             json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode(),
             timeouts,
         )

@@ -469,3 +469,101 @@ async def test_many_concurrent_streams_share_the_pool() -> None:
                         tg.start_soon(one)
         assert 300 == len(results)
         assert {"".join(UpstreamConfig(tokens=20).token_list(None))} == set(results)
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """A TCP server that takes the request and never answers: the send itself hangs."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            held.append(conn)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    listener.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
+async def test_a_deadline_ends_a_send_that_gets_no_answer(
+    silent_server: str, transport: str, anyio_backend: str
+) -> None:
+    """No response head at all: the ttft deadline still fires, as the typed timeout, and on
+    asyncio the task is left uncancelled."""
+    if transport == "aiohttp":
+        if anyio_backend != "asyncio":
+            pytest.skip("aiohttp runs on asyncio only")
+        from holysheep.transports import AiohttpTransport
+
+        chosen: Any = AiohttpTransport()
+    else:
+        chosen = None
+    async with holysheep.AsyncClient(
+        api_key="k",
+        base_url=silent_server,
+        timeout=Timeouts(ttft=0.3),
+        retry=RetryPolicy.none(),
+        transport=chosen,
+    ) as client:
+        started = anyio.current_time()
+        with pytest.raises(FirstTokenTimeoutError, match="ttft timeout"):
+            await client.chat.complete(model="m", messages=MESSAGES)
+        assert 0.25 < anyio.current_time() - started < 5
+        if anyio_backend == "asyncio":
+            import asyncio
+
+            task = asyncio.current_task()
+            assert task is not None
+            if hasattr(task, "cancelling"):  # Python 3.11+
+                assert 0 == task.cancelling()
+            await asyncio.sleep(0.01)  # no cancellation left pending for the next await
+
+
+@pytest.mark.anyio
+async def test_close_from_another_task_ends_a_hanging_send_quietly(silent_server: str) -> None:
+    """`stream.close()` while the request waits for its response head: the stream ends, empty,
+    with no error, at once."""
+    async with holysheep.AsyncClient(
+        api_key="k", base_url=silent_server, retry=RetryPolicy.none()
+    ) as client:
+        stream = client.chat.stream(model="m", messages=MESSAGES)
+        chunks: list[Any] = []
+
+        async def consume() -> None:
+            async with stream:
+                chunks.extend([chunk async for chunk in stream])
+
+        started = anyio.current_time()
+        async with anyio.create_task_group() as group:
+            group.start_soon(consume)
+            await anyio.sleep(0.2)
+            stream.close()
+        assert [] == chunks
+        assert anyio.current_time() - started < 3
+
+
+@pytest.mark.anyio
+async def test_cancelling_the_task_during_a_hanging_send_cancels_it(silent_server: str) -> None:
+    """The caller's own cancellation is not mistaken for a deadline: it propagates."""
+    async with holysheep.AsyncClient(
+        api_key="k", base_url=silent_server, retry=RetryPolicy.none()
+    ) as client:
+        with anyio.move_on_after(0.3) as scope:
+            await client.chat.complete(model="m", messages=MESSAGES)
+        assert scope.cancelled_caught

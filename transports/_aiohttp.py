@@ -204,7 +204,7 @@ class AiohttpTransport(AsyncBaseTransport):
         body = _Body(response)
         return AsyncResponse(
             response.status,
-            {name.lower(): value for name, value in response.headers.items()},
+            response.headers,  # case-insensitive already: no copy per stream
             body,
             body.close_response,
         )

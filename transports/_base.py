@@ -39,7 +39,9 @@ async def _anoop() -> None:
 class Response:
     """A response head and its body, as raw byte chunks in arrival order.
 
-    `headers` has lower-case names. `close` releases the connection; it is idempotent.
+    `headers` answers lookups by lower-case name: a dict with lower-case names, or the HTTP
+    library's own case-insensitive mapping, handed over as it is (no copy per response, which
+    every open stream would hold). `close` releases the connection; it is idempotent.
     """
 
     status_code: int

@@ -76,7 +76,7 @@ class HTTPXTransport(BaseTransport):
         _body_timeout(built, request)
         return Response(
             response.status_code,
-            {k.lower(): v for k, v in response.headers.items()},
+            response.headers,  # case-insensitive already: no copy per stream
             *_body_and_closer(response),
         )
 
@@ -144,7 +144,7 @@ class AsyncHTTPXTransport(AsyncBaseTransport):
         _body_timeout(built, request)
         return AsyncResponse(
             response.status_code,
-            {k.lower(): v for k, v in response.headers.items()},
+            response.headers,  # case-insensitive already: no copy per stream
             _aiter_raw(response),
             response.aclose,
         )
