@@ -272,7 +272,39 @@ class AsyncStream:
             await self.open()
         while not self._exhausted:
             try:
-                chunks = await self._read()
+                body = self._body
+                if body is None or self._closed or not self._timed:
+                    chunks = await self._read()  # trio, and the ends of a stream
+                else:
+                    # asyncio's read, here rather than in `_read()`: a blocked read then holds
+                    # one coroutine frame less, for each of thousands of open streams.
+                    if self._expired:
+                        raise self._timeout_or(None)
+                    self._reader = reader = asyncio.current_task()
+                    data: bytes | None
+                    try:
+                        data = await body.__anext__()
+                    except StopAsyncIteration:
+                        data = b""
+                    except HolySheepError as exc:
+                        raise self._timeout_or(exc) from exc  # while the body is still known
+                    except asyncio.CancelledError:
+                        if not self._cancelled_read or self._took_cancel(reader):
+                            raise  # the caller's task is being cancelled (too)
+                        data = None
+                    finally:
+                        self._reader = None
+                    if data is not None and self._cancelled_read:
+                        # the body swallowed our cancellation and read anyway
+                        if self._took_cancel(reader):
+                            raise asyncio.CancelledError
+                        data = None
+                    if data is None:
+                        chunks = await self._deadline_passed()
+                    elif data:
+                        chunks = self._received(data)
+                    else:
+                        chunks = await self._at_eof(body)
             except HolySheepError as exc:
                 await self._after_failure(exc)
                 await self.open()
@@ -286,52 +318,34 @@ class AsyncStream:
         raise StopAsyncIteration
 
     async def _read(self) -> list[ChatChunk]:
-        exchange = self._exchange
         body = self._body
         if body is None or self._closed:
             await self._finish()
             return []
         data = b""
-        if self._timed:  # asyncio: the stream's deadline timer bounds the read
-            if self._expired:
-                raise self._timeout_or(None)
-            self._reader = reader = asyncio.current_task()
+        with self._deadline_scope() as scope:
             try:
                 data = await body.__anext__()
             except StopAsyncIteration:
                 pass
             except HolySheepError as exc:
                 raise self._timeout_or(exc) from exc  # while the body is still known
-            except asyncio.CancelledError:
-                if not self._cancelled_read or self._took_cancel(reader):
-                    raise  # the caller's task is being cancelled (too)
-                return await self._deadline_passed()
-            finally:
-                self._reader = None
-            if self._cancelled_read:  # the body swallowed our cancellation and read anyway
-                if self._took_cancel(reader):
-                    raise asyncio.CancelledError
-                return await self._deadline_passed()
-        else:
-            with self._deadline_scope() as scope:
-                try:
-                    data = await body.__anext__()
-                except StopAsyncIteration:
-                    pass
-                except HolySheepError as exc:
-                    raise self._timeout_or(exc) from exc  # while the body is still known
-            if scope.cancelled_caught:  # a deadline passed, or close() was called
-                return await self._deadline_passed()
+        if scope.cancelled_caught:  # a deadline passed, or close() was called
+            return await self._deadline_passed()
+        return self._received(data) if data else await self._at_eof(body)
+
+    def _received(self, data: bytes) -> list[ChatChunk]:
         now = _now()
-        if not data:
-            self._read_to_end = body
-            exchange.on_eof(now)
-            await self._finish()
-            return []
-        chunks = exchange.on_data(data, now)
+        chunks = self._exchange.on_data(data, now)
         if chunks:
             self._call.delivered(chunks, now)
         return chunks
+
+    async def _at_eof(self, body: AsyncIterator[bytes]) -> list[ChatChunk]:
+        self._read_to_end = body
+        self._exchange.on_eof(_now())
+        await self._finish()
+        return []
 
     async def _deadline_passed(self) -> list[ChatChunk]:
         """A read was cut short: by `close()` (end quietly) or by a deadline (raise)."""

@@ -126,7 +126,9 @@ class Call:
         #: Seconds spent waiting for a rate limiter, over all attempts.
         self.queued = 0.0
         self.attempt = 0
-        self.history: list[Attempt] = []
+        # A tuple, grown by copying: most calls have one attempt and never add to it, and an
+        # empty tuple is shared where an empty list would be one more object per open stream.
+        self.history: tuple[Attempt, ...] = ()
         self.exchange: Exchange | None = None
         self._started: float | None = None
         self._delivered = False
@@ -204,7 +206,7 @@ class Call:
             decision.delay if isinstance(decision, Retry) else None,
             error,
         )
-        self.history.append(record)
+        self.history = (*self.history, record)
         if isinstance(decision, Retry):
             logger.warning("holysheep retry: attempt %d failed: %s", self.attempt, decision.reason)
         else:
