@@ -202,7 +202,7 @@ class SSEDecoder:
         """Take the next bytes of the stream; return the events they complete."""
         if self._special:
             data = self._special_start(data)
-        elif _c_feed is not None:
+        if not self._special and _c_feed is not None:
             # Plain reads of `data:` events are done in C; it returns None, having changed
             # nothing, for any read it leaves to the code below.
             events = _c_feed(self, data)
