@@ -492,3 +492,24 @@ def test_arbitrary_json_yields_chunks_or_our_errors(values: list[Any]) -> None:
         assert isinstance(acc.completion.text, str)
     except (RemoteProtocolError, StreamError):
         pass
+
+
+@given(
+    st.lists(st.text(min_size=1, max_size=6), max_size=60),
+    st.sets(st.integers(min_value=0, max_value=60), max_size=5),
+)
+def test_text_is_every_delta_in_order_with_snapshots_taken_anywhere(
+    tokens: list[str], snapshot_after: set[int]
+) -> None:
+    """Content is joined in blocks as it arrives; whatever the count of deltas and wherever a
+    partial completion is taken, the text is exactly the deltas so far, in order."""
+    acc = ChatAccumulator()
+    acc.feed(chunk({"role": "assistant", "content": ""}))
+    for i, token in enumerate(tokens):
+        if i in snapshot_after:
+            assert "".join(tokens[:i]) == acc.completion.text
+        acc.feed(chunk({"content": token}))
+    acc.feed(chunk(finish="stop") + DONE)
+    acc.close()
+    assert "".join(tokens) == acc.completion.text
+    assert "".join(tokens) == acc.completion.text  # a second snapshot is the same
