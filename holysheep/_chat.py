@@ -21,7 +21,7 @@ at a known index starts a new call). Numbers are never added together: the lates
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeAlias, final
 
 import attrs
@@ -305,7 +305,8 @@ class ChatChunk:
     """One `chat.completion.chunk` event.
 
     `text` is choice 0's content in this chunk ("" if none), which is what most callers print;
-    `deltas` has everything the chunk said, typed; `raw` is the parsed JSON.
+    `deltas` has everything the chunk said, typed; `raw` is the parsed JSON (a mapping, parsed
+    when first read: most callers never read it, and thousands of open streams need not hold it).
     """
 
     text: str
@@ -334,6 +335,43 @@ class ChatChunk:
     def model(self) -> str | None:
         value = self.raw.get("model")
         return value if isinstance(value, str) else None
+
+
+@final
+class _ParsedLater(Mapping[str, Any]):
+    """`ChatChunk.raw` as the accumulator makes it: the chunk's JSON, parsed when first read.
+
+    The accumulator parses every chunk once to read its deltas and lets the result go. Keeping
+    it on the chunk instead held a dict tree of some 20 objects (1.4 KiB) for as long as the
+    caller kept the chunk, typically until the next one arrives: with thousands of open
+    streams, the largest part of their memory, and work for the garbage collector. Few
+    callers read `raw`; those who do pay one more parse, once per chunk.
+    """
+
+    __slots__ = ("_data", "_loads", "_parsed")
+
+    def __init__(self, data: str, loads: Callable[[str], Any]) -> None:
+        self._data = data
+        self._loads = loads
+        self._parsed: dict[str, Any] | None = None
+
+    def _dict(self) -> dict[str, Any]:
+        parsed = self._parsed
+        if parsed is None:
+            parsed = self._parsed = self._loads(self._data)
+        return parsed
+
+    def __getitem__(self, key: str) -> Any:
+        return self._dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dict())
+
+    def __len__(self) -> int:
+        return len(self._dict())
+
+    def __repr__(self) -> str:
+        return repr(self._dict())
 
 
 # The accumulator builds two objects per content chunk; like the SSE decoder it sets the slots of
@@ -649,7 +687,7 @@ class ChatAccumulator:
         if usage and isinstance(usage, dict):
             self._usage = Usage.from_dict(usage)
             deltas.append(UsageReport(self._usage))
-        return _chat_chunk(text, tuple(deltas), obj, event)
+        return _chat_chunk(text, tuple(deltas), _ParsedLater(event.data, self._loads), event)
 
     def _rest_of_delta(
         self, delta: dict[str, Any], state: _ChoiceState, deltas: list[ChatDelta]

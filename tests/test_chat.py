@@ -513,3 +513,15 @@ def test_text_is_every_delta_in_order_with_snapshots_taken_anywhere(
     acc.close()
     assert "".join(tokens) == acc.completion.text
     assert "".join(tokens) == acc.completion.text  # a second snapshot is the same
+
+
+def test_raw_is_the_chunk_json_parsed_when_read() -> None:
+    """`chunk.raw` reads like the parsed JSON (a mapping), and `id` and `model` come from it."""
+    acc = ChatAccumulator()
+    (first,) = acc.feed(chunk({"role": "assistant", "content": "Hi"}, x_extra=[1, 2]))
+    expected = json.loads(chunk({"role": "assistant", "content": "Hi"}, x_extra=[1, 2])[6:])
+    assert expected == dict(first.raw)
+    assert [1, 2] == first.raw["x_extra"]
+    assert len(expected) == len(first.raw)
+    assert "x_extra" in first.raw
+    assert ("chatcmpl-1", "gpt-4.1") == (first.id, first.model)
