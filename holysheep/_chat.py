@@ -508,7 +508,7 @@ class ChatAccumulator:
         "_closed",
         "_error",
         "_finished",
-        "_first",
+        "_first_data",
         "_last_data",
         "_loads",
         "_usage",
@@ -534,10 +534,11 @@ class ChatAccumulator:
         self._loads = json_loads or _loads
         self._choices: dict[int, _ChoiceState] = {}
         self._usage: Usage | None = None
-        self._first: Mapping[str, Any] | None = None
-        # The last chunk is kept as its JSON text and parsed again for a snapshot: a dict tree
-        # held from one event to the next outlives the garbage collector's young generation
-        # and, over thousands of open streams, makes every full collection longer.
+        # The first and last chunks are kept as their JSON text and parsed again for a
+        # snapshot: a dict tree held from one event to the next outlives the garbage
+        # collector's young generation and, over thousands of open streams, makes every full
+        # collection longer (and the first one would be held for the whole stream).
+        self._first_data: str | None = None
         self._last_data: str | None = None
         self._finished = False
         self._closed = False
@@ -618,7 +619,7 @@ class ChatAccumulator:
     def completion(self) -> Completion:
         """A snapshot of everything accumulated so far."""
         last: Mapping[str, Any] = {} if self._last_data is None else self._loads(self._last_data)
-        first = self._first or {}
+        first: Mapping[str, Any] = {} if self._first_data is None else self._loads(self._first_data)
 
         def meta(name: str) -> Any:
             # The last chunk may omit what the first one said (some gateways send it once).
@@ -650,8 +651,8 @@ class ChatAccumulator:
 
     def _chunk(self, obj: dict[str, Any], event: ServerSentEvent) -> ChatChunk:
         self.chunk_count += 1
-        if self._first is None:
-            self._first = obj
+        if self._first_data is None:
+            self._first_data = event.data
         self._last_data = event.data
         deltas: list[ChatDelta] = []
         text = ""
