@@ -337,6 +337,17 @@ def reference_decode(stream: bytes) -> tuple[list[ServerSentEvent], str, int | N
     return events, last_id, retry
 
 
+def assert_decodes_like_the_spec(stream: bytes, cuts: list[int]) -> None:
+    """Read whole and cut at `cuts`, the decoder gives what `reference_decode` gives."""
+    expected, last_id, retry = reference_decode(stream)
+    for events, decoder in (
+        decode_whole(stream),
+        decode_split(stream, [c for c in cuts if c <= len(stream)]),
+    ):
+        assert expected == events
+        assert (last_id, retry) == (decoder.last_event_id, decoder.retry)
+
+
 sse_line = st.one_of(
     st.just(""),
     st.just(""),
@@ -384,13 +395,7 @@ def test_decoder_agrees_with_the_literal_spec(
     """Any mix of fields, comments, blank lines and line endings, read whole and split anywhere,
     decodes to what the spec's algorithm gives, with the same last event ID and retry."""
     stream = (bom + "".join(line + eols[i % len(eols)] for i, line in enumerate(lines))).encode()
-    expected, last_id, retry = reference_decode(stream)
-    for events, decoder in (
-        decode_whole(stream),
-        decode_split(stream, [c for c in cuts if c <= len(stream)]),
-    ):
-        assert expected == events
-        assert (last_id, retry) == (decoder.last_event_id, decoder.retry)
+    assert_decodes_like_the_spec(stream, cuts)
 
 
 # Bytes that matter to the decoder, and some that do not: any string of them is a stream.
@@ -425,13 +430,7 @@ stream_bytes = st.lists(
 @given(stream_bytes, st.lists(st.integers(min_value=0, max_value=300), max_size=12))
 def test_bytes_decode_like_the_literal_spec(stream: bytes, cuts: list[int]) -> None:
     """Byte soup too, invalid and split UTF-8 included, decodes as the spec's algorithm says."""
-    expected, last_id, retry = reference_decode(stream)
-    for events, decoder in (
-        decode_whole(stream),
-        decode_split(stream, [c for c in cuts if c <= len(stream)]),
-    ):
-        assert expected == events
-        assert (last_id, retry) == (decoder.last_event_id, decoder.retry)
+    assert_decodes_like_the_spec(stream, cuts)
 
 
 def test_c_part_takes_chat_reads_and_leaves_the_rest(implementation: str) -> None:
