@@ -120,6 +120,7 @@ def _chat_url(base_url: str) -> str:
 
 
 @final
+@attrs.define
 class _Exchanges:
     """Builds each attempt's `Exchange` for one request.
 
@@ -127,23 +128,12 @@ class _Exchanges:
     and six cells, held for the stream's whole life, thousands of streams at a time.
     """
 
-    __slots__ = ("body", "config", "extra", "request_id", "timeouts", "url")
-
-    def __init__(
-        self,
-        config: ClientConfig,
-        url: str,
-        body: Mapping[str, Any],
-        timeouts: Timeouts,
-        extra: Mapping[str, str],
-        request_id: str,
-    ) -> None:
-        self.config = config
-        self.url = url
-        self.body = body
-        self.timeouts = timeouts
-        self.extra = extra
-        self.request_id = request_id
+    config: ClientConfig
+    url: str
+    body: Mapping[str, Any]
+    timeouts: Timeouts
+    extra: Mapping[str, str]
+    request_id: str
 
     def __call__(
         self, attempt_headers: Mapping[str, str], accumulator: ChatAccumulator | None

@@ -53,6 +53,17 @@ set_size(PyObject *decoder, PyObject *name, Py_ssize_t size)
     return rc;
 }
 
+/* Append `item` to `list`, handing over our reference; -1 on error, a NULL item included. */
+static int
+append_new(PyObject *list, PyObject *item)
+{
+    if (item == NULL)
+        return -1;
+    int rc = PyList_Append(list, item);
+    Py_DECREF(item);
+    return rc;
+}
+
 /* ServerSentEvent("message", payload, id, None), built like tuple.__new__(cls, items). */
 static PyObject *
 new_event(PyObject *payload, PyObject *id)
@@ -144,23 +155,14 @@ run_block(PyObject *decoder, const char *block, Py_ssize_t size, PyObject *data_
             pos += length + 2;
         }
         else { /* a data line whose event stays open */
-            PyObject *value = decode_value(line, length);
-            if (value == NULL)
-                goto error;
-            int rc = PyList_Append(data_lines, value);
-            Py_DECREF(value);
-            if (rc < 0)
+            if (append_new(data_lines, decode_value(line, length)) < 0)
                 goto error;
             pos += length + 1;
             continue;
         }
         PyObject *event = new_event(payload, id);
         Py_DECREF(payload);
-        if (event == NULL)
-            goto error;
-        int rc = PyList_Append(events, event);
-        Py_DECREF(event);
-        if (rc < 0)
+        if (append_new(events, event) < 0)
             goto error;
     }
     Py_DECREF(id);
@@ -269,15 +271,8 @@ feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     if (pieces > 0 && PyList_SetSlice(pending, 0, PY_SSIZE_T_MAX, NULL) < 0)
         goto error;
-    if (rest > 0) {
-        PyObject *tail = PyBytes_FromStringAndSize(bytes + end, rest);
-        if (tail == NULL)
-            goto error;
-        int rc = PyList_Append(pending, tail);
-        Py_DECREF(tail);
-        if (rc < 0)
-            goto error;
-    }
+    if (rest > 0 && append_new(pending, PyBytes_FromStringAndSize(bytes + end, rest)) < 0)
+        goto error;
     if ((pieces > 0 || rest > 0) && set_size(decoder, str_pending_size, rest) < 0)
         goto error;
     goto done;
