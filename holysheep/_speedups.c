@@ -308,9 +308,11 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "holysheep._speedups",
-    "The SSE decoder's common case in C; see the comment at the top of _speedups.c.", -1,
-    methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "holysheep._speedups",
+    .m_doc = "The SSE decoder's common case in C; see the comment at the top of _speedups.c.",
+    .m_size = -1,
+    .m_methods = methods,
 };
 
 PyMODINIT_FUNC
