@@ -3,9 +3,9 @@
  * Theory of operation
  * -------------------
  * `SSEDecoder.feed()` (holysheep/_sse.py) calls `feed(decoder, data)` first. This function takes
- * a read only when every complete line in it is a `data:` line or a blank line, no event gets a
- * second data line, no CR is present and every size is clearly within the decoder's limits:
- * the shape of every chat completion stream. It then does exactly what the Python line machine
+ * a read only when every complete line in it is a `data:` line or a blank line, ended by LF or
+ * CRLF, no event gets a second data line, no bare CR is present and every size is clearly
+ * within the decoder's limits: the shape of every chat completion stream. It then does exactly what the Python line machine
  * would do, on the decoder's own state (`_pending`, `_pending_size`, `_data`), and returns the
  * events. For anything else it returns None *before changing any state*, and the Python code
  * handles the read: fields, comments, CR line ends, BOMs, limits and their errors live in one
@@ -13,7 +13,8 @@
  *
  * Why this is the same as the Python path:
  * - a read with no LF only adds to `_pending`, like the Python path (which cuts at the last LF
- *   or CR; with no CR, at the last LF);
+ *   or CR; with no CR after the last LF, at the last LF). A read with a CR there goes to
+ *   Python, which knows whether an LF follows in the next read;
  * - every value is decoded on its own with the "replace" handler. LF is ASCII and never inside
  *   a UTF-8 sequence, so decoding line by line gives the same text as decoding the block;
  * - while `_fields` is false, `last_event_id` equals `_id_buffer` (only an `id` field changes
@@ -93,27 +94,43 @@ decode_value(const char *line, Py_ssize_t length)
     return PyUnicode_DecodeUTF8(value, size, "replace");
 }
 
+/* The line starting at `pos` (the block ends with LF, so every line has an end): its length
+   without its line end, LF or CRLF, and in `*next` where the next line starts. -1 if the line
+   holds a CR anywhere else: a bare CR ends a line, which is the Python code's to handle. */
+static Py_ssize_t
+line_at(const char *block, Py_ssize_t pos, Py_ssize_t size, Py_ssize_t *next)
+{
+    const char *line = block + pos;
+    const char *eol = memchr(line, '\n', (size_t)(size - pos));
+    Py_ssize_t length = eol - line;
+    *next = pos + length + 1;
+    if (length > 0 && line[length - 1] == '\r')
+        length--;
+    if (memchr(line, '\r', (size_t)length) != NULL)
+        return -1;
+    return length;
+}
+
 /* Would the Python line machine see only `data:` and blank lines, each event one data line,
    everything within the limits? `open` is whether an event already holds its data line. */
 static int
 takes_block(const char *block, Py_ssize_t size, int open, Py_ssize_t max_line,
             Py_ssize_t max_event)
 {
-    Py_ssize_t pos = 0;
+    Py_ssize_t pos = 0, next;
     while (pos < size) {
-        const char *eol = memchr(block + pos, '\n', (size_t)(size - pos));
-        Py_ssize_t length = eol - (block + pos); /* the block ends with LF: eol is found */
+        Py_ssize_t length = line_at(block, pos, size, &next);
         if (length == 0) {
             open = 0;
         }
         else {
-            if (open || length < 5 || memcmp(block + pos, "data:", 5) != 0)
-                return 0;
+            if (length < 5 || open || memcmp(block + pos, "data:", 5) != 0)
+                return 0; /* a bare CR (-1), another field, or a second data line */
             if (length > max_line || length - 5 > max_event)
                 return 0;
             open = 1;
         }
-        pos += length + 1;
+        pos = next;
     }
     return 1;
 }
@@ -127,38 +144,36 @@ run_block(PyObject *decoder, const char *block, Py_ssize_t size, PyObject *data_
     PyObject *events = PyList_New(0);
     if (events == NULL)
         goto error;
-    Py_ssize_t pos = 0;
+    Py_ssize_t pos = 0, next, after;
     while (pos < size) {
-        const char *line = block + pos;
-        const char *eol = memchr(line, '\n', (size_t)(size - pos));
-        Py_ssize_t length = eol - line;
-        PyObject *payload = NULL;
+        Py_ssize_t length = line_at(block, pos, size, &next);
+        PyObject *payload;
         if (length == 0) { /* a blank line: dispatch what is open, if anything */
-            if (PyList_GET_SIZE(data_lines) == 0) {
-                pos += 1;
+            pos = next;
+            if (PyList_GET_SIZE(data_lines) == 0)
                 continue;
-            }
-            payload = PyList_GET_ITEM(data_lines, 0);
-            Py_INCREF(payload);
+            payload = Py_NewRef(PyList_GET_ITEM(data_lines, 0));
             if (PyList_SetSlice(data_lines, 0, PY_SSIZE_T_MAX, NULL) < 0) {
                 Py_DECREF(payload);
                 goto error;
             }
-            pos += 1;
         }
-        else if (pos + length + 1 < size && eol[1] == '\n') {
-            /* a data line and a blank line: the whole event at once (nothing is open, or
-               takes_block would have refused a second data line) */
-            payload = decode_value(line, length);
-            if (payload == NULL)
+        else {
+            PyObject *value = decode_value(block + pos, length);
+            if (value == NULL)
                 goto error;
-            pos += length + 2;
-        }
-        else { /* a data line whose event stays open */
-            if (append_new(data_lines, decode_value(line, length)) < 0)
-                goto error;
-            pos += length + 1;
-            continue;
+            if (next < size && line_at(block, next, size, &after) == 0) {
+                /* a data line and a blank line: the whole event at once (nothing is open,
+                   or takes_block would have refused a second data line) */
+                payload = value;
+                pos = after;
+            }
+            else { /* a data line whose event stays open */
+                if (append_new(data_lines, value) < 0)
+                    goto error;
+                pos = next;
+                continue;
+            }
         }
         PyObject *event = new_event(payload, id);
         Py_DECREF(payload);
@@ -185,7 +200,7 @@ feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE;
     const char *bytes = PyBytes_AS_STRING(data);
     Py_ssize_t size = PyBytes_GET_SIZE(data);
-    if (size == 0 || memchr(bytes, '\r', (size_t)size) != NULL)
+    if (size == 0)
         Py_RETURN_NONE;
 
     PyObject *result = NULL, *pending = NULL, *data_lines = NULL, *joined = NULL;
@@ -225,8 +240,8 @@ feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     if (last_lf == NULL) { /* no line ends here: hold the bytes, like the Python path */
-        if (held + size > max_line)
-            goto fallback;
+        if (held + size > max_line || memchr(bytes, '\r', (size_t)size) != NULL)
+            goto fallback; /* over the limit, or a CR, which may end a line */
         if (PyList_Append(pending, data) < 0 ||
             set_size(decoder, str_pending_size, held + size) < 0)
             goto done;
@@ -234,8 +249,8 @@ feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     }
     Py_ssize_t end = last_lf - bytes + 1, rest = size - end;
-    if (rest > max_line)
-        goto fallback;
+    if (rest > max_line || memchr(last_lf + 1, '\r', (size_t)rest) != NULL)
+        goto fallback; /* a CR after the last LF ends a line there, or may start a CRLF */
 
     const char *block = bytes;
     Py_ssize_t block_size = end;

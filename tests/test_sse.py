@@ -443,7 +443,14 @@ def test_c_part_takes_chat_reads_and_leaves_the_rest(implementation: str) -> Non
     decoder.feed(b"data: first\n\n")  # the first read clears the start-of-stream state
     assert [E(data="a"), E(data="b")] == _speedups.feed(decoder, b"data: a\n\ndata: b\n\ndata: c")
     assert [E(data="cd")] == _speedups.feed(decoder, b"d\n\n")
-    for other in (b"event: x\ndata: y\n\n", b"data: y\r\n\r\n", b"data: 1\ndata: 2\n\n", b": hi\n"):
+    assert [E(data="e")] == _speedups.feed(decoder, b"data: e\r\n\r\n")  # CRLF too
+    for other in (
+        b"event: x\ndata: y\n\n",
+        b"data: y\r\r",  # bare CRs
+        b"data: y\n\ndata: z\r",  # a CR that may start a CRLF in the next read
+        b"data: 1\ndata: 2\n\n",
+        b": hi\n",
+    ):
         assert _speedups.feed(decoder, other) is None
     assert [] == decoder._data
     assert [] == decoder._pending
