@@ -3,9 +3,10 @@
  * Theory of operation
  * -------------------
  * `SSEDecoder.feed()` (holysheep/_sse.py) calls `feed(decoder, data)` first. This function takes
- * a read only when every complete line in it is a `data:` line or a blank line, ended by LF or
- * CRLF, no event gets a second data line, no bare CR is present and every size is clearly
- * within the decoder's limits: the shape of every chat completion stream. It then does exactly what the Python line machine
+ * a read only when every complete line in it is a `data:`, `event:` or blank line, ended by LF
+ * or CRLF, no event gets a second data line, no event with an `event:` field is left open at
+ * the end of the read, no bare CR is present and every size is clearly within the decoder's
+ * limits: the shape of OpenAI and Anthropic chat streams. It then does exactly what the Python line machine
  * would do, on the decoder's own state (`_pending`, `_pending_size`, `_data`), and returns the
  * events. For anything else it returns None *before changing any state*, and the Python code
  * handles the read: fields, comments, CR line ends, BOMs, limits and their errors live in one
@@ -18,7 +19,8 @@
  * - every value is decoded on its own with the "replace" handler. LF is ASCII and never inside
  *   a UTF-8 sequence, so decoding line by line gives the same text as decoding the block;
  * - while `_fields` is false, `last_event_id` equals `_id_buffer` (only an `id` field changes
- *   the buffer, and it sets `_fields`), so a dispatch here changes neither;
+ *   the buffer, and it sets `_fields`), so a dispatch here changes neither. An `event:` field
+ *   is kept here only for events that end in this read, so `_fields` stays false;
  * - sizes are checked in bytes, which are never fewer than characters: a line within the limit
  *   in bytes is within it in characters. One over it in bytes goes to Python, which decides.
  */
@@ -65,11 +67,14 @@ append_new(PyObject *list, PyObject *item)
     return rc;
 }
 
-/* ServerSentEvent("message", payload, id, None), built like tuple.__new__(cls, items). */
+/* ServerSentEvent(type or "message", payload, id, None), built like tuple.__new__(cls, items).
+   `type` is the value of the event's `event:` field, or NULL when it had none. */
 static PyObject *
-new_event(PyObject *payload, PyObject *id)
+new_event(PyObject *type, PyObject *payload, PyObject *id)
 {
-    PyObject *items = PyTuple_Pack(4, str_message, payload, id, Py_None);
+    if (type == NULL || PyUnicode_GET_LENGTH(type) == 0)
+        type = str_message;
+    PyObject *items = PyTuple_Pack(4, type, payload, id, Py_None);
     if (items == NULL)
         return NULL;
     PyObject *args = PyTuple_Pack(1, items);
@@ -81,18 +86,22 @@ new_event(PyObject *payload, PyObject *id)
     return event;
 }
 
-/* The value of a `data:` line of `length` bytes at `line`: after the colon and one space. */
+/* The value of a field line of `length` bytes whose name and colon take `name` bytes: what
+   follows the colon, less one leading space. */
 static PyObject *
-decode_value(const char *line, Py_ssize_t length)
+decode_value(const char *line, Py_ssize_t length, Py_ssize_t name)
 {
-    const char *value = line + 5;
-    Py_ssize_t size = length - 5;
+    const char *value = line + name;
+    Py_ssize_t size = length - name;
     if (size > 0 && *value == ' ') {
         value++;
         size--;
     }
     return PyUnicode_DecodeUTF8(value, size, "replace");
 }
+
+#define IS_FIELD(line, length, field) \
+    ((length) >= (Py_ssize_t)sizeof(field) - 1 && memcmp((line), (field), sizeof(field) - 1) == 0)
 
 /* The line starting at `pos` (the block ends with LF, so every line has an end): its length
    without its line end, LF or CRLF, and in `*next` where the next line starts. -1 if the line
@@ -111,28 +120,39 @@ line_at(const char *block, Py_ssize_t pos, Py_ssize_t size, Py_ssize_t *next)
     return length;
 }
 
-/* Would the Python line machine see only `data:` and blank lines, each event one data line,
-   everything within the limits? `open` is whether an event already holds its data line. */
+/* Would the Python line machine see only `data:`, `event:` and blank lines, each event one
+   data line, everything within the limits, and no event with an `event:` field left open at
+   the end (that state is the Python code's: `_fields`, `_event_type`)? `open` is whether an
+   event already holds its data line. */
 static int
 takes_block(const char *block, Py_ssize_t size, int open, Py_ssize_t max_line,
             Py_ssize_t max_event)
 {
     Py_ssize_t pos = 0, next;
+    int typed = 0;
     while (pos < size) {
+        const char *line = block + pos;
         Py_ssize_t length = line_at(block, pos, size, &next);
         if (length == 0) {
-            open = 0;
+            open = typed = 0;
+        }
+        else if (length > max_line) {
+            return 0;
+        }
+        else if (IS_FIELD(line, length, "data:")) {
+            if (open || length - 5 > max_event)
+                return 0; /* a second data line, or a long one */
+            open = 1;
+        }
+        else if (IS_FIELD(line, length, "event:")) {
+            typed = 1;
         }
         else {
-            if (length < 5 || open || memcmp(block + pos, "data:", 5) != 0)
-                return 0; /* a bare CR (-1), another field, or a second data line */
-            if (length > max_line || length - 5 > max_event)
-                return 0;
-            open = 1;
+            return 0; /* a bare CR (-1), a comment, another field */
         }
         pos = next;
     }
-    return 1;
+    return !typed;
 }
 
 static PyObject *
@@ -141,25 +161,36 @@ run_block(PyObject *decoder, const char *block, Py_ssize_t size, PyObject *data_
     PyObject *id = PyObject_GetAttr(decoder, str_id_buffer);
     if (id == NULL)
         return NULL;
+    PyObject *type = NULL; /* the `event:` value of the event being read */
     PyObject *events = PyList_New(0);
     if (events == NULL)
         goto error;
     Py_ssize_t pos = 0, next, after;
     while (pos < size) {
+        const char *line = block + pos;
         Py_ssize_t length = line_at(block, pos, size, &next);
         PyObject *payload;
         if (length == 0) { /* a blank line: dispatch what is open, if anything */
             pos = next;
-            if (PyList_GET_SIZE(data_lines) == 0)
+            if (PyList_GET_SIZE(data_lines) == 0) {
+                Py_CLEAR(type); /* an event with no data is no event */
                 continue;
+            }
             payload = Py_NewRef(PyList_GET_ITEM(data_lines, 0));
             if (PyList_SetSlice(data_lines, 0, PY_SSIZE_T_MAX, NULL) < 0) {
                 Py_DECREF(payload);
                 goto error;
             }
         }
+        else if (line[0] == 'e') { /* `event:`: takes_block let no other field through */
+            Py_XSETREF(type, decode_value(line, length, 6));
+            if (type == NULL)
+                goto error;
+            pos = next;
+            continue;
+        }
         else {
-            PyObject *value = decode_value(block + pos, length);
+            PyObject *value = decode_value(line, length, 5);
             if (value == NULL)
                 goto error;
             if (next < size && line_at(block, next, size, &after) == 0) {
@@ -175,8 +206,9 @@ run_block(PyObject *decoder, const char *block, Py_ssize_t size, PyObject *data_
                 continue;
             }
         }
-        PyObject *event = new_event(payload, id);
+        PyObject *event = new_event(type, payload, id);
         Py_DECREF(payload);
+        Py_CLEAR(type);
         if (append_new(events, event) < 0)
             goto error;
     }
@@ -184,6 +216,7 @@ run_block(PyObject *decoder, const char *block, Py_ssize_t size, PyObject *data_
     return events;
 error:
     Py_DECREF(id);
+    Py_XDECREF(type);
     Py_XDECREF(events);
     return NULL;
 }

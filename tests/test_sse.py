@@ -444,8 +444,11 @@ def test_c_part_takes_chat_reads_and_leaves_the_rest(implementation: str) -> Non
     assert [E(data="a"), E(data="b")] == _speedups.feed(decoder, b"data: a\n\ndata: b\n\ndata: c")
     assert [E(data="cd")] == _speedups.feed(decoder, b"d\n\n")
     assert [E(data="e")] == _speedups.feed(decoder, b"data: e\r\n\r\n")  # CRLF too
+    typed = b"event: ping\ndata: p\n\ndata: q\nevent:\n\n"  # Anthropic's shape
+    assert [E("ping", "p"), E(data="q")] == _speedups.feed(decoder, typed)
     for other in (
-        b"event: x\ndata: y\n\n",
+        b"event: x\ndata: y\n",  # an event with a type left open: Python's state
+        b"id: 1\ndata: y\n\n",
         b"data: y\r\r",  # bare CRs
         b"data: y\n\ndata: z\r",  # a CR that may start a CRLF in the next read
         b"data: 1\ndata: 2\n\n",
