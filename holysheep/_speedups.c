@@ -4,11 +4,10 @@
  * -------------------
  * `SSEDecoder.feed()` (holysheep/_sse.py) calls `feed(decoder, data)` first. This function takes
  * a read only when every complete line in it is a `data:`, `event:` or blank line, ended by LF
- * or CRLF, no event gets a second data line, no event with an `event:` field is left open at
- * the end of the read, no bare CR is present and every size is clearly within the decoder's
- * limits: the shape of OpenAI and Anthropic chat streams. It then does exactly what the Python line machine
- * would do, on the decoder's own state (`_pending`, `_pending_size`, `_data`), and returns the
- * events. For anything else it returns None *before changing any state*, and the Python code
+ * or CRLF, no event gets a second data line, no bare CR is present and every size is clearly
+ * within the decoder's limits: the shape of OpenAI and Anthropic chat streams. It then does exactly what the Python line machine
+ * would do, on the decoder's own state (`_pending`, `_pending_size`, `_data`, and the open
+ * event's `_fields`, `_event_type`, `_event_retry`), and returns the events. For anything else it returns None *before changing any state*, and the Python code
  * handles the read: fields, comments, CR line ends, BOMs, limits and their errors live in one
  * place only.
  *
@@ -18,9 +17,9 @@
  *   Python, which knows whether an LF follows in the next read;
  * - every value is decoded on its own with the "replace" handler. LF is ASCII and never inside
  *   a UTF-8 sequence, so decoding line by line gives the same text as decoding the block;
- * - while `_fields` is false, `last_event_id` equals `_id_buffer` (only an `id` field changes
- *   the buffer, and it sets `_fields`), so a dispatch here changes neither. An `event:` field
- *   is kept here only for events that end in this read, so `_fields` stays false;
+ * - no `id:` line is read here, so `_id_buffer` is the same for the whole read, and
+ *   `last_event_id` can differ from it only if Python read an `id:` of the open event, which
+ *   set `_fields`: then a blank line here commits it;
  * - sizes are checked in bytes, which are never fewer than characters: a line within the limit
  *   in bytes is within it in characters. One over it in bytes goes to Python, which decides.
  */
@@ -30,7 +29,8 @@
 
 static PyObject *event_class; /* holysheep.ServerSentEvent, a NamedTuple */
 static PyObject *str_message, *str_pending, *str_pending_size, *str_data, *str_fields,
-    *str_id_buffer, *str_max_line_size, *str_max_event_size;
+    *str_id_buffer, *str_max_line_size, *str_max_event_size, *str_event_type, *str_event_retry,
+    *str_last_event_id, *str_empty;
 
 static int
 get_size(PyObject *decoder, PyObject *name, Py_ssize_t *out)
@@ -67,14 +67,14 @@ append_new(PyObject *list, PyObject *item)
     return rc;
 }
 
-/* ServerSentEvent(type or "message", payload, id, None), built like tuple.__new__(cls, items).
+/* ServerSentEvent(type or "message", payload, id, retry), built like tuple.__new__(cls, items).
    `type` is the value of the event's `event:` field, or NULL when it had none. */
 static PyObject *
-new_event(PyObject *type, PyObject *payload, PyObject *id)
+new_event(PyObject *type, PyObject *payload, PyObject *id, PyObject *retry)
 {
     if (type == NULL || PyUnicode_GET_LENGTH(type) == 0)
         type = str_message;
-    PyObject *items = PyTuple_Pack(4, type, payload, id, Py_None);
+    PyObject *items = PyTuple_Pack(4, type, payload, id, retry);
     if (items == NULL)
         return NULL;
     PyObject *args = PyTuple_Pack(1, items);
@@ -121,20 +121,18 @@ line_at(const char *block, Py_ssize_t pos, Py_ssize_t size, Py_ssize_t *next)
 }
 
 /* Would the Python line machine see only `data:`, `event:` and blank lines, each event one
-   data line, everything within the limits, and no event with an `event:` field left open at
-   the end (that state is the Python code's: `_fields`, `_event_type`)? `open` is whether an
-   event already holds its data line. */
+   data line, everything within the limits? `open` is whether an event already holds its data
+   line. */
 static int
 takes_block(const char *block, Py_ssize_t size, int open, Py_ssize_t max_line,
             Py_ssize_t max_event)
 {
     Py_ssize_t pos = 0, next;
-    int typed = 0;
     while (pos < size) {
         const char *line = block + pos;
         Py_ssize_t length = line_at(block, pos, size, &next);
         if (length == 0) {
-            open = typed = 0;
+            open = 0;
         }
         else if (length > max_line) {
             return 0;
@@ -144,25 +142,73 @@ takes_block(const char *block, Py_ssize_t size, int open, Py_ssize_t max_line,
                 return 0; /* a second data line, or a long one */
             open = 1;
         }
-        else if (IS_FIELD(line, length, "event:")) {
-            typed = 1;
-        }
-        else {
+        else if (!IS_FIELD(line, length, "event:")) {
             return 0; /* a bare CR (-1), a comment, another field */
         }
         pos = next;
     }
-    return !typed;
+    return 1;
+}
+
+/* The event fields between lines, as the Python line machine keeps them (`_fields`,
+   `_event_type`, `_event_retry`): read at the start of a block, written back at its end. */
+typedef struct {
+    int fields;       /* a line other than `data:` is part of the open event */
+    PyObject *type;   /* its `event:` value, or NULL */
+    PyObject *retry;  /* its valid `retry:` value (only ever set by Python), or None */
+} Fields;
+
+static int
+fields_load(PyObject *decoder, Fields *f)
+{
+    PyObject *flag = PyObject_GetAttr(decoder, str_fields);
+    if (flag == NULL)
+        return -1;
+    f->fields = PyObject_IsTrue(flag);
+    Py_DECREF(flag);
+    f->type = NULL;
+    f->retry = Py_NewRef(Py_None);
+    if (f->fields <= 0)
+        return f->fields;
+    f->type = PyObject_GetAttr(decoder, str_event_type);
+    if (f->type == NULL)
+        return -1;
+    Py_SETREF(f->retry, PyObject_GetAttr(decoder, str_event_retry));
+    return f->retry == NULL ? -1 : 0;
+}
+
+static void
+fields_reset(Fields *f)
+{
+    f->fields = 0;
+    Py_CLEAR(f->type);
+    Py_SETREF(f->retry, Py_NewRef(Py_None));
+}
+
+static int
+fields_store(PyObject *decoder, Fields *f)
+{
+    if (PyObject_SetAttr(decoder, str_fields, f->fields ? Py_True : Py_False) < 0 ||
+        PyObject_SetAttr(decoder, str_event_type, f->type ? f->type : str_empty) < 0 ||
+        PyObject_SetAttr(decoder, str_event_retry, f->retry) < 0)
+        return -1;
+    return 0;
 }
 
 static PyObject *
 run_block(PyObject *decoder, const char *block, Py_ssize_t size, PyObject *data_lines)
 {
-    PyObject *id = PyObject_GetAttr(decoder, str_id_buffer);
-    if (id == NULL)
+    Fields f;
+    if (fields_load(decoder, &f) < 0) {
+        Py_XDECREF(f.type);
+        Py_XDECREF(f.retry);
         return NULL;
-    PyObject *type = NULL; /* the `event:` value of the event being read */
-    PyObject *events = PyList_New(0);
+    }
+    int had_fields = f.fields, blank_lines = 0;
+    PyObject *events = NULL, *id = PyObject_GetAttr(decoder, str_id_buffer);
+    if (id == NULL)
+        goto error;
+    events = PyList_New(0);
     if (events == NULL)
         goto error;
     Py_ssize_t pos = 0, next, after;
@@ -172,8 +218,9 @@ run_block(PyObject *decoder, const char *block, Py_ssize_t size, PyObject *data_
         PyObject *payload;
         if (length == 0) { /* a blank line: dispatch what is open, if anything */
             pos = next;
+            blank_lines = 1;
             if (PyList_GET_SIZE(data_lines) == 0) {
-                Py_CLEAR(type); /* an event with no data is no event */
+                fields_reset(&f); /* an event with no data is no event */
                 continue;
             }
             payload = Py_NewRef(PyList_GET_ITEM(data_lines, 0));
@@ -183,9 +230,10 @@ run_block(PyObject *decoder, const char *block, Py_ssize_t size, PyObject *data_
             }
         }
         else if (line[0] == 'e') { /* `event:`: takes_block let no other field through */
-            Py_XSETREF(type, decode_value(line, length, 6));
-            if (type == NULL)
+            Py_XSETREF(f.type, decode_value(line, length, 6));
+            if (f.type == NULL)
                 goto error;
+            f.fields = 1;
             pos = next;
             continue;
         }
@@ -198,6 +246,7 @@ run_block(PyObject *decoder, const char *block, Py_ssize_t size, PyObject *data_
                    or takes_block would have refused a second data line) */
                 payload = value;
                 pos = after;
+                blank_lines = 1;
             }
             else { /* a data line whose event stays open */
                 if (append_new(data_lines, value) < 0)
@@ -206,17 +255,26 @@ run_block(PyObject *decoder, const char *block, Py_ssize_t size, PyObject *data_
                 continue;
             }
         }
-        PyObject *event = new_event(type, payload, id);
+        PyObject *event = new_event(f.type, payload, id, f.retry);
         Py_DECREF(payload);
-        Py_CLEAR(type);
+        fields_reset(&f);
         if (append_new(events, event) < 0)
             goto error;
     }
+    /* A blank line commits the last event ID; only a field Python read (`id:`) can have
+       changed it since the last one. */
+    if (blank_lines && had_fields && PyObject_SetAttr(decoder, str_last_event_id, id) < 0)
+        goto error;
+    if ((had_fields || f.fields) && fields_store(decoder, &f) < 0)
+        goto error;
     Py_DECREF(id);
+    Py_XDECREF(f.type);
+    Py_DECREF(f.retry);
     return events;
 error:
-    Py_DECREF(id);
-    Py_XDECREF(type);
+    Py_XDECREF(id);
+    Py_XDECREF(f.type);
+    Py_DECREF(f.retry);
     Py_XDECREF(events);
     return NULL;
 }
@@ -237,14 +295,6 @@ feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE;
 
     PyObject *result = NULL, *pending = NULL, *data_lines = NULL, *joined = NULL;
-    PyObject *fields = PyObject_GetAttr(decoder, str_fields);
-    if (fields == NULL)
-        return NULL;
-    int has_fields = PyObject_IsTrue(fields);
-    Py_DECREF(fields);
-    if (has_fields != 0)
-        return has_fields < 0 ? NULL : Py_NewRef(Py_None);
-
     Py_ssize_t max_line, max_event;
     if (get_size(decoder, str_max_line_size, &max_line) < 0 ||
         get_size(decoder, str_max_event_size, &max_event) < 0)
@@ -378,6 +428,10 @@ PyInit__speedups(void)
         {&str_id_buffer, "_id_buffer"},
         {&str_max_line_size, "max_line_size"},
         {&str_max_event_size, "max_event_size"},
+        {&str_event_type, "_event_type"},
+        {&str_event_retry, "_event_retry"},
+        {&str_last_event_id, "last_event_id"},
+        {&str_empty, ""},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         if (*names[i].slot == NULL && (*names[i].slot = PyUnicode_InternFromString(names[i].text)) == NULL)

@@ -446,8 +446,9 @@ def test_c_part_takes_chat_reads_and_leaves_the_rest(implementation: str) -> Non
     assert [E(data="e")] == _speedups.feed(decoder, b"data: e\r\n\r\n")  # CRLF too
     typed = b"event: ping\ndata: p\n\ndata: q\nevent:\n\n"  # Anthropic's shape
     assert [E("ping", "p"), E(data="q")] == _speedups.feed(decoder, typed)
+    assert [] == _speedups.feed(decoder, b"event: x\ndata: y\n")  # left open across reads
+    assert [E("x", "y")] == _speedups.feed(decoder, b"\n")
     for other in (
-        b"event: x\ndata: y\n",  # an event with a type left open: Python's state
         b"id: 1\ndata: y\n\n",
         b"data: y\r\r",  # bare CRs
         b"data: y\n\ndata: z\r",  # a CR that may start a CRLF in the next read
