@@ -309,3 +309,19 @@ def test_core_imports_no_io_libraries() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert "[]" == result.stdout.strip()
+
+
+def test_body_is_compact_utf8_json_whichever_encoder() -> None:
+    """The body is the same bytes as the stdlib's compact, non-ASCII-keeping JSON, and what
+    orjson refuses (a 70-bit integer, an integer key) is still sent, by the stdlib."""
+    body = {"messages": [{"role": "user", "content": "Schäfchen 🐑"}], "temperature": 0.25}
+    expected = json.dumps(
+        {"model": "gpt-4.1", "messages": [], "stream": True, **body},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode()
+    assert expected == make(**body).request.content
+    odd = make(seed=2**70, logit_bias={50256: -100})
+    assert {"seed": 2**70, "logit_bias": {"50256": -100}}.items() <= json.loads(
+        odd.request.content
+    ).items()
