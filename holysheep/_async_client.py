@@ -133,6 +133,7 @@ class AsyncChat:
             headers=extra_headers,
             retry=retry,
             on_interrupt=on_interrupt,
+            limited=client.limiter is not None,
         )
         gate = gate_for(client.limiter) if client.limiter is not None else None
         return AsyncStream(call, client.transport, gate)

@@ -128,6 +128,7 @@ class Chat:
             headers=extra_headers,
             retry=retry,
             on_interrupt=on_interrupt,
+            limited=client.limiter is not None,
         )
         gate = gate_for(client.limiter) if client.limiter is not None else None
         return Stream(call, client.transport, client._watchdog, gate)

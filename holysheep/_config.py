@@ -81,8 +81,13 @@ class ClientConfig:
         headers: Mapping[str, str] | None = None,
         retry: RetryPolicy | None = None,
         on_interrupt: OnInterrupt | None = None,
+        limited: bool = False,
     ) -> Call:
-        """A `Call` whose attempts each build a fresh `Exchange` for this request."""
+        """A `Call` whose attempts each build a fresh `Exchange` for this request.
+
+        `limited`: a rate limiter will admit it, so estimate its token cost (a pass over the
+        prompt that nothing else needs).
+        """
         body: dict[str, Any] = {
             "model": model,
             "messages": list(messages),
@@ -109,7 +114,8 @@ class ClientConfig:
             else None,
             idempotency_key=idempotency_key,
         )
-        call.cost = estimate_cost(body)
+        if limited:
+            call.cost = estimate_cost(body)
         return call
 
 

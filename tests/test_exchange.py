@@ -65,7 +65,7 @@ def test_request_carries_auth_ids_and_body() -> None:
 def test_config_passes_params_through_and_asks_for_usage() -> None:
     """Extra params land in the body; usage is requested unless the caller says otherwise."""
     config = ClientConfig.from_arguments("k", "http://h/v1/", None, {"x-team": "a"}, True)
-    call = config.call("m", [{"role": "user", "content": "hi"}], {"max_tokens": 5})
+    call = config.call("m", [{"role": "user", "content": "hi"}], {"max_tokens": 5}, limited=True)
     exchange = call.start_attempt(0.0)
     body = json.loads(exchange.request.content)
     assert (True, {"include_usage": True}, 5) == (
