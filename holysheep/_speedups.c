@@ -5,11 +5,12 @@
  * `SSEDecoder.feed()` (holysheep/_sse.py) calls `feed(decoder, data)` first. This function takes
  * a read only when every complete line in it is a `data:`, `event:` or blank line, ended by LF
  * or CRLF, no event gets a second data line, no bare CR is present and every size is clearly
- * within the decoder's limits: the shape of OpenAI and Anthropic chat streams. It then does exactly what the Python line machine
- * would do, on the decoder's own state (`_pending`, `_pending_size`, `_data`, and the open
- * event's `_fields`, `_event_type`, `_event_retry`), and returns the events. For anything else it returns None *before changing any state*, and the Python code
- * handles the read: fields, comments, CR line ends, BOMs, limits and their errors live in one
- * place only.
+ * within the decoder's limits: the shape of OpenAI and Anthropic chat streams. It then does
+ * exactly what the Python line machine would do, on the decoder's own state (`_pending`,
+ * `_pending_size`, `_data`, and the open event's `_fields`, `_event_type`, `_event_retry`),
+ * and returns the events. For anything else it returns None *before changing any state*, and
+ * the Python code handles the read: other fields, comments, bare CRs, BOMs, limits and their
+ * errors live in one place only.
  *
  * Why this is the same as the Python path:
  * - a read with no LF only adds to `_pending`, like the Python path (which cuts at the last LF
@@ -434,7 +435,10 @@ PyInit__speedups(void)
         {&str_empty, ""},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
-        if (*names[i].slot == NULL && (*names[i].slot = PyUnicode_InternFromString(names[i].text)) == NULL)
+        if (*names[i].slot != NULL)
+            continue;
+        *names[i].slot = PyUnicode_InternFromString(names[i].text);
+        if (*names[i].slot == NULL)
             return NULL;
     }
     return PyModule_Create(&module);
