@@ -220,7 +220,10 @@ def _encode_body(body: Mapping[str, Any]) -> bytes:
     integer over 64 bits, a key that is not a string) goes to the stdlib, which decides."""
     if _orjson_dumps is not None:
         try:
-            return _orjson_dumps(body)
+            # Copied to a bytes object of its own size: orjson's is cut down from a 4 KiB
+            # buffer in place, which leaves the rest of that buffer stuck between the objects
+            # of an open stream (4 KiB more memory per open stream, measured at 5,000).
+            return memoryview(_orjson_dumps(body)).tobytes()
         except TypeError:
             pass
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
