@@ -10,16 +10,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_sse_decode_benchmark_runs_quick() -> None:
-    """`bench/sse_decode.py --quick` measures every contender and prints the target lines."""
+def run_bench(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run `bench/<script>` with `args` in a fresh interpreter; it must exit 0."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "sse_decode.py"), "--quick"],
+        [sys.executable, str(ROOT / "bench" / script), *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
     assert 0 == result.returncode, result.stderr[-2000:]
+    return result
+
+
+def test_sse_decode_benchmark_runs_quick() -> None:
+    """`bench/sse_decode.py --quick` measures every contender and prints the target lines."""
+    result = run_bench("sse_decode.py", "--quick", timeout=120)
     assert "== Targets ==" in result.stdout
     assert "(c) chat layer" in result.stdout
     assert "error" not in result.stdout.lower()
@@ -27,28 +33,14 @@ def test_sse_decode_benchmark_runs_quick() -> None:
 
 def test_soak_runs_quick_and_passes() -> None:
     """`bench/soak.py --quick`: resume is byte-identical and raise is exact, on a small run."""
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "soak.py"), "--quick", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert 0 == result.returncode, result.stderr[-2000:]
+    result = run_bench("soak.py", "--quick", "--json", timeout=120)
     assert "PASS" in result.stderr
 
 
 def test_client_benchmark_runs_quick() -> None:
     """`bench/client.py --quick`: every contender streams, over the upstream in a child
     process (`holysheep.testing.UpstreamProcess`), and every target gets a verdict."""
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "client.py"), "--quick", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert 0 == result.returncode, result.stderr[-2000:]
+    result = run_bench("client.py", "--quick", "--json", timeout=180)
     report = json.loads(result.stdout)
     for section in ("throughput", "ttft", "concurrency"):
         rows = report[section]
