@@ -290,14 +290,14 @@ class AsyncStream:
                     except HolySheepError as exc:
                         raise self._timeout_or(exc) from exc  # while the body is still known
                     except asyncio.CancelledError:
-                        if not self._cancelled_read or self._took_cancel(reader):
+                        if not self._only_ours(reader):
                             raise  # the caller's task is being cancelled (too)
                         data = None
                     finally:
                         self._reader = None
                     if data is not None and self._cancelled_read:
                         # the body swallowed our cancellation and read anyway
-                        if self._took_cancel(reader):
+                        if not self._only_ours(reader):
                             raise asyncio.CancelledError
                         data = None
                     if data is None:
@@ -391,13 +391,18 @@ class AsyncStream:
             self._cancelled_read = True
             reader.cancel()
 
-    def _took_cancel(self, reader: asyncio.Task[Any] | None) -> bool:
-        """Our cancellation reached `reader`: take it back (Python 3.11+ counts them, and
-        `asyncio.timeout` or a task group would misread ours). True if the task was also
-        cancelled by someone else, which must go on."""
+    def _only_ours(self, reader: asyncio.Task[Any] | None) -> bool:
+        """Whether `reader` was cancelled by our deadline timer alone, after an await.
+
+        Ours is taken back (Python 3.11+ counts cancellations, and `asyncio.timeout` or a
+        task group would misread ours). False when none was ours, or when someone else
+        cancelled the task too: that cancellation must go on.
+        """
+        if not self._cancelled_read:
+            return False
         self._cancelled_read = False
         uncancel = getattr(reader, "uncancel", None)
-        return uncancel is not None and uncancel() > 0
+        return uncancel is None or uncancel() == 0
 
     def _disarm(self) -> None:
         timer, self._timer, self._timer_due = self._timer, None, math.inf
@@ -477,15 +482,15 @@ class AsyncStream:
         except HolySheepError as exc:
             raise self._timeout_or(exc) from exc
         except asyncio.CancelledError:
-            if not self._cancelled_read or self._took_cancel(reader):
+            if not self._only_ours(reader):
                 raise  # the caller's task is being cancelled (too)
             return None
         finally:
             self._reader = None
         if self._cancelled_read:  # the transport swallowed our cancellation and answered
-            cancelled = self._took_cancel(reader)
+            ours = self._only_ours(reader)
             await response.aclose()
-            if cancelled:
+            if not ours:
                 raise asyncio.CancelledError
             return None
         return response
