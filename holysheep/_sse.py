@@ -246,8 +246,11 @@ class SSEDecoder:
         if len(block) > self.max_line_size:
             self._check_line_sizes(text.split("\n"))
         end = len(text) - 2
-        open_event = self._data or self._fields
-        if text.startswith("data: ") and text.find("\n") == end and not open_event:
+        if (
+            text.startswith("data: ")
+            and text.find("\n") == end
+            and not (self._data or self._fields)  # no event open from an earlier read
+        ):
             # One data line and a blank line, nothing open: the common case of one event per
             # read, on the shortest path.
             if end - 6 > self.max_event_size:
