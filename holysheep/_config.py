@@ -16,7 +16,7 @@ import attrs
 from ._call import Attempt, Call, OnInterrupt, new_idempotency_key
 from ._chat import ChatAccumulator
 from ._exceptions import ConfigurationError
-from ._exchange import Exchange, Timeouts, new_request_id
+from ._exchange import Exchange, Timeouts, encode_body, new_request_id
 from ._observe import Observer, RequestInfo
 from ._retry import RetryPolicy
 
@@ -101,7 +101,9 @@ class ClientConfig:
         request_id = request_id or new_request_id()
         url = _chat_url(self.base_url)
         idempotency_key = new_idempotency_key()
-        make_exchange = _Exchanges(self, url, body, timeouts, extra, request_id)
+        # Encoded once and only the bytes kept: every attempt sends the same body, and the
+        # dict (with its copy of the message list) would be held for the stream's whole life.
+        make_exchange = _Exchanges(self, url, encode_body(body), timeouts, extra, request_id)
         call = Call(
             make_exchange,
             policy=retry or self.retry,
@@ -136,7 +138,7 @@ class _Exchanges:
 
     config: ClientConfig
     url: str
-    body: Mapping[str, Any]
+    body: bytes
     timeouts: Timeouts
     extra: Mapping[str, str]
     request_id: str
