@@ -245,6 +245,9 @@ def _fixed_headers(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return tuple(fixed)
 
 
+_FIXED_NAMES = frozenset(name for name, _ in _fixed_headers("key"))
+
+
 def new_request_id() -> str:
     return f"hs-{os.urandom(16).hex()}"  # what uuid4().hex carries, without the object
 
@@ -289,7 +292,7 @@ class Exchange:
         self.request_id = request_id or new_request_id()
         fixed = _fixed_headers(api_key)
         given = {name.lower(): value for name, value in headers.items()} if headers else {}
-        if given:
+        if not given.keys().isdisjoint(_FIXED_NAMES):  # the caller overrides one of ours
             fixed = tuple(pair for pair in fixed if pair[0] not in given)
         given.setdefault("x-request-id", self.request_id)
         self.request = Request(
