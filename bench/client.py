@@ -101,6 +101,7 @@ class Sizes:
     slow_rate: float  # tokens per second of each slow stream
     slow_ttft: float  # server TTFT at level 0; each 1,000 streams add a second (see below)
     level_timeout: float  # seconds one level may take before its streams count as failed
+    settle_s: float  # pause before each concurrency contender
 
 
 FULL = Sizes(
@@ -114,6 +115,7 @@ FULL = Sizes(
     slow_rate=10.0,
     slow_ttft=2.0,
     level_timeout=90.0,
+    settle_s=3.0,
 )
 QUICK = Sizes(
     throughput_tokens=2_000,
@@ -126,6 +128,7 @@ QUICK = Sizes(
     slow_rate=50.0,
     slow_ttft=0.2,
     level_timeout=15.0,
+    settle_s=0.0,
 )
 
 
@@ -851,6 +854,9 @@ def run_concurrency(sizes: Sizes, loop: asyncio.AbstractEventLoop) -> tuple[list
                 row.note = failed[name]
                 continue
             progress(f"concurrency: {streams:,} streams, {name}")
+            # Let the kernel finish tearing down the previous contender's thousands of sockets
+            # (and a killed worker's), so that work is not billed to this one.
+            time.sleep(sizes.settle_s)
             with upstream_proc.Upstream(
                 tokens=sizes.slow_tokens,
                 tokens_per_s=sizes.slow_rate,
