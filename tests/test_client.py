@@ -35,6 +35,8 @@ from holysheep.transports import (
     AsyncHTTPXTransport,
     BaseTransport,
     HTTPXTransport,
+    MockResponse,
+    MockTransport,
     RequestsTransport,
 )
 
@@ -291,6 +293,37 @@ def test_total_timeout(upstream: MockUpstream, transport: BaseTransport) -> None
     client = client_for(upstream, transport, timeout=Timeouts(total=0.3))
     with pytest.raises(TotalTimeoutError):
         client.chat.complete(model="m", messages=MESSAGES, extra_headers=config(tokens_per_s=20))
+    client.close()
+
+
+def test_short_streams_do_not_wake_the_watchdog_each_time() -> None:
+    """Streams that end before the watchdog thread runs leave it asleep, not woken per stream."""
+    client = holysheep.Client(
+        api_key="k",
+        transport=MockTransport(lambda request: MockResponse()),
+        retry=RetryPolicy.none(),
+    )
+    for _ in range(200):
+        assert "Hello!" == client.chat.complete(model="m", messages=MESSAGES).text
+    assert client._watchdog.looks < 10  # one look per stream before the fix
+    client.close()
+
+
+def test_a_deadline_sooner_than_the_idle_watchdogs_next_look_still_fires() -> None:
+    """The idle watchdog looks again after a second; a stream due sooner wakes it."""
+    script = iter([MockResponse(), MockResponse(delay=3.0)])
+    client = holysheep.Client(
+        api_key="k", transport=MockTransport(lambda request: next(script)), retry=RetryPolicy.none()
+    )
+    client.chat.complete(model="m", messages=MESSAGES)
+    deadline = time.monotonic() + 2.0
+    while client._watchdog.looks == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the thread's first look finds nothing: it will look again in 1 s
+    time.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(FirstTokenTimeoutError):
+        client.chat.complete(model="m", messages=MESSAGES, timeout=Timeouts(ttft=0.2))
+    assert 0.2 <= time.monotonic() - started < 0.8
     client.close()
 
 
