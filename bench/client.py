@@ -840,6 +840,7 @@ def run_concurrency(sizes: Sizes, loop: asyncio.AbstractEventLoop) -> tuple[list
     del loop  # every contender runs in its own process
     rows: list[ConcurrencyRow] = []
     failed: dict[str, str] = {}
+    ran = False  # a contender has run: the next one waits for the kernel to settle
     for spec_name in CONCURRENCY:
         missing = SPECS[spec_name].missing()
         if missing:
@@ -854,9 +855,10 @@ def run_concurrency(sizes: Sizes, loop: asyncio.AbstractEventLoop) -> tuple[list
                 row.note = failed[name]
                 continue
             progress(f"concurrency: {streams:,} streams, {name}")
-            # Let the kernel finish tearing down the previous contender's thousands of sockets
-            # (and a killed worker's), so that work is not billed to this one.
-            time.sleep(sizes.settle_s)
+            if ran:
+                # Let the kernel finish tearing down the previous contender's thousands of
+                # sockets (and a killed worker's), so that work is not billed to this one.
+                time.sleep(sizes.settle_s)
             with upstream_proc.Upstream(
                 tokens=sizes.slow_tokens,
                 tokens_per_s=sizes.slow_rate,
@@ -864,6 +866,7 @@ def run_concurrency(sizes: Sizes, loop: asyncio.AbstractEventLoop) -> tuple[list
             ) as upstream:
                 cpu0 = upstream.cpu_seconds()
                 result = _run_worker(name, upstream.url, streams, sizes)
+                ran = True
                 cpu1 = upstream.cpu_seconds()
             if cpu0 is not None and cpu1 is not None:
                 row.server_cpu_s = cpu1 - cpu0

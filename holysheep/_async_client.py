@@ -528,18 +528,21 @@ class AsyncStream:
         response, self._response = self._response, None
         body, self._body = self._body, None
         ticket, self._ticket = self._ticket, None
-        if response is not None:
-            if body is not None and body is self._read_to_end:
-                # Nothing left to wait for: the close returns at once, so the caller's
-                # cancellation cannot cut it short, and a scope would be a tenth of the CPU a
-                # short stream costs.
+        try:
+            if response is None:
+                pass
+            elif body is not None and body is self._read_to_end:
+                # Nothing left to wait for: the close returns at once (transport rule 4), so
+                # the caller's cancellation cannot cut it short, and a scope would be a tenth
+                # of the CPU a short stream costs.
                 await _close(body, response)
             else:
                 with anyio.CancelScope(shield=True, deadline=_now() + _CLOSE_TIMEOUT):
                     await _close(body, response)
-        if ticket is not None and self._gate is not None:
-            usage = self._exchange.accumulator.usage
-            self._gate.release(ticket, usage.total_tokens if usage is not None else None)
+        finally:
+            if ticket is not None and self._gate is not None:
+                usage = self._exchange.accumulator.usage
+                self._gate.release(ticket, usage.total_tokens if usage is not None else None)
 
     def _stopped_by_caller(self) -> bool:
         # A method, not an inline test: the flag changes while we await.

@@ -397,10 +397,10 @@ class _Watchdog:
     wakes the thread only when its deadline comes before the thread's next look.
 
     With nothing to watch the thread looks again a second later, and only after a second look
-    finds nothing does it sleep until woken. Sleeping at once made every stream wake it when
-    streams are short: each had ended before the thread ran, so the thread always found nothing
-    and the next stream woke it again, a thread switch per stream (a third of the client's CPU
-    for a stream from `MockTransport`).
+    finds nothing does it sleep until woken (a stream that wakes it starts that over). Sleeping
+    at once made every stream wake it when streams are short: each had ended before the thread
+    ran, so the thread always found nothing and the next stream woke it again, a thread switch
+    per stream (a third of the client's CPU for a stream from `MockTransport`).
     """
 
     def __init__(self) -> None:
@@ -459,4 +459,7 @@ class _Watchdog:
                 elif soonest is not None:
                     idle = False
                 self._wake_at = soonest
-                self._cond.wait(None if soonest is None else max(0.0, soonest - now) + 0.001)
+                if self._cond.wait(None if soonest is None else max(0.0, soonest - now) + 0.001):
+                    # Woken by a stream: if it has ended before this look, look again in a while
+                    # rather than sleeping until the next one wakes us too.
+                    idle = False

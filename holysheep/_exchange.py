@@ -229,23 +229,24 @@ def encode_body(body: Mapping[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+_CONSTANT_HEADERS = (
+    ("content-type", "application/json"),
+    ("accept", "text/event-stream"),
+    # Compression makes proxies and clients buffer; an event stream must flow.
+    ("accept-encoding", "identity"),
+    ("user-agent", f"holysheep/{__version__}"),
+)
+# Every name `_fixed_headers` may send.
+_FIXED_NAMES = frozenset([*(name for name, _ in _CONSTANT_HEADERS), "authorization"])
+
+
 @functools.lru_cache(maxsize=16)
 def _fixed_headers(api_key: str | None) -> tuple[tuple[str, str], ...]:
     """The headers every request of a client sends: one tuple per client, shared by its
     requests, instead of fresh pairs held by every open stream."""
-    fixed = [
-        ("content-type", "application/json"),
-        ("accept", "text/event-stream"),
-        # Compression makes proxies and clients buffer; an event stream must flow.
-        ("accept-encoding", "identity"),
-        ("user-agent", f"holysheep/{__version__}"),
-    ]
     if api_key:
-        fixed.append(("authorization", f"Bearer {api_key}"))
-    return tuple(fixed)
-
-
-_FIXED_NAMES = frozenset(name for name, _ in _fixed_headers("key"))
+        return (*_CONSTANT_HEADERS, ("authorization", f"Bearer {api_key}"))
+    return _CONSTANT_HEADERS
 
 
 def new_request_id() -> str:

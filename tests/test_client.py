@@ -296,34 +296,55 @@ def test_total_timeout(upstream: MockUpstream, transport: BaseTransport) -> None
     client.close()
 
 
-def test_short_streams_do_not_wake_the_watchdog_each_time() -> None:
-    """Streams that end before the watchdog thread runs leave it asleep, not woken per stream."""
-    client = holysheep.Client(
+def _instant_client(script: Any = None) -> holysheep.Client:
+    return holysheep.Client(
         api_key="k",
-        transport=MockTransport(lambda request: MockResponse()),
+        transport=MockTransport(script or (lambda request: MockResponse())),
         retry=RetryPolicy.none(),
     )
+
+
+def test_short_streams_do_not_wake_the_watchdog_each_time() -> None:
+    """Streams that end before the watchdog thread runs leave it asleep, not woken per stream."""
+    client = _instant_client()
     for _ in range(200):
         assert "Hello!" == client.chat.complete(model="m", messages=MESSAGES).text
     assert client._watchdog.looks < 10  # one look per stream before the fix
     client.close()
 
 
+def test_short_streams_with_pauses_do_not_wake_the_watchdog_each_time() -> None:
+    """Past its first idle second, too: a stream that wakes it gets it a new second to wait."""
+    client = _instant_client()
+    streams = 0
+    until = time.monotonic() + 2.5
+    while time.monotonic() < until:
+        client.chat.complete(model="m", messages=MESSAGES)
+        streams += 1
+        time.sleep(0.001)
+    assert streams > 500
+    assert client._watchdog.looks < 30  # about one look per stream without the new second
+    client.close()
+
+
 def test_a_deadline_sooner_than_the_idle_watchdogs_next_look_still_fires() -> None:
-    """The idle watchdog looks again after a second; a stream due sooner wakes it."""
+    """The idle watchdog looks again in a second; a stream due sooner wakes it."""
     script = iter([MockResponse(), MockResponse(delay=3.0)])
-    client = holysheep.Client(
-        api_key="k", transport=MockTransport(lambda request: next(script)), retry=RetryPolicy.none()
-    )
-    client.chat.complete(model="m", messages=MESSAGES)
-    deadline = time.monotonic() + 2.0
-    while client._watchdog.looks == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)  # the thread's first look finds nothing: it will look again in 1 s
-    time.sleep(0.05)
+    client = _instant_client(lambda request: next(script))
+    client.chat.complete(model="m", messages=MESSAGES, timeout=Timeouts(connect=0.2))
+    watchdog = client._watchdog
+    give_up = time.monotonic() + 3.0
+    while time.monotonic() < give_up:  # until it found nothing and will look again in ~1 s
+        due = watchdog._wake_at
+        if not watchdog._streams and due is not None and due - time.monotonic() > 0.8:
+            break
+        time.sleep(0.005)
+    else:
+        pytest.fail("the watchdog never went idle")
     started = time.monotonic()
     with pytest.raises(FirstTokenTimeoutError):
         client.chat.complete(model="m", messages=MESSAGES, timeout=Timeouts(ttft=0.2))
-    assert 0.2 <= time.monotonic() - started < 0.8
+    assert 0.2 <= time.monotonic() - started < 0.7
     client.close()
 
 

@@ -105,13 +105,14 @@ def _library() -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _header_name(name: str) -> istr:
+def _header_name(name: str) -> str:
     """One case-insensitive name object per header name, shared by all requests.
 
     aiohttp keeps a request's headers for the life of its response, and turns each plain `str`
     name into a case-insensitive one of its own: about 35 bytes per header per open stream.
     """
-    return istr(name)
+    # Anything but a `str` goes to aiohttp as it is, for aiohttp to refuse.
+    return istr(name) if isinstance(name, str) else name
 
 
 @final

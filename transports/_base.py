@@ -11,8 +11,9 @@ Three rules every transport keeps:
 - `Response.close()` may be called from another thread (or, for async transports, another
   task) while a read is blocked, and must make that read return or raise promptly.
 - An unfinished body is closed, never drained: the server sees the client go away.
-- Closing a response whose body was read to its end does not wait (the connection goes back to
-  the pool as it is): the async client then closes it without a cancel scope around it.
+- Closing a response whose body was read to its end neither blocks nor awaits anything a
+  cancellation could interrupt (the connection goes back to the pool as it is): the async
+  client then closes it without a cancel scope around it.
 """
 
 from __future__ import annotations
