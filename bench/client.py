@@ -34,6 +34,7 @@ import contextlib
 import functools
 import gc
 import json
+import operator
 import os
 import platform
 import re
@@ -108,7 +109,7 @@ FULL = Sizes(
     throughput_tokens=20_000,
     throughput_repeats=5,
     ttft_streams=200,
-    ttft_repeats=5,
+    ttft_repeats=9,
     ttft_tokens=5,
     levels=(100, 1_000, 5_000, 10_000),
     slow_tokens=40,
@@ -709,9 +710,11 @@ def _percentile(values: list[float], q: int) -> float:
 
 def run_ttft(sizes: Sizes, loop: asyncio.AbstractEventLoop) -> tuple[list[Any], dict]:
     tokens = sizes.ttft_tokens
-    p50s: dict[str, list[float]] = collections.defaultdict(list)
-    p99s: dict[str, list[float]] = collections.defaultdict(list)
-    speeds: dict[str, list[float]] = collections.defaultdict(list)
+    # Per contender, per block: the blocks pair each contender with its raw peer, run next to
+    # it, so a comparison is made within each block and the machine's drift cancels out.
+    p50s: dict[str, dict[int, float]] = collections.defaultdict(dict)
+    p99s: dict[str, dict[int, float]] = collections.defaultdict(dict)
+    speeds: dict[str, dict[int, float]] = collections.defaultdict(dict)
     new: dict[str, int | None] = {}
     counted: dict[str, int] = collections.defaultdict(int)
     with upstream_proc.Upstream(tokens=tokens) as upstream:
@@ -726,9 +729,9 @@ def run_ttft(sizes: Sizes, loop: asyncio.AbstractEventLoop) -> tuple[list[Any], 
                 except Exception as exc:
                     one.error = f"error: {exc!r}"[:120]
                     continue
-                p50s[one.name].append(_percentile(latencies, 50))
-                p99s[one.name].append(_percentile(latencies, 99))
-                speeds[one.name].append(len(latencies) / seconds)
+                p50s[one.name][repeat] = _percentile(latencies, 50)
+                p99s[one.name][repeat] = _percentile(latencies, 99)
+                speeds[one.name][repeat] = len(latencies) / seconds
                 counted[one.name] += len(latencies)
                 if opened is None or new.get(one.name, 0) is None:
                     new[one.name] = None
@@ -739,29 +742,36 @@ def run_ttft(sizes: Sizes, loop: asyncio.AbstractEventLoop) -> tuple[list[Any], 
     errors = {one.name: one.error for one in live}
     rows = []
     for name in TTFT:
-        p50, p99 = _median(p50s[name]), _median(p99s[name])
+        p50, p99 = _median([*p50s[name].values()]), _median([*p99s[name].values()])
         rows.append(
             TtftRow(
                 name,
                 None if p50 is None else p50 * 1000,
                 None if p99 is None else p99 * 1000,
-                streams_per_s=_median(speeds[name]),
+                streams_per_s=_median([*speeds[name].values()]),
                 new_connections=new.get(name),
                 streams=counted[name],
                 note=notes.get(name) or errors.get(name, ""),
             )
         )
-    by_name = {row.contender: row for row in rows}
     for row in rows:
-        raw = by_name.get(RAW_OF.get(row.contender, ""))
+        raw = RAW_OF.get(row.contender)
         if raw is None:
             continue
-        if row.p50_ms is not None and raw.p50_ms is not None:
-            row.added_p50_ms = row.p50_ms - raw.p50_ms
-        if row.p99_ms is not None and raw.p99_ms is not None:
-            row.added_p99_ms = row.p99_ms - raw.p99_ms
-        row.vs_raw = _ratio(row.streams_per_s, raw.streams_per_s)
+        mine = row.contender
+        added_p50 = _paired(p50s[mine], p50s[raw], operator.sub)
+        added_p99 = _paired(p99s[mine], p99s[raw], operator.sub)
+        row.added_p50_ms = None if added_p50 is None else added_p50 * 1000
+        row.added_p99_ms = None if added_p99 is None else added_p99 * 1000
+        row.vs_raw = _paired(speeds[mine], speeds[raw], operator.truediv)
     return rows, {}
+
+
+def _paired(
+    mine: dict[int, float], raw: dict[int, float], compare: Callable[[float, float], float]
+) -> float | None:
+    """The median over blocks of `compare(mine, raw)` within each block both ran."""
+    return _median([compare(mine[block], raw[block]) for block in mine.keys() & raw.keys()])
 
 
 def _ttft_block(
@@ -1176,9 +1186,11 @@ def print_report(meta: dict[str, Any], results: dict[str, list[Any]], found: lis
             "server TTFT 0 =="
         )
         print(
-            "   From just before the request to the first content; p50/p99 are medians over\n"
-            "   the blocks; added = minus raw reading on the same library (openai: raw httpx);\n"
-            "   new conns = connections opened during the timed streams (kernel socket table)."
+            "   From just before the request to the first content; p50/p99 and streams/s are\n"
+            "   medians over the blocks; added and vs raw compare with raw reading on the same\n"
+            "   library (openai: raw httpx) within each block, then take the median over the\n"
+            "   blocks (a pair runs back to back, so the machine's drift cancels); new conns =\n"
+            "   connections opened during the timed streams (kernel socket table)."
         )
         table = [
             [
