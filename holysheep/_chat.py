@@ -504,6 +504,7 @@ class ChatAccumulator:
 
     # Slots: no per-instance dict; one is open per stream, thousands at a time.
     __slots__ = (
+        "_choice0",
         "_choices",
         "_closed",
         "_error",
@@ -532,7 +533,10 @@ class ChatAccumulator:
         #: Data events turned into chunks so far.
         self.chunk_count = 0
         self._loads = json_loads or _loads
-        self._choices: dict[int, _ChoiceState] = {}
+        # Choice 0 has a slot of its own: most streams have no other, and a dict holding one
+        # entry is 240 bytes more for every open stream. The others (`n` > 1) go in the dict.
+        self._choice0: _ChoiceState | None = None
+        self._choices: dict[int, _ChoiceState] | None = None
         self._usage: Usage | None = None
         # The first and last chunks are kept as their JSON text and parsed again for a
         # snapshot: a dict tree held from one event to the next outlives the garbage
@@ -627,8 +631,11 @@ class ChatAccumulator:
             return first.get(name) if value is None else value
 
         created = meta("created")
+        states = dict(self._choices) if self._choices else {}
+        if self._choice0 is not None:
+            states[0] = self._choice0
         return Completion(
-            tuple(self._choices[i].freeze() for i in sorted(self._choices)),
+            tuple(states[i].freeze() for i in sorted(states)),
             _str_or_none(meta("id")),
             _str_or_none(meta("model")),
             created if isinstance(created, int) else None,
@@ -666,9 +673,12 @@ class ChatAccumulator:
                 index = raw_choice.get("index", 0)
                 if not isinstance(index, int):
                     index = 0
-                state = self._choices.get(index)
-                if state is None:
-                    state = self._choices[index] = _ChoiceState(index)
+                if index == 0:
+                    state = self._choice0
+                    if state is None:
+                        state = self._choice0 = _ChoiceState(index)
+                else:
+                    state = self._other_choice(index)
                 delta = raw_choice.get("delta") or raw_choice.get("message")
                 if delta and isinstance(delta, dict):
                     content = delta.get("content")
@@ -689,6 +699,15 @@ class ChatAccumulator:
             self._usage = Usage.from_dict(usage)
             deltas.append(UsageReport(self._usage))
         return _chat_chunk(text, tuple(deltas), _ParsedLater(event.data, self._loads), event)
+
+    def _other_choice(self, index: int) -> _ChoiceState:
+        others = self._choices
+        if others is None:
+            others = self._choices = {}
+        state = others.get(index)
+        if state is None:
+            state = others[index] = _ChoiceState(index)
+        return state
 
     def _rest_of_delta(
         self, delta: dict[str, Any], state: _ChoiceState, deltas: list[ChatDelta]

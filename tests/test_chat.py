@@ -127,6 +127,21 @@ def test_several_choices_accumulate_separately() -> None:
     ]
 
 
+def test_choices_are_listed_by_index_whatever_order_they_arrive_in() -> None:
+    """Choice 0 (kept apart from the others) may come after them; the list is by index."""
+    stream = b"".join(
+        [
+            chunk(choices=[{"index": 2, "delta": {"content": "z"}}]),
+            chunk(choices=[{"index": 1, "delta": {"content": "y"}}]),
+            chunk(choices=[{"index": 0, "delta": {"content": "x"}, "finish_reason": "stop"}]),
+            DONE,
+        ]
+    )
+    completion = run(stream).completion
+    assert [(0, "x"), (1, "y"), (2, "z")] == [(c.index, c.text) for c in completion.choices]
+    assert "x" == completion.text
+
+
 def test_reasoning_and_refusal_are_kept_apart_from_text() -> None:
     """DeepSeek-style reasoning and refusals do not leak into `text`."""
     acc = ChatAccumulator()
