@@ -498,6 +498,20 @@ THROUGHPUT = [
     RAW_AIOHTTP,
     HTTPX_SSE,
 ]
+# The order they run in: each holysheep contender next to the peers it is compared with.
+THROUGHPUT_RUN = [
+    HS_REQUESTS,
+    RAW_REQUESTS,
+    OPENAI,
+    HS_HTTPX,
+    RAW_HTTPX,
+    HTTPX_SSE,
+    HS_ASYNC,
+    RAW_HTTPX_ASYNC,
+    OPENAI_ASYNC,
+    HS_ASYNC_AIOHTTP,
+    RAW_AIOHTTP,
+]
 TTFT = [
     HS_REQUESTS,
     RAW_REQUESTS,
@@ -611,9 +625,10 @@ class ThroughputRow:
 def run_throughput(sizes: Sizes, loop: asyncio.AbstractEventLoop) -> tuple[list[Any], dict]:
     tokens = sizes.throughput_tokens
     rates: dict[str, list[float]] = collections.defaultdict(list)
-    cpu_rates: dict[str, list[float]] = collections.defaultdict(list)
+    # Per contender, per round, so that ratios are taken within a round (see `_paired`).
+    cpu_rates: dict[str, dict[int, float]] = collections.defaultdict(dict)
     with upstream_proc.Upstream(tokens=tokens) as upstream:
-        live, notes = build_all(THROUGHPUT, upstream.url, loop)
+        live, notes = build_all(THROUGHPUT_RUN, upstream.url, loop)
         reference_bytes: int | None = None
         for one in live:  # warm up: connect, fill caches, import lazily loaded modules
             try:
@@ -645,7 +660,7 @@ def run_throughput(sizes: Sizes, loop: asyncio.AbstractEventLoop) -> tuple[list[
                     continue
                 assert sample.first is not None
                 rates[one.name].append(tokens / max(sample.end - sample.first, 1e-9))
-                cpu_rates[one.name].append(tokens / max(cpu, 1e-9))
+                cpu_rates[one.name][repeat] = tokens / max(cpu, 1e-9)
         server_cpu1 = upstream.cpu_seconds()
         for one in live:
             one.close()
@@ -656,7 +671,7 @@ def run_throughput(sizes: Sizes, loop: asyncio.AbstractEventLoop) -> tuple[list[
     errors = {one.name: one.error for one in live}
     rows = []
     for name in THROUGHPUT:
-        row = ThroughputRow(name, _median(rates[name]), _median(cpu_rates[name]))
+        row = ThroughputRow(name, _median(rates[name]), _median([*cpu_rates[name].values()]))
         row.note = notes.get(name) or errors.get(name, "")
         rows.append(row)
     # Ratios compare CPU rates: a raw reader outruns the server, so its wall-clock rate
@@ -665,11 +680,9 @@ def run_throughput(sizes: Sizes, loop: asyncio.AbstractEventLoop) -> tuple[list[
     for row in rows:
         raw = RAW_OF.get(row.contender)
         if raw is not None:
-            row.vs_raw = _ratio(row.events_per_cpu_s, by_name[raw].events_per_cpu_s)
+            row.vs_raw = _paired(cpu_rates[row.contender], cpu_rates[raw], operator.truediv)
     for mine, _raw, theirs in PAIRS:
-        by_name[mine].vs_openai = _ratio(
-            by_name[mine].events_per_cpu_s, by_name[theirs].events_per_cpu_s
-        )
+        by_name[mine].vs_openai = _paired(cpu_rates[mine], cpu_rates[theirs], operator.truediv)
     return rows, server
 
 
@@ -1163,7 +1176,8 @@ def print_report(meta: dict[str, Any], results: dict[str, list[Any]], found: lis
             "   events / the client's CPU time for the stream; medians over rounds. The ratios\n"
             "   compare per CPU-s (a wall-clock rate above the server's own rate measures the\n"
             "   server): vs raw = over raw reading on the same HTTP library, vs openai = over\n"
-            "   the openai SDK of the same flavour."
+            "   the openai SDK of the same flavour, each taken within a round (they run next\n"
+            "   to each other) and the median over rounds printed."
         )
         table = [
             [
