@@ -329,21 +329,31 @@ def test_short_streams_with_pauses_do_not_wake_the_watchdog_each_time() -> None:
 
 def test_a_deadline_sooner_than_the_idle_watchdogs_next_look_still_fires() -> None:
     """The idle watchdog looks again in a second; a stream due sooner wakes it."""
-    script = iter([MockResponse(), MockResponse(delay=3.0)])
-    client = _instant_client(lambda request: next(script))
-    client.chat.complete(model="m", messages=MESSAGES, timeout=Timeouts(connect=0.2))
+
+    def script(request: holysheep.Request) -> MockResponse:
+        return MockResponse(delay=3.0) if ("x-stall", "1") in request.headers else MockResponse()
+
+    client = _instant_client(script)
     watchdog = client._watchdog
-    give_up = time.monotonic() + 3.0
-    while time.monotonic() < give_up:  # until it found nothing and will look again in ~1 s
+    give_up = time.monotonic() + 10.0
+    while True:  # until it found nothing to watch and will look again in about a second
         due = watchdog._wake_at
         if not watchdog._streams and due is not None and due - time.monotonic() > 0.8:
             break
+        if time.monotonic() > give_up:
+            pytest.fail("the watchdog never went idle")
+        if watchdog.looks == 0 or due is None:
+            # Not started, or asleep until woken: a short stream wakes it into a fresh second.
+            client.chat.complete(model="m", messages=MESSAGES, timeout=Timeouts(connect=0.2))
         time.sleep(0.005)
-    else:
-        pytest.fail("the watchdog never went idle")
     started = time.monotonic()
     with pytest.raises(FirstTokenTimeoutError):
-        client.chat.complete(model="m", messages=MESSAGES, timeout=Timeouts(ttft=0.2))
+        client.chat.complete(
+            model="m",
+            messages=MESSAGES,
+            timeout=Timeouts(ttft=0.2),
+            extra_headers={"x-stall": "1"},
+        )
     assert 0.2 <= time.monotonic() - started < 0.7
     client.close()
 
