@@ -529,14 +529,12 @@ class AsyncStream:
         body, self._body = self._body, None
         ticket, self._ticket = self._ticket, None
         try:
-            if response is None:
-                pass
-            elif body is not None and body is self._read_to_end:
+            if response is not None and body is not None and body is self._read_to_end:
                 # Nothing left to wait for: the close returns at once (transport rule 4), so
                 # the caller's cancellation cannot cut it short, and a scope would be a tenth
                 # of the CPU a short stream costs.
                 await _close(body, response)
-            else:
+            elif response is not None:
                 with anyio.CancelScope(shield=True, deadline=_now() + _CLOSE_TIMEOUT):
                     await _close(body, response)
         finally:

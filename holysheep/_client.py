@@ -347,13 +347,14 @@ class Stream:
     def _end_attempt(self) -> None:
         self._watchdog.unwatch(self)
         response, self._response, self._body = self._response, None, None
-        if response is not None:
-            response.close()
         ticket, self._ticket = self._ticket, None
-        if ticket is not None and self._gate is not None:
-            usage = self._exchange.accumulator.usage
-            tokens = usage.total_tokens if usage is not None else None
-            self._gate.release(ticket, tokens)
+        try:
+            if response is not None:
+                response.close()
+        finally:  # as in the async client: a close that raises must not keep the ticket
+            if ticket is not None and self._gate is not None:
+                usage = self._exchange.accumulator.usage
+                self._gate.release(ticket, usage.total_tokens if usage is not None else None)
 
     def _timeout_or(self, exc: HolySheepError | None) -> HolySheepError:
         now = _clock()

@@ -7,6 +7,7 @@ import threading
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 
 import holysheep
@@ -19,6 +20,7 @@ from holysheep import (
     Timeouts,
 )
 from holysheep.testing import MockUpstream, UpstreamConfig, serve
+from holysheep.transports import MockResponse
 
 MESSAGES = [{"role": "user", "content": "Tell me about sheep."}]
 FAST = RetryPolicy(attempts=4, wait_initial=0.01, wait_max=0.05, wait_jitter=0.01)
@@ -230,6 +232,53 @@ async def test_limiter_caps_concurrency_across_tasks() -> None:
                 for _ in range(8):
                     tg.start_soon(one)
     assert (2, 0) == (peak, limiter.in_flight)
+
+
+class _CloseFails(holysheep.transports.MockTransport):
+    """A transport whose responses raise when closed."""
+
+    def send(self, request: holysheep.Request) -> holysheep.transports.Response:
+        def close() -> None:
+            raise RuntimeError("close failed")
+
+        return attrs.evolve(super().send(request), close=close)
+
+
+class _AsyncCloseFails(holysheep.transports.AsyncMockTransport):
+    async def send(self, request: holysheep.Request) -> holysheep.transports.AsyncResponse:
+        async def aclose() -> None:
+            raise RuntimeError("close failed")
+
+        return attrs.evolve(await super().send(request), aclose=aclose)
+
+
+def test_a_close_that_raises_still_returns_the_limiter_slot() -> None:
+    """The slot comes back even when the transport fails to close the response."""
+    limiter = RateLimiter(max_concurrent=1)
+    client = holysheep.Client(
+        api_key="k",
+        transport=_CloseFails([MockResponse()]),
+        limiter=limiter,
+        retry=RetryPolicy.none(),
+    )
+    with pytest.raises(RuntimeError, match="close failed"):
+        client.chat.complete(model="m", messages=MESSAGES)
+    assert 0 == limiter.in_flight
+
+
+@pytest.mark.anyio
+async def test_an_async_close_that_raises_still_returns_the_limiter_slot() -> None:
+    """The async twin: the slot comes back whether or not the close had a cancel scope."""
+    limiter = RateLimiter(max_concurrent=1)
+    async with holysheep.AsyncClient(
+        api_key="k",
+        transport=_AsyncCloseFails([MockResponse()]),
+        limiter=limiter,
+        retry=RetryPolicy.none(),
+    ) as aclient:
+        with pytest.raises(RuntimeError, match="close failed"):
+            await aclient.chat.complete(model="m", messages=MESSAGES)
+    assert 0 == limiter.in_flight
 
 
 def test_a_429_pauses_everyone_sharing_the_limiter() -> None:
