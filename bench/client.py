@@ -783,7 +783,7 @@ def run_ttft(sizes: Sizes, loop: asyncio.AbstractEventLoop) -> tuple[list[Any], 
 def _paired(
     mine: dict[int, float], raw: dict[int, float], compare: Callable[[float, float], float]
 ) -> float | None:
-    """The median over blocks of `compare(mine, raw)` within each block both ran."""
+    """The median of `compare(mine, raw)` over the blocks (or rounds) both ran in."""
     return _median([compare(mine[block], raw[block]) for block in mine.keys() & raw.keys()])
 
 
