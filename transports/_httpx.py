@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 
 from holysheep._exceptions import APIConnectionError, ConnectTimeoutError
-from holysheep._exchange import Request
+from holysheep._exchange import Request, Timeouts
 from holysheep.transports._base import AsyncBaseTransport, AsyncResponse, BaseTransport, Response
 
 __all__ = ["AsyncHTTPXTransport", "HTTPXTransport", "default_limits"]
@@ -24,9 +25,59 @@ def default_limits(max_connections: int | None = 10_000) -> httpx.Limits:
     return httpx.Limits(max_connections=max_connections, max_keepalive_connections=100)
 
 
-def _timeout(request: Request) -> httpx.Timeout:
-    t = request.timeouts
+@functools.lru_cache(maxsize=64)
+def _timeout(t: Timeouts) -> httpx.Timeout:
+    # Cached: a client sends every request with the same few `Timeouts`.
     return httpx.Timeout(connect=t.connect, read=t.head_timeout(), write=t.connect, pool=t.connect)
+
+
+def _build(
+    client: httpx.Client | httpx.AsyncClient, request: Request, urls: dict[str, httpx.URL]
+) -> httpx.Request:
+    """`client.build_request(...)` for `request`, at a third of its cost when it can be.
+
+    `build_request` parses the URL again and merges the client's headers, cookies and query
+    parameters into every request: 43 µs, a twentieth of a short stream over loopback and
+    more than the client adds to it. Our URLs are absolute and repeat, so a parsed one is
+    kept in `urls`; a client without cookies or query parameters (httpx's default) gets its
+    headers merged here as httpx merges them (the request's replace the client's of the same
+    name). Anything else takes `build_request` itself.
+    """
+    timeout = _timeout(request.timeouts)
+    if not client.cookies and not client.params:
+        url = urls.get(request.url)
+        if url is None:
+            url = httpx.URL(request.url)
+            if len(urls) < 64:
+                urls[request.url] = url
+        defaults = _text_headers(client.headers)
+        # A relative URL is joined to the client's `base_url`: `build_request` does that.
+        if defaults is not None and not url.is_relative_url:
+            ours = {name.lower() for name, _ in request.headers}
+            headers = [pair for pair in defaults if pair[0].lower() not in ours]
+            headers += request.headers
+            return httpx.Request(
+                request.method,
+                url,
+                headers=headers,
+                content=request.content,
+                extensions={"timeout": timeout.as_dict()},
+            )
+    return client.build_request(
+        request.method,
+        request.url,
+        headers=request.headers,
+        content=request.content,
+        timeout=timeout,
+    )
+
+
+def _text_headers(headers: httpx.Headers) -> list[tuple[str, str]] | None:
+    """The client's own headers as text; None if one is not ASCII (left to httpx then)."""
+    try:
+        return [(name.decode("ascii"), value.decode("ascii")) for name, value in headers.raw]
+    except UnicodeDecodeError:
+        return None
 
 
 def _body_timeout(built: httpx.Request, request: Request) -> None:
@@ -60,15 +111,10 @@ class HTTPXTransport(BaseTransport):
     ) -> None:
         self._owns_client = client is None
         self.client = client or httpx.Client(limits=default_limits(max_connections), verify=verify)
+        self._urls: dict[str, httpx.URL] = {}  # parsed request URLs, see `_build`
 
     def send(self, request: Request) -> Response:
-        built = self.client.build_request(
-            request.method,
-            request.url,
-            headers=request.headers,
-            content=request.content,
-            timeout=_timeout(request),
-        )
+        built = _build(self.client, request, self._urls)
         try:
             response = self.client.send(built, stream=True)
         except httpx.HTTPError as exc:
@@ -128,15 +174,10 @@ class AsyncHTTPXTransport(AsyncBaseTransport):
         self.client = client or httpx.AsyncClient(
             limits=default_limits(max_connections), verify=verify
         )
+        self._urls: dict[str, httpx.URL] = {}  # parsed request URLs, see `_build`
 
     async def send(self, request: Request) -> AsyncResponse:
-        built = self.client.build_request(
-            request.method,
-            request.url,
-            headers=request.headers,
-            content=request.content,
-            timeout=_timeout(request),
-        )
+        built = _build(self.client, request, self._urls)
         try:
             response = await self.client.send(built, stream=True)
         except httpx.HTTPError as exc:

@@ -1,0 +1,141 @@
+"""The httpx transports build their requests without `build_request` where they can; what goes
+on the wire must be what `build_request` would have sent, for every kind of httpx client."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import holysheep
+from holysheep import RetryPolicy
+from holysheep._exchange import Exchange, Request, Timeouts
+from holysheep.testing import MockUpstream, serve
+from holysheep.transports import AsyncHTTPXTransport, HTTPXTransport
+from holysheep.transports._httpx import _build
+
+MESSAGES = [{"role": "user", "content": "Tell me about sheep."}]
+URL = "http://127.0.0.1:8000/v1/chat/completions"
+
+
+def request(url: str = URL, headers: dict[str, str] | None = None) -> Request:
+    return Exchange(
+        url=url, api_key="sk-test", body=b'{"model":"m"}', timeouts=Timeouts(), headers=headers
+    ).request
+
+
+def assert_same(built: httpx.Request, expected: httpx.Request) -> None:
+    assert (expected.method, expected.url, expected.headers.raw, expected.extensions) == (
+        built.method,
+        built.url,
+        built.headers.raw,
+        built.extensions,
+    )
+    assert expected.read() == built.read()
+
+
+@pytest.mark.parametrize(
+    "client",
+    [
+        httpx.Client(),
+        httpx.Client(headers={"X-Org": "sheep", "Accept": "application/json"}),
+        httpx.Client(cookies={"session": "abc"}),  # cookies: httpx's own path
+        httpx.Client(params={"api-version": "2"}),  # query parameters: likewise
+        httpx.Client(headers={"X-Name": "Zoë".encode()}),  # not ASCII: likewise
+        httpx.AsyncClient(base_url="http://127.0.0.1:8000/v1/"),
+    ],
+    ids=["default", "headers", "cookies", "params", "non-ascii", "async-base-url"],
+)
+def test_requests_are_what_build_request_makes(client: httpx.Client | httpx.AsyncClient) -> None:
+    sent = request(headers={"Accept": "text/event-stream", "X-Extra": "1"})
+    expected = client.build_request(
+        sent.method,
+        sent.url,
+        headers=sent.headers,
+        content=sent.content,
+        timeout=httpx.Timeout(connect=10.0, read=120.05, write=10.0, pool=10.0),
+    )
+    urls: dict[str, httpx.URL] = {}
+    assert_same(_build(client, sent, urls), expected)
+    assert_same(_build(client, sent, urls), expected)  # again, from the parsed URL kept
+
+
+def test_a_relative_url_is_joined_to_the_clients_base_url() -> None:
+    client = httpx.Client(base_url="http://127.0.0.1:8000/v1/")
+    sent = request(url="chat/completions")
+    built = _build(client, sent, {})
+    assert "http://127.0.0.1:8000/v1/chat/completions" == str(built.url)
+
+
+_token = st.text(alphabet=string.ascii_letters + string.digits + "-", min_size=1, max_size=12)
+_value = st.text(alphabet=string.ascii_letters + string.digits + " -_/.;=", max_size=20).map(
+    str.strip
+)
+
+
+@given(
+    defaults=st.lists(st.tuples(_token, _value), max_size=6),
+    ours=st.dictionaries(_token, _value, max_size=6),
+)
+def test_any_headers_merge_as_httpx_merges_them(
+    defaults: list[tuple[str, str]], ours: dict[str, str]
+) -> None:
+    """The client's headers, minus those the request replaces (any case), then the request's."""
+    client = httpx.Client(headers=httpx.Headers(defaults))
+    sent = request(headers=ours)
+    expected = client.build_request(
+        sent.method,
+        sent.url,
+        headers=sent.headers,
+        content=sent.content,
+        timeout=httpx.Timeout(connect=10.0, read=120.05, write=10.0, pool=10.0),
+    )
+    assert_same(_build(client, sent, {}), expected)
+
+
+# -- on the wire -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[MockUpstream]:
+    with serve(tokens=3) as server:
+        yield server
+
+
+def test_a_users_client_sends_its_headers_and_cookies(upstream: MockUpstream) -> None:
+    own = httpx.Client(headers={"X-Org": "sheep"}, cookies={"session": "abc"})
+    transport = HTTPXTransport(own)
+    client = holysheep.Client(
+        api_key="sk-test", base_url=upstream.base_url, transport=transport, retry=RetryPolicy.none()
+    )
+    for _ in range(2):
+        client.chat.complete(model="m", messages=MESSAGES)
+        seen = upstream.requests[-1].headers
+        assert ("sheep", "session=abc", "Bearer sk-test") == (
+            seen["x-org"],
+            seen["cookie"],
+            seen["authorization"],
+        )
+    own.close()
+
+
+@pytest.mark.anyio
+async def test_the_async_transport_sends_what_the_client_sets(upstream: MockUpstream) -> None:
+    transport = AsyncHTTPXTransport()
+    transport.client.headers["X-Org"] = "sheep"  # set after the first request: still sent
+    async with holysheep.AsyncClient(
+        api_key="sk-test", base_url=upstream.base_url, transport=transport
+    ) as client:
+        for org in ("sheep", "goats"):
+            transport.client.headers["X-Org"] = org
+            await client.chat.complete(model="m", messages=MESSAGES, request_id=f"id-{org}")
+            seen = upstream.requests[-1].headers
+            assert (org, f"id-{org}", "identity") == (
+                seen["x-org"],
+                seen["x-request-id"],
+                seen["accept-encoding"],
+            )
