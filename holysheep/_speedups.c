@@ -27,6 +27,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
+#include <structmember.h>
 
 static PyObject *event_class; /* holysheep.ServerSentEvent, a NamedTuple */
 static PyObject *str_message, *str_pending, *str_pending_size, *str_data, *str_fields,
@@ -388,6 +389,570 @@ done:
     return result;
 }
 
+/* -- The chat chunk's common case ---------------------------------------------------------------
+ *
+ * `ChatAccumulator.feed()` (holysheep/_chat.py) calls `chat_chunk(accumulator, event)` for each
+ * event first. It takes the event when it is the shape most of a chat stream is: a JSON object
+ * whose `choices` holds one choice, of index 0, with a `delta` carrying a non-empty `content`
+ * string (and perhaps a `role` string, and other fields that are null), no `finish_reason`, no
+ * `usage` and no `error`. It then does what `ChatAccumulator._chunk` does for it and returns the
+ * `ChatChunk`. For anything else it returns None *before changing any state*, and the Python
+ * code handles the event: errors, other shapes and their checks live in one place only.
+ *
+ * Why this is the same as the Python path:
+ * - the scanner accepts a subset of JSON (RFC 8259) that orjson and the json module both parse
+ *   alike; at anything outside it (a `\u` escape that is not a whole character or pair, a number
+ *   with an exponent over two digits or over 15 characters, nesting deeper than 64, a key with
+ *   an escape, a key we read given twice, a surrogate, trailing text) it leaves the event to
+ *   Python, which parses it and decides, or raises;
+ * - the text of `content` is the JSON string decoded, as either parser decodes it;
+ * - fields the Python path reads are checked to have the values for which it does exactly this
+ *   (`index` absent or 0, `finish_reason` and `usage` absent or null, no `message`, the other
+ *   delta fields null); every other field Python ignores, and so does this;
+ * - only a `ChatAccumulator` itself (not a subclass, which may override what it does), with
+ *   choice 0 already seen, the default JSON parser, and neither closed nor failed, is handled.
+ */
+
+/* The classes and the slot offsets we read and write, from `setup_chat()`. */
+static PyTypeObject *acc_class, *chunk_class, *delta_class, *later_class, *choice_class;
+static PyObject *default_loads, *str_add_text, *zero, *one;
+static Py_ssize_t acc_closed, acc_error, acc_loads, acc_choice0, acc_last, acc_count;
+static Py_ssize_t chunk_text, chunk_deltas, chunk_raw, chunk_event, delta_text, delta_choice;
+static Py_ssize_t later_data, later_loads, later_parsed, choice_role;
+
+#define SLOT(obj, offset) (*(PyObject **)((char *)(obj) + (offset)))
+
+/* Replace the object in a slot (which may be empty) with a new reference to `value`. */
+static void
+slot_set(PyObject *obj, Py_ssize_t offset, PyObject *value)
+{
+    PyObject *old = SLOT(obj, offset);
+    SLOT(obj, offset) = Py_NewRef(value);
+    Py_XDECREF(old);
+}
+
+typedef struct {
+    int kind;
+    const void *buf;
+    Py_ssize_t n, i;
+} Scan;
+
+/* The character at the cursor, or -1 past the end. */
+static inline Py_UCS4
+peek(Scan *s)
+{
+    return s->i < s->n ? PyUnicode_READ(s->kind, s->buf, s->i) : (Py_UCS4)-1;
+}
+
+static inline void
+skip_ws(Scan *s)
+{
+    while (s->i < s->n) {
+        Py_UCS4 c = PyUnicode_READ(s->kind, s->buf, s->i);
+        if (c != ' ' && c != '\t' && c != '\n' && c != '\r')
+            break;
+        s->i++;
+    }
+}
+
+static inline int
+eat(Scan *s, Py_UCS4 c)
+{
+    skip_ws(s);
+    if (peek(s) != c)
+        return 0;
+    s->i++;
+    return 1;
+}
+
+static int
+hex4(Scan *s, Py_ssize_t at, Py_UCS4 *out)
+{
+    Py_UCS4 v = 0;
+    if (at + 4 > s->n)
+        return 0;
+    for (Py_ssize_t k = at; k < at + 4; k++) {
+        Py_UCS4 c = PyUnicode_READ(s->kind, s->buf, k);
+        int d = c >= '0' && c <= '9'   ? (int)(c - '0')
+                : c >= 'a' && c <= 'f' ? (int)(c - 'a' + 10)
+                : c >= 'A' && c <= 'F' ? (int)(c - 'A' + 10)
+                                       : -1;
+        if (d < 0)
+            return 0;
+        v = v * 16 + (Py_UCS4)d;
+    }
+    *out = v;
+    return 1;
+}
+
+/* One string escape at `s->i` (just after the backslash): its character in `*out`, the
+   cursor moved past it. 0 for an escape left to Python (invalid, or a lone surrogate). */
+static int
+escape(Scan *s, Py_UCS4 *out)
+{
+    Py_UCS4 c = peek(s), high, low;
+    s->i++;
+    switch (c) {
+    case '"': *out = '"'; return 1;
+    case '\\': *out = '\\'; return 1;
+    case '/': *out = '/'; return 1;
+    case 'b': *out = '\b'; return 1;
+    case 'f': *out = '\f'; return 1;
+    case 'n': *out = '\n'; return 1;
+    case 'r': *out = '\r'; return 1;
+    case 't': *out = '\t'; return 1;
+    case 'u':
+        if (!hex4(s, s->i, &high))
+            return 0;
+        s->i += 4;
+        if (high < 0xD800 || high > 0xDFFF) {
+            *out = high;
+            return 1;
+        }
+        if (high > 0xDBFF || s->i + 6 > s->n || PyUnicode_READ(s->kind, s->buf, s->i) != '\\' ||
+            PyUnicode_READ(s->kind, s->buf, s->i + 1) != 'u' || !hex4(s, s->i + 2, &low) ||
+            low < 0xDC00 || low > 0xDFFF)
+            return 0; /* a lone surrogate: orjson refuses it, json does not */
+        s->i += 6;
+        *out = 0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00);
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* A string at the cursor (its opening quote): checked, the cursor moved past it. `start` and
+   `end` bound its raw text; `escaped` says whether it holds escapes. */
+static int
+string(Scan *s, Py_ssize_t *start, Py_ssize_t *end, int *escaped)
+{
+    Py_UCS4 ignored;
+    if (peek(s) != '"')
+        return 0;
+    s->i++;
+    *start = s->i;
+    *escaped = 0;
+    while (s->i < s->n) {
+        Py_UCS4 c = PyUnicode_READ(s->kind, s->buf, s->i);
+        if (c == '"') {
+            *end = s->i++;
+            return 1;
+        }
+        if (c < 0x20 || (c >= 0xD800 && c <= 0xDFFF))
+            return 0; /* a control character (invalid) or a surrogate (not UTF-8) */
+        if (c == '\\') {
+            s->i++;
+            *escaped = 1;
+            if (!escape(s, &ignored))
+                return 0;
+        }
+        else {
+            s->i++;
+        }
+    }
+    return 0;
+}
+
+/* The text of a string checked by `string()`, escapes decoded. */
+static PyObject *
+string_text(Scan *s, PyObject *data, Py_ssize_t start, Py_ssize_t end, int escaped)
+{
+    if (!escaped)
+        return PyUnicode_Substring(data, start, end);
+    Py_UCS4 *text = PyMem_New(Py_UCS4, end - start);
+    if (text == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t length = 0;
+    Scan at = *s;
+    at.i = start;
+    while (at.i < end) {
+        Py_UCS4 c = PyUnicode_READ(at.kind, at.buf, at.i++);
+        if (c == '\\')
+            escape(&at, &c); /* checked by string() */
+        text[length++] = c;
+    }
+    PyObject *result = PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, text, length);
+    PyMem_Free(text);
+    return result;
+}
+
+/* Whether the raw text [start, end) is the ASCII `key`. */
+static int
+key_is(Scan *s, Py_ssize_t start, Py_ssize_t end, const char *key)
+{
+    Py_ssize_t length = (Py_ssize_t)strlen(key);
+    if (end - start != length)
+        return 0;
+    for (Py_ssize_t k = 0; k < length; k++)
+        if (PyUnicode_READ(s->kind, s->buf, start + k) != (Py_UCS4)(unsigned char)key[k])
+            return 0;
+    return 1;
+}
+
+static int
+digits(Scan *s)
+{
+    Py_ssize_t from = s->i;
+    while (s->i < s->n) {
+        Py_UCS4 c = PyUnicode_READ(s->kind, s->buf, s->i);
+        if (c < '0' || c > '9')
+            break;
+        s->i++;
+    }
+    return (int)(s->i - from);
+}
+
+/* A number, within the bounds where both parsers take it alike (see the top). */
+static int
+number(Scan *s)
+{
+    Py_ssize_t from = s->i;
+    if (peek(s) == '-')
+        s->i++;
+    Py_UCS4 first = peek(s);
+    int n = digits(s);
+    if (n == 0 || (first == '0' && n > 1))
+        return 0;
+    if (peek(s) == '.') {
+        s->i++;
+        if (digits(s) == 0)
+            return 0;
+    }
+    if (peek(s) == 'e' || peek(s) == 'E') {
+        s->i++;
+        if (peek(s) == '+' || peek(s) == '-')
+            s->i++;
+        n = digits(s);
+        if (n == 0 || n > 2)
+            return 0;
+    }
+    return s->i - from <= 15;
+}
+
+static int
+literal(Scan *s, const char *word)
+{
+    for (const char *c = word; *c; c++, s->i++)
+        if (peek(s) != (Py_UCS4)(unsigned char)*c)
+            return 0;
+    return 1;
+}
+
+/* Any value at the cursor, checked and skipped. */
+static int
+skip_value(Scan *s, int depth)
+{
+    Py_ssize_t a, b;
+    int escaped;
+    skip_ws(s);
+    switch (peek(s)) {
+    case '"':
+        return string(s, &a, &b, &escaped);
+    case 't':
+        return literal(s, "true");
+    case 'f':
+        return literal(s, "false");
+    case 'n':
+        return literal(s, "null");
+    case '[':
+        if (depth > 64)
+            return 0;
+        s->i++;
+        if (eat(s, ']'))
+            return 1;
+        do {
+            if (!skip_value(s, depth + 1))
+                return 0;
+        } while (eat(s, ','));
+        return eat(s, ']');
+    case '{':
+        if (depth > 64)
+            return 0;
+        s->i++;
+        if (eat(s, '}'))
+            return 1;
+        do {
+            skip_ws(s);
+            if (!string(s, &a, &b, &escaped) || !eat(s, ':') || !skip_value(s, depth + 1))
+                return 0;
+        } while (eat(s, ','));
+        return eat(s, '}');
+    default:
+        return number(s);
+    }
+}
+
+static int
+null(Scan *s)
+{
+    skip_ws(s);
+    return literal(s, "null");
+}
+
+/* An object's members: `member(s, key_start, key_end, state)` reads each value; keys with
+   escapes are left to Python. */
+typedef int (*Member)(Scan *, Py_ssize_t, Py_ssize_t, void *);
+
+static int
+members(Scan *s, Member member, void *state)
+{
+    Py_ssize_t start, end;
+    int escaped;
+    if (!eat(s, '{'))
+        return 0;
+    if (eat(s, '}'))
+        return 1;
+    do {
+        skip_ws(s);
+        if (!string(s, &start, &end, &escaped) || escaped || !eat(s, ':'))
+            return 0;
+        skip_ws(s);
+        if (!member(s, start, end, state))
+            return 0;
+    } while (eat(s, ','));
+    return eat(s, '}');
+}
+
+typedef struct {
+    Py_ssize_t content_start, content_end, role_start, role_end;
+    int content_escaped, role_escaped, has_content, has_role, has_delta, has_index, has_finish;
+    int has_choices, has_usage;
+} Shape;
+
+static int
+delta_member(Scan *s, Py_ssize_t start, Py_ssize_t end, void *state)
+{
+    Shape *shape = state;
+    if (key_is(s, start, end, "content")) {
+        if (shape->has_content++)
+            return 0;
+        return string(s, &shape->content_start, &shape->content_end, &shape->content_escaped);
+    }
+    if (key_is(s, start, end, "role")) {
+        if (shape->has_role++)
+            return 0;
+        if (peek(s) != '"')
+            return null(s);
+        shape->has_role = 2;
+        return string(s, &shape->role_start, &shape->role_end, &shape->role_escaped);
+    }
+    return null(s); /* refusal, reasoning, tool calls, anything else: only when null */
+}
+
+static int
+choice_member(Scan *s, Py_ssize_t start, Py_ssize_t end, void *state)
+{
+    Shape *shape = state;
+    if (key_is(s, start, end, "index")) {
+        if (shape->has_index++ || peek(s) != '0')
+            return 0;
+        s->i++;
+        Py_UCS4 c = peek(s);
+        return !(c == '.' || c == 'e' || c == 'E' || (c >= '0' && c <= '9'));
+    }
+    if (key_is(s, start, end, "delta")) {
+        if (shape->has_delta++)
+            return 0;
+        return members(s, delta_member, shape);
+    }
+    if (key_is(s, start, end, "finish_reason")) {
+        if (shape->has_finish++)
+            return 0;
+        return null(s);
+    }
+    if (key_is(s, start, end, "message"))
+        return 0;
+    return skip_value(s, 2);
+}
+
+static int
+top_member(Scan *s, Py_ssize_t start, Py_ssize_t end, void *state)
+{
+    Shape *shape = state;
+    if (key_is(s, start, end, "choices")) {
+        if (shape->has_choices++ || !eat(s, '[') || !members(s, choice_member, shape))
+            return 0;
+        return eat(s, ']'); /* exactly one choice */
+    }
+    if (key_is(s, start, end, "usage")) {
+        if (shape->has_usage++)
+            return 0;
+        return null(s);
+    }
+    if (key_is(s, start, end, "error"))
+        return 0;
+    return skip_value(s, 1);
+}
+
+static PyObject *
+new_instance(PyTypeObject *cls)
+{
+    return cls->tp_alloc(cls, 0);
+}
+
+static PyObject *
+chat_chunk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "chat_chunk(accumulator, event)");
+        return NULL;
+    }
+    PyObject *acc = args[0], *event = args[1];
+    if (acc_class == NULL || event_class == NULL || Py_TYPE(acc) != acc_class ||
+        Py_TYPE(event) != (PyTypeObject *)event_class || PyTuple_GET_SIZE(event) != 4)
+        Py_RETURN_NONE;
+    PyObject *type = PyTuple_GET_ITEM(event, 0), *data = PyTuple_GET_ITEM(event, 1);
+    PyObject *choice0 = SLOT(acc, acc_choice0);
+    if (SLOT(acc, acc_closed) != Py_False || SLOT(acc, acc_error) != Py_None ||
+        SLOT(acc, acc_loads) != default_loads || SLOT(acc, acc_count) == NULL || choice0 == NULL ||
+        Py_TYPE(choice0) != choice_class || !PyUnicode_CheckExact(data) ||
+        !PyUnicode_CheckExact(type))
+        Py_RETURN_NONE;
+    if (type != str_message && PyUnicode_Compare(type, str_message) != 0)
+        Py_RETURN_NONE;
+    if (PyErr_Occurred() || PyUnicode_READY(data) < 0)
+        return NULL;
+
+    Scan s = {PyUnicode_KIND(data), PyUnicode_DATA(data), PyUnicode_GET_LENGTH(data), 0};
+    Shape shape = {0};
+    if (peek(&s) != '{' || !members(&s, top_member, &shape))
+        Py_RETURN_NONE;
+    skip_ws(&s);
+    if (s.i != s.n || !shape.has_choices || !shape.has_delta || !shape.has_content ||
+        shape.content_end == shape.content_start)
+        Py_RETURN_NONE;
+
+    PyObject *text = NULL, *role = NULL, *chunk = NULL, *delta = NULL, *deltas = NULL;
+    PyObject *later = NULL, *count = NULL, *added = NULL;
+    text = string_text(&s, data, shape.content_start, shape.content_end, shape.content_escaped);
+    if (text == NULL)
+        goto error;
+    if (shape.has_role == 2 && shape.role_end > shape.role_start) {
+        role = string_text(&s, data, shape.role_start, shape.role_end, shape.role_escaped);
+        if (role == NULL)
+            goto error;
+    }
+    /* Everything is read: from here on, state changes as `_chunk` changes it. */
+    count = PyNumber_Add(SLOT(acc, acc_count), one);
+    if (count == NULL)
+        goto error;
+    if (role != NULL)
+        slot_set(choice0, choice_role, role);
+    added = PyObject_CallMethodOneArg(choice0, str_add_text, text);
+    if (added == NULL)
+        goto error;
+    slot_set(acc, acc_count, count);
+    slot_set(acc, acc_last, data); /* `_first_data` was set with choice 0, by Python */
+
+    delta = new_instance(delta_class);
+    later = new_instance(later_class);
+    chunk = new_instance(chunk_class);
+    if (delta == NULL || later == NULL || chunk == NULL)
+        goto error;
+    slot_set(delta, delta_text, text);
+    slot_set(delta, delta_choice, zero);
+    deltas = PyTuple_Pack(1, delta);
+    if (deltas == NULL)
+        goto error;
+    slot_set(later, later_data, data);
+    slot_set(later, later_loads, default_loads);
+    slot_set(later, later_parsed, Py_None);
+    slot_set(chunk, chunk_text, text);
+    slot_set(chunk, chunk_deltas, deltas);
+    slot_set(chunk, chunk_raw, later);
+    slot_set(chunk, chunk_event, event);
+    Py_DECREF(text);
+    Py_XDECREF(role);
+    Py_DECREF(count);
+    Py_DECREF(added);
+    Py_DECREF(delta);
+    Py_DECREF(deltas);
+    Py_DECREF(later);
+    return chunk;
+error:
+    Py_XDECREF(text);
+    Py_XDECREF(role);
+    Py_XDECREF(count);
+    Py_XDECREF(added);
+    Py_XDECREF(delta);
+    Py_XDECREF(deltas);
+    Py_XDECREF(later);
+    Py_XDECREF(chunk);
+    return NULL;
+}
+
+/* The offset of `cls`'s slot `name`, from its member descriptor; -1 with an error if none. */
+static Py_ssize_t
+slot_offset(PyTypeObject *cls, const char *name)
+{
+    PyObject *descr = PyDict_GetItemString(cls->tp_dict, name); /* borrowed */
+    if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type) ||
+        ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
+        PyErr_Format(PyExc_TypeError, "%s has no slot %s", cls->tp_name, name);
+        return -1;
+    }
+    return ((PyMemberDescrObject *)descr)->d_member->offset;
+}
+
+static PyObject *
+setup_chat(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "setup_chat(ChatAccumulator, _ChoiceState, ChatChunk, ContentDelta, "
+                        "_ParsedLater, loads)");
+        return NULL;
+    }
+    for (Py_ssize_t k = 0; k < 5; k++)
+        if (!PyType_Check(args[k])) {
+            PyErr_SetString(PyExc_TypeError, "setup_chat() takes five classes and a function");
+            return NULL;
+        }
+    PyTypeObject *acc = (PyTypeObject *)args[0], *choice = (PyTypeObject *)args[1],
+                 *chunk = (PyTypeObject *)args[2], *delta = (PyTypeObject *)args[3],
+                 *later = (PyTypeObject *)args[4];
+    struct {
+        Py_ssize_t *offset;
+        PyTypeObject *cls;
+        const char *name;
+    } slots[] = {
+        {&acc_closed, acc, "_closed"},
+        {&acc_error, acc, "_error"},
+        {&acc_loads, acc, "_loads"},
+        {&acc_choice0, acc, "_choice0"},
+        {&acc_last, acc, "_last_data"},
+        {&acc_count, acc, "chunk_count"},
+        {&choice_role, choice, "role"},
+        {&chunk_text, chunk, "text"},
+        {&chunk_deltas, chunk, "deltas"},
+        {&chunk_raw, chunk, "raw"},
+        {&chunk_event, chunk, "event"},
+        {&delta_text, delta, "text"},
+        {&delta_choice, delta, "choice"},
+        {&later_data, later, "_data"},
+        {&later_loads, later, "_loads"},
+        {&later_parsed, later, "_parsed"},
+    };
+    for (size_t k = 0; k < sizeof(slots) / sizeof(slots[0]); k++) {
+        *slots[k].offset = slot_offset(slots[k].cls, slots[k].name);
+        if (*slots[k].offset < 0)
+            return NULL;
+    }
+    if (str_add_text == NULL && (str_add_text = PyUnicode_InternFromString("add_text")) == NULL)
+        return NULL;
+    if (zero == NULL && (zero = PyLong_FromLong(0)) == NULL)
+        return NULL;
+    if (one == NULL && (one = PyLong_FromLong(1)) == NULL)
+        return NULL;
+    Py_XSETREF(acc_class, (PyTypeObject *)Py_NewRef(acc));
+    Py_XSETREF(choice_class, (PyTypeObject *)Py_NewRef(choice));
+    Py_XSETREF(chunk_class, (PyTypeObject *)Py_NewRef(chunk));
+    Py_XSETREF(delta_class, (PyTypeObject *)Py_NewRef(delta));
+    Py_XSETREF(later_class, (PyTypeObject *)Py_NewRef(later));
+    Py_XSETREF(default_loads, Py_NewRef(args[5]));
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 setup(PyObject *module, PyObject *cls)
 {
@@ -403,13 +968,17 @@ static PyMethodDef methods[] = {
     {"feed", (PyCFunction)(void (*)(void))feed, METH_FASTCALL,
      "feed(decoder, data): the events of a plain read, or None to leave it to Python."},
     {"setup", setup, METH_O, "setup(ServerSentEvent): the class of the events built."},
+    {"chat_chunk", (PyCFunction)(void (*)(void))chat_chunk, METH_FASTCALL,
+     "chat_chunk(accumulator, event): the ChatChunk of a common event, or None for Python."},
+    {"setup_chat", (PyCFunction)(void (*)(void))setup_chat, METH_FASTCALL,
+     "setup_chat(ChatAccumulator, _ChoiceState, ChatChunk, ContentDelta, _ParsedLater, loads)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "holysheep._speedups",
-    .m_doc = "The SSE decoder's common case in C; see the comment at the top of _speedups.c.",
+    .m_doc = "The common cases of the SSE decoder and of a chat chunk in C; see _speedups.c.",
     .m_size = -1,
     .m_methods = methods,
 };

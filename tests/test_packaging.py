@@ -74,20 +74,24 @@ COMPILER = any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
 @pytest.mark.skipif(bool(os.environ.get("HOLYSHEEP_NO_EXTENSIONS")), reason="turned off")
 def test_the_c_part_is_built_where_there_is_a_compiler() -> None:
     """An optional build that failed would go unnoticed: on a machine with a compiler it is in."""
-    from holysheep import _sse
+    from holysheep import _chat, _sse
 
     assert _sse._c_feed is not None
+    assert _chat._c_chunk is not None
 
 
 def test_holysheep_works_without_the_c_part(tmp_path: Path) -> None:
     """A machine that could not build _speedups.c imports and decodes with Python alone."""
     code = (
         "import sys; sys.modules['holysheep._speedups'] = None\n"
-        "import holysheep, holysheep._sse as s\n"
-        "assert s._c_feed is None and s._speedups is None\n"
-        "print(holysheep.SSEDecoder().feed(b'data: hi\\n\\n')[0].data)"
+        "import holysheep, holysheep._sse as s, holysheep._chat as c\n"
+        "assert s._c_feed is None and s._speedups is None and c._c_chunk is None\n"
+        "print(holysheep.SSEDecoder().feed(b'data: hi\\n\\n')[0].data)\n"
+        "a = holysheep.ChatAccumulator()\n"
+        'a.feed(b\'data: {"choices":[{"delta":{"role":"assistant"}}]}\\n\\n\')\n'
+        'print(a.feed(b\'data: {"choices":[{"delta":{"content":"yo"}}]}\\n\\n\')[0].text)'
     )
-    assert "hi\n" == run([sys.executable, "-c", code], tmp_path)
+    assert "hi\nyo\n" == run([sys.executable, "-c", code], tmp_path)
 
 
 def test_import_from_built_wheel(wheel_dir: Path) -> None:

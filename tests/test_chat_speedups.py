@@ -1,0 +1,234 @@
+"""The C part of `ChatAccumulator.feed` (`chat_chunk` in _speedups.c) must do exactly what the
+Python path does: same chunks, same state, same errors, for any event, valid or not."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from holysheep import _chat
+from holysheep._chat import ChatAccumulator, ContentDelta
+from holysheep._exceptions import HolySheepError
+from holysheep._sse import ServerSentEvent
+
+FAST = _chat._c_chunk
+pytestmark = pytest.mark.skipif(FAST is None, reason="the C part is not built (or turned off)")
+
+ROLE = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+BASE = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion.chunk",
+    "created": 1764000000,
+    "model": "gpt-4.1",
+    "system_fingerprint": "fp_1",
+}
+
+
+def event_bytes(data: str) -> bytes:
+    """`data` as one SSE event: a line per line of it (a JSON text may span lines)."""
+    return "".join(f"data: {line}\n" for line in data.split("\n")).encode() + b"\n"
+
+
+def content(text: str, **delta: Any) -> dict[str, Any]:
+    choice = {"index": 0, "delta": {"content": text, **delta}, "logprobs": None}
+    return {**BASE, "choices": [choice | {"finish_reason": None}]}
+
+
+@pytest.fixture
+def accumulator() -> ChatAccumulator:
+    acc = ChatAccumulator()
+    acc.feed(event_bytes(json.dumps(ROLE)))  # choice 0 is known from here on
+    return acc
+
+
+def fast(acc: ChatAccumulator, data: str) -> Any:
+    assert FAST is not None
+    return FAST(acc, ServerSentEvent(data=data))
+
+
+# -- what the C part takes, and what it leaves ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        json.dumps(content("Hello")),
+        json.dumps(content("naïve 羊 🐑", refusal=None), ensure_ascii=False),
+        json.dumps(content('naïve 羊 🐑\n\t"q" \\ /')),  # \u escapes, pairs and short ones
+        json.dumps(content("x", role="assistant", reasoning_content=None, tool_calls=None)),
+        json.dumps({"choices": [{"delta": {"content": "no index"}}], "usage": None}),
+        json.dumps(content("spaced"), indent=2),
+        '{"choices":[{"index":0,"delta":{"content":"n"},"x":[1,-2.5,3e+10,true,false,{}]}]}',
+    ],
+)
+def test_the_common_chunk_is_taken(accumulator: ChatAccumulator, data: str) -> None:
+    chunk = fast(accumulator, data)
+    expected = json.loads(data)["choices"][0]["delta"]["content"]
+    assert (expected, (ContentDelta(expected, 0),)) == (chunk.text, chunk.deltas)
+    assert json.loads(data) == dict(chunk.raw)
+    assert (2, data) == (accumulator.chunk_count, accumulator._last_data)
+    assert expected == accumulator.completion.text
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        json.dumps(content("")),  # nothing to add
+        json.dumps({**content("x"), "usage": {"total_tokens": 1}}),
+        json.dumps({**content("x"), "error": None}),
+        json.dumps({"choices": [{"index": 1, "delta": {"content": "x"}}]}),
+        json.dumps({"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": "stop"}]}),
+        json.dumps({"choices": [{"delta": {"content": "x"}, "message": {"content": "y"}}]}),
+        json.dumps({"choices": [{"delta": {"content": "x", "refusal": "no"}}]}),
+        json.dumps({"choices": [{"delta": {"content": "x"}}, {"delta": {"content": "y"}}]}),
+        json.dumps({"choices": [{"delta": {"content": 5}}]}),
+        json.dumps({"choices": []}),
+        '{"choices":[{"index":0,"delta":{"content":"x","content":"y"}}]}',  # a key given twice
+        '{"choices":[{"index":0,"delta":{"content":"x"}}],"choices":[]}',
+        '{"choices":[{"index":-0,"delta":{"content":"x"}}]}',
+        '{"choices":[{"index":0.0,"delta":{"content":"x"}}]}',
+        '{"choices":[{"delta":{"content":"\\ud83d"}}]}',  # a lone surrogate: json takes it
+        '{"choices":[{"delta":{"content":"x"}}],"n":1e400}',  # orjson refuses it
+        '{"choices":[{"delta":{"content":"x"}}],"n":123456789012345678901}',  # parsers differ
+        '{"choices":[{"delta":{"content":"x"}}],"n":[' * 70 + "]" * 70 + "}",
+        '{"cho\\u0069ces":[{"delta":{"content":"x"}}]}',  # an escaped key
+        '{"choices":[{"delta":{"content":"x"}}]} trailing',
+        '{"choices":[{"delta":{"content":"x"}}],}',
+        '{"choices":[{"delta":{"content":"a\x01"}}]}',
+        "[DONE]",
+        "",
+    ],
+)
+def test_anything_else_is_left_untouched(accumulator: ChatAccumulator, data: str) -> None:
+    before = (accumulator.chunk_count, accumulator._last_data, accumulator.completion)
+    assert fast(accumulator, data) is None
+    assert before == (accumulator.chunk_count, accumulator._last_data, accumulator.completion)
+
+
+def test_only_a_plain_open_accumulator_is_handled() -> None:
+    data = json.dumps(content("x"))
+    assert fast(ChatAccumulator(), data) is None  # choice 0 not seen yet
+
+    class Mine(ChatAccumulator):
+        pass
+
+    for acc in (Mine(), ChatAccumulator(json_loads=json.loads)):
+        acc.feed(event_bytes(json.dumps(ROLE)))
+        assert fast(acc, data) is None
+    closed = ChatAccumulator(require_end=False)
+    closed.feed(event_bytes(json.dumps(ROLE)))
+    closed.close()
+    assert fast(closed, data) is None
+    typed = ChatAccumulator()
+    typed.feed(event_bytes(json.dumps(ROLE)))
+    assert FAST is not None
+    assert FAST(typed, ServerSentEvent("ping", data)) is None
+
+
+# -- the same as Python, for anything ----------------------------------------------------------
+
+_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=8)
+_scalar = st.one_of(st.none(), st.booleans(), st.integers(-(10**20), 10**20), _text)
+_ABSENT = object()
+
+
+def _often(common: Any, *others: Any) -> st.SearchStrategy[Any]:
+    """The common value most of the time, so that most events are the common chunk, and
+    every other now and then."""
+    return st.sampled_from([common] * 24 + list(others))
+
+
+@st.composite
+def _chunk(draw: st.DrawFn) -> dict[str, Any]:
+    """A common content chunk, with now and then something that makes it another."""
+    delta: dict[str, Any] = {
+        "content": draw(st.one_of(_text.filter(bool), _often("x", "", None, 3))),
+        "role": draw(_often(_ABSENT, "assistant", "model", None, "")),
+        "refusal": draw(_often(_ABSENT, None, "no")),
+        "reasoning_content": draw(_often(_ABSENT, None, "hmm")),
+        "tool_calls": draw(_often(_ABSENT, None)),
+    }
+    choice = {
+        "index": draw(_often(0, _ABSENT, 1, None, "0", False)),
+        "delta": {k: v for k, v in delta.items() if v is not _ABSENT},
+        "logprobs": draw(st.one_of(_often(None), st.dictionaries(_text, _scalar, max_size=2))),
+        "finish_reason": draw(_often(None, _ABSENT, "stop", "")),
+        "message": draw(_often(_ABSENT, {"content": "m"})),
+    }
+    choices = draw(_often([choice], [], [choice, choice]))
+    obj = {
+        **draw(_often(BASE, {})),
+        "choices": [{k: v for k, v in c.items() if v is not _ABSENT} for c in choices],
+        "usage": draw(_often(_ABSENT, None, {"total_tokens": 3})),
+        "error": draw(_often(_ABSENT, None, {"message": "boom"})),
+        "extra": draw(
+            st.one_of(
+                _often(_ABSENT, 1764000000, -2.5, "fp_1", [True, False, {}]),
+                st.recursive(_scalar, lambda inner: st.lists(inner, max_size=3), max_leaves=6),
+                st.floats(allow_nan=False, allow_infinity=False),
+            )
+        ),
+    }
+    return {k: v for k, v in obj.items() if v is not _ABSENT}
+
+
+@st.composite
+def _event_data(draw: st.DrawFn) -> str:
+    obj = draw(_chunk())
+    text = json.dumps(
+        obj,
+        ensure_ascii=draw(st.booleans()),
+        indent=draw(st.sampled_from([None, None, 1])),
+        separators=draw(st.sampled_from([(",", ":"), (", ", ": ")])),
+    )
+    edit = draw(_often("none", "cut", "insert", "duplicate"))
+    if edit == "cut":
+        text = text[: draw(st.integers(0, len(text)))]
+    elif edit == "insert":
+        at = draw(st.integers(0, len(text)))
+        text = (
+            text[:at]
+            + draw(st.sampled_from([",", "}", '"', "\\", "1e999", " ", "\x00"]))
+            + text[at:]
+        )
+    elif edit == "duplicate":
+        text = text[:-1] + ',"choices":[]}'
+    return text.replace("\r", "")
+
+
+def outcome(reads: list[bytes], use_c: bool) -> Iterator[Any]:
+    saved = _chat._c_chunk
+    _chat._c_chunk = saved if use_c else None
+    try:
+        acc = ChatAccumulator(require_end=False)
+        for data in reads:
+            try:
+                chunks = acc.feed(data)
+            except HolySheepError as exc:
+                yield type(exc).__name__, str(exc)
+                break
+            yield [(c.text, c.deltas, dict(c.raw)) for c in chunks]
+        yield acc.completion, acc.chunk_count, acc.usage, acc.done, acc.finished
+        yield acc._first_data, acc._last_data
+    finally:
+        _chat._c_chunk = saved
+
+
+@settings(max_examples=400)
+@given(st.lists(_event_data(), min_size=1, max_size=6), _often(True, False))
+def test_any_events_give_what_python_gives(datas: list[str], role_first: bool) -> None:
+    reads = [event_bytes(json.dumps(ROLE))] if role_first else []
+    reads += [event_bytes(data) for data in datas]
+    assert [*outcome(reads, use_c=False)] == [*outcome(reads, use_c=True)]
+
+
+@settings(max_examples=200)
+@given(st.lists(st.text(max_size=40).map(lambda t: t.replace("\r", "")), min_size=1, max_size=4))
+def test_any_text_gives_what_python_gives(datas: list[str]) -> None:
+    reads = [event_bytes(json.dumps(ROLE))] + [event_bytes("{" + data) for data in datas]
+    assert [*outcome(reads, use_c=False)] == [*outcome(reads, use_c=True)]
