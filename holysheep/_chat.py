@@ -553,6 +553,12 @@ class ChatAccumulator:
 
     def feed(self, data: bytes) -> list[ChatChunk]:
         """Take the next bytes of the response body; return the chunks they complete."""
+        if _c_feed is not None:
+            # A plain read, decoded and made chunks in C (_speedups.c), or None, having
+            # changed nothing, for a read the code below takes.
+            done = _c_feed(self, data)
+            if done is not None:
+                return done
         chunks = []
         fast = _c_chunk
         for event in self.decoder.feed(data):
@@ -807,14 +813,23 @@ def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-# The C part of `feed` (see `chat_chunk` in _speedups.c), where the SSE decoder's is in use
-# (built, and not turned off with HOLYSHEEP_NO_EXTENSIONS=1). It builds the same objects as
-# `_chunk`, so it is told their classes.
+# The C part of `feed` (see `chat_chunk` and `chat_feed` in _speedups.c), where the SSE
+# decoder's is in use (built, and not turned off with HOLYSHEEP_NO_EXTENSIONS=1). It builds the
+# same objects as `_chunk` and `add_text`, so it is told their classes and the block size.
 _c_chunk: Callable[[ChatAccumulator, ServerSentEvent], ChatChunk | None] | None = None
+_c_feed: Callable[[ChatAccumulator, bytes], list[ChatChunk] | None] | None = None
 if _sse._c_feed is not None:  # built, and not turned off
     from . import _speedups
 
     _speedups.setup_chat(
-        ChatAccumulator, _ChoiceState, ChatChunk, ContentDelta, _ParsedLater, _loads
+        ChatAccumulator,
+        _ChoiceState,
+        ChatChunk,
+        ContentDelta,
+        _ParsedLater,
+        SSEDecoder,
+        _loads,
+        _BLOCK,
     )
     _c_chunk = _speedups.chat_chunk
+    _c_feed = _speedups.chat_feed

@@ -414,11 +414,14 @@ done:
  */
 
 /* The classes and the slot offsets we read and write, from `setup_chat()`. */
-static PyTypeObject *acc_class, *chunk_class, *delta_class, *later_class, *choice_class;
-static PyObject *default_loads, *str_add_text, *zero, *one;
-static Py_ssize_t acc_closed, acc_error, acc_loads, acc_choice0, acc_last, acc_count;
+static PyTypeObject *acc_class, *chunk_class, *delta_class, *later_class, *choice_class,
+    *decoder_class;
+static PyObject *default_loads, *str_feed_event, *zero, *one;
+static Py_ssize_t block_size; /* `_BLOCK` in _chat.py */
+static Py_ssize_t acc_closed, acc_error, acc_loads, acc_choice0, acc_last, acc_count, acc_decoder;
 static Py_ssize_t chunk_text, chunk_deltas, chunk_raw, chunk_event, delta_text, delta_choice;
-static Py_ssize_t later_data, later_loads, later_parsed, choice_role;
+static Py_ssize_t later_data, later_loads, later_parsed, choice_role, choice_text, choice_blocks;
+static Py_ssize_t decoder_special;
 
 #define SLOT(obj, offset) (*(PyObject **)((char *)(obj) + (offset)))
 
@@ -784,20 +787,60 @@ top_member(Scan *s, Py_ssize_t start, Py_ssize_t end, void *state)
     return skip_value(s, 1);
 }
 
+/* `_ChoiceState.add_text(text)`: the deltas since the last block are joined into one every
+   `block_size` of them (see `_BLOCK` in _chat.py). */
+static int
+add_text(PyObject *choice, PyObject *text)
+{
+    PyObject *parts = SLOT(choice, choice_text), *blocks_object = SLOT(choice, choice_blocks);
+    if (parts == NULL || blocks_object == NULL || !PyList_CheckExact(parts) ||
+        !PyLong_CheckExact(blocks_object)) {
+        PyErr_SetString(PyExc_TypeError, "_ChoiceState.text must be a list, blocks an int");
+        return -1;
+    }
+    Py_ssize_t blocks = PyLong_AsSsize_t(blocks_object);
+    if (blocks == -1 && PyErr_Occurred())
+        return -1;
+    if (PyList_Append(parts, text) < 0)
+        return -1;
+    Py_ssize_t size = PyList_GET_SIZE(parts);
+    if (size - blocks < block_size)
+        return 0;
+    PyObject *tail = PyList_GetSlice(parts, blocks, size);
+    if (tail == NULL)
+        return -1;
+    PyObject *joined = PyUnicode_Join(str_empty, tail);
+    Py_DECREF(tail);
+    if (joined == NULL)
+        return -1;
+    PyObject *one_block = PyList_New(1);
+    if (one_block == NULL) {
+        Py_DECREF(joined);
+        return -1;
+    }
+    PyList_SET_ITEM(one_block, 0, joined);
+    int rc = PyList_SetSlice(parts, blocks, size, one_block);
+    Py_DECREF(one_block);
+    if (rc < 0)
+        return -1;
+    PyObject *next = PyLong_FromSsize_t(blocks + 1);
+    if (next == NULL)
+        return -1;
+    slot_set(choice, choice_blocks, next);
+    Py_DECREF(next);
+    return 0;
+}
+
 static PyObject *
 new_instance(PyTypeObject *cls)
 {
     return cls->tp_alloc(cls, 0);
 }
 
+/* The chunk of `event`, a new reference; None (a new reference) to leave it to Python. */
 static PyObject *
-chat_chunk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+chunk_of(PyObject *acc, PyObject *event)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "chat_chunk(accumulator, event)");
-        return NULL;
-    }
-    PyObject *acc = args[0], *event = args[1];
     if (acc_class == NULL || event_class == NULL || Py_TYPE(acc) != acc_class ||
         Py_TYPE(event) != (PyTypeObject *)event_class || PyTuple_GET_SIZE(event) != 4)
         Py_RETURN_NONE;
@@ -823,7 +866,7 @@ chat_chunk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE;
 
     PyObject *text = NULL, *role = NULL, *chunk = NULL, *delta = NULL, *deltas = NULL;
-    PyObject *later = NULL, *count = NULL, *added = NULL;
+    PyObject *later = NULL, *count = NULL;
     text = string_text(&s, data, shape.content_start, shape.content_end, shape.content_escaped);
     if (text == NULL)
         goto error;
@@ -838,8 +881,7 @@ chat_chunk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto error;
     if (role != NULL)
         slot_set(choice0, choice_role, role);
-    added = PyObject_CallMethodOneArg(choice0, str_add_text, text);
-    if (added == NULL)
+    if (add_text(choice0, text) < 0)
         goto error;
     slot_set(acc, acc_count, count);
     slot_set(acc, acc_last, data); /* `_first_data` was set with choice 0, by Python */
@@ -864,7 +906,6 @@ chat_chunk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_DECREF(text);
     Py_XDECREF(role);
     Py_DECREF(count);
-    Py_DECREF(added);
     Py_DECREF(delta);
     Py_DECREF(deltas);
     Py_DECREF(later);
@@ -873,11 +914,64 @@ error:
     Py_XDECREF(text);
     Py_XDECREF(role);
     Py_XDECREF(count);
-    Py_XDECREF(added);
     Py_XDECREF(delta);
     Py_XDECREF(deltas);
     Py_XDECREF(later);
     Py_XDECREF(chunk);
+    return NULL;
+}
+
+static PyObject *
+chat_chunk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "chat_chunk(accumulator, event)");
+        return NULL;
+    }
+    return chunk_of(args[0], args[1]);
+}
+
+/* `ChatAccumulator.feed(data)` when the decoder's C part takes the read: its events, each made
+   a chunk by `chunk_of` or else by `feed_event`. None, having changed nothing, otherwise. */
+static PyObject *
+chat_feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "chat_feed(accumulator, data)");
+        return NULL;
+    }
+    PyObject *acc = args[0];
+    if (acc_class == NULL || Py_TYPE(acc) != acc_class)
+        Py_RETURN_NONE;
+    PyObject *decoder = SLOT(acc, acc_decoder);
+    if (decoder == NULL || Py_TYPE(decoder) != decoder_class ||
+        SLOT(decoder, decoder_special) != Py_False)
+        Py_RETURN_NONE; /* the start of a stream, a CR at the end of the last read, ... */
+    PyObject *decode_args[2] = {decoder, args[1]};
+    PyObject *events = feed(module, decode_args, 2);
+    if (events == NULL || events == Py_None)
+        return events;
+    PyObject *chunks = PyList_New(0);
+    if (chunks == NULL)
+        goto error;
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(events); k++) {
+        PyObject *event = PyList_GET_ITEM(events, k), *chunk = chunk_of(acc, event);
+        if (chunk == Py_None) {
+            Py_DECREF(chunk);
+            chunk = PyObject_CallMethodOneArg(acc, str_feed_event, event);
+        }
+        if (chunk == NULL)
+            goto error;
+        int rc = chunk == Py_None ? 0 : PyList_Append(chunks, chunk);
+        Py_DECREF(chunk);
+        if (rc < 0)
+            goto error;
+    }
+    Py_DECREF(events);
+    return chunks;
+error:
+    Py_DECREF(events);
+    Py_XDECREF(chunks);
     return NULL;
 }
 
@@ -897,20 +991,26 @@ slot_offset(PyTypeObject *cls, const char *name)
 static PyObject *
 setup_chat(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6) {
+    if (nargs != 8) {
         PyErr_SetString(PyExc_TypeError,
                         "setup_chat(ChatAccumulator, _ChoiceState, ChatChunk, ContentDelta, "
-                        "_ParsedLater, loads)");
+                        "_ParsedLater, SSEDecoder, loads, block)");
         return NULL;
     }
-    for (Py_ssize_t k = 0; k < 5; k++)
+    for (Py_ssize_t k = 0; k < 6; k++)
         if (!PyType_Check(args[k])) {
-            PyErr_SetString(PyExc_TypeError, "setup_chat() takes five classes and a function");
+            PyErr_SetString(PyExc_TypeError, "setup_chat() takes six classes first");
             return NULL;
         }
     PyTypeObject *acc = (PyTypeObject *)args[0], *choice = (PyTypeObject *)args[1],
                  *chunk = (PyTypeObject *)args[2], *delta = (PyTypeObject *)args[3],
-                 *later = (PyTypeObject *)args[4];
+                 *later = (PyTypeObject *)args[4], *decoder = (PyTypeObject *)args[5];
+    Py_ssize_t block = PyLong_AsSsize_t(args[7]);
+    if (block < 1) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "setup_chat(): block must be positive");
+        return NULL;
+    }
     struct {
         Py_ssize_t *offset;
         PyTypeObject *cls;
@@ -922,7 +1022,11 @@ setup_chat(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         {&acc_choice0, acc, "_choice0"},
         {&acc_last, acc, "_last_data"},
         {&acc_count, acc, "chunk_count"},
+        {&acc_decoder, acc, "decoder"},
         {&choice_role, choice, "role"},
+        {&choice_text, choice, "text"},
+        {&choice_blocks, choice, "blocks"},
+        {&decoder_special, decoder, "_special"},
         {&chunk_text, chunk, "text"},
         {&chunk_deltas, chunk, "deltas"},
         {&chunk_raw, chunk, "raw"},
@@ -938,7 +1042,8 @@ setup_chat(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (*slots[k].offset < 0)
             return NULL;
     }
-    if (str_add_text == NULL && (str_add_text = PyUnicode_InternFromString("add_text")) == NULL)
+    if (str_feed_event == NULL &&
+        (str_feed_event = PyUnicode_InternFromString("feed_event")) == NULL)
         return NULL;
     if (zero == NULL && (zero = PyLong_FromLong(0)) == NULL)
         return NULL;
@@ -949,7 +1054,9 @@ setup_chat(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_XSETREF(chunk_class, (PyTypeObject *)Py_NewRef(chunk));
     Py_XSETREF(delta_class, (PyTypeObject *)Py_NewRef(delta));
     Py_XSETREF(later_class, (PyTypeObject *)Py_NewRef(later));
-    Py_XSETREF(default_loads, Py_NewRef(args[5]));
+    Py_XSETREF(decoder_class, (PyTypeObject *)Py_NewRef(decoder));
+    Py_XSETREF(default_loads, Py_NewRef(args[6]));
+    block_size = block;
     Py_RETURN_NONE;
 }
 
@@ -970,8 +1077,11 @@ static PyMethodDef methods[] = {
     {"setup", setup, METH_O, "setup(ServerSentEvent): the class of the events built."},
     {"chat_chunk", (PyCFunction)(void (*)(void))chat_chunk, METH_FASTCALL,
      "chat_chunk(accumulator, event): the ChatChunk of a common event, or None for Python."},
+    {"chat_feed", (PyCFunction)(void (*)(void))chat_feed, METH_FASTCALL,
+     "chat_feed(accumulator, data): the chunks of a plain read, or None for Python."},
     {"setup_chat", (PyCFunction)(void (*)(void))setup_chat, METH_FASTCALL,
-     "setup_chat(ChatAccumulator, _ChoiceState, ChatChunk, ContentDelta, _ParsedLater, loads)."},
+     "setup_chat(ChatAccumulator, _ChoiceState, ChatChunk, ContentDelta, _ParsedLater, "
+     "SSEDecoder, loads, block): the classes and values chat_chunk uses."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -4,6 +4,15 @@ from typing import Any
 def feed(decoder: Any, data: bytes, /) -> list[Any] | None: ...
 def setup(event_class: type[tuple[Any, ...]], /) -> None: ...
 def chat_chunk(accumulator: Any, event: Any, /) -> Any | None: ...
+def chat_feed(accumulator: Any, data: bytes, /) -> list[Any] | None: ...
 def setup_chat(
-    accumulator: type, choice: type, chunk: type, delta: type, later: type, loads: Any, /
+    accumulator: type,
+    choice: type,
+    chunk: type,
+    delta: type,
+    later: type,
+    decoder: type,
+    loads: Any,
+    block: int,
+    /,
 ) -> None: ...

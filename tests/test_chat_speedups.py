@@ -3,6 +3,7 @@ Python path does: same chunks, same state, same errors, for any event, valid or 
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -201,9 +202,12 @@ def _event_data(draw: st.DrawFn) -> str:
     return text.replace("\r", "")
 
 
-def outcome(reads: list[bytes], use_c: bool) -> Iterator[Any]:
-    saved = _chat._c_chunk
-    _chat._c_chunk = saved if use_c else None
+def outcome(reads: list[bytes], c_feed: bool, c_chunk: bool) -> Iterator[Any]:
+    """What feeding `reads` gives, with or without each C part: chunks or the error, and the
+    accumulator's state after."""
+    saved = _chat._c_feed, _chat._c_chunk
+    _chat._c_feed = saved[0] if c_feed else None
+    _chat._c_chunk = saved[1] if c_chunk else None
     try:
         acc = ChatAccumulator(require_end=False)
         for data in reads:
@@ -213,22 +217,63 @@ def outcome(reads: list[bytes], use_c: bool) -> Iterator[Any]:
                 yield type(exc).__name__, str(exc)
                 break
             yield [(c.text, c.deltas, dict(c.raw)) for c in chunks]
+        state = acc._choice0  # before `completion`, which joins the text
+        yield None if state is None else ([*state.text], state.blocks, state.role)
         yield acc.completion, acc.chunk_count, acc.usage, acc.done, acc.finished
         yield acc._first_data, acc._last_data
     finally:
-        _chat._c_chunk = saved
+        _chat._c_feed, _chat._c_chunk = saved
+
+
+def assert_same_as_python(reads: list[bytes]) -> None:
+    python = [*outcome(reads, c_feed=False, c_chunk=False)]
+    assert python == [*outcome(reads, c_feed=True, c_chunk=True)]
+    assert python == [*outcome(reads, c_feed=False, c_chunk=True)]  # a read C does not decode
 
 
 @settings(max_examples=400)
-@given(st.lists(_event_data(), min_size=1, max_size=6), _often(True, False))
-def test_any_events_give_what_python_gives(datas: list[str], role_first: bool) -> None:
-    reads = [event_bytes(json.dumps(ROLE))] if role_first else []
-    reads += [event_bytes(data) for data in datas]
-    assert [*outcome(reads, use_c=False)] == [*outcome(reads, use_c=True)]
+@given(
+    st.lists(_event_data(), min_size=1, max_size=6),
+    _often(True, False),
+    st.sampled_from(["\n", "\r\n"]),
+    st.lists(st.integers(0, 2000), max_size=6),
+)
+def test_any_events_give_what_python_gives(
+    datas: list[str], role_first: bool, newline: str, cuts: list[int]
+) -> None:
+    """Any chunks, with LF or CRLF line ends, in reads cut anywhere (a CR ending one read and
+    its LF starting the next included)."""
+    events = [event_bytes(json.dumps(ROLE))] if role_first else []
+    events += [event_bytes(data) for data in datas]
+    stream = b"".join(events).replace(b"\n", newline.encode())
+    bounds = sorted({0, len(stream), *(cut % (len(stream) + 1) for cut in cuts)})
+    assert_same_as_python([stream[a:b] for a, b in itertools.pairwise(bounds)])
+
+
+def test_a_crlf_split_across_reads_is_one_line_end() -> None:
+    reads = [
+        event_bytes(json.dumps(ROLE)),
+        b'data: {"choices":[{"delta":\r',
+        b'\ndata: {"content":"x"}}]}\r\n\r\n',
+    ]
+    assert_same_as_python(reads)
+    chunks = [*outcome(reads, c_feed=True, c_chunk=True)][2]
+    assert [("x", (ContentDelta("x"),), {"choices": [{"delta": {"content": "x"}}]})] == chunks
 
 
 @settings(max_examples=200)
 @given(st.lists(st.text(max_size=40).map(lambda t: t.replace("\r", "")), min_size=1, max_size=4))
 def test_any_text_gives_what_python_gives(datas: list[str]) -> None:
     reads = [event_bytes(json.dumps(ROLE))] + [event_bytes("{" + data) for data in datas]
-    assert [*outcome(reads, use_c=False)] == [*outcome(reads, use_c=True)]
+    assert_same_as_python(reads)
+
+
+@settings(max_examples=100)
+@given(st.lists(_text.filter(bool), min_size=1, max_size=40), st.integers(1, 5))
+def test_long_answers_are_kept_in_blocks_as_python_keeps_them(
+    texts: list[str], per_read: int
+) -> None:
+    """Deltas are joined in blocks as they arrive; several events per read are one C call."""
+    events = [event_bytes(json.dumps(ROLE))] + [event_bytes(json.dumps(content(t))) for t in texts]
+    reads = [b"".join(events[i : i + per_read]) for i in range(0, len(events), per_read)]
+    assert_same_as_python(reads)
