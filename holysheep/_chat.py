@@ -821,15 +821,19 @@ _c_feed: Callable[[ChatAccumulator, bytes], list[ChatChunk] | None] | None = Non
 if _sse._c_feed is not None:  # built, and not turned off
     from . import _speedups
 
-    _speedups.setup_chat(
-        ChatAccumulator,
-        _ChoiceState,
-        ChatChunk,
-        ContentDelta,
-        _ParsedLater,
-        SSEDecoder,
-        _loads,
-        _BLOCK,
-    )
-    _c_chunk = _speedups.chat_chunk
-    _c_feed = _speedups.chat_feed
+    try:
+        _speedups.setup_chat(
+            ChatAccumulator,
+            _ChoiceState,
+            ChatChunk,
+            ContentDelta,
+            _ParsedLater,
+            SSEDecoder,
+            _loads,
+            _BLOCK,
+        )
+    except (AttributeError, TypeError):  # pragma: no cover - a build older than this file
+        pass
+    else:
+        _c_chunk = _speedups.chat_chunk
+        _c_feed = _speedups.chat_feed

@@ -418,6 +418,7 @@ static PyTypeObject *acc_class, *chunk_class, *delta_class, *later_class, *choic
     *decoder_class;
 static PyObject *default_loads, *str_feed_event, *zero, *one;
 static Py_ssize_t block_size; /* `_BLOCK` in _chat.py */
+static int chat_ready;         /* setup_chat() succeeded */
 static Py_ssize_t acc_closed, acc_error, acc_loads, acc_choice0, acc_last, acc_count, acc_decoder;
 static Py_ssize_t chunk_text, chunk_deltas, chunk_raw, chunk_event, delta_text, delta_choice;
 static Py_ssize_t later_data, later_loads, later_parsed, choice_role, choice_text, choice_blocks;
@@ -796,39 +797,40 @@ add_text(PyObject *choice, PyObject *text)
     if (parts == NULL || blocks_object == NULL || !PyList_CheckExact(parts) ||
         !PyLong_CheckExact(blocks_object)) {
         PyErr_SetString(PyExc_TypeError, "_ChoiceState.text must be a list, blocks an int");
-        return -1;
+        return -1; /* not reached: chunk_of checked both */
     }
     Py_ssize_t blocks = PyLong_AsSsize_t(blocks_object);
     if (blocks == -1 && PyErr_Occurred())
         return -1;
-    if (PyList_Append(parts, text) < 0)
-        return -1;
+    Py_INCREF(parts); /* held across allocations, which may run any finalizer */
+    PyObject *tail = NULL, *joined = NULL, *one_block = NULL, *next = NULL;
+    int rc = PyList_Append(parts, text);
     Py_ssize_t size = PyList_GET_SIZE(parts);
-    if (size - blocks < block_size)
-        return 0;
-    PyObject *tail = PyList_GetSlice(parts, blocks, size);
+    if (rc < 0 || size - blocks < block_size || blocks > size)
+        goto done;
+    rc = -1;
+    tail = PyList_GetSlice(parts, blocks, size);
     if (tail == NULL)
-        return -1;
-    PyObject *joined = PyUnicode_Join(str_empty, tail);
-    Py_DECREF(tail);
+        goto done;
+    joined = PyUnicode_Join(str_empty, tail);
     if (joined == NULL)
-        return -1;
-    PyObject *one_block = PyList_New(1);
-    if (one_block == NULL) {
-        Py_DECREF(joined);
-        return -1;
-    }
-    PyList_SET_ITEM(one_block, 0, joined);
-    int rc = PyList_SetSlice(parts, blocks, size, one_block);
-    Py_DECREF(one_block);
-    if (rc < 0)
-        return -1;
-    PyObject *next = PyLong_FromSsize_t(blocks + 1);
-    if (next == NULL)
-        return -1;
+        goto done;
+    one_block = PyList_New(1);
+    if (one_block == NULL)
+        goto done;
+    PyList_SET_ITEM(one_block, 0, Py_NewRef(joined));
+    next = PyLong_FromSsize_t(blocks + 1);
+    if (next == NULL || PyList_SetSlice(parts, blocks, size, one_block) < 0)
+        goto done;
     slot_set(choice, choice_blocks, next);
-    Py_DECREF(next);
-    return 0;
+    rc = 0;
+done:
+    Py_XDECREF(next);
+    Py_XDECREF(one_block);
+    Py_XDECREF(joined);
+    Py_XDECREF(tail);
+    Py_DECREF(parts);
+    return rc;
 }
 
 static PyObject *
@@ -841,20 +843,26 @@ new_instance(PyTypeObject *cls)
 static PyObject *
 chunk_of(PyObject *acc, PyObject *event)
 {
-    if (acc_class == NULL || event_class == NULL || Py_TYPE(acc) != acc_class ||
+    if (!chat_ready || event_class == NULL || Py_TYPE(acc) != acc_class ||
         Py_TYPE(event) != (PyTypeObject *)event_class || PyTuple_GET_SIZE(event) != 4)
         Py_RETURN_NONE;
     PyObject *type = PyTuple_GET_ITEM(event, 0), *data = PyTuple_GET_ITEM(event, 1);
-    PyObject *choice0 = SLOT(acc, acc_choice0);
+    PyObject *choice0 = SLOT(acc, acc_choice0), *count = SLOT(acc, acc_count);
     if (SLOT(acc, acc_closed) != Py_False || SLOT(acc, acc_error) != Py_None ||
-        SLOT(acc, acc_loads) != default_loads || SLOT(acc, acc_count) == NULL || choice0 == NULL ||
-        Py_TYPE(choice0) != choice_class || !PyUnicode_CheckExact(data) ||
+        SLOT(acc, acc_loads) != default_loads || count == NULL || !PyLong_CheckExact(count) ||
+        choice0 == NULL || Py_TYPE(choice0) != choice_class || !PyUnicode_CheckExact(data) ||
         !PyUnicode_CheckExact(type))
+        Py_RETURN_NONE;
+    PyObject *parts = SLOT(choice0, choice_text), *blocks = SLOT(choice0, choice_blocks);
+    if (parts == NULL || !PyList_CheckExact(parts) || blocks == NULL ||
+        !PyLong_CheckExact(blocks))
         Py_RETURN_NONE;
     if (type != str_message && PyUnicode_Compare(type, str_message) != 0)
         Py_RETURN_NONE;
-    if (PyErr_Occurred() || PyUnicode_READY(data) < 0)
+#if PY_VERSION_HEX < 0x030C0000
+    if (PyUnicode_READY(data) < 0)
         return NULL;
+#endif
 
     Scan s = {PyUnicode_KIND(data), PyUnicode_DATA(data), PyUnicode_GET_LENGTH(data), 0};
     Shape shape = {0};
@@ -865,8 +873,12 @@ chunk_of(PyObject *acc, PyObject *event)
         shape.content_end == shape.content_start)
         Py_RETURN_NONE;
 
+    /* Allocating may run the garbage collector, and any finalizer with it: what we use of the
+       accumulator is held here, so that such code cannot free it under us. */
     PyObject *text = NULL, *role = NULL, *chunk = NULL, *delta = NULL, *deltas = NULL;
-    PyObject *later = NULL, *count = NULL;
+    PyObject *later = NULL, *next = NULL;
+    Py_INCREF(choice0);
+    Py_INCREF(count);
     text = string_text(&s, data, shape.content_start, shape.content_end, shape.content_escaped);
     if (text == NULL)
         goto error;
@@ -875,16 +887,16 @@ chunk_of(PyObject *acc, PyObject *event)
         if (role == NULL)
             goto error;
     }
-    /* Everything is read: from here on, state changes as `_chunk` changes it. */
-    count = PyNumber_Add(SLOT(acc, acc_count), one);
-    if (count == NULL)
+    next = PyNumber_Add(count, one);
+    if (next == NULL)
+        goto error;
+    /* Everything is read: from here on, state changes as `_chunk` changes it, in its order. */
+    slot_set(acc, acc_count, next);
+    slot_set(acc, acc_last, data); /* `_first_data` was set with choice 0, by Python */
+    if (add_text(choice0, text) < 0)
         goto error;
     if (role != NULL)
         slot_set(choice0, choice_role, role);
-    if (add_text(choice0, text) < 0)
-        goto error;
-    slot_set(acc, acc_count, count);
-    slot_set(acc, acc_last, data); /* `_first_data` was set with choice 0, by Python */
 
     delta = new_instance(delta_class);
     later = new_instance(later_class);
@@ -903,17 +915,21 @@ chunk_of(PyObject *acc, PyObject *event)
     slot_set(chunk, chunk_deltas, deltas);
     slot_set(chunk, chunk_raw, later);
     slot_set(chunk, chunk_event, event);
+    Py_DECREF(choice0);
+    Py_DECREF(count);
     Py_DECREF(text);
     Py_XDECREF(role);
-    Py_DECREF(count);
+    Py_DECREF(next);
     Py_DECREF(delta);
     Py_DECREF(deltas);
     Py_DECREF(later);
     return chunk;
 error:
+    Py_DECREF(choice0);
+    Py_DECREF(count);
     Py_XDECREF(text);
     Py_XDECREF(role);
-    Py_XDECREF(count);
+    Py_XDECREF(next);
     Py_XDECREF(delta);
     Py_XDECREF(deltas);
     Py_XDECREF(later);
@@ -941,14 +957,15 @@ chat_feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *acc = args[0];
-    if (acc_class == NULL || Py_TYPE(acc) != acc_class)
+    if (!chat_ready || Py_TYPE(acc) != acc_class)
         Py_RETURN_NONE;
     PyObject *decoder = SLOT(acc, acc_decoder);
     if (decoder == NULL || Py_TYPE(decoder) != decoder_class ||
         SLOT(decoder, decoder_special) != Py_False)
         Py_RETURN_NONE; /* the start of a stream, a CR at the end of the last read, ... */
-    PyObject *decode_args[2] = {decoder, args[1]};
+    PyObject *decode_args[2] = {Py_NewRef(decoder), args[1]};
     PyObject *events = feed(module, decode_args, 2);
+    Py_DECREF(decoder);
     if (events == NULL || events == Py_None)
         return events;
     PyObject *chunks = PyList_New(0);
@@ -986,6 +1003,20 @@ slot_offset(PyTypeObject *cls, const char *name)
         return -1;
     }
     return ((PyMemberDescrObject *)descr)->d_member->offset;
+}
+
+/* How many object slots `cls` defines (its own member descriptors). */
+static int
+object_slots(PyTypeObject *cls)
+{
+    PyObject *name, *value;
+    Py_ssize_t pos = 0;
+    int found = 0;
+    while (PyDict_Next(cls->tp_dict, &pos, &name, &value))
+        if (Py_IS_TYPE(value, &PyMemberDescr_Type) &&
+            ((PyMemberDescrObject *)value)->d_member->type == T_OBJECT_EX)
+            found++;
+    return found;
 }
 
 static PyObject *
@@ -1037,11 +1068,23 @@ setup_chat(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         {&later_loads, later, "_loads"},
         {&later_parsed, later, "_parsed"},
     };
-    for (size_t k = 0; k < sizeof(slots) / sizeof(slots[0]); k++) {
-        *slots[k].offset = slot_offset(slots[k].cls, slots[k].name);
-        if (*slots[k].offset < 0)
+    size_t count = sizeof(slots) / sizeof(slots[0]);
+    Py_ssize_t offsets[sizeof(slots) / sizeof(slots[0])];
+    for (size_t k = 0; k < count; k++) {
+        offsets[k] = slot_offset(slots[k].cls, slots[k].name);
+        if (offsets[k] < 0)
             return NULL;
     }
+    /* The classes built here must have no slot but those set above: one more would be left
+       empty, where `_chunk` sets it. */
+    if (object_slots(chunk) != 4 || object_slots(delta) != 2 || object_slots(later) != 3) {
+        PyErr_SetString(PyExc_TypeError,
+                        "setup_chat(): ChatChunk, ContentDelta or _ParsedLater has new slots");
+        return NULL;
+    }
+    chat_ready = 0; /* nothing is taken while the offsets change */
+    for (size_t k = 0; k < count; k++)
+        *slots[k].offset = offsets[k];
     if (str_feed_event == NULL &&
         (str_feed_event = PyUnicode_InternFromString("feed_event")) == NULL)
         return NULL;
@@ -1057,6 +1100,7 @@ setup_chat(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_XSETREF(decoder_class, (PyTypeObject *)Py_NewRef(decoder));
     Py_XSETREF(default_loads, Py_NewRef(args[6]));
     block_size = block;
+    chat_ready = 1;
     Py_RETURN_NONE;
 }
 

@@ -277,3 +277,32 @@ def test_long_answers_are_kept_in_blocks_as_python_keeps_them(
     events = [event_bytes(json.dumps(ROLE))] + [event_bytes(json.dumps(content(t))) for t in texts]
     reads = [b"".join(events[i : i + per_read]) for i in range(0, len(events), per_read)]
     assert_same_as_python(reads)
+
+
+def test_setup_refuses_classes_it_would_build_wrong_and_keeps_what_it_had(
+    accumulator: ChatAccumulator,
+) -> None:
+    """A class with a slot the C part would leave empty, or without one it sets, is refused,
+    and the C part goes on with the classes it was given before."""
+    from holysheep import _speedups
+
+    class Wider:
+        __slots__ = ("deltas", "event", "raw", "text", "trace")
+
+    class Narrower:
+        __slots__ = ("deltas", "raw", "text")
+
+    for chunk_class in (Wider, Narrower):
+        with pytest.raises(TypeError):
+            _speedups.setup_chat(
+                ChatAccumulator,
+                _chat._ChoiceState,
+                chunk_class,
+                ContentDelta,
+                _chat._ParsedLater,
+                _chat.SSEDecoder,
+                _chat._loads,
+                _chat._BLOCK,
+            )
+    chunk = fast(accumulator, json.dumps(content("still")))
+    assert (_chat.ChatChunk, "still") == (type(chunk), chunk.text)
