@@ -281,7 +281,8 @@ class AsyncStream:
                     # one coroutine frame less, for each of thousands of open streams.
                     if self._expired:
                         raise self._timeout_or(None)
-                    self._reader = reader = asyncio.current_task()
+                    loop = asyncio.get_running_loop()  # once per read: its clock and task
+                    self._reader = reader = asyncio.current_task(loop)
                     data: bytes | None
                     try:
                         data = await body.__anext__()
@@ -303,7 +304,13 @@ class AsyncStream:
                     if data is None:
                         chunks = await self._deadline_passed()
                     elif data:
-                        chunks = self._received(data)
+                        # `_received(data)`, inline: this is the path of every event.
+                        exchange = self._call.exchange
+                        assert exchange is not None
+                        now = loop.time()
+                        chunks = exchange.on_data(data, now)
+                        if chunks:
+                            self._call.delivered(chunks, now)
                     else:
                         chunks = await self._at_eof(body)
             except HolySheepError as exc:

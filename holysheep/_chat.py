@@ -554,8 +554,8 @@ class ChatAccumulator:
     def feed(self, data: bytes) -> list[ChatChunk]:
         """Take the next bytes of the response body; return the chunks they complete."""
         if _c_feed is not None:
-            # A plain read, decoded and made chunks in C (_speedups.c), or None, having
-            # changed nothing, for a read the code below takes.
+            # The same loop in C (_speedups.c), with the common chunk made there too; None,
+            # having changed nothing, for a subclass (which may override what it calls).
             done = _c_feed(self, data)
             if done is not None:
                 return done

@@ -416,7 +416,7 @@ done:
 /* The classes and the slot offsets we read and write, from `setup_chat()`. */
 static PyTypeObject *acc_class, *chunk_class, *delta_class, *later_class, *choice_class,
     *decoder_class;
-static PyObject *default_loads, *str_feed_event, *zero, *one;
+static PyObject *default_loads, *str_feed_event, *str_feed, *zero, *one;
 static Py_ssize_t block_size; /* `_BLOCK` in _chat.py */
 static int chat_ready;         /* setup_chat() succeeded */
 static Py_ssize_t acc_closed, acc_error, acc_loads, acc_choice0, acc_last, acc_count, acc_decoder;
@@ -947,8 +947,9 @@ chat_chunk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return chunk_of(args[0], args[1]);
 }
 
-/* `ChatAccumulator.feed(data)` when the decoder's C part takes the read: its events, each made
-   a chunk by `chunk_of` or else by `feed_event`. None, having changed nothing, otherwise. */
+/* `ChatAccumulator.feed(data)`: the events of the read (decoded by the decoder's C part when
+   it takes the read, else by `decoder.feed`), each made a chunk by `chunk_of` or else by
+   `feed_event`. None, having changed nothing, for anything but a `ChatAccumulator` itself. */
 static PyObject *
 chat_feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -956,27 +957,43 @@ chat_feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "chat_feed(accumulator, data)");
         return NULL;
     }
-    PyObject *acc = args[0];
+    PyObject *acc = args[0], *events = NULL;
     if (!chat_ready || Py_TYPE(acc) != acc_class)
         Py_RETURN_NONE;
     PyObject *decoder = SLOT(acc, acc_decoder);
-    if (decoder == NULL || Py_TYPE(decoder) != decoder_class ||
-        SLOT(decoder, decoder_special) != Py_False)
-        Py_RETURN_NONE; /* the start of a stream, a CR at the end of the last read, ... */
-    PyObject *decode_args[2] = {Py_NewRef(decoder), args[1]};
-    PyObject *events = feed(module, decode_args, 2);
+    if (decoder == NULL)
+        Py_RETURN_NONE;
+    Py_INCREF(decoder); /* held: decoding may run code that replaces it */
+    if (Py_TYPE(decoder) == decoder_class && SLOT(decoder, decoder_special) == Py_False) {
+        PyObject *decode_args[2] = {decoder, args[1]};
+        events = feed(module, decode_args, 2);
+        if (events == Py_None)
+            Py_CLEAR(events);
+        else if (events == NULL) {
+            Py_DECREF(decoder);
+            return NULL;
+        }
+    }
+    if (events == NULL) /* the start of a stream, a CR at the end of the last read, ... */
+        events = PyObject_CallMethodOneArg(decoder, str_feed, args[1]);
     Py_DECREF(decoder);
-    if (events == NULL || events == Py_None)
-        return events;
+    if (events == NULL)
+        return NULL;
+    if (!PyList_CheckExact(events)) { /* a decoder of the caller's own */
+        Py_SETREF(events, PySequence_List(events));
+        if (events == NULL)
+            return NULL;
+    }
     PyObject *chunks = PyList_New(0);
     if (chunks == NULL)
         goto error;
     for (Py_ssize_t k = 0; k < PyList_GET_SIZE(events); k++) {
-        PyObject *event = PyList_GET_ITEM(events, k), *chunk = chunk_of(acc, event);
+        PyObject *event = Py_NewRef(PyList_GET_ITEM(events, k)), *chunk = chunk_of(acc, event);
         if (chunk == Py_None) {
             Py_DECREF(chunk);
             chunk = PyObject_CallMethodOneArg(acc, str_feed_event, event);
         }
+        Py_DECREF(event);
         if (chunk == NULL)
             goto error;
         int rc = chunk == Py_None ? 0 : PyList_Append(chunks, chunk);
@@ -1088,6 +1105,8 @@ setup_chat(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (str_feed_event == NULL &&
         (str_feed_event = PyUnicode_InternFromString("feed_event")) == NULL)
         return NULL;
+    if (str_feed == NULL && (str_feed = PyUnicode_InternFromString("feed")) == NULL)
+        return NULL;
     if (zero == NULL && (zero = PyLong_FromLong(0)) == NULL)
         return NULL;
     if (one == NULL && (one = PyLong_FromLong(1)) == NULL)
@@ -1122,7 +1141,7 @@ static PyMethodDef methods[] = {
     {"chat_chunk", (PyCFunction)(void (*)(void))chat_chunk, METH_FASTCALL,
      "chat_chunk(accumulator, event): the ChatChunk of a common event, or None for Python."},
     {"chat_feed", (PyCFunction)(void (*)(void))chat_feed, METH_FASTCALL,
-     "chat_feed(accumulator, data): the chunks of a plain read, or None for Python."},
+     "chat_feed(accumulator, data): the chunks of a read, or None for Python."},
     {"setup_chat", (PyCFunction)(void (*)(void))setup_chat, METH_FASTCALL,
      "setup_chat(ChatAccumulator, _ChoiceState, ChatChunk, ContentDelta, _ParsedLater, "
      "SSEDecoder, loads, block): the classes and values chat_chunk uses."},

@@ -306,3 +306,19 @@ def test_setup_refuses_classes_it_would_build_wrong_and_keeps_what_it_had(
             )
     chunk = fast(accumulator, json.dumps(content("still")))
     assert (_chat.ChatChunk, "still") == (type(chunk), chunk.text)
+
+
+def test_a_decoder_of_the_callers_own_is_used() -> None:
+    """The C loop decodes with the accumulator's decoder, whatever it returns the events in."""
+
+    class Counting(_chat.SSEDecoder):
+        reads = 0
+
+        def feed(self, data: bytes) -> Any:
+            Counting.reads += 1
+            return tuple(super().feed(data))
+
+    reads = [event_bytes(json.dumps(ROLE)), event_bytes(json.dumps(content("mine")))]
+    acc = ChatAccumulator(decoder=Counting())
+    texts = [chunk.text for data in reads for chunk in acc.feed(data)]
+    assert (["", "mine"], 2, "mine") == (texts, Counting.reads, acc.completion.text)
