@@ -560,16 +560,10 @@ class ChatAccumulator:
             if done is not None:
                 return done
         chunks = []
-        fast = _c_chunk
         for event in self.decoder.feed(data):
-            # The common content chunk is done in C (_speedups.c), which returns None, having
-            # changed nothing, for any event it leaves to `feed_event`.
-            chunk = None if fast is None else fast(self, event)
-            if chunk is None:
-                chunk = self.feed_event(event)
-                if chunk is None:
-                    continue
-            chunks.append(chunk)
+            chunk = self.feed_event(event)
+            if chunk is not None:
+                chunks.append(chunk)
         return chunks
 
     def feed_event(self, event: ServerSentEvent) -> ChatChunk | None:

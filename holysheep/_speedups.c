@@ -947,6 +947,25 @@ chat_chunk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return chunk_of(args[0], args[1]);
 }
 
+/* One event of a read: its chunk (from `chunk_of`, else `feed_event`) appended to `chunks`
+   unless there is none. -1 with an exception set if `feed_event` raised. */
+static int
+take_event(PyObject *acc, PyObject *event, PyObject *chunks)
+{
+    Py_INCREF(event); /* held: `feed_event` runs Python code */
+    PyObject *chunk = chunk_of(acc, event);
+    if (chunk == Py_None) {
+        Py_DECREF(chunk);
+        chunk = PyObject_CallMethodOneArg(acc, str_feed_event, event);
+    }
+    Py_DECREF(event);
+    if (chunk == NULL)
+        return -1;
+    int rc = chunk == Py_None ? 0 : PyList_Append(chunks, chunk);
+    Py_DECREF(chunk);
+    return rc;
+}
+
 /* `ChatAccumulator.feed(data)`: the events of the read (decoded by the decoder's C part when
    it takes the read, else by `decoder.feed`), each made a chunk by `chunk_of` or else by
    `feed_event`. None, having changed nothing, for anything but a `ChatAccumulator` itself. */
@@ -979,31 +998,32 @@ chat_feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_DECREF(decoder);
     if (events == NULL)
         return NULL;
-    if (!PyList_CheckExact(events)) { /* a decoder of the caller's own */
-        Py_SETREF(events, PySequence_List(events));
-        if (events == NULL)
-            return NULL;
-    }
-    PyObject *chunks = PyList_New(0);
+    PyObject *chunks = PyList_New(0), *event, *each = NULL;
     if (chunks == NULL)
         goto error;
-    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(events); k++) {
-        PyObject *event = Py_NewRef(PyList_GET_ITEM(events, k)), *chunk = chunk_of(acc, event);
-        if (chunk == Py_None) {
-            Py_DECREF(chunk);
-            chunk = PyObject_CallMethodOneArg(acc, str_feed_event, event);
+    if (PyList_CheckExact(events)) {
+        for (Py_ssize_t k = 0; k < PyList_GET_SIZE(events); k++)
+            if (take_event(acc, PyList_GET_ITEM(events, k), chunks) < 0)
+                goto error;
+    }
+    else { /* a decoder of the caller's own: its events one at a time, as Python takes them */
+        each = PyObject_GetIter(events);
+        if (each == NULL)
+            goto error;
+        while ((event = PyIter_Next(each)) != NULL) {
+            int rc = take_event(acc, event, chunks);
+            Py_DECREF(event);
+            if (rc < 0)
+                goto error;
         }
-        Py_DECREF(event);
-        if (chunk == NULL)
+        if (PyErr_Occurred())
             goto error;
-        int rc = chunk == Py_None ? 0 : PyList_Append(chunks, chunk);
-        Py_DECREF(chunk);
-        if (rc < 0)
-            goto error;
+        Py_DECREF(each);
     }
     Py_DECREF(events);
     return chunks;
 error:
+    Py_XDECREF(each);
     Py_DECREF(events);
     Py_XDECREF(chunks);
     return NULL;
@@ -1022,17 +1042,20 @@ slot_offset(PyTypeObject *cls, const char *name)
     return ((PyMemberDescrObject *)descr)->d_member->offset;
 }
 
-/* How many object slots `cls` defines (its own member descriptors). */
+/* How many object slots `cls` has (member descriptors, its own and its bases'). */
 static int
 object_slots(PyTypeObject *cls)
 {
-    PyObject *name, *value;
-    Py_ssize_t pos = 0;
+    PyObject *mro = cls->tp_mro, *name, *value;
     int found = 0;
-    while (PyDict_Next(cls->tp_dict, &pos, &name, &value))
-        if (Py_IS_TYPE(value, &PyMemberDescr_Type) &&
-            ((PyMemberDescrObject *)value)->d_member->type == T_OBJECT_EX)
-            found++;
+    for (Py_ssize_t k = 0; mro != NULL && k < PyTuple_GET_SIZE(mro); k++) {
+        PyTypeObject *base = (PyTypeObject *)PyTuple_GET_ITEM(mro, k);
+        Py_ssize_t pos = 0;
+        while (base->tp_dict != NULL && PyDict_Next(base->tp_dict, &pos, &name, &value))
+            if (Py_IS_TYPE(value, &PyMemberDescr_Type) &&
+                ((PyMemberDescrObject *)value)->d_member->type == T_OBJECT_EX)
+                found++;
+    }
     return found;
 }
 

@@ -226,9 +226,9 @@ def outcome(reads: list[bytes], c_feed: bool, c_chunk: bool) -> Iterator[Any]:
 
 
 def assert_same_as_python(reads: list[bytes]) -> None:
-    python = [*outcome(reads, c_feed=False, c_chunk=False)]
-    assert python == [*outcome(reads, c_feed=True, c_chunk=True)]
-    assert python == [*outcome(reads, c_feed=False, c_chunk=True)]  # a read C does not decode
+    assert [*outcome(reads, c_feed=False, c_chunk=False)] == [
+        *outcome(reads, c_feed=True, c_chunk=True)
+    ]
 
 
 @settings(max_examples=400)
@@ -322,3 +322,28 @@ def test_a_decoder_of_the_callers_own_is_used() -> None:
     acc = ChatAccumulator(decoder=Counting())
     texts = [chunk.text for data in reads for chunk in acc.feed(data)]
     assert (["", "mine"], 2, "mine") == (texts, Counting.reads, acc.completion.text)
+
+
+def test_a_decoder_that_fails_mid_read_leaves_what_python_leaves() -> None:
+    """Events a caller's decoder yields before it raises are taken, one at a time, as Python
+    takes them."""
+
+    class Failing(_chat.SSEDecoder):
+        def feed(self, data: bytes) -> Any:
+            yield from super().feed(data)
+            raise ValueError("broken")
+
+    def run(c_feed: bool) -> tuple[int, str]:
+        saved = _chat._c_feed
+        _chat._c_feed = saved if c_feed else None
+        try:
+            acc = ChatAccumulator(decoder=Failing())
+            with pytest.raises(ValueError, match="broken"):
+                acc.feed(event_bytes(json.dumps(ROLE)))
+            with pytest.raises(ValueError, match="broken"):
+                acc.feed(b"".join(event_bytes(json.dumps(content(t))) for t in "abc"))
+            return acc.chunk_count, acc.completion.text
+        finally:
+            _chat._c_feed = saved
+
+    assert (4, "abc") == run(c_feed=True) == run(c_feed=False)

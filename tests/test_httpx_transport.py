@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -139,3 +140,21 @@ async def test_the_async_transport_sends_what_the_client_sets(upstream: MockUpst
                 seen["x-request-id"],
                 seen["accept-encoding"],
             )
+
+
+def test_a_client_class_with_its_own_build_request_keeps_it(upstream: MockUpstream) -> None:
+    class Signing(httpx.Client):
+        def build_request(self, *args: Any, **kwargs: Any) -> httpx.Request:
+            built = super().build_request(*args, **kwargs)
+            built.headers["X-Signed"] = "yes"
+            return built
+
+    with Signing() as own:
+        client = holysheep.Client(
+            api_key="sk-test",
+            base_url=upstream.base_url,
+            transport=HTTPXTransport(own),
+            retry=RetryPolicy.none(),
+        )
+        client.chat.complete(model="m", messages=MESSAGES)
+    assert "yes" == upstream.requests[-1].headers["x-signed"]

@@ -41,10 +41,11 @@ def _build(
     more than the client adds to it. Our URLs are absolute and repeat, so a parsed one is
     kept in `urls`; a client without cookies or query parameters (httpx's default) gets its
     headers merged here as httpx merges them (the request's replace the client's of the same
-    name). Anything else takes `build_request` itself.
+    name). Anything else, and a client class with a `build_request` of its own, takes
+    `build_request` itself.
     """
     timeout = _timeout(request.timeouts)
-    if not client.cookies and not client.params:
+    if _stock_build(client) and not client.cookies and not client.params:
         url = urls.get(request.url)
         if url is None:
             url = httpx.URL(request.url)
@@ -70,6 +71,12 @@ def _build(
         content=request.content,
         timeout=timeout,
     )
+
+
+def _stock_build(client: httpx.Client | httpx.AsyncClient) -> bool:
+    """Whether `client.build_request` is httpx's own, which `_build` does the work of."""
+    build = type(client).build_request
+    return build is httpx.Client.build_request or build is httpx.AsyncClient.build_request
 
 
 def _text_headers(headers: httpx.Headers) -> list[tuple[str, str]] | None:
