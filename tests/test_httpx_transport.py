@@ -29,6 +29,17 @@ def request(url: str = URL, headers: dict[str, str] | None = None) -> Request:
     ).request
 
 
+def built_by_httpx(client: httpx.Client | httpx.AsyncClient, sent: Request) -> httpx.Request:
+    """What `build_request` makes of `sent`, with the timeouts `Timeouts()` sends."""
+    return client.build_request(
+        sent.method,
+        sent.url,
+        headers=sent.headers,
+        content=sent.content,
+        timeout=httpx.Timeout(connect=10.0, read=120.05, write=10.0, pool=10.0),
+    )
+
+
 def assert_same(built: httpx.Request, expected: httpx.Request) -> None:
     assert (expected.method, expected.url, expected.headers.raw, expected.extensions) == (
         built.method,
@@ -53,13 +64,7 @@ def assert_same(built: httpx.Request, expected: httpx.Request) -> None:
 )
 def test_requests_are_what_build_request_makes(client: httpx.Client | httpx.AsyncClient) -> None:
     sent = request(headers={"Accept": "text/event-stream", "X-Extra": "1"})
-    expected = client.build_request(
-        sent.method,
-        sent.url,
-        headers=sent.headers,
-        content=sent.content,
-        timeout=httpx.Timeout(connect=10.0, read=120.05, write=10.0, pool=10.0),
-    )
+    expected = built_by_httpx(client, sent)
     urls: dict[str, httpx.URL] = {}
     assert_same(_build(client, sent, urls), expected)
     assert_same(_build(client, sent, urls), expected)  # again, from the parsed URL kept
@@ -88,13 +93,7 @@ def test_any_headers_merge_as_httpx_merges_them(
     """The client's headers, minus those the request replaces (any case), then the request's."""
     client = httpx.Client(headers=httpx.Headers(defaults))
     sent = request(headers=ours)
-    expected = client.build_request(
-        sent.method,
-        sent.url,
-        headers=sent.headers,
-        content=sent.content,
-        timeout=httpx.Timeout(connect=10.0, read=120.05, write=10.0, pool=10.0),
-    )
+    expected = built_by_httpx(client, sent)
     assert_same(_build(client, sent, {}), expected)
 
 
