@@ -304,13 +304,7 @@ class AsyncStream:
                     if data is None:
                         chunks = await self._deadline_passed()
                     elif data:
-                        # `_received(data)`, inline: this is the path of every event.
-                        exchange = self._call.exchange
-                        assert exchange is not None
-                        now = loop.time()
-                        chunks = exchange.on_data(data, now)
-                        if chunks:
-                            self._call.delivered(chunks, now)
+                        chunks = self._received(data, loop.time())
                     else:
                         chunks = await self._at_eof(body)
             except HolySheepError as exc:
@@ -340,11 +334,13 @@ class AsyncStream:
                 raise self._timeout_or(exc) from exc  # while the body is still known
         if scope.cancelled_caught:  # a deadline passed, or close() was called
             return await self._deadline_passed()
-        return self._received(data) if data else await self._at_eof(body)
+        return self._received(data, _now()) if data else await self._at_eof(body)
 
-    def _received(self, data: bytes) -> list[ChatChunk]:
-        now = _now()
-        chunks = self._exchange.on_data(data, now)
+    def _received(self, data: bytes, now: float) -> list[ChatChunk]:
+        # The exchange itself, not `_exchange`: a body is being read, so there is one.
+        exchange = self._call.exchange
+        assert exchange is not None
+        chunks = exchange.on_data(data, now)
         if chunks:
             self._call.delivered(chunks, now)
         return chunks

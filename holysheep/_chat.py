@@ -807,10 +807,9 @@ def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-# The C part of `feed` (see `chat_chunk` and `chat_feed` in _speedups.c), where the SSE
-# decoder's is in use (built, and not turned off with HOLYSHEEP_NO_EXTENSIONS=1). It builds the
-# same objects as `_chunk` and `add_text`, so it is told their classes and the block size.
-_c_chunk: Callable[[ChatAccumulator, ServerSentEvent], ChatChunk | None] | None = None
+# The C part of `feed` (`chat_feed` in _speedups.c), where the SSE decoder's is in use (built,
+# and not turned off with HOLYSHEEP_NO_EXTENSIONS=1). It builds the same objects as `_chunk` and
+# `add_text`, so it is told their classes and the block size.
 _c_feed: Callable[[ChatAccumulator, bytes], list[ChatChunk] | None] | None = None
 if _sse._c_feed is not None:  # built, and not turned off
     from . import _speedups
@@ -829,5 +828,4 @@ if _sse._c_feed is not None:  # built, and not turned off
     except (AttributeError, TypeError):  # pragma: no cover - a build older than this file
         pass
     else:
-        _c_chunk = _speedups.chat_chunk
         _c_feed = _speedups.chat_feed

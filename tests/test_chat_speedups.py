@@ -17,7 +17,7 @@ from holysheep._chat import ChatAccumulator, ContentDelta
 from holysheep._exceptions import HolySheepError
 from holysheep._sse import ServerSentEvent
 
-FAST = _chat._c_chunk
+FAST = None if _chat._c_feed is None else _chat._speedups.chat_chunk
 pytestmark = pytest.mark.skipif(FAST is None, reason="the C part is not built (or turned off)")
 
 ROLE = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
@@ -202,12 +202,11 @@ def _event_data(draw: st.DrawFn) -> str:
     return text.replace("\r", "")
 
 
-def outcome(reads: list[bytes], c_feed: bool, c_chunk: bool) -> Iterator[Any]:
-    """What feeding `reads` gives, with or without each C part: chunks or the error, and the
+def outcome(reads: list[bytes], c_feed: bool) -> Iterator[Any]:
+    """What feeding `reads` gives, with or without the C part: chunks or the error, and the
     accumulator's state after."""
-    saved = _chat._c_feed, _chat._c_chunk
-    _chat._c_feed = saved[0] if c_feed else None
-    _chat._c_chunk = saved[1] if c_chunk else None
+    saved = _chat._c_feed
+    _chat._c_feed = saved if c_feed else None
     try:
         acc = ChatAccumulator(require_end=False)
         for data in reads:
@@ -222,13 +221,11 @@ def outcome(reads: list[bytes], c_feed: bool, c_chunk: bool) -> Iterator[Any]:
         yield acc.completion, acc.chunk_count, acc.usage, acc.done, acc.finished
         yield acc._first_data, acc._last_data
     finally:
-        _chat._c_feed, _chat._c_chunk = saved
+        _chat._c_feed = saved
 
 
 def assert_same_as_python(reads: list[bytes]) -> None:
-    assert [*outcome(reads, c_feed=False, c_chunk=False)] == [
-        *outcome(reads, c_feed=True, c_chunk=True)
-    ]
+    assert [*outcome(reads, c_feed=False)] == [*outcome(reads, c_feed=True)]
 
 
 @settings(max_examples=400)
@@ -257,7 +254,7 @@ def test_a_crlf_split_across_reads_is_one_line_end() -> None:
         b'\ndata: {"content":"x"}}]}\r\n\r\n',
     ]
     assert_same_as_python(reads)
-    chunks = [*outcome(reads, c_feed=True, c_chunk=True)][2]
+    chunks = [*outcome(reads, c_feed=True)][2]
     assert [("x", (ContentDelta("x"),), {"choices": [{"delta": {"content": "x"}}]})] == chunks
 
 

@@ -77,7 +77,7 @@ def test_the_c_part_is_built_where_there_is_a_compiler() -> None:
     from holysheep import _chat, _sse
 
     assert _sse._c_feed is not None
-    assert _chat._c_chunk is not None
+    assert _chat._c_feed is not None
 
 
 def test_holysheep_works_without_the_c_part(tmp_path: Path) -> None:
@@ -85,7 +85,7 @@ def test_holysheep_works_without_the_c_part(tmp_path: Path) -> None:
     code = (
         "import sys; sys.modules['holysheep._speedups'] = None\n"
         "import holysheep, holysheep._sse as s, holysheep._chat as c\n"
-        "assert s._c_feed is None and s._speedups is None and c._c_chunk is None\n"
+        "assert s._c_feed is None and s._speedups is None and c._c_feed is None\n"
         "print(holysheep.SSEDecoder().feed(b'data: hi\\n\\n')[0].data)\n"
         "a = holysheep.ChatAccumulator()\n"
         'a.feed(b\'data: {"choices":[{"delta":{"role":"assistant"}}]}\\n\\n\')\n'

@@ -23,13 +23,13 @@ E = ServerSentEvent
 @pytest.fixture(autouse=True, scope="module", params=["C", "pure Python"])
 def implementation(request: pytest.FixtureRequest) -> Iterator[str]:
     """Every test here runs twice: with the C part (_speedups.c) and with Python alone."""
-    built = _sse._c_feed, _chat._c_feed, _chat._c_chunk
+    built = _sse._c_feed, _chat._c_feed
     if request.param == "C" and built[0] is None:
         pytest.skip("the C part is not built here")
     if request.param == "pure Python":  # the accumulator's C part decodes too
-        _sse._c_feed = _chat._c_feed = _chat._c_chunk = None
+        _sse._c_feed = _chat._c_feed = None
     yield request.param
-    _sse._c_feed, _chat._c_feed, _chat._c_chunk = built
+    _sse._c_feed, _chat._c_feed = built
 
 
 def decode_whole(data: bytes) -> tuple[list[ServerSentEvent], SSEDecoder]:
