@@ -163,6 +163,7 @@ class AsyncStream:
         "_expired",
         "_gate",
         "_index",
+        "_lapsed",
         "_pending",
         "_read_to_end",
         "_reader",
@@ -196,6 +197,7 @@ class AsyncStream:
         self._reader: asyncio.Task[Any] | None = None
         self._cancelled_read = False
         self._expired = False
+        self._lapsed = False  # a ttft or idle deadline passed while nobody was reading
 
     @property
     def _exchange(self) -> Exchange:
@@ -282,6 +284,8 @@ class AsyncStream:
                     if self._expired:
                         raise self._timeout_or(None)
                     loop = asyncio.get_running_loop()  # once per read: its clock and task
+                    if self._lapsed:
+                        self._resume(loop.time())
                     self._reader = reader = asyncio.current_task(loop)
                     data: bytes | None
                     try:
@@ -325,6 +329,11 @@ class AsyncStream:
             await self._finish()
             return []
         data = b""
+        due = self._exchange.deadline()
+        if due is not None and due[1] != "total" and due[0] <= _now():
+            # Passed with no read pending (a pending one would have been cut): the caller was
+            # busy between chunks. As on asyncio, the clocks start again.
+            self._exchange.resumed(_now())
         with self._deadline_scope() as scope:
             try:
                 data = await body.__anext__()
@@ -382,11 +391,23 @@ class AsyncStream:
     def _on_timer(self) -> None:
         self._timer, self._timer_due = None, math.inf
         due = self._exchange.deadline()
-        if due is not None and due[0] > asyncio.get_running_loop().time():
-            self._arm()  # the deadline moved later since we armed: wait for the new one
+        if due is None or due[0] > asyncio.get_running_loop().time():
+            # The deadline moved later since we armed (content arrived), or there is none yet
+            # (only `idle`, before the first content): wait for the new one.
+            self._arm()
+            return
+        if self._reader is None and due[1] != "total":
+            # Nobody is waiting on the server: the caller is busy between chunks. Its next
+            # read starts the ttft and idle clocks again (`Exchange.resumed`).
+            self._lapsed = True
             return
         self._expired = True
         self._cancel_read()
+
+    def _resume(self, now: float) -> None:
+        self._lapsed = False
+        self._exchange.resumed(now)
+        self._arm()
 
     def _cancel_read(self) -> None:
         reader = self._reader
@@ -411,7 +432,7 @@ class AsyncStream:
         timer, self._timer, self._timer_due = self._timer, None, math.inf
         if timer is not None:
             timer.cancel()
-        self._expired = False
+        self._expired = self._lapsed = False
 
     async def text_stream(self) -> AsyncIterator[str]:
         """Only the content text, piece by piece."""

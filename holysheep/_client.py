@@ -154,12 +154,14 @@ class Stream:
 
     # Slots: no per-instance dict; one is open per stream, thousands at a time.
     __slots__ = (
+        "_away",
         "_body",
         "_call",
         "_closed",
         "_exhausted",
         "_expired",
         "_gate",
+        "_lapsed",
         "_lock",
         "_response",
         "_stop",
@@ -183,6 +185,10 @@ class Stream:
         self._closed = False
         self._expired = False
         self._exhausted = False
+        # Whether the caller has the stream and is not reading it (see `_lapse`), and whether
+        # a ttft or idle deadline passed meanwhile.
+        self._away = True
+        self._lapsed = False
 
     @property
     def _exchange(self) -> Exchange:
@@ -211,12 +217,14 @@ class Stream:
 
         Raises the typed error for a status that cannot be retried (or no longer can).
         """
+        self._away = False
         while self._body is None and not self._closed:
             exchange = self._call.start_attempt(_clock())
             try:
                 self._open_attempt(exchange)
             except HolySheepError as exc:
                 self._after_failure(exc)
+        self._away = True
 
     def close(self) -> None:
         """Close the connection. Safe to call from another thread while one is reading."""
@@ -263,6 +271,9 @@ class Stream:
         assert body is not None
         on_data, delivered = exchange.on_data, self._call.delivered
         waiting_for_first = True
+        self._away = False
+        if self._lapsed:
+            self._resume()
         for data in body:
             now = _clock()
             chunks = on_data(data, now)
@@ -273,7 +284,11 @@ class Stream:
                     waiting_for_first = False
                     self._watchdog.watch(self)
                 delivered(chunks, now)
+                self._away = True
                 yield from chunks
+                self._away = False
+                if self._lapsed:
+                    self._resume()
         if self._expired:
             raise self._timeout_or(None)
         if not self._closed:
@@ -382,6 +397,29 @@ class Stream:
             pass  # what arrived is still worth quoting
         return b"".join(parts)
 
+    def _lapse(self) -> bool:
+        """Called by the watchdog, under its lock, when a ttft or idle deadline passed.
+
+        True if the caller was not reading (busy between chunks, or not iterating yet): its
+        next read then starts those clocks again instead (`Exchange.resumed`), since the
+        server may well have sent on time. The caller sets `_away` before it reads `_lapsed`,
+        and we the other way round, so one of us always sees the other's flag.
+        """
+        self._lapsed = True
+        if self._away:
+            return True
+        self._lapsed = False
+        return False
+
+    def _resume(self) -> None:
+        """The caller is back after a lapse: restart the clocks and have them watched again."""
+        with self._watchdog.lock:
+            self._lapsed = False
+            if self._expired or self._closed:
+                return  # the watchdog expired the stream first: the read reports that
+            self._exchange.resumed(_clock())
+        self._watchdog.watch(self)
+
     def _expire(self) -> None:
         """Called by the watchdog when a deadline passed."""
         self._expired = True
@@ -412,6 +450,11 @@ class _Watchdog:
         self._stopped = False
         #: How many times the thread has looked at its streams (for tests and debugging).
         self.looks = 0
+
+    @property
+    def lock(self) -> threading.Condition:
+        """Held while the thread looks at its streams."""
+        return self._cond
 
     def watch(self, stream: Stream) -> None:
         due = stream._exchange.deadline()
@@ -452,7 +495,8 @@ class _Watchdog:
                         self._streams.discard(stream)
                     elif due[0] <= now:
                         self._streams.discard(stream)
-                        stream._expire()
+                        if due[1] == "total" or not stream._lapse():
+                            stream._expire()
                     elif soonest is None or due[0] < soonest:
                         soonest = due[0]
                 if soonest is None and not idle:

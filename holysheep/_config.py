@@ -98,7 +98,8 @@ class ClientConfig:
         body.update(params)
         timeouts = self.timeouts if timeout is None else Timeouts.from_value(timeout)
         extra = {**self.headers, **headers} if headers else self.headers
-        request_id = request_id or new_request_id()
+        # An `X-Request-ID` among the headers is the request id, as in `Exchange`.
+        request_id = request_id or _header(extra, "x-request-id") or new_request_id()
         url = _chat_url(self.base_url)
         idempotency_key = new_idempotency_key()
         # Encoded once and only the bytes kept: every attempt sends the same body, and the
@@ -119,6 +120,15 @@ class ClientConfig:
         if limited:
             call.cost = estimate_cost(body)
         return call
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    if not headers:
+        return None
+    for key, value in headers.items():
+        if key.lower() == name:
+            return value
+    return None
 
 
 @functools.lru_cache(maxsize=64)

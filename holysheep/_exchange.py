@@ -263,6 +263,7 @@ class Exchange:
         "_first_progress",
         "_ids",
         "_last_progress",
+        "_resumed",
         "_skip_ids",
         "_started",
         "accumulator",
@@ -290,12 +291,14 @@ class Exchange:
         accumulator: ChatAccumulator | None = None,
     ) -> None:
         # `body` may come encoded already: a retrying caller encodes it once for all attempts.
-        self.request_id = request_id or new_request_id()
         fixed = _fixed_headers(api_key)
         given = {name.lower(): value for name, value in headers.items()} if headers else {}
         if not given.keys().isdisjoint(_FIXED_NAMES):  # the caller overrides one of ours
             fixed = tuple(pair for pair in fixed if pair[0] not in given)
-        given.setdefault("x-request-id", self.request_id)
+        # An `X-Request-ID` header the caller set is the request id, unless `request_id` says
+        # otherwise: the id reported in stats and errors is always the one sent.
+        self.request_id = request_id or given.get("x-request-id") or new_request_id()
+        given["x-request-id"] = self.request_id
         self.request = Request(
             "POST",
             url,
@@ -318,6 +321,7 @@ class Exchange:
         self._connected: float | None = None
         self._first_progress: float | None = None
         self._last_progress: float | None = None
+        self._resumed: float | None = None  # see `resumed`
         self._ended: float | None = None
 
     # -- the protocol ----------------------------------------------------------------------------
@@ -459,6 +463,16 @@ class Exchange:
 
     # -- timeouts --------------------------------------------------------------------------------
 
+    def resumed(self, now: float) -> None:
+        """The caller asks for more at `now`, after its `ttft` or `idle` deadline passed while
+        it was not reading (busy with the last chunk, or not iterating yet).
+
+        Those two clocks measure how long the client waits for the server, and nobody was
+        waiting: the server may well have sent on time, its bytes unread. They start again at
+        `now`. `total` counts the caller's time too and is not moved.
+        """
+        self._resumed = now
+
     def deadline(self) -> tuple[float, TimeoutKind] | None:
         """When the next timeout fires (on the driver's clock) and which one; None if never."""
         started = self._started
@@ -475,13 +489,23 @@ class Exchange:
             # Until the head arrives, the first-token clock runs too.
             if t.ttft is not None and (candidate is None or started + t.ttft < candidate[0]):
                 candidate = (started + t.ttft, "ttft")
-        elif self._last_progress is None:
-            candidate = None if t.ttft is None else (started + t.ttft, "ttft")
         else:
-            candidate = None if t.idle is None else (self._last_progress + t.idle, "idle")
+            kind: TimeoutKind = "ttft" if self._last_progress is None else "idle"
+            limit = t.ttft if kind == "ttft" else t.idle
+            candidate = None if limit is None else (self._waiting_since(kind) + limit, kind)
         if candidate is not None and (best is None or candidate[0] < best[0]):
             best = candidate
         return best
+
+    def _waiting_since(self, kind: TimeoutKind) -> float:
+        """Since when the clock of `kind` has been running."""
+        since = self._started
+        assert since is not None
+        if kind == "idle" and self._last_progress is not None:
+            since = self._last_progress
+        if kind in ("ttft", "idle") and self._resumed is not None and self._resumed > since:
+            since = self._resumed
+        return since
 
     def timeout_error(self, now: float) -> APITimeoutError | None:
         """The typed error for the timeout that has fired by `now`, or None."""
@@ -490,10 +514,7 @@ class Exchange:
             return None
         kind = due[1]
         limit = getattr(self.timeouts, kind)
-        started = self._started if self._started is not None else now
-        since = started
-        if kind == "idle" and self._last_progress is not None:
-            since = self._last_progress
+        since = self._waiting_since(kind)
         what = {
             "connect": "no response head",
             "ttft": "no first token",

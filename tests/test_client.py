@@ -120,6 +120,19 @@ def test_request_body_headers_and_ids(upstream: MockUpstream, transport: BaseTra
     assert "my-id-1" == stream.request_id  # the upstream echoes it back
 
 
+def test_an_x_request_id_header_is_the_request_id(
+    upstream: MockUpstream, transport: BaseTransport
+) -> None:
+    """Given as a header, the id is sent once and is the one the stats report."""
+    client = client_for(upstream, transport)
+    with client.chat.stream(
+        model="m", messages=MESSAGES, extra_headers={"X-Request-ID": "hdr-2"}
+    ) as stream:
+        stream.until_done()
+    assert "hdr-2" == upstream.requests[-1].headers["x-request-id"]
+    assert "hdr-2" == stream.stats.request_id
+
+
 def test_complete_and_text_stream(upstream: MockUpstream, transport: BaseTransport) -> None:
     """`complete()` returns the Completion; `text_stream()` yields only text."""
     client = client_for(upstream, transport)
@@ -356,6 +369,149 @@ def test_a_deadline_sooner_than_the_idle_watchdogs_next_look_still_fires() -> No
         )
     assert 0.2 <= time.monotonic() - started < 0.7
     client.close()
+
+
+# -- the caller's own time: ttft and idle wait for the server, not for the caller --------------
+
+SLOW_CALLER = 0.6  # seconds the caller spends on a chunk, twice the `idle` below
+TOKENS = UpstreamConfig().token_list(None)
+
+
+def _slow_sync_read(stream: holysheep.Stream, pause_after: int) -> str:
+    """Read `stream`, sleeping `SLOW_CALLER` after the content chunk number `pause_after`."""
+    texts, seen = [], 0
+    for chunk in stream:
+        texts.append(chunk.text)
+        seen += bool(chunk.text)
+        if chunk.text and seen == pause_after:
+            time.sleep(SLOW_CALLER)
+    return "".join(texts)
+
+
+def test_a_slow_caller_does_not_trip_idle(upstream: MockUpstream, transport: BaseTransport) -> None:
+    """The server sent everything at once; the caller then spends longer on one chunk than
+    `idle`. Nothing timed out on the wire, so the whole answer arrives."""
+    client = client_for(upstream, transport, timeout=Timeouts(idle=0.3))
+    with client.chat.stream(model="m", messages=MESSAGES) as stream:
+        assert EXPECTED == _slow_sync_read(stream, pause_after=1)
+    client.close()
+
+
+def test_a_caller_late_to_iterate_does_not_trip_ttft(
+    upstream: MockUpstream, transport: BaseTransport
+) -> None:
+    client = client_for(upstream, transport, timeout=Timeouts(ttft=0.3))
+    with client.chat.stream(model="m", messages=MESSAGES) as stream:
+        time.sleep(SLOW_CALLER)
+        assert EXPECTED == "".join(chunk.text for chunk in stream)
+    client.close()
+
+
+def test_after_a_slow_caller_a_stall_is_timed_from_its_return(
+    upstream: MockUpstream, transport: BaseTransport
+) -> None:
+    """The clock restarts when the caller asks again: a real stall after that still fires,
+    `idle` after the caller's return, with what arrived kept."""
+    client = client_for(upstream, transport, timeout=Timeouts(idle=0.3))
+    behaviour = config(fault="stall@4", keepalive_interval=0.05)
+    with (
+        client.chat.stream(model="m", messages=MESSAGES, extra_headers=behaviour) as stream,
+        pytest.raises(IdleTimeoutError) as info,
+    ):
+        _slow_sync_read(stream, pause_after=1)
+    assert 0.25 < info.value.elapsed < 1.5  # from the return, not from the first chunk
+    assert info.value.completion is not None
+    assert "".join(TOKENS[:4]) == info.value.completion.text
+    client.close()
+
+
+def test_total_counts_the_callers_time_too(
+    upstream: MockUpstream, transport: BaseTransport
+) -> None:
+    client = client_for(upstream, transport, timeout=Timeouts(total=0.4))
+    with client.chat.stream(model="m", messages=MESSAGES, extra_headers=config(tokens_per_s=50)):
+        pass
+    with (
+        client.chat.stream(
+            model="m", messages=MESSAGES, extra_headers=config(tokens_per_s=50)
+        ) as stream,
+        pytest.raises(TotalTimeoutError),
+    ):
+        _slow_sync_read(stream, pause_after=1)
+    client.close()
+
+
+def _async_transport(kind: str, anyio_backend: str) -> Any:
+    if kind == "httpx":
+        return None
+    if anyio_backend != "asyncio":
+        pytest.skip("aiohttp runs on asyncio only")
+    from holysheep.transports import AiohttpTransport
+
+    return AiohttpTransport()
+
+
+async def _slow_async_read(stream: holysheep.AsyncStream, pause_after: int) -> str:
+    texts, seen = [], 0
+    async for chunk in stream:
+        texts.append(chunk.text)
+        seen += bool(chunk.text)
+        if chunk.text and seen == pause_after:
+            await anyio.sleep(SLOW_CALLER)
+    return "".join(texts)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["httpx", "aiohttp"])
+async def test_async_a_slow_caller_does_not_trip_ttft_or_idle(
+    upstream: MockUpstream, kind: str, anyio_backend: str
+) -> None:
+    async with holysheep.AsyncClient(
+        api_key="k",
+        base_url=upstream.base_url,
+        timeout=Timeouts(ttft=0.3, idle=0.3),
+        retry=RetryPolicy.none(),
+        transport=_async_transport(kind, anyio_backend),
+    ) as client:
+        async with client.chat.stream(model="m", messages=MESSAGES) as stream:
+            assert EXPECTED == await _slow_async_read(stream, pause_after=1)
+        async with client.chat.stream(model="m", messages=MESSAGES) as stream:
+            await anyio.sleep(SLOW_CALLER)  # late to iterate: past ttft
+            assert EXPECTED == await _slow_async_read(stream, pause_after=0)
+        async with client.chat.stream(
+            model="m",
+            messages=MESSAGES,
+            extra_headers=config(fault="stall@4", keepalive_interval=0.05),
+        ) as stream:
+            with pytest.raises(IdleTimeoutError) as info:
+                await _slow_async_read(stream, pause_after=1)
+        assert 0.25 < info.value.elapsed < 1.5
+        assert info.value.completion is not None
+        assert "".join(TOKENS[:4]) == info.value.completion.text
+        with pytest.raises(TotalTimeoutError):
+            async with client.chat.stream(
+                model="m",
+                messages=MESSAGES,
+                timeout=Timeouts(total=0.4),
+                extra_headers=config(tokens_per_s=50),
+            ) as stream:
+                await _slow_async_read(stream, pause_after=1)
+
+
+@pytest.mark.anyio
+async def test_async_idle_alone_waits_for_a_slow_first_token(upstream: MockUpstream) -> None:
+    """With ttft and total off, only `idle` runs, from the first content: a first token after
+    longer than `idle` is fine (the asyncio timer used to fire before any content)."""
+    async with holysheep.AsyncClient(
+        api_key="k",
+        base_url=upstream.base_url,
+        timeout=Timeouts(connect=5, ttft=None, idle=0.3, total=None),
+        retry=RetryPolicy.none(),
+    ) as client:
+        completion = await client.chat.complete(
+            model="m", messages=MESSAGES, max_tokens=3, extra_headers=config(ttft=0.8)
+        )
+        assert "".join(TOKENS[:3]) == completion.text
 
 
 # -- stopping early: the server must see the client leave -------------------------------------

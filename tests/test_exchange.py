@@ -297,6 +297,69 @@ def test_idle_deadline_is_always_last_progress_plus_idle(gaps: list[float]) -> N
     assert (now + 2.0, "idle") == exchange.deadline()
 
 
+def test_resumed_restarts_ttft_and_idle_but_not_total() -> None:
+    """After the caller was away past a deadline, ttft and idle run again from its return;
+    the error then says how long it waited since that return."""
+    exchange = make(Timeouts(connect=1, ttft=5, idle=2, total=100))
+    exchange.start(0.0)
+    exchange.on_headers(200, SSE, 0.1)
+    exchange.resumed(7.0)  # came to iterate after ttft had passed
+    assert (12.0, "ttft") == exchange.deadline()
+    exchange.on_data(b"".join(sse_body("a")[:2]), 7.5)
+    assert (9.5, "idle") == exchange.deadline()  # content is later than the return
+    exchange.resumed(20.0)
+    assert (22.0, "idle") == exchange.deadline()
+    error = exchange.timeout_error(22.5)
+    assert isinstance(error, IdleTimeoutError)
+    assert 2.5 == error.elapsed
+    exchange.resumed(99.5)
+    assert (100.0, "total") == exchange.deadline()
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["data", "back"]), st.floats(min_value=0, max_value=5)),
+        max_size=20,
+    )
+)
+def test_idle_deadline_runs_from_the_later_of_content_and_return(
+    steps: list[tuple[str, float]],
+) -> None:
+    exchange = make(Timeouts(connect=None, ttft=None, idle=2.0, total=None))
+    exchange.start(0.0)
+    exchange.on_headers(200, SSE, 0.0)
+    content = sse_body("x")[1]
+    exchange.on_data(content, 0.0)
+    now = last_data = last_back = 0.0
+    for step, gap in steps:
+        now += gap
+        if step == "data":
+            exchange.on_data(content, now)
+            last_data = now
+        else:
+            exchange.resumed(now)
+            last_back = now
+    assert (max(last_data, last_back) + 2.0, "idle") == exchange.deadline()
+
+
+def test_an_x_request_id_header_is_the_request_id() -> None:
+    """Set as a header, the id is still the one stats and errors report; `request_id` wins."""
+    common: dict[str, Any] = {
+        "url": "http://127.0.0.1:1/v1/chat/completions",
+        "api_key": "k",
+        "body": {"model": "m", "messages": []},
+        "timeouts": Timeouts(),
+    }
+    by_header = Exchange(**common, headers={"X-Request-ID": "hdr-2"})
+    assert "hdr-2" == by_header.request_id
+    assert ("x-request-id", "hdr-2") in by_header.request.headers
+    both = Exchange(**common, headers={"X-Request-ID": "hdr-2"}, request_id="arg-1")
+    assert "arg-1" == both.request_id
+    assert [("x-request-id", "arg-1")] == [
+        pair for pair in both.request.headers if pair[0] == "x-request-id"
+    ]
+
+
 def test_core_imports_no_io_libraries() -> None:
     """The sans-IO core loads no socket, HTTP or async library (checked in a fresh process)."""
     code = (
