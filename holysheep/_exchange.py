@@ -399,10 +399,14 @@ class Exchange:
     def on_data(self, data: bytes, now: float) -> list[ChatChunk]:
         """Body bytes in, chunks out; progress is stamped with `now`."""
         self.bytes += len(data)
-        if self._skip_ids is None:
-            chunks = self.accumulator.feed(data)
-        else:
-            chunks = self._feed_tracking_ids(data)
+        try:
+            if self._skip_ids is None:
+                chunks = self.accumulator.feed(data)
+            else:
+                chunks = self._feed_tracking_ids(data)
+        except HolySheepError as exc:
+            self._identify(exc)
+            raise
         if chunks:
             self.events += len(chunks)
             for chunk in chunks:
@@ -434,9 +438,19 @@ class Exchange:
         self._ended = now
         try:
             self.accumulator.close()
-        except IncompleteStreamError as exc:
-            exc.request_id = self.server_request_id or self.request_id
+        except HolySheepError as exc:
+            self._identify(exc)
             raise
+
+    def _identify(self, exc: HolySheepError) -> None:
+        """Fill in what the accumulator cannot know: the status, the request id and, once
+        chunks were delivered, the partial completion."""
+        if exc.request_id is None:
+            exc.request_id = self.server_request_id or self.request_id
+        if exc.status_code is None:
+            exc.status_code = self.status_code
+        if exc.completion is None and self.events:
+            exc.completion = self.accumulator.completion
 
     def interrupted(self, cause: BaseException, now: float) -> HolySheepError:
         """The error for a body read that failed: a timeout if one is due, else a cut stream."""

@@ -244,9 +244,13 @@ def test_inband_error_raises_stream_error_with_partial(
     client = client_for(upstream, transport)
     with pytest.raises(StreamError) as info:
         client.chat.complete(
-            model="m", messages=MESSAGES, extra_headers=config(fault="inband_error@3")
+            model="m",
+            messages=MESSAGES,
+            request_id="rid-42",
+            extra_headers=config(fault="inband_error@3"),
         )
     assert (True, "overloaded_error") == (info.value.retryable, info.value.type)
+    assert (200, "rid-42") == (info.value.status_code, info.value.request_id)
     assert info.value.completion is not None
     assert "".join(UpstreamConfig().token_list(3)) == info.value.completion.text
 
@@ -256,10 +260,16 @@ def test_invalid_json_raises_remote_protocol_error(
 ) -> None:
     """Invalid JSON in the stream is named, never skipped."""
     client = client_for(upstream, transport)
-    with pytest.raises(RemoteProtocolError, match="not json"):
+    with pytest.raises(RemoteProtocolError, match="not json") as info:
         client.chat.complete(
-            model="m", messages=MESSAGES, extra_headers=config(fault="invalid_json@2")
+            model="m",
+            messages=MESSAGES,
+            request_id="rid-43",
+            extra_headers=config(fault="invalid_json@2"),
         )
+    assert (200, "rid-43") == (info.value.status_code, info.value.request_id)
+    assert info.value.completion is not None  # what came before the bad event is kept
+    assert "".join(UpstreamConfig().token_list(2)) == info.value.completion.text
 
 
 def test_connection_refused_is_a_connection_error(transport: BaseTransport) -> None:
@@ -585,6 +595,23 @@ async def test_async_errors_and_timeouts(upstream: MockUpstream) -> None:
                 messages=MESSAGES,
                 extra_headers=config(fault="stall@2", keepalive_interval=0.05),
             )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fault", ["inband_error@2", "invalid_json@2"])
+async def test_async_errors_in_the_stream_carry_status_id_and_partial(
+    upstream: MockUpstream, fault: str
+) -> None:
+    async with holysheep.AsyncClient(
+        api_key="k", base_url=upstream.base_url, retry=RetryPolicy.none()
+    ) as client:
+        with pytest.raises((StreamError, RemoteProtocolError)) as info:
+            await client.chat.complete(
+                model="m", messages=MESSAGES, request_id="rid-44", extra_headers=config(fault=fault)
+            )
+    assert (200, "rid-44") == (info.value.status_code, info.value.request_id)
+    assert info.value.completion is not None
+    assert "".join(UpstreamConfig().token_list(2)) == info.value.completion.text
 
 
 @pytest.mark.anyio
