@@ -664,6 +664,27 @@ async def test_a_deadline_leaves_the_reading_task_uncancelled(upstream: MockUpst
 
 
 @pytest.mark.anyio
+async def test_leaving_mid_stream_leaves_no_async_generator_to_the_collector(
+    upstream: MockUpstream,
+) -> None:
+    """httpx's body is a chain of async generators; a stream left mid-way finishes them all,
+    or the garbage collector would (trio warns about each; warnings are errors here)."""
+    import gc
+
+    async with holysheep.AsyncClient(api_key="k", base_url=upstream.base_url) as client:
+        async with client.chat.stream(model="m", messages=MESSAGES) as stream:
+            async for chunk in stream:
+                if chunk.text:
+                    break
+        with pytest.raises(RemoteProtocolError):
+            await client.chat.complete(
+                model="m", messages=MESSAGES, extra_headers=config(fault="invalid_json@2")
+            )
+        gc.collect()
+        await anyio.sleep(0.01)  # trio finalizes abandoned generators in a task
+
+
+@pytest.mark.anyio
 async def test_cancelling_the_task_closes_the_connection() -> None:
     """Cancel scope around a slow stream: the server sees the disconnect, nothing leaks."""
     with serve(tokens_per_s=100, tokens=1000) as slow:

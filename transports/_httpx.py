@@ -7,6 +7,7 @@ import functools
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 
+import anyio
 import httpx
 
 from holysheep._exceptions import APIConnectionError, ConnectTimeoutError
@@ -208,10 +209,34 @@ async def _aiter_raw(response: httpx.Response) -> AsyncIterator[bytes]:
     # The stream still raises httpx's exceptions; the client closes the response.
     stream = response.stream
     assert isinstance(stream, httpx.AsyncByteStream)
+    parts = stream.__aiter__()
+    finished = False
     try:
-        async for data in stream:
+        async for data in parts:
             yield data
+        finished = True
     except (httpx.HTTPError, httpx.StreamError) as exc:
+        finished = True
         raise APIConnectionError(
             f"the connection failed while reading the stream: {exc!r}"
         ) from exc
+    finally:
+        if not finished:
+            await _unwind(response, parts)
+
+
+async def _unwind(response: httpx.Response, parts: AsyncIterator[bytes]) -> None:
+    """Finish httpx's async generators after an early close.
+
+    A body left mid-way leaves a chain of them (httpx's, then httpcore's) suspended, and
+    `async for` closes none of the inner ones, so the garbage collector finalizes them later,
+    which trio reports as ResourceWarnings. One more step in a cancelled scope delivers the
+    cancellation at the innermost wait, and every layer ends on it; what is already buffered
+    is dropped on the way, and nothing waits on the network.
+    """
+    await response.aclose()
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        with contextlib.suppress(httpx.HTTPError, httpx.StreamError):
+            async for _ in parts:
+                pass
