@@ -201,10 +201,7 @@ class AsyncStream:
 
     @property
     def _exchange(self) -> Exchange:
-        exchange = self._call.exchange
-        if exchange is None:
-            exchange = self._call.start_attempt(_now())
-        return exchange
+        return self._call.peek()
 
     # -- lifecycle ---------------------------------------------------------------------------
 

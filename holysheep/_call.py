@@ -136,11 +136,28 @@ class Call:
         self._seen_ids: frozenset[str] = _NO_IDS
         self._pending_reset: Reset | None = None
 
+    def peek(self) -> Exchange:
+        """The current exchange; before the first attempt, the one it will use.
+
+        For a caller that reads the request id, `completion` or `stats` before the stream
+        is sent: that must not count as an attempt (or a retry would be lost to it).
+        """
+        exchange = self.exchange
+        if exchange is None:
+            exchange = self.exchange = self._make_exchange(
+                {"idempotency-key": self.idempotency_key}, None
+            )
+            if self.on_interrupt == "resume":
+                exchange.track_event_ids(skip=self._seen_ids)
+        return exchange
+
     def start_attempt(self, now: float) -> Exchange:
         """The exchange for the next attempt."""
         if self._started is None:
             self._started = now
         self.attempt += 1
+        if self.attempt == 1 and self.exchange is not None:
+            return self.exchange  # made by `peek`
         headers = {"idempotency-key": self.idempotency_key}
         accumulator = None
         previous = self.exchange

@@ -192,10 +192,7 @@ class Stream:
 
     @property
     def _exchange(self) -> Exchange:
-        exchange = self._call.exchange
-        if exchange is None:
-            exchange = self._call.start_attempt(_clock())
-        return exchange
+        return self._call.peek()
 
     # -- lifecycle ---------------------------------------------------------------------------
 

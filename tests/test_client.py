@@ -133,6 +133,28 @@ def test_an_x_request_id_header_is_the_request_id(
     assert "hdr-2" == stream.stats.request_id
 
 
+def test_looking_at_a_stream_before_sending_costs_no_attempt(transport: BaseTransport) -> None:
+    """The request id, an empty completion and stats are there before the request is sent,
+    and reading them does not use up one of the retry policy's attempts."""
+    with serve() as upstream:
+        upstream.enqueue({"fault": {"kind": "status", "status": 503}})
+        client = client_for(upstream, transport, retry=RetryPolicy(attempts=2, wait_initial=0.01))
+        stream = client.chat.stream(model="m", messages=MESSAGES, request_id="early-1")
+        assert ("early-1", "", 0) == (
+            stream.request_id,
+            stream.completion.text,
+            stream.stats.events,
+        )
+        with stream:
+            stream.until_done()
+        assert (EXPECTED, 2, 2) == (
+            stream.completion.text,
+            stream.stats.attempts,
+            len(upstream.requests),
+        )
+        client.close()
+
+
 def test_complete_and_text_stream(upstream: MockUpstream, transport: BaseTransport) -> None:
     """`complete()` returns the Completion; `text_stream()` yields only text."""
     client = client_for(upstream, transport)
@@ -564,6 +586,30 @@ async def test_async_stream(upstream: MockUpstream) -> None:
             texts = [chunk.text async for chunk in stream]
         assert EXPECTED == "".join(texts) == stream.completion.text
         assert EXPECTED == (await client.chat.complete(model="m", messages=MESSAGES)).text
+
+
+@pytest.mark.anyio
+async def test_async_looking_at_a_stream_before_sending_costs_no_attempt() -> None:
+    with serve() as upstream:
+        upstream.enqueue({"fault": {"kind": "status", "status": 503}})
+        async with holysheep.AsyncClient(
+            api_key="k",
+            base_url=upstream.base_url,
+            retry=RetryPolicy(attempts=2, wait_initial=0.01),
+        ) as client:
+            stream = client.chat.stream(model="m", messages=MESSAGES, request_id="early-2")
+            assert ("early-2", "", 0) == (
+                stream.request_id,
+                stream.completion.text,
+                stream.stats.events,
+            )
+            async with stream:
+                await stream.until_done()
+        assert (EXPECTED, 2, 2) == (
+            stream.completion.text,
+            stream.stats.attempts,
+            len(upstream.requests),
+        )
 
 
 @pytest.mark.anyio
