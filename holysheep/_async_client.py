@@ -226,6 +226,11 @@ class AsyncStream:
                 await self._open_attempt(exchange)
             except HolySheepError as exc:
                 await self._after_failure(exc)
+            except BaseException:
+                # Cancelled while queued, sending, or reading an error body: `__aexit__` will
+                # not run, so give back the connection and the rate limiter's slot here.
+                await self._end_attempt()
+                raise
 
     async def aclose(self) -> None:
         """Close the connection; the server sees the client leave."""
@@ -460,8 +465,15 @@ class AsyncStream:
     async def _open_attempt(self, exchange: Exchange) -> None:
         if self._gate is not None:
             waited = _now()
-            self._ticket = await self._gate.aacquire(self._call.cost)
+            with anyio.CancelScope() as scope:  # `close()` cancels it
+                self._scope = scope
+                if self._closed:
+                    scope.cancel()
+                self._ticket = await self._gate.aacquire(self._call.cost)
+            self._scope = None
             self._call.queued += _now() - waited
+            if self._ticket is None:
+                return  # closed while queued
         self._call.sending()
         exchange.start(_now())
         if _on_asyncio():

@@ -881,3 +881,109 @@ async def test_cancelling_the_task_during_a_hanging_send_cancels_it(silent_serve
         with anyio.move_on_after(0.3) as scope:
             await client.chat.complete(model="m", messages=MESSAGES)
         assert scope.cancelled_caught
+
+
+@pytest.mark.anyio
+async def test_cancelling_a_hanging_send_gives_back_the_limiters_slot(silent_server: str) -> None:
+    """`__aexit__` does not run for a cancelled `__aenter__`: the slot is returned anyway, and
+    the next stream gets it (the review found it held forever)."""
+    limiter = holysheep.RateLimiter(max_concurrent=1)
+    async with holysheep.AsyncClient(
+        api_key="k", base_url=silent_server, retry=RetryPolicy.none(), limiter=limiter
+    ) as client:
+        for _ in range(2):
+            with anyio.move_on_after(0.3) as scope:
+                async with client.chat.stream(model="m", messages=MESSAGES):
+                    pass
+            assert scope.cancelled_caught
+            assert 0 == limiter.in_flight
+
+
+@pytest.mark.anyio
+async def test_close_ends_a_wait_for_the_limiter(silent_server: str) -> None:
+    """A stream queued behind the limiter's only slot: `close()` from another task ends the
+    wait at once, and the stream ends empty, with no error."""
+    limiter = holysheep.RateLimiter(max_concurrent=1)
+    async with holysheep.AsyncClient(
+        api_key="k", base_url=silent_server, retry=RetryPolicy.none(), limiter=limiter
+    ) as client:
+        holder = client.chat.stream(model="m", messages=MESSAGES)
+        queued = client.chat.stream(model="m", messages=MESSAGES)
+        chunks: list[Any] = []
+        finished = anyio.Event()
+
+        async def consume() -> None:
+            async with queued:
+                chunks.extend([chunk async for chunk in queued])
+            finished.set()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(holder.open)  # takes the slot, then hangs on the silent server
+            await anyio.sleep(0.1)
+            assert 1 == limiter.in_flight
+            group.start_soon(consume)
+            await anyio.sleep(0.2)
+            queued.close()
+            with anyio.fail_after(2):  # it used to wait for as long as the slot was held
+                await finished.wait()
+            await holder.aclose()
+        assert ([], 0) == (chunks, limiter.in_flight)
+
+
+@pytest.fixture
+def slow_error_server() -> Iterator[tuple[str, threading.Event]]:
+    """Answers 500 with a body that never finishes; the event is set when the client leaves."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    left = threading.Event()
+    stop = threading.Event()
+
+    def serve_one() -> None:
+        listener.settimeout(5)
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.recv(65536)
+            conn.sendall(
+                b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
+                b'content-length: 1000\r\n\r\n{"error": {"message": "bro'
+            )
+            conn.settimeout(0.05)
+            while not stop.is_set():
+                try:
+                    if conn.recv(1024) == b"":
+                        left.set()
+                        return
+                except TimeoutError:
+                    continue
+                except OSError:
+                    left.set()
+                    return
+
+    thread = threading.Thread(target=serve_one, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1", left
+    stop.set()
+    thread.join()
+    listener.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
+async def test_cancelling_while_an_error_body_is_read_closes_the_connection(
+    slow_error_server: tuple[str, threading.Event], transport: str, anyio_backend: str
+) -> None:
+    url, left = slow_error_server
+    async with holysheep.AsyncClient(
+        api_key="k",
+        base_url=url,
+        retry=RetryPolicy.none(),
+        transport=_async_transport(transport, anyio_backend),
+    ) as client:
+        with anyio.move_on_after(0.3) as scope:
+            await client.chat.complete(model="m", messages=MESSAGES)
+        assert scope.cancelled_caught
+        assert await anyio.to_thread.run_sync(left.wait, 3.0)  # the server saw the client leave
