@@ -156,6 +156,7 @@ class AsyncStream:
     # Slots: no per-instance dict; one is open per stream, thousands at a time.
     __slots__ = (
         "_body",
+        "_busy",
         "_call",
         "_cancelled_read",
         "_closed",
@@ -186,6 +187,7 @@ class AsyncStream:
         self._scope: anyio.CancelScope | None = None
         self._pending: list[ChatChunk] = _NO_CHUNKS  # chunks of the last read not yet handed out
         self._index = 0
+        self._busy = False  # a task is in `__anext__` past the chunks already read
         self._closed = False
         self._exhausted = False
         self._read_to_end: AsyncIterator[bytes] | None = None
@@ -273,57 +275,65 @@ class AsyncStream:
                 self._pending = _NO_CHUNKS
             self._index = index
             return chunk
-        if self._body is None and not self._exhausted:
-            await self.open()
-        while not self._exhausted:
-            try:
-                body = self._body
-                if body is None or self._closed or not self._timed:
-                    chunks = await self._read()  # trio, and the ends of a stream
-                else:
-                    # asyncio's read, here rather than in `_read()`: a blocked read then holds
-                    # one coroutine frame less, for each of thousands of open streams.
-                    if self._expired:
-                        raise self._timeout_or(None)
-                    loop = asyncio.get_running_loop()  # once per read: its clock and task
-                    if self._lapsed:
-                        self._resume(loop.time())
-                    self._reader = reader = asyncio.current_task(loop)
-                    data: bytes | None
-                    try:
-                        data = await body.__anext__()
-                    except StopAsyncIteration:
-                        data = b""
-                    except HolySheepError as exc:
-                        raise self._timeout_or(exc) from exc  # while the body is still known
-                    except asyncio.CancelledError:
-                        if not self._only_ours(reader):
-                            raise  # the caller's task is being cancelled (too)
-                        data = None
-                    finally:
-                        self._reader = None
-                    if data is not None and self._cancelled_read:
-                        # the body swallowed our cancellation and read anyway
-                        if not self._only_ours(reader):
-                            raise asyncio.CancelledError
-                        data = None
-                    if data is None:
-                        chunks = await self._deadline_passed()
-                    elif data:
-                        chunks = self._received(data, loop.time())
-                    else:
-                        chunks = await self._at_eof(body)
-            except HolySheepError as exc:
-                await self._after_failure(exc)
+        if self._busy:
+            # Another task is in a read: two readers would take each other's chunks, and this
+            # one would take over the first one's deadline and `close()`.
+            raise RuntimeError("this stream is already being read by another task")
+        self._busy = True
+        try:
+            if self._body is None and not self._exhausted:
                 await self.open()
-                reset = self._call.take_reset()
-                chunks = [ChatChunk.for_reset(reset)] if reset is not None else []
-            if chunks:
-                if len(chunks) > 1:
-                    self._pending = chunks
-                    self._index = 1
-                return chunks[0]
-        raise StopAsyncIteration
+            while not self._exhausted:
+                try:
+                    body = self._body
+                    if body is None or self._closed or not self._timed:
+                        chunks = await self._read()  # trio, and the ends of a stream
+                    else:
+                        # asyncio's read, here rather than in `_read()`: a blocked read then holds
+                        # one coroutine frame less, for each of thousands of open streams.
+                        if self._expired:
+                            raise self._timeout_or(None)
+                        loop = asyncio.get_running_loop()  # once per read: its clock and task
+                        if self._lapsed:
+                            self._resume(loop.time())
+                        self._reader = reader = asyncio.current_task(loop)
+                        data: bytes | None
+                        try:
+                            data = await body.__anext__()
+                        except StopAsyncIteration:
+                            data = b""
+                        except HolySheepError as exc:
+                            raise self._timeout_or(exc) from exc  # while the body is still known
+                        except asyncio.CancelledError:
+                            if not self._only_ours(reader):
+                                raise  # the caller's task is being cancelled (too)
+                            data = None
+                        finally:
+                            self._reader = None
+                        if data is not None and self._cancelled_read:
+                            # the body swallowed our cancellation and read anyway
+                            if not self._only_ours(reader):
+                                raise asyncio.CancelledError
+                            data = None
+                        if data is None:
+                            chunks = await self._deadline_passed()
+                        elif data:
+                            chunks = self._received(data, loop.time())
+                        else:
+                            chunks = await self._at_eof(body)
+                except HolySheepError as exc:
+                    await self._after_failure(exc)
+                    await self.open()
+                    reset = self._call.take_reset()
+                    chunks = [ChatChunk.for_reset(reset)] if reset is not None else []
+                if chunks:
+                    if len(chunks) > 1:
+                        self._pending = chunks
+                        self._index = 1
+                    return chunks[0]
+            raise StopAsyncIteration
+        finally:
+            self._busy = False
 
     async def _read(self) -> list[ChatChunk]:
         body = self._body

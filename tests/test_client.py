@@ -987,3 +987,32 @@ async def test_cancelling_while_an_error_body_is_read_closes_the_connection(
             await client.chat.complete(model="m", messages=MESSAGES)
         assert scope.cancelled_caught
         assert await anyio.to_thread.run_sync(left.wait, 3.0)  # the server saw the client leave
+
+
+@pytest.mark.anyio
+async def test_a_second_reader_is_refused_and_leaves_the_first_alone(
+    upstream: MockUpstream,
+) -> None:
+    """Two tasks reading one stream: the second gets a clear RuntimeError at once, and the first
+    still answers to `close()` (a second reader used to take over its deadline and close)."""
+    async with holysheep.AsyncClient(
+        api_key="k", base_url=upstream.base_url, retry=RetryPolicy.none()
+    ) as client:
+        behaviour = config(fault="stall@2")
+        async with client.chat.stream(model="m", messages=MESSAGES, extra_headers=behaviour) as s:
+            texts: list[str] = []
+            ended = anyio.Event()
+
+            async def first() -> None:
+                texts.extend([chunk.text async for chunk in s])
+                ended.set()
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(first)
+                await anyio.sleep(0.2)  # first is blocked in the stall
+                with pytest.raises(RuntimeError, match="already being read"):
+                    await s.__anext__()
+                s.close()
+                with anyio.fail_after(2):
+                    await ended.wait()
+        assert "".join(TOKENS[:2]) == "".join(texts)
