@@ -369,8 +369,39 @@ async def test_the_session_is_made_lazily_and_closed_by_aclose(upstream: MockUps
         assert not session.closed
         assert session.timeout.total is None  # aiohttp's 300 s default would cut long streams
     assert session.closed
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(holysheep.LocalProtocolError, match="closed"):
         await client.chat.complete(model="m", messages=MESSAGES)
+
+
+@pytest.mark.anyio
+async def test_closing_the_client_ends_a_read_blocked_in_another_task() -> None:
+    """aiohttp's own close leaves a blocked `readany()` waiting (until the idle timeout, a
+    minute by default); the transport closes what it has open, so the reader fails at once,
+    with the text so far, and the server sees it leave."""
+    with serve(tokens_per_s=20) as upstream:
+        client = client_for(upstream, AiohttpTransport())
+        failure: list[BaseException] = []
+
+        async def reader() -> None:
+            try:
+                async with client.chat.stream(model="m", messages=MESSAGES) as stream:
+                    async for _ in stream:
+                        pass
+            except holysheep.HolySheepError as exc:
+                failure.append(exc)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(reader)
+            await anyio.sleep(0.3)
+            await client.aclose()
+            with anyio.fail_after(2):
+                while not failure:
+                    await anyio.sleep(0.01)
+        assert isinstance(failure[0], IncompleteStreamError)
+        assert failure[0].completion is not None
+        assert failure[0].completion.text
+        assert EXPECTED.startswith(failure[0].completion.text)
+        assert await disconnected(upstream)
 
 
 @pytest.mark.anyio

@@ -157,3 +157,23 @@ def test_a_client_class_with_its_own_build_request_keeps_it(upstream: MockUpstre
         )
         client.chat.complete(model="m", messages=MESSAGES)
     assert "yes" == upstream.requests[-1].headers["x-signed"]
+
+
+@pytest.mark.anyio
+async def test_a_closed_transport_refuses_with_a_holysheep_error() -> None:
+    """Not httpx's own RuntimeError: the clients only expect holysheep's errors (and a
+    `LocalProtocolError` is not retried, since retrying cannot reopen the transport)."""
+    with serve() as upstream:
+        sync = HTTPXTransport()
+        sync.close()
+        client = holysheep.Client(api_key="k", base_url=upstream.base_url, transport=sync)
+        with pytest.raises(holysheep.LocalProtocolError, match="HTTPXTransport is closed"):
+            client.chat.complete(model="m", messages=MESSAGES)
+        transport = AsyncHTTPXTransport()
+        await transport.aclose()
+        async_client = holysheep.AsyncClient(
+            api_key="k", base_url=upstream.base_url, transport=transport
+        )
+        with pytest.raises(holysheep.LocalProtocolError, match="AsyncHTTPXTransport is closed"):
+            await async_client.chat.complete(model="m", messages=MESSAGES)
+        assert [] == upstream.requests

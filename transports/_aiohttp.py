@@ -25,7 +25,8 @@ whatever arrived since the last read, with no copying or re-chunking. It finishe
 reports the end of the body; aiohttp then returns the connection to its pool by itself. Closing
 a response that has not finished calls `ClientResponse.close()`, which closes the socket (never
 drains it, never pools it) and fails a read blocked in another task at once, so the server sees
-the client go away.
+the client go away. The transport keeps its unfinished bodies in a set, and `aclose()` closes
+them that way: closing the session alone leaves such a read waiting.
 """
 
 from __future__ import annotations
@@ -44,7 +45,12 @@ except ImportError as exc:  # pragma: no cover - the dev environment has aiohttp
         "AiohttpTransport needs aiohttp, an optional dependency: pip install 'holysheep[aiohttp]'"
     ) from exc
 
-from holysheep._exceptions import APIConnectionError, ConfigurationError, ConnectTimeoutError
+from holysheep._exceptions import (
+    APIConnectionError,
+    ConfigurationError,
+    ConnectTimeoutError,
+    LocalProtocolError,
+)
 from holysheep._exchange import Request, Timeouts
 from holysheep.transports._base import AsyncBaseTransport, AsyncResponse
 
@@ -119,12 +125,14 @@ def _header_name(name: str) -> str:
 class _Body:
     """A response body as an async iterator of raw chunks, one `readany()` per chunk."""
 
-    __slots__ = ("_content", "_response", "finished")
+    __slots__ = ("_content", "_open", "_response", "finished")
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, open_bodies: set[_Body]) -> None:
         self._response = response
         self._content = response.content
+        self._open = open_bodies  # the transport's, so `aclose()` can end a blocked read
         self.finished = False
+        open_bodies.add(self)
 
     def __aiter__(self) -> _Body:
         return self
@@ -139,11 +147,16 @@ class _Body:
         if data:
             return data
         self.finished = True  # aiohttp has put the connection back in its pool
+        self._open.discard(self)
         raise StopAsyncIteration
 
     async def close_response(self) -> None:
+        self.close()
+
+    def close(self) -> None:
         # A finished body's connection is already pooled and `close()` leaves it there; an
         # unfinished one is closed, which also fails a read blocked in another task at once.
+        self._open.discard(self)
         self._response.close()
 
 
@@ -169,6 +182,9 @@ class AiohttpTransport(AsyncBaseTransport):
         self._owns_session = session is None
         self._session = session
         self._closed = False
+        # Bodies not yet finished or closed: `aclose()` closes them. aiohttp's own close leaves
+        # a read blocked on one of them waiting until the clients' idle timeout.
+        self._open: set[_Body] = set()
         self.max_connections = max_connections
         self.max_connections_per_host = max_connections_per_host
         self.keepalive_timeout = keepalive_timeout
@@ -200,7 +216,7 @@ class AiohttpTransport(AsyncBaseTransport):
         session = self._session
         if session is None:
             if self._closed:
-                raise RuntimeError("AiohttpTransport is closed: cannot send another request")
+                raise LocalProtocolError("AiohttpTransport is closed: cannot send another request")
             session = self._session = self._new_session()
         try:
             response = await session.request(
@@ -213,7 +229,7 @@ class AiohttpTransport(AsyncBaseTransport):
             )
         except _ERRORS as exc:
             raise _translate(exc, request) from exc
-        body = _Body(response)
+        body = _Body(response, self._open)
         return AsyncResponse(
             response.status,
             response.headers,  # case-insensitive already: no copy per stream
@@ -224,6 +240,8 @@ class AiohttpTransport(AsyncBaseTransport):
     async def aclose(self) -> None:
         """Close the session this transport made (a session passed in is left open)."""
         self._closed = True
+        while self._open:
+            self._open.pop().close()
         session, self._session = self._session, None
         if session is not None and self._owns_session:
             await session.close()

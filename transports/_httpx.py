@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import anyio
 import httpx
 
-from holysheep._exceptions import APIConnectionError, ConnectTimeoutError
+from holysheep._exceptions import APIConnectionError, ConnectTimeoutError, LocalProtocolError
 from holysheep._exchange import Request, Timeouts
 from holysheep.transports._base import AsyncBaseTransport, AsyncResponse, BaseTransport, Response
 
@@ -122,6 +122,8 @@ class HTTPXTransport(BaseTransport):
         self._urls: dict[str, httpx.URL] = {}  # parsed request URLs, see `_build`
 
     def send(self, request: Request) -> Response:
+        if self.client.is_closed:  # httpx would raise a RuntimeError of its own
+            raise LocalProtocolError("HTTPXTransport is closed: cannot send another request")
         built = _build(self.client, request, self._urls)
         try:
             response = self.client.send(built, stream=True)
@@ -185,6 +187,8 @@ class AsyncHTTPXTransport(AsyncBaseTransport):
         self._urls: dict[str, httpx.URL] = {}  # parsed request URLs, see `_build`
 
     async def send(self, request: Request) -> AsyncResponse:
+        if self.client.is_closed:  # httpx would raise a RuntimeError of its own
+            raise LocalProtocolError("AsyncHTTPXTransport is closed: cannot send another request")
         built = _build(self.client, request, self._urls)
         try:
             response = await self.client.send(built, stream=True)
