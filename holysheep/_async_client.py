@@ -27,7 +27,7 @@ import anyio
 from ._call import Attempt, Call, OnInterrupt
 from ._chat import ChatChunk, Completion
 from ._config import ClientConfig
-from ._exceptions import APIConnectionError, HolySheepError
+from ._exceptions import APIConnectionError, HolySheepError, LocalProtocolError
 from ._exchange import MAX_ERROR_BODY, Exchange, StreamStats, Timeouts
 from ._gate import Gate, gate_for
 from ._limiter import RateLimiter, Ticket
@@ -84,12 +84,14 @@ class AsyncClient:
             transport = AsyncHTTPXTransport()
         self.transport = transport
         self.chat = AsyncChat(self)
+        self._closed = False
 
     @property
     def base_url(self) -> str:
         return self._config.base_url
 
     async def aclose(self) -> None:
+        self._closed = True
         await self.transport.aclose()
 
     async def __aenter__(self) -> AsyncClient:
@@ -124,6 +126,8 @@ class AsyncChat:
     ) -> AsyncStream:
         """Start a streamed completion: `async with client.chat.stream(...) as stream:`."""
         client = self._client
+        if client._closed:
+            raise LocalProtocolError("the AsyncClient is closed: make a new one to send requests")
         call = client._config.call(
             model,
             messages,

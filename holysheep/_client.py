@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ._call import Attempt, Call, OnInterrupt
 from ._chat import ChatChunk, Completion
 from ._config import ClientConfig
-from ._exceptions import APIConnectionError, HolySheepError
+from ._exceptions import APIConnectionError, APITimeoutError, HolySheepError, LocalProtocolError
 from ._exchange import MAX_ERROR_BODY, Exchange, StreamStats, Timeouts
 from ._gate import Gate, gate_for
 from ._limiter import RateLimiter, Ticket
@@ -77,12 +77,15 @@ class Client:
         self.transport = transport
         self.chat = Chat(self)
         self._watchdog = _Watchdog()
+        self._closed = False
 
     @property
     def base_url(self) -> str:
         return self._config.base_url
 
     def close(self) -> None:
+        """Close the transport; streams still open keep their timeouts until they end."""
+        self._closed = True
         self._watchdog.stop()
         self.transport.close()
 
@@ -122,6 +125,8 @@ class Chat:
         body as they are. `retry` and `on_interrupt` override the client's for this call.
         """
         client = self._client
+        if client._closed:
+            raise LocalProtocolError("the Client is closed: make a new one to send requests")
         call = client._config.call(
             model,
             messages,
@@ -160,6 +165,7 @@ class Stream:
         "_closed",
         "_exhausted",
         "_expired",
+        "_expiry",
         "_gate",
         "_lapsed",
         "_lock",
@@ -184,6 +190,7 @@ class Stream:
         self._stop = threading.Event()  # set by close(): ends waits and reads
         self._closed = False
         self._expired = False
+        self._expiry: APITimeoutError | None = None  # what the watchdog found, see `_expire`
         self._exhausted = False
         # Whether the caller has the stream and is not reading it (see `_lapse`), and whether
         # a ttft or idle deadline passed meanwhile.
@@ -334,7 +341,14 @@ class Stream:
             response = self._transport.send(exchange.request)
         except HolySheepError as exc:
             raise self._timeout_or(exc) from exc
-        self._response = response
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._response = response
+        if closed:
+            # `close()` came while we were sending, and found no response to close.
+            response.close()
+            return
         action = exchange.on_headers(response.status_code, response.headers, _clock())
         if action == "read_error_body":
             raise exchange.error_for_body(self._read_error_body(response))
@@ -370,7 +384,7 @@ class Stream:
 
     def _timeout_or(self, exc: HolySheepError | None) -> HolySheepError:
         now = _clock()
-        timeout = self._exchange.timeout_error(now)
+        timeout = self._expiry if self._expired else self._exchange.timeout_error(now)
         if timeout is not None:
             return timeout
         if exc is None:  # pragma: no cover - the watchdog only expires streams that are due
@@ -417,8 +431,13 @@ class Stream:
             self._exchange.resumed(_clock())
         self._watchdog.watch(self)
 
-    def _expire(self) -> None:
-        """Called by the watchdog when a deadline passed."""
+    def _expire(self, error: APITimeoutError) -> None:
+        """Called by the watchdog when a deadline passed.
+
+        `error` is kept for the reader: content may still arrive between this and the read
+        failing, and move the deadline later, but the connection is closed by then.
+        """
+        self._expiry = error
         self._expired = True
         response = self._response
         if response is not None:
@@ -472,28 +491,32 @@ class _Watchdog:
             self._streams.discard(stream)
 
     def stop(self) -> None:
+        """Stop once the streams still watched have ended; a later `watch` starts it again."""
         with self._cond:
             self._stopped = True
             self._cond.notify()
-        thread = self._thread
+            thread = self._thread if not self._streams else None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
 
     def _run(self) -> None:
         with self._cond:
             idle = False  # the last look found nothing to watch
-            while not self._stopped:
+            # Stopped by `Client.close()`: streams still open keep their deadlines until they end.
+            while not self._stopped or self._streams:
                 self.looks += 1
                 now = _clock()
                 soonest: float | None = None
                 for stream in list(self._streams):
-                    due = stream._exchange.deadline()
+                    exchange = stream._exchange
+                    due = exchange.deadline()
                     if due is None:
                         self._streams.discard(stream)
-                    elif due[0] <= now:
+                    elif due[0] <= now and (error := exchange.timeout_error(now)) is not None:
+                        # (None: content moved the deadline since `deadline()`; look again.)
                         self._streams.discard(stream)
-                        if due[1] == "total" or not stream._lapse():
-                            stream._expire()
+                        if error.timeout == "total" or not stream._lapse():
+                            stream._expire(error)
                     elif soonest is None or due[0] < soonest:
                         soonest = due[0]
                 if soonest is None and not idle:
@@ -505,3 +528,4 @@ class _Watchdog:
                     # Woken by a stream: if it has ended before this look, look again in a while
                     # rather than sleeping until the next one wakes us too.
                     idle = False
+            self._thread = None  # under the lock: a `watch` from now on starts a new one

@@ -117,8 +117,12 @@ class Timeouts:
         return cls(connect=value, ttft=value, idle=value)
 
     def head_timeout(self) -> float | None:
-        """How long a transport may wait for the response head: the first-token clock runs."""
-        limits = [t for t in (self.ttft, self.total) if t is not None]
+        """How long a transport may wait for the response head: `connect` covers it, and the
+        first-token and total clocks run too (`Exchange.deadline` before the head).
+
+        The sync client's watchdog cannot cut a send short, so this is what enforces it there.
+        """
+        limits = [t for t in (self.connect, self.ttft, self.total) if t is not None]
         return min(limits) + 0.05 if limits else None
 
     def read_backstop(self) -> float | None:

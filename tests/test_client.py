@@ -1016,3 +1016,140 @@ async def test_a_second_reader_is_refused_and_leaves_the_first_alone(
                 with anyio.fail_after(2):
                     await ended.wait()
         assert "".join(TOKENS[:2]) == "".join(texts)
+
+
+# -- the sync client's watchdog, close() and the end of a Client ------------------------------
+
+
+def test_tokens_as_often_as_idle_end_cleanly_or_with_an_idle_timeout(
+    transport: BaseTransport,
+) -> None:
+    """Content that moves the deadline while the watchdog expires a stream: the reader still
+    gets the `IdleTimeoutError` the watchdog found (it used to get a RuntimeError, or a
+    'connection broke' error, when the deadline had moved by the time it looked)."""
+    outcomes: list[str] = []
+    with serve(tokens_per_s=10, tokens=4) as upstream:
+        client = client_for(upstream, transport, timeout=Timeouts(idle=0.1, ttft=2))
+
+        def streams() -> None:
+            for _ in range(6):
+                try:
+                    client.chat.complete(model="m", messages=MESSAGES)
+                    outcomes.append("ok")
+                except IdleTimeoutError:
+                    outcomes.append("idle")
+                except Exception as exc:  # the point is to see anything else
+                    outcomes.append(repr(exc))
+
+        threads = [threading.Thread(target=streams) for _ in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        client.close()
+    assert 60 == len(outcomes)
+    assert set(outcomes) <= {"ok", "idle"}
+
+
+@pytest.fixture
+def late_head_server() -> Iterator[tuple[str, threading.Event]]:
+    """Sends the response head 0.5 s after the request, then a token every 50 ms; the event is
+    set when the client has gone away."""
+    import json
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    left = threading.Event()
+
+    def serve_one() -> None:
+        listener.settimeout(5)
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.recv(65536)
+            time.sleep(0.5)
+            try:
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n"
+                )
+                for i in range(60):
+                    delta = {"choices": [{"index": 0, "delta": {"content": f"t{i} "}}]}
+                    event = b"data: " + json.dumps(delta).encode() + b"\n\n"
+                    conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+                    time.sleep(0.05)
+            except OSError:
+                left.set()
+
+    thread = threading.Thread(target=serve_one, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1", left
+    thread.join(5)
+    listener.close()
+
+
+def test_close_while_the_request_is_sent_closes_once_the_head_arrives(
+    late_head_server: tuple[str, threading.Event], transport: BaseTransport
+) -> None:
+    """`close()` from another thread before the response head: nothing is read, and the
+    connection is closed when the head comes (it used to be read to its end, and leaked)."""
+    url, left = late_head_server
+    client = holysheep.Client(
+        api_key="k", base_url=url, transport=transport, retry=RetryPolicy.none()
+    )
+    stream = client.chat.stream(model="m", messages=MESSAGES)
+    threading.Timer(0.1, stream.close).start()
+    started = time.monotonic()
+    with stream:
+        texts = [chunk.text for chunk in stream]
+    assert [] == texts
+    assert time.monotonic() - started < 1.5
+    assert left.wait(3)
+
+
+def test_connect_bounds_the_wait_for_the_response_head(
+    silent_server: str, transport: BaseTransport
+) -> None:
+    """`connect` covers the response head, as documented (the socket wait used `ttft`)."""
+    client = holysheep.Client(
+        api_key="k",
+        base_url=silent_server,
+        transport=transport,
+        retry=RetryPolicy.none(),
+        timeout=Timeouts(connect=0.3, ttft=5),
+    )
+    started = time.monotonic()
+    with pytest.raises(holysheep.ConnectTimeoutError, match="no response head"):
+        client.chat.complete(model="m", messages=MESSAGES)
+    assert time.monotonic() - started < 2
+    client.close()
+
+
+def test_a_closed_client_keeps_timing_open_streams_and_refuses_new_ones(
+    upstream: MockUpstream, transport: BaseTransport
+) -> None:
+    client = client_for(upstream, transport, timeout=Timeouts(idle=0.3))
+    behaviour = config(fault="stall@3")
+    with client.chat.stream(model="m", messages=MESSAGES, extra_headers=behaviour) as stream:
+        chunks = iter(stream)
+        next(chunks)
+        client.close()  # used to stop the watchdog for good: the stall then hung forever
+        started = time.monotonic()
+        # requests leaves a connection in use open, and the idle timeout ends the stall;
+        # httpx closes it with the pool.
+        with pytest.raises((IdleTimeoutError, IncompleteStreamError)):
+            for _ in chunks:
+                pass
+        assert time.monotonic() - started < 2
+    with pytest.raises(holysheep.LocalProtocolError, match="closed"):
+        client.chat.stream(model="m", messages=MESSAGES)
+
+
+@pytest.mark.anyio
+async def test_a_closed_async_client_refuses_new_streams(upstream: MockUpstream) -> None:
+    client = holysheep.AsyncClient(api_key="k", base_url=upstream.base_url)
+    await client.aclose()
+    with pytest.raises(holysheep.LocalProtocolError, match="closed"):
+        client.chat.stream(model="m", messages=MESSAGES)
