@@ -591,7 +591,7 @@ class ChatAccumulator:
             raise RemoteProtocolError(
                 f"expected a JSON object in stream event, got {_snippet(data)}"
             )
-        if "error" in obj:
+        if obj.get("error") is not None:  # some gateways send `"error": null` on every chunk
             raise self._stream_error(obj)
         return self._chunk(obj, event)
 

@@ -338,6 +338,15 @@ def test_inband_openai_error_carries_partial_completion() -> None:
         acc.feed(b"data: {}\n\n")
 
 
+def test_a_null_error_field_is_no_error() -> None:
+    """`"error": null` beside an ordinary chunk (some gateways send it on every chunk)."""
+    acc = ChatAccumulator()
+    data = {"choices": [{"index": 0, "delta": {"content": "hi"}}], "error": None}
+    chunks = acc.feed(b"data: " + json.dumps(data).encode() + b"\n\n")
+    assert ["hi"] == [c.text for c in chunks]
+    assert "hi" == acc.completion.text
+
+
 def test_anthropic_error_event() -> None:
     """`event: error` in Anthropic's shape is a StreamError too."""
     data = {"type": "error", "error": {"type": "invalid_request_error", "message": "bad"}}
