@@ -57,6 +57,9 @@ class ClientConfig:
             raise ConfigurationError(
                 f"no API key: pass api_key=... or set the {API_KEY_ENV} environment variable"
             )
+        _check_header("the API key", key)
+        for name, value in (headers or {}).items():
+            _check_header(f"header {name!r}", value)
         url = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
         return cls(
             key,
@@ -97,6 +100,9 @@ class ClientConfig:
         }
         body.update(params)
         timeouts = self.timeouts if timeout is None else Timeouts.from_value(timeout)
+        if headers:
+            for name, value in headers.items():
+                _check_header(f"header {name!r}", value)
         extra = {**self.headers, **headers} if headers else self.headers
         # An `X-Request-ID` among the headers is the request id, as in `Exchange`.
         request_id = request_id or _header(extra, "x-request-id") or new_request_id()
@@ -120,6 +126,21 @@ class ClientConfig:
         if limited:
             call.cost = estimate_cost(body)
         return call
+
+
+def _check_header(what: str, value: str) -> None:
+    """A header value HTTP cannot carry fails here, named, rather than deep in a transport.
+
+    Only ASCII goes everywhere (httpx refuses the rest); the value itself is not quoted, since
+    it may be a secret. A typical case: an API key pasted with a typographic dash.
+    """
+    if not isinstance(value, str) or value.isascii():
+        return
+    index, char = next((i, c) for i, c in enumerate(value) if not c.isascii())
+    raise ConfigurationError(
+        f"{what} has a character HTTP headers cannot carry: {char!r} (U+{ord(char):04X}) at "
+        f"position {index}; only ASCII is allowed"
+    )
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:

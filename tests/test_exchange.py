@@ -90,6 +90,21 @@ def test_missing_api_key_names_the_env_var(monkeypatch: pytest.MonkeyPatch) -> N
         ClientConfig.from_arguments(None, None, None, None, True)
 
 
+def test_a_header_http_cannot_carry_is_a_clear_error_naming_it() -> None:
+    """An API key pasted with a typographic dash fails at construction, without quoting the
+    key; a header value alike, per client or per call."""
+    with pytest.raises(ConfigurationError, match=r"API key .*\(U\+2013\) at position 2"):
+        ClientConfig.from_arguments("sk\u2013abc", None, None, None, True)
+    with pytest.raises(ConfigurationError, match="header 'x-team'"):
+        ClientConfig.from_arguments("k", None, None, {"x-team": "caf\u00e9"}, True)
+    config = ClientConfig.from_arguments("k", None, None, None, True)
+    with pytest.raises(ConfigurationError, match="header 'x-note'"):
+        config.call("m", [], {}, headers={"x-note": "\u2603"})
+    with pytest.raises(ConfigurationError) as info:
+        ClientConfig.from_arguments("sk\u2013secret", None, None, None, True)
+    assert "secret" not in str(info.value)
+
+
 def test_env_vars_configure_key_and_url(monkeypatch: pytest.MonkeyPatch) -> None:
     """HOLYSHEEP_API_KEY and HOLYSHEEP_BASE_URL are read; the default URL is the gateway."""
     monkeypatch.setenv("HOLYSHEEP_API_KEY", "sk-env")
