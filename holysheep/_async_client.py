@@ -166,6 +166,7 @@ class AsyncStream:
         "_closed",
         "_exhausted",
         "_expired",
+        "_failure",
         "_gate",
         "_index",
         "_lapsed",
@@ -204,6 +205,8 @@ class AsyncStream:
         self._cancelled_read = False
         self._expired = False
         self._lapsed = False  # a ttft or idle deadline passed while nobody was reading
+        # An error in a read's bytes after the chunks it completed: raised once they are out.
+        self._failure: HolySheepError | None = None
 
     @property
     def _exchange(self) -> Exchange:
@@ -289,6 +292,9 @@ class AsyncStream:
                 await self.open()
             while not self._exhausted:
                 try:
+                    if self._failure is not None:
+                        failure, self._failure = self._failure, None
+                        raise failure
                     body = self._body
                     if body is None or self._closed or not self._timed:
                         chunks = await self._read()  # trio, and the ends of a stream
@@ -368,6 +374,7 @@ class AsyncStream:
         chunks = exchange.on_data(data, now)
         if chunks:
             self._call.delivered(chunks, now)
+            self._failure = exchange.failure
         return chunks
 
     async def _at_eof(self, body: AsyncIterator[bytes]) -> list[ChatChunk]:

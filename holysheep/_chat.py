@@ -27,7 +27,13 @@ from typing import Any, TypeAlias, final
 import attrs
 
 from . import _sse
-from ._exceptions import IncompleteStreamError, LocalProtocolError, RemoteProtocolError, StreamError
+from ._exceptions import (
+    HolySheepError,
+    IncompleteStreamError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    StreamError,
+)
 from ._pricing import Cost, cost_of
 from ._sse import ServerSentEvent, SSEDecoder
 
@@ -559,11 +565,16 @@ class ChatAccumulator:
             done = _c_feed(self, data)
             if done is not None:
                 return done
-        chunks = []
-        for event in self.decoder.feed(data):
-            chunk = self.feed_event(event)
-            if chunk is not None:
-                chunks.append(chunk)
+        chunks: list[ChatChunk] = []
+        try:
+            for event in self.decoder.feed(data):
+                chunk = self.feed_event(event)
+                if chunk is not None:
+                    chunks.append(chunk)
+        except HolySheepError as exc:
+            if chunks:
+                exc.chunks = chunks  # accumulated already: see `HolySheepError.chunks`
+            raise
         return chunks
 
     def feed_event(self, event: ServerSentEvent) -> ChatChunk | None:

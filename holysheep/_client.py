@@ -293,6 +293,8 @@ class Stream:
                 self._away = False
                 if self._lapsed:
                     self._resume()
+                if exchange.failure is not None:
+                    raise exchange.failure  # in the bytes after these chunks (`Exchange.on_data`)
         if self._expired:
             raise self._timeout_or(None)
         if not self._closed:

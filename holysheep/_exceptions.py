@@ -27,11 +27,11 @@ accumulated so far, so text a user already saw is never lost with the exception.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._chat import Completion, Usage
+    from ._chat import ChatChunk, Completion, Usage
 
 __all__ = [
     "APIConnectionError",
@@ -65,6 +65,11 @@ class HolySheepError(Exception):
 
     The attributes are None where they do not apply (a decoder error has no status code).
     """
+
+    #: For an error raised by `ChatAccumulator.feed`: the chunks the same bytes completed
+    #: before the bad event. They are accumulated already (in `completion`), so a caller that
+    #: shows chunks must still show these; the clients hand them over before raising.
+    chunks: Sequence[ChatChunk] = ()
 
     def __init__(
         self,

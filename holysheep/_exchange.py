@@ -274,6 +274,7 @@ class Exchange:
         "bytes",
         "content_chunks",
         "events",
+        "failure",
         "request",
         "request_id",
         "response_headers",
@@ -320,6 +321,9 @@ class Exchange:
         self.server_request_id: str | None = None
         self.bytes = 0
         self.events = 0
+        #: An error in the bytes after chunks `on_data` returned: raise it once they are handed
+        #: over (see `on_data`).
+        self.failure: HolySheepError | None = None
         self.content_chunks = 0
         self._started: float | None = None
         self._connected: float | None = None
@@ -410,7 +414,13 @@ class Exchange:
                 chunks = self._feed_tracking_ids(data)
         except HolySheepError as exc:
             self._identify(exc)
-            raise
+            if not exc.chunks:
+                raise
+            # The same bytes completed chunks before the bad event: they are accumulated, and
+            # must reach the caller before the error does, or the caller would never see text
+            # the completion has (and a resume would skip it as delivered).
+            chunks = list(exc.chunks)
+            self.failure = exc
         if chunks:
             self.events += len(chunks)
             for chunk in chunks:
@@ -427,14 +437,19 @@ class Exchange:
         skip, seen = self._skip_ids, self._ids
         assert skip is not None
         assert seen is not None
-        for event in self.accumulator.decoder.feed(data):
-            if event.id:
-                if event.id in skip:
-                    continue  # delivered before the resume: never twice
-                seen.add(event.id)
-            chunk = self.accumulator.feed_event(event)
-            if chunk is not None:
-                chunks.append(chunk)
+        try:
+            for event in self.accumulator.decoder.feed(data):
+                if event.id:
+                    if event.id in skip:
+                        continue  # delivered before the resume: never twice
+                    seen.add(event.id)
+                chunk = self.accumulator.feed_event(event)
+                if chunk is not None:
+                    chunks.append(chunk)
+        except HolySheepError as exc:
+            if chunks:
+                exc.chunks = chunks
+            raise
         return chunks
 
     def on_eof(self, now: float) -> None:
@@ -453,7 +468,7 @@ class Exchange:
             exc.request_id = self.server_request_id or self.request_id
         if exc.status_code is None:
             exc.status_code = self.status_code
-        if exc.completion is None and self.events:
+        if exc.completion is None and (self.events or exc.chunks):
             exc.completion = self.accumulator.completion
 
     def interrupted(self, cause: BaseException, now: float) -> HolySheepError:

@@ -969,6 +969,20 @@ take_event(PyObject *acc, PyObject *event, PyObject *chunks)
 /* `ChatAccumulator.feed(data)`: the events of the read (decoded by the decoder's C part when
    it takes the read, else by `decoder.feed`), each made a chunk by `chunk_of` or else by
    `feed_event`. None, having changed nothing, for anything but a `ChatAccumulator` itself. */
+/* The chunks a read completed before its error go with the error, as `ChatAccumulator.feed`
+   does (`HolySheepError.chunks`): they are accumulated already, and the caller must get them.
+   An exception that takes no attribute (not ours) goes on without them. */
+static void
+attach_chunks(PyObject *chunks)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (value != NULL && PyObject_SetAttrString(value, "chunks", chunks) < 0)
+        PyErr_Clear();
+    PyErr_Restore(type, value, traceback);
+}
+
 static PyObject *
 chat_feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1023,6 +1037,8 @@ chat_feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_DECREF(events);
     return chunks;
 error:
+    if (chunks != NULL && PyList_GET_SIZE(chunks) > 0)
+        attach_chunks(chunks);
     Py_XDECREF(each);
     Py_DECREF(events);
     Py_XDECREF(chunks);

@@ -347,6 +347,27 @@ def test_a_null_error_field_is_no_error() -> None:
     assert "hi" == acc.completion.text
 
 
+@pytest.mark.parametrize("c_part", [True, False], ids=["C", "Python"])
+def test_chunks_before_an_error_in_the_same_bytes_go_with_the_error(
+    c_part: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They are accumulated already; the error carries them so the caller can still have them."""
+    from holysheep import _chat
+
+    if not c_part:
+        monkeypatch.setattr(_chat, "_c_feed", None)
+    error = b'data: {"error": {"message": "Overloaded", "type": "overloaded_error"}}\n\n'
+    for bad in (error, b"data: {not json\n\n"):
+        acc = ChatAccumulator()
+        with pytest.raises((StreamError, RemoteProtocolError)) as info:
+            acc.feed(chunk({"content": "par"}) + chunk({"content": "tial"}) + bad)
+        assert ["par", "tial"] == [c.text for c in info.value.chunks]
+        assert "partial" == acc.completion.text
+    with pytest.raises(StreamError) as info:
+        ChatAccumulator().feed(error)
+    assert () == info.value.chunks  # nothing before it
+
+
 def test_anthropic_error_event() -> None:
     """`event: error` in Anthropic's shape is a StreamError too."""
     data = {"type": "error", "error": {"type": "invalid_request_error", "message": "bad"}}

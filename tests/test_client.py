@@ -33,6 +33,7 @@ from holysheep import (
 from holysheep.testing import MockUpstream, UpstreamConfig, serve
 from holysheep.transports import (
     AsyncHTTPXTransport,
+    AsyncMockTransport,
     BaseTransport,
     HTTPXTransport,
     MockResponse,
@@ -1153,3 +1154,87 @@ async def test_a_closed_async_client_refuses_new_streams(upstream: MockUpstream)
     await client.aclose()
     with pytest.raises(holysheep.LocalProtocolError, match="closed"):
         client.chat.stream(model="m", messages=MESSAGES)
+
+
+# -- an error in the same bytes as chunks before it -------------------------------------------
+
+
+def _events_then_error() -> tuple[list[bytes], bytes]:
+    import json
+
+    def event(i: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        data = {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return b"id: %d\ndata: %s\n\n" % (i, json.dumps(data).encode())
+
+    events = [
+        event(0, {"role": "assistant", "content": ""}),
+        event(1, {"content": "Hello"}),
+        event(2, {"content": " world"}),
+        event(3, {"content": "!"}),
+        event(4, {}, "stop"),
+        b"data: [DONE]\n\n",
+    ]
+    return events, b'data: {"error": {"message": "Overloaded", "type": "overloaded_error"}}\n\n'
+
+
+@pytest.mark.parametrize("on_interrupt", ["raise", "resume"])
+def test_chunks_read_with_an_error_reach_the_caller_before_it(on_interrupt: str) -> None:
+    """One read holds " world" and then an in-band error: the caller sees " world" before the
+    error (it used to be in the completion only, and a resume skipped it as delivered)."""
+    events, error = _events_then_error()
+
+    def answer(request: Any) -> MockResponse:
+        last = request.header("last-event-id")
+        if last is None:
+            return MockResponse(chunks=[events[0], events[1], events[2] + error])
+        return MockResponse(chunks=events[int(last) + 1 :])
+
+    client = holysheep.Client(
+        api_key="k",
+        transport=MockTransport(answer),
+        retry=RetryPolicy(wait_initial=0.01, wait_jitter=0),
+        on_interrupt=on_interrupt,  # type: ignore[arg-type]
+    )
+    shown: list[str] = []
+    failed: list[StreamError] = []
+    with client.chat.stream(model="m", messages=MESSAGES) as stream:
+        try:
+            shown.extend(chunk.text for chunk in stream)
+        except StreamError as exc:
+            failed.append(exc)
+    assert ("raise" == on_interrupt) == bool(failed)
+    if failed:
+        assert failed[0].completion is not None
+        assert "Hello world" == failed[0].completion.text
+    expected = "Hello world!" if on_interrupt == "resume" else "Hello world"
+    assert expected == "".join(shown) == stream.completion.text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("on_interrupt", ["raise", "resume"])
+async def test_async_chunks_read_with_an_error_reach_the_caller_before_it(
+    on_interrupt: str,
+) -> None:
+    events, error = _events_then_error()
+
+    def answer(request: Any) -> MockResponse:
+        last = request.header("last-event-id")
+        if last is None:
+            return MockResponse(chunks=[events[0], events[1], events[2] + error])
+        return MockResponse(chunks=events[int(last) + 1 :])
+
+    client = holysheep.AsyncClient(
+        api_key="k",
+        transport=AsyncMockTransport(answer),
+        retry=RetryPolicy(wait_initial=0.01, wait_jitter=0),
+        on_interrupt=on_interrupt,  # type: ignore[arg-type]
+    )
+    shown: list[str] = []
+    async with client.chat.stream(model="m", messages=MESSAGES) as stream:
+        try:
+            async for chunk in stream:
+                shown.append(chunk.text)
+        except StreamError:
+            assert "raise" == on_interrupt
+    expected = "Hello world!" if on_interrupt == "resume" else "Hello world"
+    assert expected == "".join(shown) == stream.completion.text
