@@ -68,6 +68,26 @@ ExchangeFactory = Callable[[Mapping[str, str], ChatAccumulator | None], Exchange
 Hook = Callable[[Attempt], None]
 
 
+@final
+@attrs.frozen
+class Earlier:
+    """What a call's failed attempts measured: a stream's stats cover every attempt, since the
+    caller waited through all of them (`ttft` from the first send, not from the last)."""
+
+    sent: float | None = None  # the first attempt's send, on the driver's clock
+    first_content: float | None = None
+    events: int = 0
+    bytes: int = 0
+
+    def add(self, exchange: Exchange) -> Earlier:
+        return Earlier(
+            self.sent if self.sent is not None else exchange.started,
+            self.first_content if self.first_content is not None else exchange.first_progress,
+            self.events + exchange.events,
+            self.bytes + exchange.bytes,
+        )
+
+
 class Call:
     """See the module docstring."""
 
@@ -75,6 +95,7 @@ class Call:
     __slots__ = (
         "_announced",
         "_delivered",
+        "_earlier",
         "_first_token",
         "_hooks",
         "_make_exchange",
@@ -135,6 +156,8 @@ class Call:
         self._resume_from: str | None = None
         self._seen_ids: frozenset[str] = _NO_IDS
         self._pending_reset: Reset | None = None
+        #: What the failed attempts measured, for the stream's stats (see `earlier`).
+        self._earlier = Earlier()
 
     def peek(self) -> Exchange:
         """The current exchange; before the first attempt, the one it will use.
@@ -187,9 +210,16 @@ class Call:
             if self._observers:
                 notify(self._observers, "on_first_token", self.info, self._stats(now))
 
+    @property
+    def earlier(self) -> Earlier:
+        """What the attempts before the current one measured (all zero for the first)."""
+        return self._earlier
+
     def failed(self, error: HolySheepError, now: float, wall_clock: float | None) -> Retry | GiveUp:
         """What to do about `error`, which ended the current attempt."""
         exchange = self.exchange
+        if exchange is not None:
+            self._earlier = self._earlier.add(exchange)
         elapsed = now - (self._started if self._started is not None else now)
         hint = None
         if exchange is not None and exchange.accumulator.decoder.retry is not None:

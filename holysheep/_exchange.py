@@ -160,7 +160,9 @@ class StreamStats:
     """What one stream measured. Times are in seconds; None where not (yet) known.
 
     `ttft` runs from sending the request to the first chunk with a delta; `tokens_per_s` is
-    output tokens over the time after that first token, the figure gateways quote.
+    output tokens over the time after that first token, the figure gateways quote. After
+    retries, the figures cover every attempt: times run from the first send, and `events`
+    and `bytes` add up over the attempts.
     """
 
     request_id: str
@@ -485,6 +487,16 @@ class Exchange:
         )
 
     @property
+    def started(self) -> float | None:
+        """When the request was sent (the driver's clock)."""
+        return self._started
+
+    @property
+    def first_progress(self) -> float | None:
+        """When the first content arrived."""
+        return self._first_progress
+
+    @property
     def progressed(self) -> bool:
         """Whether any content (a chunk with deltas) has arrived."""
         return self._first_progress is not None
@@ -570,7 +582,15 @@ class Exchange:
         return self.accumulator.completion
 
     def stats(self, now: float, call: Call | None = None) -> StreamStats:
-        started = self._started
+        """This attempt's figures, and with `call` those of the attempts before it too."""
+        started, first = self._started, self._first_progress
+        events, nbytes = self.events, self.bytes
+        if call is not None:
+            earlier = call.earlier
+            started = earlier.sent if earlier.sent is not None else started
+            first = earlier.first_content if earlier.first_content is not None else first
+            events += earlier.events
+            nbytes += earlier.bytes
         end = self._ended if self._ended is not None else now
         usage = self.accumulator.usage
         tokens = usage.completion_tokens if usage and usage.completion_tokens is not None else None
@@ -578,12 +598,10 @@ class Exchange:
             request_id=self.request_id,
             server_request_id=self.server_request_id,
             status_code=self.status_code,
-            ttft=None
-            if started is None or self._first_progress is None
-            else self._first_progress - started,
+            ttft=None if started is None or first is None else first - started,
             duration=None if started is None else end - started,
-            events=self.events,
-            bytes=self.bytes,
+            events=events,
+            bytes=nbytes,
             tokens=tokens if tokens is not None else self.content_chunks,
             tokens_estimated=tokens is None,
             attempts=call.attempt if call is not None else 1,

@@ -1238,3 +1238,25 @@ async def test_async_chunks_read_with_an_error_reach_the_caller_before_it(
             assert "raise" == on_interrupt
     expected = "Hello world!" if on_interrupt == "resume" else "Hello world"
     assert expected == "".join(shown) == stream.completion.text
+
+
+def test_stats_of_a_resumed_stream_cover_every_attempt(transport: BaseTransport) -> None:
+    """The caller waited through both attempts: ttft runs from the first send, and events and
+    bytes add up to those of a stream that never broke (they described the last attempt)."""
+    with serve(ttft=0.3, event_ids=True) as upstream:
+        client = client_for(
+            upstream, transport, retry=RetryPolicy(wait_initial=0.01), on_interrupt="resume"
+        )
+        with client.chat.stream(model="m", messages=MESSAGES) as stream:
+            stream.until_done()
+        clean = stream.stats
+        upstream.enqueue({"fault": "drop@5"})
+        with client.chat.stream(model="m", messages=MESSAGES) as stream:
+            stream.until_done()
+        resumed = stream.stats
+        client.close()
+    assert EXPECTED == stream.completion.text
+    assert (2, clean.events, clean.bytes) == (resumed.attempts, resumed.events, resumed.bytes)
+    assert resumed.ttft is not None
+    assert resumed.duration is not None
+    assert 0.3 <= resumed.ttft < resumed.duration
