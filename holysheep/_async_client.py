@@ -332,6 +332,9 @@ class AsyncStream:
                         else:
                             chunks = await self._at_eof(body)
                 except HolySheepError as exc:
+                    if self._exchange.accumulator.done:
+                        await self._complete()
+                        continue
                     await self._after_failure(exc)
                     await self.open()
                     reset = self._call.take_reset()
@@ -372,6 +375,8 @@ class AsyncStream:
         exchange = self._call.exchange
         assert exchange is not None
         chunks = exchange.on_data(data, now)
+        if exchange.accumulator.done and self._timed:
+            self._arm()  # only the end of the body is awaited now, briefly: a sooner deadline
         if chunks:
             self._call.delivered(chunks, now)
             self._failure = exchange.failure
@@ -388,7 +393,16 @@ class AsyncStream:
         if self._stopped_by_caller():
             await self._finish()
             return []
+        if self._exchange.accumulator.done:
+            return await self._complete()  # the body lingered after [DONE]
         raise self._timeout_or(None)
+
+    async def _complete(self) -> list[ChatChunk]:
+        """`[DONE]` came: the answer is complete, whatever the connection did after it (broke,
+        or lingered past `AFTER_DONE`); end as at the end of the body, closing it."""
+        self._exchange.on_eof(_now())
+        await self._finish()
+        return []
 
     # -- the asyncio deadline timer ----------------------------------------------------------
 

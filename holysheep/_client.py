@@ -258,6 +258,12 @@ class Stream:
                 except HolySheepError as exc:
                     if self._closed and not self._expired:
                         return  # closed by the caller: stop quietly, the partial result stays
+                    if self._exchange.accumulator.done:
+                        # `[DONE]` came: the answer is complete, whatever the connection did
+                        # after it (broke, or lingered past `AFTER_DONE` and was closed).
+                        self._exchange.on_eof(_clock())
+                        self._end_attempt()
+                        return
                     self._after_failure(self._timeout_or(exc))
                     reset = self._call.take_reset()
                     if reset is not None:
@@ -274,13 +280,19 @@ class Stream:
         exchange, body = self._exchange, self._body
         assert body is not None
         on_data, delivered = exchange.on_data, self._call.delivered
-        waiting_for_first = True
+        waiting_for_first = waiting_for_end = True
+        accumulator = exchange.accumulator
         self._away = False
         if self._lapsed:
             self._resume()
         for data in body:
             now = _clock()
             chunks = on_data(data, now)
+            if waiting_for_end and accumulator.done:
+                # After [DONE] only the end of the body is awaited, briefly: the deadline
+                # moves earlier, so the watchdog must know.
+                waiting_for_end = False
+                self._watchdog.watch(self)
             if chunks:
                 if waiting_for_first and exchange.progressed:
                     # The first content swaps the ttft deadline for the idle one, which may
@@ -295,7 +307,7 @@ class Stream:
                     self._resume()
                 if exchange.failure is not None:
                     raise exchange.failure  # in the bytes after these chunks (`Exchange.on_data`)
-        if self._expired:
+        if self._expired and not exchange.accumulator.done:
             raise self._timeout_or(None)
         if not self._closed:
             exchange.on_eof(_clock())
@@ -433,7 +445,7 @@ class Stream:
             self._exchange.resumed(_clock())
         self._watchdog.watch(self)
 
-    def _expire(self, error: APITimeoutError) -> None:
+    def _expire(self, error: APITimeoutError | None) -> None:
         """Called by the watchdog when a deadline passed.
 
         `error` is kept for the reader: content may still arrive between this and the read
@@ -514,6 +526,9 @@ class _Watchdog:
                     due = exchange.deadline()
                     if due is None:
                         self._streams.discard(stream)
+                    elif due[0] <= now and due[1] == "done":
+                        self._streams.discard(stream)
+                        stream._expire(None)  # the body lingers after [DONE]: close it
                     elif due[0] <= now and (error := exchange.timeout_error(now)) is not None:
                         # (None: content moved the deadline since `deadline()`; look again.)
                         self._streams.discard(stream)

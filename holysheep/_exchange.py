@@ -71,6 +71,12 @@ _NO_IDS: frozenset[str] = frozenset()
 _BODY_SNIPPET = 300
 
 TimeoutKind = Literal["connect", "ttft", "idle", "total"]
+#: A deadline's kind: a timeout's, or "done": `[DONE]` came and the body has not ended since.
+DeadlineKind = Literal["connect", "ttft", "idle", "total", "done"]
+
+#: How long the end of the body may take after `[DONE]`; a server that keeps the connection
+#: open longer (keep-alives after the end) is closed on, and the stream ends normally.
+AFTER_DONE = 1.0
 
 _TIMEOUT_ERRORS: dict[str, type[APITimeoutError]] = {
     "connect": ConnectTimeoutError,
@@ -265,6 +271,7 @@ class Exchange:
     # Slots: no per-instance dict; one is open per stream, thousands at a time.
     __slots__ = (
         "_connected",
+        "_done_at",
         "_ended",
         "_first_progress",
         "_ids",
@@ -332,6 +339,7 @@ class Exchange:
         self._first_progress: float | None = None
         self._last_progress: float | None = None
         self._resumed: float | None = None  # see `resumed`
+        self._done_at: float | None = None  # when `[DONE]` came
         self._ended: float | None = None
 
     # -- the protocol ----------------------------------------------------------------------------
@@ -423,6 +431,8 @@ class Exchange:
             # the completion has (and a resume would skip it as delivered).
             chunks = list(exc.chunks)
             self.failure = exc
+        if self._done_at is None and self.accumulator.done:
+            self._done_at = now
         if chunks:
             self.events += len(chunks)
             for chunk in chunks:
@@ -518,13 +528,19 @@ class Exchange:
         """
         self._resumed = now
 
-    def deadline(self) -> tuple[float, TimeoutKind] | None:
-        """When the next timeout fires (on the driver's clock) and which one; None if never."""
+    def deadline(self) -> tuple[float, DeadlineKind] | None:
+        """When the next timeout fires (on the driver's clock) and which one; None if never.
+
+        After `[DONE]` only the end of the body is awaited, for `AFTER_DONE` at most: that
+        deadline ("done") is not a timeout, and the drivers end the stream normally at it.
+        """
         started = self._started
         if started is None:
             return None
+        if self._done_at is not None:
+            return (self._done_at + AFTER_DONE, "done")
         t = self.timeouts
-        best: tuple[float, TimeoutKind] | None = None
+        best: tuple[float, DeadlineKind] | None = None
         if t.total is not None:
             best = (started + t.total, "total")
         if self._connected is None:
@@ -555,7 +571,7 @@ class Exchange:
     def timeout_error(self, now: float) -> APITimeoutError | None:
         """The typed error for the timeout that has fired by `now`, or None."""
         due = self.deadline()
-        if due is None or now < due[0]:
+        if due is None or now < due[0] or due[1] == "done":
             return None
         kind = due[1]
         limit = getattr(self.timeouts, kind)

@@ -1260,3 +1260,86 @@ def test_stats_of_a_resumed_stream_cover_every_attempt(transport: BaseTransport)
     assert resumed.ttft is not None
     assert resumed.duration is not None
     assert 0.3 <= resumed.ttft < resumed.duration
+
+
+# -- after [DONE] -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lingering_server() -> Iterator[tuple[str, threading.Event]]:
+    """Streams an answer and `[DONE]`, then keep-alive comments without ever ending the body;
+    the event is set when the client has gone away."""
+    import json
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    left = threading.Event()
+
+    def event(payload: dict[str, Any] | str) -> bytes:
+        data = payload if isinstance(payload, str) else json.dumps(payload)
+        text = f"data: {data}\n\n".encode()
+        return b"%x\r\n%s\r\n" % (len(text), text)
+
+    def serve_one() -> None:
+        listener.settimeout(5)
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.recv(65536)
+            try:
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n"
+                    + event({"choices": [{"index": 0, "delta": {"content": "Hello"}}]})
+                    + event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                    + event("[DONE]")
+                )
+                for _ in range(200):  # 10 s of keep-alives, and no end of the body
+                    time.sleep(0.05)
+                    conn.sendall(b"e\r\n: keep-alive\n\n\r\n")
+            except OSError:
+                left.set()
+
+    thread = threading.Thread(target=serve_one, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1", left
+    thread.join(15)
+    listener.close()
+
+
+def test_a_body_that_lingers_after_done_is_closed_and_the_stream_ends_normally(
+    lingering_server: tuple[str, threading.Event], transport: BaseTransport
+) -> None:
+    """`[DONE]` ends the answer: a server that keeps the body open after it (keep-alives) is
+    closed on after `AFTER_DONE`, with no error (it used to be an idle timeout, a minute on)."""
+    url, left = lingering_server
+    client = holysheep.Client(
+        api_key="k", base_url=url, transport=transport, timeout=Timeouts(idle=5)
+    )
+    started = time.monotonic()
+    completion = client.chat.complete(model="m", messages=MESSAGES)
+    assert ("Hello", "stop") == (completion.text, completion.finish_reason)
+    assert time.monotonic() - started < 3
+    assert left.wait(3)
+    client.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["httpx", "aiohttp"])
+async def test_async_a_body_that_lingers_after_done_is_closed_and_the_stream_ends_normally(
+    lingering_server: tuple[str, threading.Event], kind: str, anyio_backend: str
+) -> None:
+    url, left = lingering_server
+    async with holysheep.AsyncClient(
+        api_key="k",
+        base_url=url,
+        timeout=Timeouts(idle=5),
+        transport=_async_transport(kind, anyio_backend),
+    ) as client:
+        started = anyio.current_time()
+        completion = await client.chat.complete(model="m", messages=MESSAGES)
+        assert ("Hello", "stop") == (completion.text, completion.finish_reason)
+        assert anyio.current_time() - started < 3
+    assert await anyio.to_thread.run_sync(left.wait, 3.0)
