@@ -164,6 +164,7 @@ class AsyncStream:
         "_call",
         "_cancelled_read",
         "_closed",
+        "_ending",
         "_exhausted",
         "_expired",
         "_failure",
@@ -205,12 +206,14 @@ class AsyncStream:
         self._cancelled_read = False
         self._expired = False
         self._lapsed = False  # a ttft or idle deadline passed while nobody was reading
+        self._ending = False  # [DONE] came: see `_received`
         # An error in a read's bytes after the chunks it completed: raised once they are out.
         self._failure: HolySheepError | None = None
 
     @property
     def _exchange(self) -> Exchange:
-        return self._call.peek()
+        exchange = self._call.exchange
+        return exchange if exchange is not None else self._call.peek()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -375,8 +378,13 @@ class AsyncStream:
         exchange = self._call.exchange
         assert exchange is not None
         chunks = exchange.on_data(data, now)
-        if exchange.accumulator.done and self._timed:
-            self._arm()  # only the end of the body is awaited now, briefly: a sooner deadline
+        if exchange.accumulator.done and self._timed and not self._ending:
+            # Only the end of the body is awaited now, for `AFTER_DONE` at most: a sooner
+            # deadline for the timer. Usually the end is in these bytes already and the stream
+            # is over before the loop runs the callback, which then has nothing to do: cheaper
+            # than arming a timer for every stream.
+            self._ending = True
+            asyncio.get_running_loop().call_soon(self._arm_unless_over)
         if chunks:
             self._call.delivered(chunks, now)
             self._failure = exchange.failure
@@ -441,6 +449,10 @@ class AsyncStream:
         self._expired = True
         self._cancel_read()
 
+    def _arm_unless_over(self) -> None:
+        if self._body is not None:
+            self._arm()
+
     def _resume(self, now: float) -> None:
         self._lapsed = False
         self._exchange.resumed(now)
@@ -469,7 +481,7 @@ class AsyncStream:
         timer, self._timer, self._timer_due = self._timer, None, math.inf
         if timer is not None:
             timer.cancel()
-        self._expired = self._lapsed = False
+        self._expired = self._lapsed = self._ending = False
 
     async def text_stream(self) -> AsyncIterator[str]:
         """Only the content text, piece by piece."""

@@ -88,6 +88,9 @@ class Earlier:
         )
 
 
+_NOTHING_EARLIER = Earlier()  # shared: most calls have one attempt
+
+
 class Call:
     """See the module docstring."""
 
@@ -157,7 +160,7 @@ class Call:
         self._seen_ids: frozenset[str] = _NO_IDS
         self._pending_reset: Reset | None = None
         #: What the failed attempts measured, for the stream's stats (see `earlier`).
-        self._earlier = Earlier()
+        self._earlier = _NOTHING_EARLIER
 
     def peek(self) -> Exchange:
         """The current exchange; before the first attempt, the one it will use.

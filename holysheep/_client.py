@@ -199,7 +199,8 @@ class Stream:
 
     @property
     def _exchange(self) -> Exchange:
-        return self._call.peek()
+        exchange = self._call.exchange
+        return exchange if exchange is not None else self._call.peek()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
