@@ -297,18 +297,19 @@ class AsyncStream:
                 try:
                     if self._failure is not None:
                         failure, self._failure = self._failure, None
-                        raise failure
+                        if not self._closed:  # closed by the caller: stop quietly
+                            raise failure
                     body = self._body
                     if body is None or self._closed or not self._timed:
                         chunks = await self._read()  # trio, and the ends of a stream
                     else:
                         # asyncio's read, here rather than in `_read()`: a blocked read then holds
                         # one coroutine frame less, for each of thousands of open streams.
-                        if self._expired:
-                            raise self._timeout_or(None)
                         loop = asyncio.get_running_loop()  # once per read: its clock and task
                         if self._lapsed:
                             self._resume(loop.time())
+                        if self._expired:
+                            raise self._timeout_or(None)
                         self._reader = reader = asyncio.current_task(loop)
                         data: bytes | None
                         try:
@@ -456,7 +457,10 @@ class AsyncStream:
     def _resume(self, now: float) -> None:
         self._lapsed = False
         self._exchange.resumed(now)
-        self._arm()
+        if self._exchange.timeout_error(now) is not None:
+            self._expired = True  # `total`, which ran on meanwhile: the read raises it
+        else:
+            self._arm()
 
     def _cancel_read(self) -> None:
         reader = self._reader
@@ -650,15 +654,22 @@ class AsyncStream:
     async def _read_error_body(self, response: AsyncResponse) -> bytes:
         parts: list[bytes] = []
         size = 0
+        stream = response.stream
         with self._deadline_scope():
             try:
-                async for data in response.stream:
+                async for data in stream:
                     parts.append(data)
                     size += len(data)
                     if size >= MAX_ERROR_BODY:
                         break
             except HolySheepError:
                 pass  # what arrived is still worth quoting
+            finally:
+                # A body left mid-way is closed here: no body of the stream's own will be.
+                close = getattr(stream, "aclose", None)
+                if close is not None:
+                    with contextlib.suppress(HolySheepError):
+                        await close()
         return b"".join(parts)
 
 

@@ -321,7 +321,9 @@ class Call:
 
     def _last_event_id(self) -> str:
         exchange = self.exchange
-        return exchange.accumulator.decoder.last_event_id if exchange is not None else ""
+        last = exchange.accumulator.decoder.last_event_id if exchange is not None else ""
+        # A resumed stream that drops again before a new event id: resume from the same place.
+        return last or self._resume_from or ""
 
 
 def new_idempotency_key() -> str:

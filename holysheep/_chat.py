@@ -628,10 +628,17 @@ class ChatAccumulator:
         return []
 
     def restart_decoder(self) -> None:
-        """Continue on a new connection (a resume): a fresh decoder, the same accumulation."""
+        """Continue on a new connection (a resume): a fresh decoder, the same accumulation.
+
+        The server's reconnection time carries over. The last event id does not: events of
+        the new connection that carry none must not take the old one (a resume would skip
+        them as delivered); `Call` remembers where it resumed from instead.
+        """
+        old = self.decoder
         self.decoder = SSEDecoder(
-            max_line_size=self.decoder.max_line_size, max_event_size=self.decoder.max_event_size
+            max_line_size=old.max_line_size, max_event_size=old.max_event_size
         )
+        self.decoder.retry = old.retry
         self._closed = False
         self._error = None
 

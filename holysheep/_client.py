@@ -358,12 +358,16 @@ class Stream:
             raise self._timeout_or(exc) from exc
         with self._lock:
             closed = self._closed
-            if not closed:
-                self._response = response
+            self._response = response
         if closed:
-            # `close()` came while we were sending, and found no response to close.
-            response.close()
+            # `close()` came while we were queued or sending, and found no response to close
+            # (or no ticket to give back yet).
+            self._end_attempt()
             return
+        if self._expired:
+            # The head came just after the watchdog gave up on it (the socket waits `connect`
+            # plus a little): that timeout stands, as on the async client.
+            raise self._timeout_or(None)
         action = exchange.on_headers(response.status_code, response.headers, _clock())
         if action == "read_error_body":
             raise exchange.error_for_body(self._read_error_body(response))
@@ -443,7 +447,12 @@ class Stream:
             self._lapsed = False
             if self._expired or self._closed:
                 return  # the watchdog expired the stream first: the read reports that
-            self._exchange.resumed(_clock())
+            now = _clock()
+            self._exchange.resumed(now)
+            late = self._exchange.timeout_error(now)  # `total`, which ran on meanwhile
+            if late is not None:
+                self._expire(late)
+                return
         self._watchdog.watch(self)
 
     def _expire(self, error: APITimeoutError | None) -> None:
@@ -489,7 +498,7 @@ class _Watchdog:
 
     def watch(self, stream: Stream) -> None:
         due = stream._exchange.deadline()
-        if due is None:
+        if due is None or stream._closed:
             return
         with self._cond:
             self._streams.add(stream)

@@ -5,6 +5,7 @@ Every fault is injected by the server, over real sockets; nothing here is mocked
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -1343,3 +1344,186 @@ async def test_async_a_body_that_lingers_after_done_is_closed_and_the_stream_end
         assert ("Hello", "stop") == (completion.text, completion.finish_reason)
         assert anyio.current_time() - started < 3
     assert await anyio.to_thread.run_sync(left.wait, 3.0)
+
+
+# -- the third review: edges of the fixes above -------------------------------------------------
+
+
+@pytest.fixture
+def head_after_connect_server() -> Iterator[str]:
+    """Sends the response head 0.32 s after the request (just after a 0.3 s `connect`), then
+    nothing more."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve_one() -> None:
+        listener.settimeout(5)
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.recv(65536)
+            time.sleep(0.32)
+            with contextlib.suppress(OSError):
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n"
+                )
+            done.wait(10)
+
+    thread = threading.Thread(target=serve_one, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    done.set()
+    thread.join(5)
+    listener.close()
+
+
+def test_a_head_just_after_the_connect_deadline_still_times_out_promptly(
+    head_after_connect_server: str, transport: BaseTransport
+) -> None:
+    """The watchdog gives up on the head at `connect`, the socket a little later: a head in
+    between used to carry on unwatched, until the socket backstop (seconds, or half an hour
+    with the defaults), and report the stale connect timeout for whatever came next."""
+    client = holysheep.Client(
+        api_key="k",
+        base_url=head_after_connect_server,
+        transport=transport,
+        retry=RetryPolicy.none(),
+        timeout=Timeouts(connect=0.3, ttft=0.6),
+    )
+    started = time.monotonic()
+    with pytest.raises((holysheep.ConnectTimeoutError, FirstTokenTimeoutError)):
+        client.chat.complete(model="m", messages=MESSAGES)
+    assert time.monotonic() - started < 2
+    client.close()
+
+
+@pytest.mark.anyio
+async def test_async_an_error_held_back_for_its_chunks_is_dropped_by_close() -> None:
+    """close() on the last chunk before a held-back error: the stream ends quietly, as the
+    sync one does (the error used to be raised after close())."""
+    events, error = _events_then_error()
+    client = holysheep.AsyncClient(
+        api_key="k",
+        transport=AsyncMockTransport([MockResponse(chunks=[events[0], events[1] + error])]),
+        retry=RetryPolicy.none(),
+    )
+    shown: list[str] = []
+    async with client.chat.stream(model="m", messages=MESSAGES) as stream:
+        async for chunk in stream:
+            shown.append(chunk.text)
+            if chunk.text:
+                stream.close()
+    assert ["", "Hello"] == shown
+
+
+@pytest.fixture
+def big_error_server() -> Iterator[str]:
+    """Answers 500 with a 200 KB body, more than the clients read of an error body."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve_one() -> None:
+        listener.settimeout(5)
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn, contextlib.suppress(OSError):
+            conn.recv(65536)
+            body = b'{"error": {"message": "' + b"x" * 200_000 + b'"}}'
+            conn.sendall(
+                b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            conn.recv(1)
+
+    thread = threading.Thread(target=serve_one, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    thread.join(5)
+    listener.close()
+
+
+@pytest.mark.anyio
+async def test_an_error_body_read_in_part_leaves_no_async_generator_behind(
+    big_error_server: str,
+) -> None:
+    import gc
+
+    async with holysheep.AsyncClient(
+        api_key="k", base_url=big_error_server, retry=RetryPolicy.none()
+    ) as client:
+        with pytest.raises(InternalServerError):
+            await client.chat.complete(model="m", messages=MESSAGES)
+        gc.collect()
+        await anyio.sleep(0.01)  # trio finalizes abandoned generators in a task
+
+
+def test_total_that_ran_out_while_the_caller_was_away_fires_when_it_returns(
+    upstream: MockUpstream, transport: BaseTransport
+) -> None:
+    """idle lapses while the caller is away, but `total` counts the caller's time: it fires
+    when the caller is back, even if the rest of the answer is there to read."""
+    client = client_for(upstream, transport, timeout=Timeouts(idle=0.2, total=0.5))
+    with client.chat.stream(model="m", messages=MESSAGES) as stream:
+        chunks = iter(stream)
+        next(chunks)
+        time.sleep(1.0)
+        with pytest.raises(TotalTimeoutError):
+            for _ in chunks:
+                pass
+    client.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["httpx", "aiohttp"])
+async def test_async_total_that_ran_out_while_the_caller_was_away_fires_when_it_returns(
+    upstream: MockUpstream, kind: str, anyio_backend: str
+) -> None:
+    async with (
+        holysheep.AsyncClient(
+            api_key="k",
+            base_url=upstream.base_url,
+            timeout=Timeouts(idle=0.2, total=0.5),
+            retry=RetryPolicy.none(),
+            transport=_async_transport(kind, anyio_backend),
+        ) as client,
+        client.chat.stream(model="m", messages=MESSAGES) as stream,
+    ):
+        await stream.__anext__()
+        await anyio.sleep(1.0)
+        with pytest.raises(TotalTimeoutError):
+            async for _ in stream:
+                pass
+
+
+def test_a_second_drop_before_any_new_event_id_resumes_from_the_same_place() -> None:
+    """The resumed connection breaks before sending an event with an id: the next attempt
+    resumes from where the first left off (it used to find no id and give up)."""
+    events, _ = _events_then_error()
+    seen: list[str | None] = []
+
+    def answer(request: Any) -> MockResponse:
+        last = request.header("last-event-id")
+        seen.append(last)
+        if last is None:
+            return MockResponse(chunks=events[:2], fault="reset")
+        if len(seen) == 2:
+            return MockResponse(chunks=[], fault="reset")
+        return MockResponse(chunks=events[int(last) + 1 :])
+
+    client = holysheep.Client(
+        api_key="k",
+        transport=MockTransport(answer),
+        retry=RetryPolicy(wait_initial=0.01, wait_jitter=0),
+        on_interrupt="resume",
+    )
+    with client.chat.stream(model="m", messages=MESSAGES) as stream:
+        text = "".join(chunk.text for chunk in stream)
+    assert ([None, "1", "1"], "Hello world!") == (seen, text)
