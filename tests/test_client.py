@@ -6,9 +6,11 @@ Every fault is injected by the server, over real sockets; nothing here is mocked
 from __future__ import annotations
 
 import contextlib
+import json
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -932,14 +934,11 @@ async def test_close_ends_a_wait_for_the_limiter(silent_server: str) -> None:
         assert ([], 0) == (chunks, limiter.in_flight)
 
 
-@pytest.fixture
-def slow_error_server() -> Iterator[tuple[str, threading.Event]]:
-    """Answers 500 with a body that never finishes; the event is set when the client leaves."""
-    import socket
-
+@contextlib.contextmanager
+def _one_connection(handle: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A server on 127.0.0.1 for one connection: takes the request, then `handle(connection)`
+    answers it (or not). Yields the base URL."""
     listener = socket.create_server(("127.0.0.1", 0))
-    left = threading.Event()
-    stop = threading.Event()
 
     def serve_one() -> None:
         listener.settimeout(5)
@@ -949,28 +948,60 @@ def slow_error_server() -> Iterator[tuple[str, threading.Event]]:
             return
         with conn:
             conn.recv(65536)
-            conn.sendall(
-                b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
-                b'content-length: 1000\r\n\r\n{"error": {"message": "bro'
-            )
-            conn.settimeout(0.05)
-            while not stop.is_set():
-                try:
-                    if conn.recv(1024) == b"":
-                        left.set()
-                        return
-                except TimeoutError:
-                    continue
-                except OSError:
-                    left.set()
-                    return
+            with contextlib.suppress(OSError):
+                handle(conn)
 
     thread = threading.Thread(target=serve_one, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1", left
-    stop.set()
-    thread.join()
-    listener.close()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    finally:
+        thread.join(15)
+        listener.close()
+
+
+def _gone(conn: socket.socket, stop: threading.Event) -> bool:
+    """Wait for the client to close `conn` (True), or for `stop` (False)."""
+    conn.settimeout(0.05)
+    while not stop.is_set():
+        try:
+            if conn.recv(1024) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def _chunk(payload: dict[str, Any] | str) -> bytes:
+    """One SSE `data:` event as one HTTP chunk."""
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    text = f"data: {data}\n\n".encode()
+    return b"%x\r\n%s\r\n" % (len(text), text)
+
+
+_SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+)
+
+
+@pytest.fixture
+def slow_error_server() -> Iterator[tuple[str, threading.Event]]:
+    """Answers 500 with a body that never finishes; the event is set when the client leaves."""
+    left, stop = threading.Event(), threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        conn.sendall(
+            b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
+            b'content-length: 1000\r\n\r\n{"error": {"message": "bro'
+        )
+        if _gone(conn, stop):
+            left.set()
+
+    with _one_connection(handle) as url:
+        yield url, left
+        stop.set()
 
 
 @pytest.mark.anyio
@@ -1057,39 +1088,20 @@ def test_tokens_as_often_as_idle_end_cleanly_or_with_an_idle_timeout(
 def late_head_server() -> Iterator[tuple[str, threading.Event]]:
     """Sends the response head 0.5 s after the request, then a token every 50 ms; the event is
     set when the client has gone away."""
-    import json
-    import socket
-
-    listener = socket.create_server(("127.0.0.1", 0))
     left = threading.Event()
 
-    def serve_one() -> None:
-        listener.settimeout(5)
+    def handle(conn: socket.socket) -> None:
+        time.sleep(0.5)
         try:
-            conn, _ = listener.accept()
+            conn.sendall(_SSE_HEAD)
+            for i in range(60):
+                conn.sendall(_chunk({"choices": [{"index": 0, "delta": {"content": f"t{i} "}}]}))
+                time.sleep(0.05)
         except OSError:
-            return
-        with conn:
-            conn.recv(65536)
-            time.sleep(0.5)
-            try:
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                    b"transfer-encoding: chunked\r\n\r\n"
-                )
-                for i in range(60):
-                    delta = {"choices": [{"index": 0, "delta": {"content": f"t{i} "}}]}
-                    event = b"data: " + json.dumps(delta).encode() + b"\n\n"
-                    conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
-                    time.sleep(0.05)
-            except OSError:
-                left.set()
+            left.set()
 
-    thread = threading.Thread(target=serve_one, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1", left
-    thread.join(5)
-    listener.close()
+    with _one_connection(handle) as url:
+        yield url, left
 
 
 def test_close_while_the_request_is_sent_closes_once_the_head_arrives(
@@ -1178,10 +1190,9 @@ def _events_then_error() -> tuple[list[bytes], bytes]:
     return events, b'data: {"error": {"message": "Overloaded", "type": "overloaded_error"}}\n\n'
 
 
-@pytest.mark.parametrize("on_interrupt", ["raise", "resume"])
-def test_chunks_read_with_an_error_reach_the_caller_before_it(on_interrupt: str) -> None:
-    """One read holds " world" and then an in-band error: the caller sees " world" before the
-    error (it used to be in the completion only, and a resume skipped it as delivered)."""
+def _error_in_the_read_of_world() -> Callable[[Any], MockResponse]:
+    """A mock server whose first answer has " world" and an in-band error in one read, and
+    which resumes from the `Last-Event-ID` it is sent."""
     events, error = _events_then_error()
 
     def answer(request: Any) -> MockResponse:
@@ -1190,6 +1201,14 @@ def test_chunks_read_with_an_error_reach_the_caller_before_it(on_interrupt: str)
             return MockResponse(chunks=[events[0], events[1], events[2] + error])
         return MockResponse(chunks=events[int(last) + 1 :])
 
+    return answer
+
+
+@pytest.mark.parametrize("on_interrupt", ["raise", "resume"])
+def test_chunks_read_with_an_error_reach_the_caller_before_it(on_interrupt: str) -> None:
+    """One read holds " world" and then an in-band error: the caller sees " world" before the
+    error (it used to be in the completion only, and a resume skipped it as delivered)."""
+    answer = _error_in_the_read_of_world()
     client = holysheep.Client(
         api_key="k",
         transport=MockTransport(answer),
@@ -1216,14 +1235,7 @@ def test_chunks_read_with_an_error_reach_the_caller_before_it(on_interrupt: str)
 async def test_async_chunks_read_with_an_error_reach_the_caller_before_it(
     on_interrupt: str,
 ) -> None:
-    events, error = _events_then_error()
-
-    def answer(request: Any) -> MockResponse:
-        last = request.header("last-event-id")
-        if last is None:
-            return MockResponse(chunks=[events[0], events[1], events[2] + error])
-        return MockResponse(chunks=events[int(last) + 1 :])
-
+    answer = _error_in_the_read_of_world()
     client = holysheep.AsyncClient(
         api_key="k",
         transport=AsyncMockTransport(answer),
@@ -1270,44 +1282,24 @@ def test_stats_of_a_resumed_stream_cover_every_attempt(transport: BaseTransport)
 def lingering_server() -> Iterator[tuple[str, threading.Event]]:
     """Streams an answer and `[DONE]`, then keep-alive comments without ever ending the body;
     the event is set when the client has gone away."""
-    import json
-    import socket
-
-    listener = socket.create_server(("127.0.0.1", 0))
     left = threading.Event()
 
-    def event(payload: dict[str, Any] | str) -> bytes:
-        data = payload if isinstance(payload, str) else json.dumps(payload)
-        text = f"data: {data}\n\n".encode()
-        return b"%x\r\n%s\r\n" % (len(text), text)
-
-    def serve_one() -> None:
-        listener.settimeout(5)
+    def handle(conn: socket.socket) -> None:
         try:
-            conn, _ = listener.accept()
+            conn.sendall(
+                _SSE_HEAD
+                + _chunk({"choices": [{"index": 0, "delta": {"content": "Hello"}}]})
+                + _chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                + _chunk("[DONE]")
+            )
+            for _ in range(200):  # 10 s of keep-alives, and no end of the body
+                time.sleep(0.05)
+                conn.sendall(b"e\r\n: keep-alive\n\n\r\n")
         except OSError:
-            return
-        with conn:
-            conn.recv(65536)
-            try:
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                    b"transfer-encoding: chunked\r\n\r\n"
-                    + event({"choices": [{"index": 0, "delta": {"content": "Hello"}}]})
-                    + event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-                    + event("[DONE]")
-                )
-                for _ in range(200):  # 10 s of keep-alives, and no end of the body
-                    time.sleep(0.05)
-                    conn.sendall(b"e\r\n: keep-alive\n\n\r\n")
-            except OSError:
-                left.set()
+            left.set()
 
-    thread = threading.Thread(target=serve_one, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1", left
-    thread.join(15)
-    listener.close()
+    with _one_connection(handle) as url:
+        yield url, left
 
 
 def test_a_body_that_lingers_after_done_is_closed_and_the_stream_ends_normally(
@@ -1353,33 +1345,16 @@ async def test_async_a_body_that_lingers_after_done_is_closed_and_the_stream_end
 def head_after_connect_server() -> Iterator[str]:
     """Sends the response head 0.32 s after the request (just after a 0.3 s `connect`), then
     nothing more."""
-    import socket
+    stop = threading.Event()
 
-    listener = socket.create_server(("127.0.0.1", 0))
-    done = threading.Event()
+    def handle(conn: socket.socket) -> None:
+        time.sleep(0.32)
+        conn.sendall(_SSE_HEAD)
+        _gone(conn, stop)
 
-    def serve_one() -> None:
-        listener.settimeout(5)
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
-        with conn:
-            conn.recv(65536)
-            time.sleep(0.32)
-            with contextlib.suppress(OSError):
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                    b"transfer-encoding: chunked\r\n\r\n"
-                )
-            done.wait(10)
-
-    thread = threading.Thread(target=serve_one, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
-    done.set()
-    thread.join(5)
-    listener.close()
+    with _one_connection(handle) as url:
+        yield url
+        stop.set()
 
 
 def test_a_head_just_after_the_connect_deadline_still_times_out_promptly(
@@ -1424,30 +1399,19 @@ async def test_async_an_error_held_back_for_its_chunks_is_dropped_by_close() -> 
 @pytest.fixture
 def big_error_server() -> Iterator[str]:
     """Answers 500 with a 200 KB body, more than the clients read of an error body."""
-    import socket
+    stop = threading.Event()
 
-    listener = socket.create_server(("127.0.0.1", 0))
+    def handle(conn: socket.socket) -> None:
+        body = b'{"error": {"message": "' + b"x" * 200_000 + b'"}}'
+        conn.sendall(
+            b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        _gone(conn, stop)
 
-    def serve_one() -> None:
-        listener.settimeout(5)
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
-        with conn, contextlib.suppress(OSError):
-            conn.recv(65536)
-            body = b'{"error": {"message": "' + b"x" * 200_000 + b'"}}'
-            conn.sendall(
-                b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
-                b"content-length: %d\r\n\r\n%s" % (len(body), body)
-            )
-            conn.recv(1)
-
-    thread = threading.Thread(target=serve_one, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
-    thread.join(5)
-    listener.close()
+    with _one_connection(handle) as url:
+        yield url
+        stop.set()
 
 
 @pytest.mark.anyio
