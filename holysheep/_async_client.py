@@ -456,8 +456,7 @@ class AsyncStream:
 
     def _resume(self, now: float) -> None:
         self._lapsed = False
-        self._exchange.resumed(now)
-        if self._exchange.timeout_error(now) is not None:
+        if self._exchange.resumed(now) is not None:
             self._expired = True  # `total`, which ran on meanwhile: the read raises it
         else:
             self._arm()

@@ -447,9 +447,7 @@ class Stream:
             self._lapsed = False
             if self._expired or self._closed:
                 return  # the watchdog expired the stream first: the read reports that
-            now = _clock()
-            self._exchange.resumed(now)
-            late = self._exchange.timeout_error(now)  # `total`, which ran on meanwhile
+            late = self._exchange.resumed(_clock())
             if late is not None:
                 self._expire(late)
                 return

@@ -518,15 +518,17 @@ class Exchange:
 
     # -- timeouts --------------------------------------------------------------------------------
 
-    def resumed(self, now: float) -> None:
+    def resumed(self, now: float) -> APITimeoutError | None:
         """The caller asks for more at `now`, after its `ttft` or `idle` deadline passed while
         it was not reading (busy with the last chunk, or not iterating yet).
 
         Those two clocks measure how long the client waits for the server, and nobody was
         waiting: the server may well have sent on time, its bytes unread. They start again at
-        `now`. `total` counts the caller's time too and is not moved.
+        `now`. `total` counts the caller's time too and is not moved: returns its timeout if
+        it ran out meanwhile, for the driver to raise before reading on.
         """
         self._resumed = now
+        return self.timeout_error(now)
 
     def deadline(self) -> tuple[float, DeadlineKind] | None:
         """When the next timeout fires (on the driver's clock) and which one; None if never.

@@ -327,8 +327,9 @@ def test_resumed_restarts_ttft_and_idle_but_not_total() -> None:
     error = exchange.timeout_error(22.5)
     assert isinstance(error, IdleTimeoutError)
     assert 2.5 == error.elapsed
-    exchange.resumed(99.5)
+    assert exchange.resumed(99.5) is None
     assert (100.0, "total") == exchange.deadline()
+    assert isinstance(exchange.resumed(100.5), TotalTimeoutError)  # ran out meanwhile
 
 
 @given(
