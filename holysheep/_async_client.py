@@ -336,7 +336,7 @@ class AsyncStream:
                         else:
                             chunks = await self._at_eof(body)
                 except HolySheepError as exc:
-                    if self._exchange.accumulator.done:
+                    if self._exchange.done_at is not None:
                         await self._complete()
                         continue
                     await self._after_failure(exc)
@@ -358,11 +358,12 @@ class AsyncStream:
             await self._finish()
             return []
         data = b""
-        due = self._exchange.deadline()
-        if due is not None and due[1] != "total" and due[0] <= _now():
+        due, now = self._exchange.deadline(), _now()
+        if due is not None and due[1] in ("ttft", "idle") and due[0] <= now:
             # Passed with no read pending (a pending one would have been cut): the caller was
-            # busy between chunks. As on asyncio, the clocks start again.
-            self._exchange.resumed(_now())
+            # busy between chunks. As on asyncio, the clocks start again (`total` stays, and
+            # the scope below raises it).
+            self._exchange.resumed(now)
         with self._deadline_scope() as scope:
             try:
                 data = await body.__anext__()
@@ -379,7 +380,7 @@ class AsyncStream:
         exchange = self._call.exchange
         assert exchange is not None
         chunks = exchange.on_data(data, now)
-        if exchange.accumulator.done and self._timed and not self._ending:
+        if exchange.done_at is not None and self._timed and not self._ending:
             # Only the end of the body is awaited now, for `AFTER_DONE` at most: a sooner
             # deadline for the timer. Usually the end is in these bytes already and the stream
             # is over before the loop runs the callback, which then has nothing to do: cheaper
@@ -402,7 +403,7 @@ class AsyncStream:
         if self._stopped_by_caller():
             await self._finish()
             return []
-        if self._exchange.accumulator.done:
+        if self._exchange.done_at is not None:
             return await self._complete()  # the body lingered after [DONE]
         raise self._timeout_or(None)
 

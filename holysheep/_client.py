@@ -259,7 +259,7 @@ class Stream:
                 except HolySheepError as exc:
                     if self._closed and not self._expired:
                         return  # closed by the caller: stop quietly, the partial result stays
-                    if self._exchange.accumulator.done:
+                    if self._exchange.done_at is not None:
                         # `[DONE]` came: the answer is complete, whatever the connection did
                         # after it (broke, or lingered past `AFTER_DONE` and was closed).
                         self._exchange.on_eof(_clock())
@@ -282,14 +282,13 @@ class Stream:
         assert body is not None
         on_data, delivered = exchange.on_data, self._call.delivered
         waiting_for_first = waiting_for_end = True
-        accumulator = exchange.accumulator
         self._away = False
         if self._lapsed:
             self._resume()
         for data in body:
             now = _clock()
             chunks = on_data(data, now)
-            if waiting_for_end and accumulator.done:
+            if waiting_for_end and exchange.done_at is not None:
                 # After [DONE] only the end of the body is awaited, briefly: the deadline
                 # moves earlier, so the watchdog must know.
                 waiting_for_end = False
@@ -308,7 +307,7 @@ class Stream:
                     self._resume()
                 if exchange.failure is not None:
                     raise exchange.failure  # in the bytes after these chunks (`Exchange.on_data`)
-        if self._expired and not exchange.accumulator.done:
+        if self._expired and exchange.done_at is None:
             raise self._timeout_or(None)
         if not self._closed:
             exchange.on_eof(_clock())

@@ -271,7 +271,6 @@ class Exchange:
     # Slots: no per-instance dict; one is open per stream, thousands at a time.
     __slots__ = (
         "_connected",
-        "_done_at",
         "_ended",
         "_first_progress",
         "_ids",
@@ -282,6 +281,7 @@ class Exchange:
         "accumulator",
         "bytes",
         "content_chunks",
+        "done_at",
         "events",
         "failure",
         "request",
@@ -339,7 +339,9 @@ class Exchange:
         self._first_progress: float | None = None
         self._last_progress: float | None = None
         self._resumed: float | None = None  # see `resumed`
-        self._done_at: float | None = None  # when `[DONE]` came
+        #: When `[DONE]` came (None before): the answer is complete, whatever the connection
+        #: does after it, and only the end of the body is awaited (see `deadline`).
+        self.done_at: float | None = None
         self._ended: float | None = None
 
     # -- the protocol ----------------------------------------------------------------------------
@@ -431,8 +433,8 @@ class Exchange:
             # the completion has (and a resume would skip it as delivered).
             chunks = list(exc.chunks)
             self.failure = exc
-        if self._done_at is None and self.accumulator.done:
-            self._done_at = now
+        if self.done_at is None and self.accumulator.done:
+            self.done_at = now
         if chunks:
             self.events += len(chunks)
             for chunk in chunks:
@@ -539,8 +541,8 @@ class Exchange:
         started = self._started
         if started is None:
             return None
-        if self._done_at is not None:
-            return (self._done_at + AFTER_DONE, "done")
+        if self.done_at is not None:
+            return (self.done_at + AFTER_DONE, "done")
         t = self.timeouts
         best: tuple[float, DeadlineKind] | None = None
         if t.total is not None:
