@@ -477,14 +477,17 @@ def test_total_counts_the_callers_time_too(
     client.close()
 
 
-def _async_transport(kind: str, anyio_backend: str) -> Any:
-    if kind == "httpx":
-        return None
-    if anyio_backend != "asyncio":
-        pytest.skip("aiohttp runs on asyncio only")
-    from holysheep.transports import AiohttpTransport
+def _async_client(url: str, kind: str, anyio_backend: str, **kwargs: Any) -> holysheep.AsyncClient:
+    """An `AsyncClient` on the httpx transport (the default) or on aiohttp (asyncio only), that
+    raises every failure as it happens unless told otherwise."""
+    kwargs.setdefault("retry", RetryPolicy.none())
+    if kind != "httpx":
+        if anyio_backend != "asyncio":
+            pytest.skip("aiohttp runs on asyncio only")
+        from holysheep.transports import AiohttpTransport
 
-    return AiohttpTransport()
+        kwargs["transport"] = AiohttpTransport()
+    return holysheep.AsyncClient(api_key="k", base_url=url, **kwargs)
 
 
 async def _slow_async_read(stream: holysheep.AsyncStream, pause_after: int) -> str:
@@ -502,12 +505,8 @@ async def _slow_async_read(stream: holysheep.AsyncStream, pause_after: int) -> s
 async def test_async_a_slow_caller_does_not_trip_ttft_or_idle(
     upstream: MockUpstream, kind: str, anyio_backend: str
 ) -> None:
-    async with holysheep.AsyncClient(
-        api_key="k",
-        base_url=upstream.base_url,
-        timeout=Timeouts(ttft=0.3, idle=0.3),
-        retry=RetryPolicy.none(),
-        transport=_async_transport(kind, anyio_backend),
+    async with _async_client(
+        upstream.base_url, kind, anyio_backend, timeout=Timeouts(ttft=0.3, idle=0.3)
     ) as client:
         async with client.chat.stream(model="m", messages=MESSAGES) as stream:
             assert EXPECTED == await _slow_async_read(stream, pause_after=1)
@@ -935,10 +934,14 @@ async def test_close_ends_a_wait_for_the_limiter(silent_server: str) -> None:
 
 
 @contextlib.contextmanager
-def _one_connection(handle: Callable[[socket.socket], None]) -> Iterator[str]:
+def _one_connection(
+    handle: Callable[[socket.socket], None],
+) -> Iterator[tuple[str, threading.Event]]:
     """A server on 127.0.0.1 for one connection: takes the request, then `handle(connection)`
-    answers it (or not). Yields the base URL."""
+    answers it (or not). Yields the base URL and an event set when `handle` found the client
+    gone (an `OSError`)."""
     listener = socket.create_server(("127.0.0.1", 0))
+    left = threading.Event()
 
     def serve_one() -> None:
         listener.settimeout(5)
@@ -948,13 +951,15 @@ def _one_connection(handle: Callable[[socket.socket], None]) -> Iterator[str]:
             return
         with conn:
             conn.recv(65536)
-            with contextlib.suppress(OSError):
+            try:
                 handle(conn)
+            except OSError:
+                left.set()
 
     thread = threading.Thread(target=serve_one, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1", left
     finally:
         thread.join(15)
         listener.close()
@@ -989,7 +994,7 @@ _SSE_HEAD = (
 @pytest.fixture
 def slow_error_server() -> Iterator[tuple[str, threading.Event]]:
     """Answers 500 with a body that never finishes; the event is set when the client leaves."""
-    left, stop = threading.Event(), threading.Event()
+    stop = threading.Event()
 
     def handle(conn: socket.socket) -> None:
         conn.sendall(
@@ -997,10 +1002,10 @@ def slow_error_server() -> Iterator[tuple[str, threading.Event]]:
             b'content-length: 1000\r\n\r\n{"error": {"message": "bro'
         )
         if _gone(conn, stop):
-            left.set()
+            raise ConnectionResetError("the client left")
 
-    with _one_connection(handle) as url:
-        yield url, left
+    with _one_connection(handle) as served:
+        yield served
         stop.set()
 
 
@@ -1010,12 +1015,7 @@ async def test_cancelling_while_an_error_body_is_read_closes_the_connection(
     slow_error_server: tuple[str, threading.Event], transport: str, anyio_backend: str
 ) -> None:
     url, left = slow_error_server
-    async with holysheep.AsyncClient(
-        api_key="k",
-        base_url=url,
-        retry=RetryPolicy.none(),
-        transport=_async_transport(transport, anyio_backend),
-    ) as client:
+    async with _async_client(url, transport, anyio_backend) as client:
         with anyio.move_on_after(0.3) as scope:
             await client.chat.complete(model="m", messages=MESSAGES)
         assert scope.cancelled_caught
@@ -1088,20 +1088,16 @@ def test_tokens_as_often_as_idle_end_cleanly_or_with_an_idle_timeout(
 def late_head_server() -> Iterator[tuple[str, threading.Event]]:
     """Sends the response head 0.5 s after the request, then a token every 50 ms; the event is
     set when the client has gone away."""
-    left = threading.Event()
 
     def handle(conn: socket.socket) -> None:
         time.sleep(0.5)
-        try:
-            conn.sendall(_SSE_HEAD)
-            for i in range(60):
-                conn.sendall(_chunk({"choices": [{"index": 0, "delta": {"content": f"t{i} "}}]}))
-                time.sleep(0.05)
-        except OSError:
-            left.set()
+        conn.sendall(_SSE_HEAD)
+        for i in range(60):
+            conn.sendall(_chunk({"choices": [{"index": 0, "delta": {"content": f"t{i} "}}]}))
+            time.sleep(0.05)
 
-    with _one_connection(handle) as url:
-        yield url, left
+    with _one_connection(handle) as served:
+        yield served
 
 
 def test_close_while_the_request_is_sent_closes_once_the_head_arrives(
@@ -1282,24 +1278,20 @@ def test_stats_of_a_resumed_stream_cover_every_attempt(transport: BaseTransport)
 def lingering_server() -> Iterator[tuple[str, threading.Event]]:
     """Streams an answer and `[DONE]`, then keep-alive comments without ever ending the body;
     the event is set when the client has gone away."""
-    left = threading.Event()
 
     def handle(conn: socket.socket) -> None:
-        try:
-            conn.sendall(
-                _SSE_HEAD
-                + _chunk({"choices": [{"index": 0, "delta": {"content": "Hello"}}]})
-                + _chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-                + _chunk("[DONE]")
-            )
-            for _ in range(200):  # 10 s of keep-alives, and no end of the body
-                time.sleep(0.05)
-                conn.sendall(b"e\r\n: keep-alive\n\n\r\n")
-        except OSError:
-            left.set()
+        conn.sendall(
+            _SSE_HEAD
+            + _chunk({"choices": [{"index": 0, "delta": {"content": "Hello"}}]})
+            + _chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            + _chunk("[DONE]")
+        )
+        for _ in range(200):  # 10 s of keep-alives, and no end of the body
+            time.sleep(0.05)
+            conn.sendall(b"e\r\n: keep-alive\n\n\r\n")
 
-    with _one_connection(handle) as url:
-        yield url, left
+    with _one_connection(handle) as served:
+        yield served
 
 
 def test_a_body_that_lingers_after_done_is_closed_and_the_stream_ends_normally(
@@ -1325,12 +1317,7 @@ async def test_async_a_body_that_lingers_after_done_is_closed_and_the_stream_end
     lingering_server: tuple[str, threading.Event], kind: str, anyio_backend: str
 ) -> None:
     url, left = lingering_server
-    async with holysheep.AsyncClient(
-        api_key="k",
-        base_url=url,
-        timeout=Timeouts(idle=5),
-        transport=_async_transport(kind, anyio_backend),
-    ) as client:
+    async with _async_client(url, kind, anyio_backend, timeout=Timeouts(idle=5)) as client:
         started = anyio.current_time()
         completion = await client.chat.complete(model="m", messages=MESSAGES)
         assert ("Hello", "stop") == (completion.text, completion.finish_reason)
@@ -1352,7 +1339,7 @@ def head_after_connect_server() -> Iterator[str]:
         conn.sendall(_SSE_HEAD)
         _gone(conn, stop)
 
-    with _one_connection(handle) as url:
+    with _one_connection(handle) as (url, _):
         yield url
         stop.set()
 
@@ -1409,7 +1396,7 @@ def big_error_server() -> Iterator[str]:
         )
         _gone(conn, stop)
 
-    with _one_connection(handle) as url:
+    with _one_connection(handle) as (url, _):
         yield url
         stop.set()
 
@@ -1451,12 +1438,8 @@ async def test_async_total_that_ran_out_while_the_caller_was_away_fires_when_it_
     upstream: MockUpstream, kind: str, anyio_backend: str
 ) -> None:
     async with (
-        holysheep.AsyncClient(
-            api_key="k",
-            base_url=upstream.base_url,
-            timeout=Timeouts(idle=0.2, total=0.5),
-            retry=RetryPolicy.none(),
-            transport=_async_transport(kind, anyio_backend),
+        _async_client(
+            upstream.base_url, kind, anyio_backend, timeout=Timeouts(idle=0.2, total=0.5)
         ) as client,
         client.chat.stream(model="m", messages=MESSAGES) as stream,
     ):
