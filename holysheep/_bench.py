@@ -469,6 +469,8 @@ def _bench_level(
     samples: dict[str, Samples],
 ) -> dict[str, Any]:
     """`streams` at once from one AsyncClient: success rate, latency, memory and CPU."""
+    import asyncio
+
     import anyio
 
     release = ramp_hold(streams, args.transport) if embedded else None
@@ -476,9 +478,14 @@ def _bench_level(
     progress.start(f"{streams:,} concurrent streams{detail}", streams)
     level = _Level(streams, samples.setdefault(f"{streams}", Samples()))
     server_before = server_cpu()
-    measured: dict[str, Any] = anyio.run(
-        _run_level, args.model, base_url, key, args.transport, level, release, progress
-    )
+    try:
+        measured: dict[str, Any] = anyio.run(
+            _run_level, args.model, base_url, key, args.transport, level, release, progress
+        )
+    except asyncio.CancelledError:
+        # Ctrl-C cancels the main task. On Python 3.10 tasks cannot be uncancelled, so the
+        # runner cannot tell that cancellation from any other and lets it out as it is.
+        raise KeyboardInterrupt from None
     server_after = server_cpu()
     ok = len(level.samples.ttft)
     per_stream = None

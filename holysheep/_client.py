@@ -169,6 +169,7 @@ class Stream:
         "_gate",
         "_lapsed",
         "_lock",
+        "_reading",
         "_response",
         "_stop",
         "_ticket",
@@ -192,6 +193,7 @@ class Stream:
         self._expired = False
         self._expiry: APITimeoutError | None = None  # what the watchdog found, see `_expire`
         self._exhausted = False
+        self._reading = False  # an iteration is under way (see `__iter__`)
         # Whether the caller has the stream and is not reading it (see `_lapse`), and whether
         # a ttft or idle deadline passed meanwhile.
         self._away = True
@@ -250,7 +252,18 @@ class Stream:
     # -- reading -----------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[ChatChunk]:
-        self.open()
+        with self._lock:
+            if self._reading:
+                # Two iterations would take each other's chunks, and the second one would
+                # take over the first one's deadline and reads: refuse it, as the async
+                # client refuses a second task.
+                raise RuntimeError("this stream is already being read (by another iteration)")
+            self._reading = True
+        try:
+            self.open()
+        except BaseException:
+            self._reading = False
+            raise
         try:
             while self._body is not None and not self._exhausted:
                 try:
@@ -275,6 +288,7 @@ class Stream:
             raise
         finally:
             self._exhausted = True
+            self._reading = False
             self.close()
 
     def _read_attempt(self) -> Iterator[ChatChunk]:

@@ -578,6 +578,44 @@ def test_close_from_another_thread_unblocks_a_read(transport: BaseTransport) -> 
         assert stalled.wait_for_disconnect(3.0)
 
 
+def test_a_second_iteration_is_refused_and_leaves_the_first_alone(
+    transport: BaseTransport,
+) -> None:
+    """Two threads iterating one stream: the second gets a clear RuntimeError at once (it used
+    to read the same body and take half the chunks), and the first still answers to close()."""
+    with serve(fault="stall@2") as stalled:
+        client = client_for(stalled, transport)
+        with client.chat.stream(model="m", messages=MESSAGES) as stream:
+            texts: list[str] = []
+            reader = threading.Thread(
+                target=lambda: texts.extend(c.text for c in stream), daemon=True
+            )
+            reader.start()
+            time.sleep(0.2)  # the first is blocked in the stall
+            try:
+                with pytest.raises(RuntimeError, match="already being read"):
+                    next(iter(stream))
+            finally:
+                stream.close()
+            reader.join(2.0)
+            assert not reader.is_alive()
+        assert "".join(UpstreamConfig().token_list(2)) == "".join(texts)
+        client.close()
+
+
+def test_an_iteration_after_the_end_reads_nothing(
+    upstream: MockUpstream, transport: BaseTransport
+) -> None:
+    """The guard against a second reader lets go when an iteration ends: iterating again
+    later (a second `for`) is not refused, it finds the stream over."""
+    client = client_for(upstream, transport)
+    with client.chat.stream(model="m", messages=MESSAGES) as stream:
+        first = [chunk.text for chunk in stream]
+        assert [] == list(stream)
+    assert EXPECTED == "".join(first)
+    client.close()
+
+
 # -- async, on asyncio and trio ----------------------------------------------------------------
 
 
