@@ -31,6 +31,7 @@ import attrs
 from ._chat import ChatAccumulator, ChatChunk, Completion, Reset
 from ._exceptions import (
     APIConnectionError,
+    ConfigurationError,
     HolySheepError,
     IdleTimeoutError,
     IncompleteStreamError,
@@ -45,6 +46,7 @@ __all__ = ["Attempt", "Call", "OnInterrupt", "Reset"]
 
 OnInterrupt = Literal["raise", "resume", "restart"]
 _ON_INTERRUPT = ("raise", "resume", "restart")
+_A_DAY_MS = 86_400_000
 
 logger = logging.getLogger("holysheep")
 # A library logs; the application decides where it goes (no "last resort" output to stderr).
@@ -132,8 +134,7 @@ class Call:
         info: RequestInfo | None = None,
         idempotency_key: str | None = None,
     ) -> None:
-        if on_interrupt not in _ON_INTERRUPT:
-            raise ValueError(f"on_interrupt must be one of {_ON_INTERRUPT}, got {on_interrupt!r}")
+        check_on_interrupt(on_interrupt)
         self._make_exchange = make_exchange
         self.policy = policy
         self.on_interrupt = on_interrupt
@@ -226,7 +227,8 @@ class Call:
         elapsed = now - (self._started if self._started is not None else now)
         hint = None
         if exchange is not None and exchange.accumulator.decoder.retry is not None:
-            hint = exchange.accumulator.decoder.retry / 1000
+            # Any number of digits is a valid `retry:`; a day is far past any wait we honour.
+            hint = min(exchange.accumulator.decoder.retry, _A_DAY_MS) / 1000
         interrupted = self._delivered and _is_interruption(error)
         if interrupted and self.on_interrupt == "resume" and not self._last_event_id():
             decision: Retry | GiveUp = GiveUp(
@@ -324,6 +326,14 @@ class Call:
         last = exchange.accumulator.decoder.last_event_id if exchange is not None else ""
         # A resumed stream that drops again before a new event id: resume from the same place.
         return last or self._resume_from or ""
+
+
+def check_on_interrupt(value: object) -> None:
+    """A mistyped mode fails where it is given, not at the first interruption."""
+    if value not in _ON_INTERRUPT:
+        raise ConfigurationError(
+            f"on_interrupt must be one of {', '.join(map(repr, _ON_INTERRUPT))}, got {value!r}"
+        )
 
 
 def new_idempotency_key() -> str:

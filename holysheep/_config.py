@@ -13,7 +13,7 @@ from typing import Any, final
 
 import attrs
 
-from ._call import Attempt, Call, OnInterrupt, new_idempotency_key
+from ._call import Attempt, Call, OnInterrupt, check_on_interrupt, new_idempotency_key
 from ._chat import ChatAccumulator
 from ._exceptions import ConfigurationError
 from ._exchange import Exchange, Timeouts, encode_body, new_request_id
@@ -58,6 +58,7 @@ class ClientConfig:
                 f"no API key: pass api_key=... or set the {API_KEY_ENV} environment variable"
             )
         _check_header("the API key", key)
+        check_on_interrupt(on_interrupt)
         for name, value in (headers or {}).items():
             _check_header(f"header {name!r}", value)
         url = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
@@ -100,6 +101,8 @@ class ClientConfig:
         }
         body.update(params)
         timeouts = self.timeouts if timeout is None else Timeouts.from_value(timeout)
+        if on_interrupt is not None:
+            check_on_interrupt(on_interrupt)
         if headers:
             for name, value in headers.items():
                 _check_header(f"header {name!r}", value)
@@ -107,7 +110,8 @@ class ClientConfig:
         # An `X-Request-ID` among the headers is the request id, as in `Exchange`.
         request_id = request_id or _header(extra, "x-request-id") or new_request_id()
         url = _chat_url(self.base_url)
-        idempotency_key = new_idempotency_key()
+        # The caller's own key, if it set one, so a gateway can deduplicate across processes.
+        idempotency_key = _header(extra, "idempotency-key") or new_idempotency_key()
         # Encoded once and only the bytes kept: every attempt sends the same body, and the
         # dict (with its copy of the message list) would be held for the stream's whole life.
         make_exchange = _Exchanges(self, url, encode_body(body), timeouts, extra, request_id)

@@ -159,8 +159,11 @@ class APITimeoutError(HolySheepError, builtins.TimeoutError):
         elapsed: float,
         request_id: str | None = None,
         completion: Completion | None = None,
+        status_code: int | None = None,
     ) -> None:
-        super().__init__(message, request_id=request_id, completion=completion)
+        super().__init__(
+            message, request_id=request_id, completion=completion, status_code=status_code
+        )
         self.limit = limit
         self.elapsed = elapsed
 

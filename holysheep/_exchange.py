@@ -41,6 +41,7 @@ from ._exceptions import (
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
+    ConfigurationError,
     ConflictError,
     ConnectTimeoutError,
     FirstTokenTimeoutError,
@@ -96,6 +97,19 @@ _STATUS_ERRORS: dict[int, type[APIStatusError]] = {
 }
 
 
+def _check_limit(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """None, or a positive finite number of seconds: NaN would silently disable a limit (every
+    comparison with it is false), and zero or less would fire before anything is sent."""
+    if value is None:
+        return
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf"):
+        return
+    raise ConfigurationError(
+        f"Timeouts: {attribute.name} must be None (no limit) or a positive finite number of "
+        f"seconds, got {value!r}"
+    )
+
+
 @final
 @attrs.frozen
 class Timeouts:
@@ -108,10 +122,10 @@ class Timeouts:
     a 32k-token answer finish at 20 tokens/s.
     """
 
-    connect: float | None = 10.0
-    ttft: float | None = 120.0
-    idle: float | None = 60.0
-    total: float | None = 1800.0
+    connect: float | None = attrs.field(default=10.0, validator=_check_limit)
+    ttft: float | None = attrs.field(default=120.0, validator=_check_limit)
+    idle: float | None = attrs.field(default=60.0, validator=_check_limit)
+    total: float | None = attrs.field(default=1800.0, validator=_check_limit)
 
     @classmethod
     def from_value(cls, value: Timeouts | float | None) -> Timeouts:
@@ -211,19 +225,26 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait from `retry-after-ms` or `Retry-After` (RFC 9110 section 10.2.3).
 
     Only the delta-seconds form is read here; an HTTP-date needs a wall clock, which the
-    retry policy is given by its driver.
+    retry policy is given by its driver. Delta-seconds is ASCII digits; gateways also send a
+    fraction, which is read too. Anything else (`nan`, `inf`, `-4`, `1_0`, other scripts'
+    digits, all of which `float()` would take) names no wait: backoff applies instead.
     """
-    value = headers.get("retry-after-ms")
-    if value is not None:
-        with contextlib.suppress(ValueError):
-            return max(0.0, float(value) / 1000)
-    value = headers.get("retry-after")
-    if value is not None:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            return None
-    return None
+    seconds = _delta(headers.get("retry-after-ms"))
+    if seconds is not None:
+        return seconds / 1000
+    return _delta(headers.get("retry-after"))
+
+
+def _delta(value: str | None) -> float | None:
+    if value is None:
+        return None
+    value = value.strip()
+    whole, _, fraction = value.partition(".")
+    if not (whole.isascii() and whole.isdigit()) or (
+        fraction and not (fraction.isascii() and fraction.isdigit())
+    ):
+        return None
+    return float(value)
 
 
 def encode_body(body: Mapping[str, Any]) -> bytes:
@@ -593,6 +614,7 @@ class Exchange:
             elapsed=now - since,
             request_id=self.server_request_id or self.request_id,
             completion=partial,
+            status_code=self.status_code,  # the head's, when it came before the timeout
         )
 
     # -- results -------------------------------------------------------------------------------

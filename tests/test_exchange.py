@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from typing import Any
@@ -210,13 +211,45 @@ def test_wrong_content_type_on_200_is_an_error_with_the_body_start() -> None:
         ({"retry-after-ms": "250"}, 0.25),
         ({"retry-after-ms": "x", "retry-after": "2"}, 2.0),
         ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, None),
-        ({"retry-after": "-4"}, 0.0),
+        ({"retry-after": " 7 "}, 7.0),
         ({}, None),
+        # Not delta-seconds, though float() takes them all: no wait named, backoff applies.
+        ({"retry-after": "-4"}, None),
+        ({"retry-after": "nan"}, None),
+        ({"retry-after": "inf"}, None),
+        ({"retry-after": "1_0"}, None),
+        ({"retry-after": "\u0663"}, None),  # an Arabic-Indic digit
+        ({"retry-after": "1e3"}, None),
+        ({"retry-after-ms": "nan", "retry-after": "10"}, 10.0),
     ],
 )
 def test_parse_retry_after(headers: dict[str, str], expected: float | None) -> None:
     """Delta-seconds forms are read; dates are left to a policy with a wall clock."""
     assert expected == parse_retry_after(headers)
+
+
+@given(st.text(max_size=12))
+def test_parse_retry_after_is_never_negative_or_not_finite(value: str) -> None:
+    seconds = parse_retry_after({"retry-after": value})
+    assert seconds is None or 0 <= seconds < math.inf
+
+
+@pytest.mark.parametrize("value", [float("nan"), -1.0, 0, 0.0, float("inf"), "5", True])
+@pytest.mark.parametrize("name", ["connect", "ttft", "idle", "total"])
+def test_timeouts_refuse_values_that_are_not_a_positive_number(name: str, value: Any) -> None:
+    """NaN silently disabled a limit (no comparison with it is true), zero or less fired at
+    once: both are configuration mistakes, said at construction."""
+    with pytest.raises(ConfigurationError, match=f"Timeouts: {name} must be"):
+        Timeouts(**{name: value})
+
+
+def test_a_timeout_after_the_head_carries_its_status() -> None:
+    exchange = make(Timeouts(connect=1, ttft=5, idle=2, total=100))
+    exchange.start(0.0)
+    exchange.on_headers(200, {"content-type": "text/event-stream"}, 0.5)
+    error = exchange.timeout_error(6.0)
+    assert isinstance(error, FirstTokenTimeoutError)
+    assert 200 == error.status_code
 
 
 def test_deadlines_move_from_connect_to_ttft_to_idle() -> None:

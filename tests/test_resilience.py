@@ -52,6 +52,44 @@ def test_429_then_success_is_retried_transparently_after_retry_after() -> None:
         assert 1 == len(keys)  # one logical request, one key
 
 
+@pytest.mark.parametrize("where", ["client", "call"])
+def test_the_callers_idempotency_key_is_sent_on_every_attempt(where: str) -> None:
+    """A key the caller chose (to deduplicate across its own restarts) is never replaced."""
+    with serve() as upstream:
+        upstream.enqueue({"fault": {"kind": "status", "status": 503}})
+        mine = {"Idempotency-Key": "order-42"}
+        made = client(upstream, headers=mine if where == "client" else None)
+        extra = mine if where == "call" else None
+        assert FULL == made.chat.complete(model="m", messages=MESSAGES, extra_headers=extra).text
+        assert ["order-42", "order-42"] == [r.headers["idempotency-key"] for r in upstream.requests]
+
+
+def test_a_retry_field_of_any_length_is_a_wait_capped_by_the_policy() -> None:
+    """`retry:` with hundreds of digits is valid SSE: the wait is capped at `max_retry_after`
+    (it raised OverflowError, turning it into seconds)."""
+    huge = MockResponse(chunks=[b"retry: 1" + b"0" * 400 + b"\n\n"], fault="drop")
+    made = holysheep.Client(
+        api_key="k",
+        transport=holysheep.transports.MockTransport([huge, MockResponse()]),
+        retry=attrs.evolve(FAST, max_retry_after=0.05),
+    )
+    with made.chat.stream(model="m", messages=MESSAGES) as stream:
+        assert "Hello!" == stream.until_done().text
+    (attempt,) = stream.stats.retries
+    assert attempt.delay is not None
+    assert attempt.delay <= 0.05
+    made.close()
+
+
+def test_an_unknown_on_interrupt_is_refused_where_it_is_given() -> None:
+    with pytest.raises(holysheep.ConfigurationError, match="on_interrupt must be one of"):
+        holysheep.Client(api_key="k", on_interrupt="bogus")  # type: ignore[arg-type]
+    made = holysheep.Client(api_key="k", base_url="http://127.0.0.1:9/v1")
+    with pytest.raises(holysheep.ConfigurationError, match="'resume'"):
+        made.chat.stream(model="m", messages=MESSAGES, on_interrupt="later")  # type: ignore[arg-type]
+    made.close()
+
+
 @pytest.mark.parametrize(
     "fault",
     [
