@@ -583,6 +583,8 @@ class AsyncStream:
         """End the failed attempt; wait and return to try again, or raise."""
         await self._end_attempt()
         decision = self._call.failed(error, _now(), time.time())
+        if decision.pause is not None and self._gate is not None:
+            self._gate.pause(decision.pause)  # a 429: the whole account waits
         if isinstance(decision, GiveUp):
             self._exhausted = True
             failure = self._call.error_to_raise(error, decision)
@@ -590,8 +592,6 @@ class AsyncStream:
             if failure is error:
                 raise error
             raise failure from error
-        if decision.pause_all and self._gate is not None:
-            self._gate.pause(decision.delay)
         with anyio.CancelScope() as scope:
             self._scope = scope
             if self._closed:

@@ -390,14 +390,14 @@ class Stream:
         """End the failed attempt; wait and return to try again, or raise."""
         self._end_attempt()
         decision = self._call.failed(error, _clock(), time.time())
+        if decision.pause is not None and self._gate is not None:
+            self._gate.pause(decision.pause)  # a 429: the whole account waits
         if isinstance(decision, GiveUp):
             failure = self._call.error_to_raise(error, decision)
             self._call.ended(_clock(), failure)
             if failure is error:
                 raise error
             raise failure from error
-        if decision.pause_all and self._gate is not None:
-            self._gate.pause(decision.delay)
         if self._stop.wait(decision.delay):
             self._call.ended(_clock(), error)
             raise error  # closed while waiting to retry: report why it was still failing

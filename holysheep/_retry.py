@@ -100,13 +100,24 @@ class Retry:
     attempt: int
     pause_all: bool = False
 
+    @property
+    def pause(self) -> float | None:
+        """How long a shared rate limiter should hold every request back; None: not at all."""
+        return self.delay if self.pause_all else None
+
 
 @final
 @attrs.frozen
 class GiveUp:
-    """Stop and raise the error; `reason` says why no retry happens."""
+    """Stop and raise the error; `reason` says why no retry happens.
+
+    `pause` is set when the error is a 429 naming a wait: this request stops, but the account
+    is still throttled, so a shared rate limiter should hold the others back that long
+    (capped at `max_retry_after`).
+    """
 
     reason: str
+    pause: float | None = None
 
 
 RetryDecision: TypeAlias = Retry | GiveUp
@@ -338,17 +349,22 @@ class RetryPolicy:
         if attempt < 1:
             raise ValueError(f"attempt counts the attempts made and starts at 1, got {attempt}")
         verdict = classify(error, wall_clock=wall_clock)
+        # A 429 naming a wait throttles the whole account, not this request: everyone sharing
+        # a limiter should hold back, whether or not this request tries again.
+        pause = None
+        if verdict.retry_after is not None and getattr(error, "status_code", None) == 429:
+            pause = min(verdict.retry_after, self.max_retry_after)
         if not verdict.retryable:
-            return GiveUp(verdict.reason)
+            return GiveUp(verdict.reason, pause)
         what = _describe(error)
         if delivered:
             return GiveUp(
-                f"{what} after content was delivered to the caller; a retry would repeat it"
+                f"{what} after content was delivered to the caller; a retry would repeat it",
+                pause,
             )
         if attempt >= self.attempts:
-            return GiveUp(f"{what}: all {self.attempts} attempts used")
+            return GiveUp(f"{what}: all {self.attempts} attempts used", pause)
 
-        pause_all = False
         if verdict.retry_after is not None:
             delay = verdict.retry_after
             source = f"the server's Retry-After of {delay:g} s"
@@ -356,12 +372,11 @@ class RetryPolicy:
                 if self.on_long_retry_after == "raise":
                     return GiveUp(
                         f"{what}: the server asked to wait {delay:g} s, longer than "
-                        f"max_retry_after of {self.max_retry_after:g} s"
+                        f"max_retry_after of {self.max_retry_after:g} s",
+                        pause,
                     )
                 delay = self.max_retry_after
                 source += " capped at max_retry_after"
-            # The whole account is throttled, not this request: everyone should hold back.
-            pause_all = isinstance(error, APIStatusError) and error.status_code == 429
         elif (hint := _seconds(retry_delay_hint)) is not None:
             # The stream's `retry:` field replaces the exponential part only; the jitter still
             # spreads clients reconnecting together. It is advice, not a demand (WHATWG HTML
@@ -375,12 +390,13 @@ class RetryPolicy:
         if self.timeout is not None and elapsed + delay > self.timeout:
             return GiveUp(
                 f"{what}: the retry budget of {self.timeout:g} s would be exceeded "
-                f"({elapsed:.2f} s elapsed + {delay:.2f} s wait)"
+                f"({elapsed:.2f} s elapsed + {delay:.2f} s wait)",
+                pause,
             )
         return Retry(
             delay,
             f"{verdict.reason}; attempt {attempt + 1} of {self.attempts} in {delay:.2f} s "
             f"({source})",
             attempt + 1,
-            pause_all,
+            pause is not None,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import anyio
@@ -326,6 +327,25 @@ def test_a_429_pauses_everyone_sharing_the_limiter() -> None:
         upstream.enqueue({"fault": {"kind": "status", "status": 429, "retry_after": 0.3}})
         client(upstream, limiter=limiter).chat.complete(model="m", messages=MESSAGES)
         assert limiter.paused_until > 0
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [RetryPolicy.none(), attrs.evolve(FAST, attempts=1), attrs.evolve(FAST, max_retry_after=0.1)],
+)
+def test_a_429_that_is_not_retried_still_pauses_everyone(policy: RetryPolicy) -> None:
+    """No retries, the last attempt, or a wait above `max_retry_after`: the request gives up,
+    and the others sharing the limiter are held back all the same."""
+    limiter = RateLimiter(requests_per_minute=6000, burst=100)
+    with serve() as upstream:
+        upstream.enqueue({"fault": {"kind": "status", "status": 429, "retry_after": 0.3}})
+        made = client(upstream, limiter=limiter, retry=policy)
+        with pytest.raises(holysheep.RateLimitError):
+            made.chat.complete(model="m", messages=MESSAGES)
+        started = time.monotonic()
+        assert FULL == made.chat.complete(model="m", messages=MESSAGES).text
+        assert time.monotonic() - started >= 0.08  # held back (capped at max_retry_after)
+        made.close()
 
 
 def test_timeouts_before_content_are_retried() -> None:

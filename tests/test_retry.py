@@ -303,8 +303,36 @@ def test_retry_after_above_the_ceiling_gives_up_by_default() -> None:
     """A wait beyond `max_retry_after` means a long quota: say so instead of waiting."""
     assert GiveUp(
         "RateLimitError (HTTP 429): the server asked to wait 3600 s, "
-        "longer than max_retry_after of 60 s"
+        "longer than max_retry_after of 60 s",
+        pause=60.0,
     ) == decide(rate_limited(3600.0))
+
+
+@pytest.mark.parametrize(
+    ("policy", "attempt", "delivered"),
+    [(RetryPolicy.none(), 1, False), (RetryPolicy(), 4, False), (RetryPolicy(), 1, True)],
+)
+def test_a_429_that_ends_the_request_still_pauses_everyone(
+    policy: RetryPolicy, attempt: int, delivered: bool
+) -> None:
+    """The account stays throttled when this request gives up (no retries, attempts used,
+    content delivered): the others sharing a limiter must still hold back."""
+    decision = policy.decide(
+        rate_limited(7.0), attempt=attempt, elapsed=0.0, delivered=delivered, random=lambda: 0.0
+    )
+    assert isinstance(decision, GiveUp)
+    assert 7.0 == decision.pause
+
+
+def test_a_503_that_ends_the_request_pauses_nobody() -> None:
+    decision = RetryPolicy.none().decide(
+        status(503, {"retry-after": "3"}),
+        attempt=1,
+        elapsed=0.0,
+        delivered=False,
+        random=lambda: 0.0,
+    )
+    assert GiveUp("APIStatusError (HTTP 503): all 1 attempts used") == decision
 
 
 def test_retry_after_above_the_ceiling_can_be_capped() -> None:
