@@ -195,6 +195,7 @@ class Call:
             accumulator = previous.accumulator
             accumulator.restart_decoder()
         exchange = self._make_exchange(headers, accumulator)
+        exchange.continues(self._earlier.sent)
         if self.on_interrupt == "resume":
             exchange.track_event_ids(skip=self._seen_ids)
         self.exchange = exchange

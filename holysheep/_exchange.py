@@ -299,6 +299,7 @@ class Exchange:
         "_resumed",
         "_skip_ids",
         "_started",
+        "_total_since",
         "accumulator",
         "bytes",
         "content_chunks",
@@ -356,6 +357,8 @@ class Exchange:
         self.failure: HolySheepError | None = None
         self.content_chunks = 0
         self._started: float | None = None
+        #: Since when `total` counts: the first attempt's send (see `continues`).
+        self._total_since: float | None = None
         self._connected: float | None = None
         self._first_progress: float | None = None
         self._last_progress: float | None = None
@@ -369,6 +372,13 @@ class Exchange:
 
     def start(self, now: float) -> None:
         self._started = now
+        if self._total_since is None:
+            self._total_since = now
+
+    def continues(self, since: float | None) -> None:
+        """This attempt continues a call whose first attempt was sent at `since`: `total` is
+        the budget of the whole stream, so it keeps counting from there."""
+        self._total_since = since
 
     def on_headers(
         self, status_code: int, headers: Mapping[str, str], now: float
@@ -567,7 +577,8 @@ class Exchange:
         t = self.timeouts
         best: tuple[float, DeadlineKind] | None = None
         if t.total is not None:
-            best = (started + t.total, "total")
+            assert self._total_since is not None  # set by `start`
+            best = (self._total_since + t.total, "total")
         if self._connected is None:
             candidate: tuple[float, TimeoutKind] | None = (
                 None if t.connect is None else (started + t.connect, "connect")
@@ -585,7 +596,7 @@ class Exchange:
 
     def _waiting_since(self, kind: TimeoutKind) -> float:
         """Since when the clock of `kind` has been running."""
-        since = self._started
+        since = self._total_since if kind == "total" else self._started
         assert since is not None
         if kind == "idle" and self._last_progress is not None:
             since = self._last_progress

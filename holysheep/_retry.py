@@ -49,6 +49,7 @@ from ._exceptions import (
     IncompleteStreamError,
     RateLimitError,
     StreamError,
+    TotalTimeoutError,
 )
 from ._exchange import parse_retry_after
 
@@ -226,9 +227,15 @@ def classify(error: BaseException, *, wall_clock: float | None = None) -> Classi
         if error.retryable:
             return Classification(True, f"{what}: the server reported a transient error")
         return Classification(False, f"{what}: the server reported an error retrying won't fix")
+    if isinstance(error, TotalTimeoutError):
+        # `total` bounds the whole stream, its retries included: another attempt would only
+        # run past it.
+        return Classification(
+            False, f"{what}: the total timeout of {error.limit:g} s for the whole stream fired"
+        )
     if isinstance(error, APITimeoutError):
-        # Idle and total timeouts are retryable only while nothing was delivered; `decide`
-        # enforces that for every error alike.
+        # An idle timeout is retryable only while nothing was delivered; `decide` enforces
+        # that for every error alike.
         return Classification(
             True, f"{what}: the {error.timeout} timeout of {error.limit:g} s fired"
         )

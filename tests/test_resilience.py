@@ -348,6 +348,35 @@ def test_a_429_that_is_not_retried_still_pauses_everyone(policy: RetryPolicy) ->
         made.close()
 
 
+def test_the_total_timeout_ends_the_call_and_is_not_retried() -> None:
+    """`total` bounds the whole stream: it fired after 0.3 s, and was retried three times."""
+    with serve(ttft=1.0) as upstream:
+        started = time.monotonic()
+        with pytest.raises(holysheep.TotalTimeoutError):
+            client(upstream, timeout=Timeouts(total=0.3)).chat.complete(
+                model="m", messages=MESSAGES
+            )
+        assert time.monotonic() - started < 0.9
+        assert 1 == len(upstream.requests)
+
+
+def test_the_total_timeout_counts_from_the_first_attempt_across_resumes() -> None:
+    """Resumed attempts continue the same stream, so `total` keeps counting from the first
+    send (each attempt started its own, and two resumes let 1 s run to 1.9 s)."""
+    with serve(event_ids=True, tokens=20, tokens_per_s=20) as upstream:  # 1 s in all
+        upstream.enqueue({"fault": "drop@6"})
+        upstream.enqueue({"fault": "drop@6"})
+        started = time.monotonic()
+        with pytest.raises(holysheep.TotalTimeoutError) as info:
+            client(upstream, timeout=Timeouts(total=0.8), on_interrupt="resume").chat.complete(
+                model="m", messages=MESSAGES
+            )
+        assert time.monotonic() - started < 1.2
+        assert info.value.completion is not None
+        assert first(20).startswith(info.value.completion.text)
+        assert 3 == len(upstream.requests)
+
+
 def test_timeouts_before_content_are_retried() -> None:
     """A first token that never comes is retried, like a connect failure."""
     with serve() as upstream:

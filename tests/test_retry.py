@@ -92,16 +92,22 @@ def test_connection_errors_are_retryable() -> None:
     ) == classify(connection_error())
 
 
-@pytest.mark.parametrize(
-    "cls", [ConnectTimeoutError, FirstTokenTimeoutError, IdleTimeoutError, TotalTimeoutError]
-)
-def test_every_timeout_is_retryable_and_named(cls: type[ConnectTimeoutError]) -> None:
+@pytest.mark.parametrize("cls", [ConnectTimeoutError, FirstTokenTimeoutError, IdleTimeoutError])
+def test_timeouts_of_one_wait_are_retryable_and_named(cls: type[ConnectTimeoutError]) -> None:
     """Timeouts are transient; the reason names which one and its limit."""
     verdict = classify(cls("timed out", limit=10.0, elapsed=10.2))
     assert (True, f"{cls.__name__}: the {cls.timeout} timeout of 10 s fired") == (
         verdict.retryable,
         verdict.reason,
     )
+
+
+def test_the_total_timeout_is_not_retried() -> None:
+    """`total` is the budget of the whole stream, retries included: another try would only
+    run past it (it was retried, and a 0.3 s total let a call run for seconds)."""
+    assert Classification(
+        False, "TotalTimeoutError: the total timeout of 10 s for the whole stream fired"
+    ) == classify(TotalTimeoutError("timed out", limit=10.0, elapsed=10.2))
 
 
 @pytest.mark.parametrize("code", [408, 409, 429, 500, 502, 503, 504, 529])
