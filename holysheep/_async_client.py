@@ -342,7 +342,11 @@ class AsyncStream:
                     await self._after_failure(exc)
                     await self.open()
                     reset = self._call.take_reset()
-                    chunks = [ChatChunk.for_reset(reset)] if reset is not None else []
+                    chunks = (
+                        [ChatChunk.for_reset(reset)]
+                        if reset is not None and self._body is not None
+                        else []
+                    )
                 if chunks:
                     if len(chunks) > 1:
                         self._pending = chunks

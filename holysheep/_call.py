@@ -99,6 +99,8 @@ class Call:
     # Slots: no per-instance dict; one is open per stream, thousands at a time.
     __slots__ = (
         "_announced",
+        "_broken",
+        "_budget_from",
         "_delivered",
         "_earlier",
         "_first_token",
@@ -110,7 +112,6 @@ class Call:
         "_reported",
         "_resume_from",
         "_seen_ids",
-        "_started",
         "attempt",
         "cost",
         "exchange",
@@ -155,7 +156,12 @@ class Call:
         # empty tuple is shared where an empty list would be one more object per open stream.
         self.history: tuple[Attempt, ...] = ()
         self.exchange: Exchange | None = None
-        self._started: float | None = None
+        # Since when the retry budget counts: the first send, and again from each
+        # interruption after content came (a long healthy stream does not use it up).
+        self._budget_from: float | None = None
+        # While reconnecting after an interruption (resume or restart): the completion as it
+        # stood when the stream broke, for the error if reconnecting fails for good.
+        self._broken: Completion | None = None
         self._delivered = False
         self._resume_from: str | None = None
         self._seen_ids: frozenset[str] = _NO_IDS
@@ -180,24 +186,28 @@ class Call:
 
     def start_attempt(self, now: float) -> Exchange:
         """The exchange for the next attempt."""
-        if self._started is None:
-            self._started = now
         self.attempt += 1
         if self.attempt == 1 and self.exchange is not None:
             return self.exchange  # made by `peek`
         headers = {"idempotency-key": self.idempotency_key}
         accumulator = None
         previous = self.exchange
-        if previous is not None and previous.ids_seen:
-            self._seen_ids |= previous.ids_seen
+        expect_id = None
         if self._resume_from is not None and previous is not None:
+            if previous.ids_seen:
+                self._seen_ids |= previous.ids_seen
             headers["last-event-id"] = self._resume_from
             accumulator = previous.accumulator
             accumulator.restart_decoder()
+            expect_id = self._broken.id if self._broken is not None else None
+        else:
+            # A fresh request (a retry before content): its events are all new, whatever
+            # ids they carry.
+            self._seen_ids = _NO_IDS
         exchange = self._make_exchange(headers, accumulator)
         exchange.continues(self._earlier.sent)
         if self.on_interrupt == "resume":
-            exchange.track_event_ids(skip=self._seen_ids)
+            exchange.track_event_ids(skip=self._seen_ids, expect_id=expect_id)
         self.exchange = exchange
         return exchange
 
@@ -223,14 +233,25 @@ class Call:
     def failed(self, error: HolySheepError, now: float, wall_clock: float | None) -> Retry | GiveUp:
         """What to do about `error`, which ended the current attempt."""
         exchange = self.exchange
+        progressed = exchange is not None and exchange.progressed
         if exchange is not None:
             self._earlier = self._earlier.add(exchange)
-        elapsed = now - (self._started if self._started is not None else now)
+            if progressed or self._budget_from is None:
+                # Content came since the last failure (or this is the first): a new run of
+                # failures, with the whole budget. The time in the queue before is not ours.
+                started = exchange.started
+                self._budget_from = now if progressed or started is None else started
+        elapsed = now - (self._budget_from if self._budget_from is not None else now)
+        if progressed:
+            self._broken = None  # the reconnection worked: this is a new interruption
+        reconnecting = self._broken is not None
         hint = None
         if exchange is not None and exchange.accumulator.decoder.retry is not None:
             # Any number of digits is a valid `retry:`; a day is far past any wait we honour.
             hint = min(exchange.accumulator.decoder.retry, _A_DAY_MS) / 1000
-        interrupted = self._delivered and _is_interruption(error)
+        # Reconnecting after an interruption, any failure is part of it: a 503 or a timeout on
+        # the way back is retried like the drop was, and giving up reports the interruption.
+        interrupted = reconnecting or (self._delivered and _is_interruption(error))
         if interrupted and self.on_interrupt == "resume" and not self._last_event_id():
             decision: Retry | GiveUp = GiveUp(
                 "the stream cannot be resumed: the server sent no event ids"
@@ -246,6 +267,8 @@ class Call:
                 retry_delay_hint=hint,
             )
         if isinstance(decision, Retry) and interrupted:
+            if self._broken is None and exchange is not None:
+                self._broken = exchange.completion
             if self.on_interrupt == "resume":
                 self._resume_from = self._last_event_id()
             else:  # restart: nothing of the broken attempt survives
@@ -305,6 +328,19 @@ class Call:
 
     def error_to_raise(self, error: HolySheepError, decision: GiveUp) -> HolySheepError:
         """The exception the caller sees when we give up."""
+        broken = self._broken
+        if broken is not None and not isinstance(error, StreamInterruptedError):
+            # Reconnecting after content reached the caller failed for good: the caller
+            # needs the interruption and the text it had, not only the reconnect's error.
+            way = "resume" if self.on_interrupt == "resume" else "restart"
+            return StreamInterruptedError(
+                f"the stream was interrupted after content was delivered, and the {way} "
+                f"failed: {error.message} ({decision.reason})",
+                completion=broken,
+                request_id=error.request_id,
+                status_code=error.status_code,
+                usage=broken.usage,
+            )
         if (
             self._delivered
             and isinstance(error, IncompleteStreamError)

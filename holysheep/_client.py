@@ -279,10 +279,12 @@ class Stream:
                         self._end_attempt()
                         return
                     self._after_failure(self._timeout_or(exc))
-                    reset = self._call.take_reset()
-                    if reset is not None:
-                        yield ChatChunk.for_reset(reset)
                     self.open()
+                    # Only once the new attempt is open: if it fails for good, the caller keeps
+                    # what it showed, and the error carries it.
+                    reset = self._call.take_reset()
+                    if reset is not None and self._body is not None:
+                        yield ChatChunk.for_reset(reset)
         except BaseException as exc:
             self._call.left(_clock(), exc)
             raise

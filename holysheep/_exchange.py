@@ -52,6 +52,7 @@ from ._exceptions import (
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
+    RemoteProtocolError,
     TotalTimeoutError,
     UnexpectedContentTypeError,
     UnprocessableEntityError,
@@ -293,6 +294,7 @@ class Exchange:
     __slots__ = (
         "_connected",
         "_ended",
+        "_expect_id",
         "_first_progress",
         "_ids",
         "_last_progress",
@@ -347,6 +349,7 @@ class Exchange:
         #: Event ids this exchange received, when tracking them for a resume.
         self._ids: set[str] | None = None  # a set once tracking starts
         self._skip_ids: frozenset[str] | None = None
+        self._expect_id: str | None = None  # see `track_event_ids`
         self.status_code: int | None = None
         self.response_headers: Mapping[str, str] = {}
         self.server_request_id: str | None = None
@@ -437,10 +440,17 @@ class Exchange:
             exc.retry_after = parse_retry_after(self.response_headers)
         return exc
 
-    def track_event_ids(self, skip: frozenset[str]) -> None:
-        """Record event ids, and drop events whose id an earlier attempt already delivered."""
+    def track_event_ids(self, skip: frozenset[str], expect_id: str | None = None) -> None:
+        """Record event ids, and drop events whose id an earlier attempt already delivered.
+
+        `expect_id` is the completion id a resumed stream must go on with: a server that
+        ignores `Last-Event-ID` and generates a new answer would otherwise have its events
+        spliced onto the old one's (those it numbers like delivered ones dropped, the rest
+        appended), a text nobody generated.
+        """
         self._skip_ids = skip
         self._ids = set()
+        self._expect_id = expect_id
 
     @property
     def ids_seen(self) -> Set[str]:
@@ -484,6 +494,8 @@ class Exchange:
         assert seen is not None
         try:
             for event in self.accumulator.decoder.feed(data):
+                if self._expect_id is not None and event.data:
+                    self._check_same_completion(event.data)
                 if event.id:
                     if event.id in skip:
                         continue  # delivered before the resume: never twice
@@ -496,6 +508,21 @@ class Exchange:
                 exc.chunks = chunks
             raise
         return chunks
+
+    def _check_same_completion(self, data: str) -> None:
+        """The first event of a resumed stream must belong to the completion it resumes."""
+        expected, self._expect_id = self._expect_id, None
+        try:
+            parsed = json.loads(data)
+        except ValueError:
+            return  # not a chunk ([DONE], or invalid JSON the accumulator reports)
+        found = parsed.get("id") if isinstance(parsed, dict) else None
+        if isinstance(found, str) and found != expected:
+            raise RemoteProtocolError(
+                f"the server did not resume the stream: it answered with another completion "
+                f"({found!r} instead of {expected!r}), so its events cannot continue the text "
+                f"received so far"
+            )
 
     def on_eof(self, now: float) -> None:
         """The body ended. Raises `IncompleteStreamError` if it ended too early."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -178,6 +179,164 @@ def test_restart_yields_a_reset_marker_first() -> None:
                     shown = ""  # what a terminal app would do: clear and start over
                 shown += chunk.text
         assert (1, FULL, FULL) == (resets, shown, stream.completion.text)
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_a_failed_reconnect_is_retried_like_the_drop(status: int) -> None:
+    """Resuming, a 503 or 429 on the way back is one more transient failure, retried within
+    `attempts` (it ended the stream: the policy took it for a failure after content)."""
+    with serve(event_ids=True) as upstream:
+        upstream.enqueue(
+            {"fault": "drop@5"}, {"fault": {"kind": "status", "status": status, "retry_after": 0}}
+        )
+        seen: list[str] = []
+        with client(upstream, on_interrupt="resume").chat.stream(
+            model="m", messages=MESSAGES
+        ) as stream:
+            seen.extend(chunk.text for chunk in stream)
+        assert FULL == "".join(seen) == stream.completion.text
+        assert ["5", "5"] == [r.headers["last-event-id"] for r in upstream.requests[1:]]
+        assert 3 == stream.stats.attempts
+
+
+@pytest.mark.parametrize("on_interrupt", ["resume", "restart"])
+def test_a_reconnect_that_keeps_failing_raises_the_interruption_with_the_text(
+    on_interrupt: str,
+) -> None:
+    """Giving up on the way back: `StreamInterruptedError` with what the caller was shown (it
+    was a bare 503 with no completion), and on restart no `Reset` the caller would clear its
+    screen for."""
+    with serve(event_ids=True) as upstream:
+        down = {"fault": {"kind": "status", "status": 503, "retry_after": 0}}
+        upstream.enqueue({"fault": "drop@5"}, down, down, down)
+        shown: list[holysheep.ChatChunk] = []
+        with (
+            pytest.raises(StreamInterruptedError, match=f"the {on_interrupt} failed") as info,
+            client(upstream, on_interrupt=on_interrupt).chat.stream(
+                model="m", messages=MESSAGES
+            ) as stream,
+        ):
+            shown.extend(stream)
+        assert [None] * len(shown) == [chunk.reset for chunk in shown]
+        assert first(5) == "".join(chunk.text for chunk in shown)
+        assert info.value.completion is not None
+        assert first(5) == info.value.completion.text
+        assert 503 == info.value.status_code
+        assert isinstance(info.value.__cause__, holysheep.InternalServerError)
+        assert 4 == len(upstream.requests)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("on_interrupt", ["resume", "restart"])
+async def test_async_a_reconnect_that_keeps_failing_raises_the_interruption(
+    on_interrupt: str,
+) -> None:
+    with serve(event_ids=True) as upstream:
+        down = {"fault": {"kind": "status", "status": 503, "retry_after": 0}}
+        upstream.enqueue({"fault": "drop@5"}, down, down, down)
+        shown: list[holysheep.ChatChunk] = []
+
+        async def read(aclient: holysheep.AsyncClient) -> None:
+            async with aclient.chat.stream(model="m", messages=MESSAGES) as stream:
+                async for chunk in stream:
+                    shown.append(chunk)
+
+        async with holysheep.AsyncClient(
+            api_key="k",
+            base_url=upstream.base_url,
+            retry=FAST,
+            on_interrupt=on_interrupt,  # type: ignore[arg-type]
+        ) as aclient:
+            with pytest.raises(StreamInterruptedError, match=f"the {on_interrupt} failed") as info:
+                await read(aclient)
+        assert [None] * len(shown) == [chunk.reset for chunk in shown]
+        assert first(5) == "".join(chunk.text for chunk in shown)
+        assert info.value.completion is not None
+        assert first(5) == info.value.completion.text
+
+
+def test_a_retry_before_content_in_resume_mode_keeps_every_event() -> None:
+    """A drop before the first token is retried as a fresh request: its events are all new,
+    even where their ids repeat the dropped attempt's (the role chunk was skipped)."""
+    with serve(event_ids=True) as upstream:
+        upstream.enqueue({"fault": "drop@0"})
+        with client(upstream, on_interrupt="resume").chat.stream(
+            model="m", messages=MESSAGES
+        ) as stream:
+            text = "".join(chunk.text for chunk in stream)
+        assert "last-event-id" not in upstream.requests[1].headers
+        assert (FULL, "assistant") == (text, stream.completion.role)
+
+
+def _chunk(index: int, completion_id: str, delta: dict[str, Any], finish: Any = None) -> bytes:
+    data = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return f"id: {index}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def test_a_resume_answered_with_another_completion_is_not_spliced() -> None:
+    """A server that ignores Last-Event-ID and generates anew: its events, numbered from 1
+    again, were partly skipped as delivered and partly appended, a text nobody generated.
+    Now the caller gets the interruption, with the text it was shown."""
+    cat = [_chunk(i, "chatcmpl-A", {"content": w}) for i, w in enumerate(["The ", "cat "], 1)]
+    dog = [_chunk(i, "chatcmpl-B", {"content": w}) for i, w in enumerate(["A ", "dog ", "ran."], 1)]
+    made = holysheep.Client(
+        api_key="k",
+        transport=holysheep.transports.MockTransport(
+            [
+                MockResponse(chunks=cat, fault="drop"),
+                MockResponse(
+                    chunks=[*dog, _chunk(4, "chatcmpl-B", {}, "stop"), b"data: [DONE]\n\n"]
+                ),
+            ]
+        ),
+        retry=FAST,
+        on_interrupt="resume",
+    )
+    shown: list[str] = []
+    with (
+        pytest.raises(StreamInterruptedError, match="another completion") as info,
+        made.chat.stream(model="m", messages=MESSAGES) as stream,
+    ):
+        shown.extend(chunk.text for chunk in stream)
+    assert "The cat " == "".join(shown)
+    assert info.value.completion is not None
+    assert "The cat " == info.value.completion.text
+    made.close()
+
+
+def test_a_long_healthy_stream_keeps_its_retry_budget_for_a_resume() -> None:
+    """The budget counts failures, not streaming: a drop after longer than `timeout` of good
+    streaming is still resumed (it gave up: 'the retry budget would be exceeded')."""
+    with serve(event_ids=True, tokens=12, tokens_per_s=20) as upstream:
+        upstream.enqueue({"fault": "drop@10"})  # after 0.5 s of streaming
+        made = client(upstream, retry=attrs.evolve(FAST, timeout=0.3), on_interrupt="resume")
+        assert first(12) == made.chat.complete(model="m", messages=MESSAGES).text
+        assert 2 == len(upstream.requests)
+
+
+def test_time_in_the_rate_limiter_queue_is_not_retry_budget() -> None:
+    """A stream that queued longer than `timeout` behind another still gets its retry."""
+    limiter = RateLimiter(max_concurrent=1)
+    with serve(tokens=12, tokens_per_s=30) as upstream:  # the first stream takes 0.4 s
+        made = client(upstream, limiter=limiter, retry=attrs.evolve(FAST, timeout=0.3))
+        holder = made.chat.stream(model="m", messages=MESSAGES)
+        holder.open()
+        upstream.enqueue({"fault": {"kind": "status", "status": 503, "retry_after": 0}})
+        done: list[str] = []
+        waiter = threading.Thread(
+            target=lambda: done.append(made.chat.complete(model="m", messages=MESSAGES).text)
+        )
+        waiter.start()
+        time.sleep(0.1)
+        holder.until_done()
+        holder.close()
+        waiter.join(5)
+        assert [first(12)] == done
+        made.close()
 
 
 @pytest.mark.anyio
