@@ -171,6 +171,7 @@ class Stream:
         "_lock",
         "_reading",
         "_response",
+        "_sending",
         "_stop",
         "_ticket",
         "_transport",
@@ -194,6 +195,7 @@ class Stream:
         self._expiry: APITimeoutError | None = None  # what the watchdog found, see `_expire`
         self._exhausted = False
         self._reading = False  # an iteration is under way (see `__iter__`)
+        self._sending = False  # a thread is in `transport.send` (see `close`)
         # Whether the caller has the stream and is not reading it (see `_lapse`), and whether
         # a ttft or idle deadline passed meanwhile.
         self._away = True
@@ -239,8 +241,13 @@ class Stream:
             if self._closed:
                 return
             self._closed = True
+            sending = self._sending
         self._stop.set()
-        self._end_attempt()
+        if not sending:
+            self._end_attempt()
+        # else: the request is still going out, or its head still coming, in another thread,
+        # which cannot be cut short. It ends the attempt when `send` returns, and only then
+        # gives back the rate limiter's slot: the server still holds a request until then.
         if self._call.exchange is not None:
             self._call.exchange.finish(_clock())
             self._call.ended(_clock())
@@ -367,10 +374,19 @@ class Stream:
         self._call.sending()
         exchange.start(_clock())
         self._watchdog.watch(self)
+        with self._lock:
+            closed = self._closed
+            self._sending = not closed
+        if closed:  # just now: give back what `close()` may have found not yet taken
+            self._end_attempt()
+            return
         try:
             response = self._transport.send(exchange.request)
         except HolySheepError as exc:
             raise self._timeout_or(exc) from exc
+        finally:
+            with self._lock:
+                self._sending = False
         with self._lock:
             closed = self._closed
             self._response = response

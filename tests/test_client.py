@@ -578,6 +578,39 @@ def test_close_from_another_thread_unblocks_a_read(transport: BaseTransport) -> 
         assert stalled.wait_for_disconnect(3.0)
 
 
+def test_close_while_the_head_is_awaited_keeps_the_slot_until_the_request_ends(
+    transport: BaseTransport,
+) -> None:
+    """`close()` from another thread while `send` waits for the head: the server still holds
+    the request, so a `max_concurrent` slot stays taken until `send` returns (it was given
+    back at once, and a second request went out next to the first)."""
+    limiter = holysheep.RateLimiter(max_concurrent=1)
+
+    def head_after_a_while(conn: socket.socket) -> None:
+        time.sleep(0.6)
+        conn.sendall(_SSE_HEAD + _chunk("[DONE]") + b"0\r\n\r\n")
+
+    with _one_connection(head_after_a_while) as (url, _):
+        client = holysheep.Client(
+            api_key="k",
+            base_url=url,
+            transport=transport,
+            limiter=limiter,
+            retry=RetryPolicy.none(),
+        )
+        stream = client.chat.stream(model="m", messages=MESSAGES)
+        opener = threading.Thread(target=stream.open, daemon=True)
+        opener.start()
+        time.sleep(0.2)  # sending, waiting for the head
+        assert 1 == limiter.in_flight
+        stream.close()
+        assert 1 == limiter.in_flight
+        opener.join(3)
+        assert not opener.is_alive()
+        assert 0 == limiter.in_flight
+        client.close()
+
+
 def test_a_second_iteration_is_refused_and_leaves_the_first_alone(
     transport: BaseTransport,
 ) -> None:
