@@ -220,6 +220,7 @@ class Stream:
     ) -> None:
         self._call.left(_clock(), exc)
         self.close()
+        self._end_attempt()  # the owner's thread, reading nothing now: see `close`
 
     def open(self) -> None:
         """Send the request and read the response head, retrying as the policy allows.
@@ -234,20 +235,33 @@ class Stream:
             except HolySheepError as exc:
                 self._after_failure(exc)
         self._away = True
+        if self._closed:
+            self._end_attempt()  # closed by another thread while this one was opening
 
     def close(self) -> None:
-        """Close the connection. Safe to call from another thread while one is reading."""
+        """Close the connection. Safe to call from another thread while one is reading.
+
+        Only the thread reading a stream may close its connection while it reads: a socket
+        closed under a read about to start lets the kernel give its number to the next
+        connection opened, and the read then waits on that one, for good. So when a read may
+        be under way (the reader is not `_away`) this only wakes it (`Response.interrupt`),
+        and the reader, which checks `_closed` after saying it reads, ends the attempt.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             sending = self._sending
         self._stop.set()
-        if not sending:
+        if sending:
+            # The request is still going out, or its head still coming, in another thread,
+            # which cannot be cut short. It ends the attempt when `send` returns, and only then
+            # gives back the rate limiter's slot: the server still holds a request until then.
+            pass
+        elif self._away:
             self._end_attempt()
-        # else: the request is still going out, or its head still coming, in another thread,
-        # which cannot be cut short. It ends the attempt when `send` returns, and only then
-        # gives back the rate limiter's slot: the server still holds a request until then.
+        else:
+            self._interrupt()
         if self._call.exchange is not None:
             self._call.exchange.finish(_clock())
             self._call.ended(_clock())
@@ -299,15 +313,20 @@ class Stream:
             self._exhausted = True
             self._reading = False
             self.close()
+            self._end_attempt()
 
     def _read_attempt(self) -> Iterator[ChatChunk]:
         exchange, body = self._exchange, self._body
         assert body is not None
         on_data, delivered = exchange.on_data, self._call.delivered
         waiting_for_first = waiting_for_end = True
+        # Before every read: say so (`_away` False), then look whether `close()` or the
+        # watchdog stopped the stream; they set their flag, then look at `_away` (see `close`).
         self._away = False
         if self._lapsed:
             self._resume()
+        if self._closed or self._expired:
+            body = iter(())
         for data in body:
             now = _clock()
             chunks = on_data(data, now)
@@ -328,6 +347,8 @@ class Stream:
                 self._away = False
                 if self._lapsed:
                     self._resume()
+                if self._closed or self._expired:
+                    break
                 if exchange.failure is not None:
                     raise exchange.failure  # in the bytes after these chunks (`Exchange.on_data`)
         if self._expired and exchange.done_at is None:
@@ -422,8 +443,9 @@ class Stream:
 
     def _end_attempt(self) -> None:
         self._watchdog.unwatch(self)
-        response, self._response, self._body = self._response, None, None
-        ticket, self._ticket = self._ticket, None
+        with self._lock:  # the owner's thread and `close()` may both get here
+            response, self._response, self._body = self._response, None, None
+            ticket, self._ticket = self._ticket, None
         try:
             if response is not None:
                 response.close()
@@ -492,9 +514,15 @@ class Stream:
         """
         self._expiry = error
         self._expired = True
+        if not self._away:
+            self._interrupt()
+        # else: the reader is not reading; it finds `_expired` before its next read.
+
+    def _interrupt(self) -> None:
+        """Wake a read under way in another thread, leaving the close to it (see `close`)."""
         response = self._response
         if response is not None:
-            response.close()
+            (response.interrupt or response.close)()
 
 
 class _Watchdog:

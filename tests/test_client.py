@@ -611,6 +611,59 @@ def test_close_while_the_head_is_awaited_keeps_the_slot_until_the_request_ends(
         client.close()
 
 
+class _BlockingTransport(BaseTransport):
+    """One event, then a read that blocks until interrupted; records which thread called
+    `interrupt` and `close` on the response."""
+
+    def __init__(self) -> None:
+        self.woken = threading.Event()
+        self.calls: list[tuple[str, str]] = []
+
+    def send(self, request: holysheep.transports.Request) -> holysheep.transports.Response:
+        def body() -> Iterator[bytes]:
+            yield b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
+            self.woken.wait(5)
+            raise APIConnectionError("interrupted")
+
+        def interrupt() -> None:
+            self.calls.append(("interrupt", threading.current_thread().name))
+            self.woken.set()
+
+        def close() -> None:
+            self.calls.append(("close", threading.current_thread().name))
+            self.woken.set()
+
+        return holysheep.transports.Response(
+            200, {"content-type": "text/event-stream"}, body(), close, interrupt
+        )
+
+
+@pytest.mark.parametrize("stopper", ["watchdog", "close"])
+def test_only_the_reading_thread_closes_a_connection_it_reads(stopper: str) -> None:
+    """The watchdog and `close()` from another thread only wake a blocked read
+    (`Response.interrupt`); the reader closes. A socket closed by another thread just as a
+    read starts hands its number to the next connection opened, and the read waited on that
+    one for good (streams hung, in about one run in two of 60 streams with idle timeouts)."""
+    transport = _BlockingTransport()
+    client = holysheep.Client(
+        api_key="k", transport=transport, timeout=Timeouts(idle=0.2), retry=RetryPolicy.none()
+    )
+    reader = threading.current_thread().name
+    texts: list[str] = []
+    with client.chat.stream(model="m", messages=MESSAGES) as stream:
+        if stopper == "close":
+            threading.Timer(0.1, stream.close).start()
+        with contextlib.suppress(IdleTimeoutError):
+            texts.extend(chunk.text for chunk in stream)
+    client.close()
+    assert ["Hi"] == texts
+    interrupts = [who for what, who in transport.calls if what == "interrupt"]
+    closes = [who for what, who in transport.calls if what == "close"]
+    assert 1 == len(interrupts)
+    assert reader != interrupts[0]
+    assert {reader} == set(closes)
+
+
 def test_a_second_iteration_is_refused_and_leaves_the_first_alone(
     transport: BaseTransport,
 ) -> None:

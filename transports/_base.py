@@ -9,7 +9,12 @@ rest of holysheep never sees a `requests` or `httpx` exception.
 Three rules every transport keeps:
 
 - `Response.close()` may be called from another thread (or, for async transports, another
-  task) while a read is blocked, and must make that read return or raise promptly.
+  task) while a read is blocked, and must make that read return or raise promptly. A sync
+  transport should also give `Response.interrupt`: it wakes such a read *without* releasing
+  the connection (`socket.shutdown`, not `close`), and the sync client calls it instead of
+  `close()` from other threads while a read may be under way, leaving the close to the
+  reading thread. Closing a socket another thread is about to read lets the kernel hand its
+  number to the next connection opened, and the read then waits on that one.
 - An unfinished body is closed, never drained: the server sees the client go away.
 - Closing a response whose body was read to its end neither blocks nor awaits anything a
   cancellation could interrupt (the connection goes back to the pool as it is): the async
@@ -45,12 +50,15 @@ class Response:
     `headers` answers lookups by lower-case name: a dict with lower-case names, or the HTTP
     library's own case-insensitive mapping, handed over as it is (no copy per response, which
     every open stream would hold). `close` releases the connection; it is idempotent.
+    `interrupt`, if given, makes a read blocked in another thread return or raise without
+    releasing anything (see the module docstring); None: `close` does it.
     """
 
     status_code: int
     headers: Mapping[str, str]
     stream: Iterator[bytes]
     close: Callable[[], None] = _noop
+    interrupt: Callable[[], None] | None = None
 
 
 @final

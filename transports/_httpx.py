@@ -141,7 +141,9 @@ class HTTPXTransport(BaseTransport):
             self.client.close()
 
 
-def _body_and_closer(response: httpx.Response) -> tuple[Iterator[bytes], Callable[[], None]]:
+def _body_and_closer(
+    response: httpx.Response,
+) -> tuple[Iterator[bytes], Callable[[], None], Callable[[], None]]:
     finished = False
 
     def body() -> Iterator[bytes]:
@@ -156,18 +158,22 @@ def _body_and_closer(response: httpx.Response) -> tuple[Iterator[bytes], Callabl
             ) from exc
         finished = True
 
-    def close() -> None:
+    def interrupt() -> None:
+        # Wakes a read blocked in another thread; the socket stays open until `close`.
         if not finished:
-            # Shut the socket down first: closing it does not wake a thread blocked in recv(),
-            # and an unfinished body must not go back to the pool.
             stream = response.extensions.get("network_stream")
             sock = stream.get_extra_info("socket") if stream is not None else None
             if isinstance(sock, socket.socket):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+    def close() -> None:
+        # Shut the socket down first: closing it does not wake a thread blocked in recv(),
+        # and an unfinished body must not go back to the pool.
+        interrupt()
         response.close()
 
-    return body(), close
+    return body(), close, interrupt
 
 
 class AsyncHTTPXTransport(AsyncBaseTransport):

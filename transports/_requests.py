@@ -98,7 +98,7 @@ class RequestsTransport(BaseTransport):
 
 def _body_and_closer(
     response: requests.Response,
-) -> tuple[Iterator[bytes], Callable[[], None]]:
+) -> tuple[Iterator[bytes], Callable[[], None], Callable[[], None]]:
     raw: urllib3.HTTPResponse = response.raw
     finished = False
 
@@ -118,17 +118,21 @@ def _body_and_closer(
             ) from exc
         finished = True
 
-    def close() -> None:
+    def interrupt() -> None:
+        # Wakes a read blocked in another thread; the socket stays open until `close`.
         if not finished:
-            # Shut the socket down first: close() alone does not wake a thread blocked in
-            # recv(), and an unfinished body must not go back to the pool.
             sock = _socket_of(raw)
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+    def close() -> None:
+        # Shut the socket down first: close() alone does not wake a thread blocked in
+        # recv(), and an unfinished body must not go back to the pool.
+        interrupt()
         response.close()
 
-    return body(), close
+    return body(), close, interrupt
 
 
 def _socket_of(raw: urllib3.HTTPResponse) -> socket.socket | None:
