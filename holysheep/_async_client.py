@@ -627,8 +627,7 @@ class AsyncStream:
                     await _close(body, response)
         finally:
             if ticket is not None and self._gate is not None:
-                usage = self._exchange.accumulator.usage
-                self._gate.release(ticket, usage.total_tokens if usage is not None else None)
+                self._gate.release(ticket, self._call.tokens_used(self._exchange))
 
     def _stopped_by_caller(self) -> bool:
         # A method, not an inline test: the flag changes while we await.

@@ -101,6 +101,7 @@ class Call:
         "_announced",
         "_broken",
         "_budget_from",
+        "_charged",
         "_delivered",
         "_earlier",
         "_first_token",
@@ -120,6 +121,7 @@ class Call:
         "info",
         "on_interrupt",
         "policy",
+        "prompt_cost",
         "queued",
     )
 
@@ -147,8 +149,12 @@ class Call:
         self.info = info
         # Lifecycle reported to observers so far: each happens at most once.
         self._announced = self._first_token = self._reported = False
-        #: Tokens to reserve from a rate limiter's per-minute budget for each attempt.
+        #: Tokens to reserve from a rate limiter's per-minute budget for each attempt, and how
+        #: many of them are the prompt's (see `tokens_used`).
         self.cost = 0
+        self.prompt_cost = 0
+        # Tokens charged for the attempts whose accumulation the current one continues.
+        self._charged = 0
         #: Seconds spent waiting for a rate limiter, over all attempts.
         self.queued = 0.0
         self.attempt = 0
@@ -202,14 +208,37 @@ class Call:
             expect_id = self._broken.id if self._broken is not None else None
         else:
             # A fresh request (a retry before content): its events are all new, whatever
-            # ids they carry.
+            # ids they carry, and its usage is its own.
             self._seen_ids = _NO_IDS
+            self._charged = 0
         exchange = self._make_exchange(headers, accumulator)
         exchange.continues(self._earlier.sent)
         if self.on_interrupt == "resume":
             exchange.track_event_ids(skip=self._seen_ids, expect_id=expect_id)
         self.exchange = exchange
         return exchange
+
+    def tokens_used(self, exchange: Exchange) -> int | None:
+        """What the attempt of `exchange` used of a tokens-per-minute budget, to settle its
+        reservation when it ends; None keeps the reservation (nothing better is known).
+
+        The server's usage when it sent one; nothing for a refused request (an error status);
+        for a stream cut short, the prompt and the text so far, estimated. A resumed
+        completion's usage and text include its earlier attempts, already charged.
+        """
+        usage = exchange.accumulator.usage
+        if usage is not None and usage.total_tokens is not None:
+            used = usage.total_tokens
+        elif exchange.status_code is None:
+            return None  # no answer: whether the server started on it is unknown
+        elif not 200 <= exchange.status_code < 300:
+            used = 0
+        else:
+            text = exchange.accumulator.completion.text
+            used = self.prompt_cost + -(-len(text) // 4)
+        used = max(0, used - self._charged)
+        self._charged += used
+        return used
 
     def take_reset(self) -> Reset | None:
         """The `Reset` marker the driver must hand the caller before the next attempt."""

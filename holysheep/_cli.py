@@ -340,7 +340,7 @@ def _run_chat(
             stream.close()  # at once, so the server sees us leave and stops generating
         completion, stats = stream.completion, stream.stats
     prompt_text = "\n".join(m["content"] for m in messages)
-    cost = _cost_for(completion, args.model, prices, prompt_text)
+    cost = _cost_for(completion, args.model, prices, prompt_text, stats)
     if args.json:
         report = _chat_json(completion, stats, cost, args.model, interrupted)
         print(json.dumps(report, ensure_ascii=False))
@@ -367,14 +367,17 @@ def _note_retry(attempt: Attempt) -> None:
 
 
 def _cost_for(
-    completion: Completion, model: str, prices: PriceTable, prompt_text: str
+    completion: Completion, model: str, prices: PriceTable, prompt_text: str, stats: StreamStats
 ) -> Cost | None:
     usage = completion.usage
+    # Without usage, the output is priced at the count the stats line shows (an estimate
+    # too, which keeps the cost marked estimated through the prompt's estimate).
+    output = usage.completion_tokens if usage is not None else stats.tokens
     # The model the server reports is what was billed; fall back to the one asked for.
     for name in filter(None, (completion.model, model)):
         cost = cost_of(
             usage.prompt_tokens if usage is not None else None,
-            usage.completion_tokens if usage is not None else None,
+            output,
             name,
             prices,
             prompt_text=prompt_text,

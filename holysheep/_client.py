@@ -451,8 +451,7 @@ class Stream:
                 response.close()
         finally:  # as in the async client: a close that raises must not keep the ticket
             if ticket is not None and self._gate is not None:
-                usage = self._exchange.accumulator.usage
-                self._gate.release(ticket, usage.total_tokens if usage is not None else None)
+                self._gate.release(ticket, self._call.tokens_used(self._exchange))
 
     def _timeout_or(self, exc: HolySheepError | None) -> HolySheepError:
         now = _clock()

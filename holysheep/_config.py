@@ -129,6 +129,7 @@ class ClientConfig:
         )
         if limited:
             call.cost = estimate_cost(body)
+            call.prompt_cost = estimate_prompt(body)
         return call
 
 
@@ -197,7 +198,11 @@ class _Exchanges:
 def estimate_cost(body: Mapping[str, Any]) -> int:
     """Tokens to reserve from a tokens-per-minute budget: the prompt (about 4 characters a
     token) plus `max_tokens`; reconciled with the real usage when the stream ends."""
-    messages = body.get("messages") or []
-    prompt = sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, Mapping)) // 4
     limit = body.get("max_tokens") or body.get("max_completion_tokens") or 0
-    return prompt + (limit if isinstance(limit, int) else 0)
+    return estimate_prompt(body) + (limit if isinstance(limit, int) else 0)
+
+
+def estimate_prompt(body: Mapping[str, Any]) -> int:
+    """The prompt's tokens, about 4 characters a token."""
+    messages = body.get("messages") or []
+    return sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, Mapping)) // 4

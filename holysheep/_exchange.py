@@ -283,6 +283,12 @@ def _fixed_headers(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return _CONSTANT_HEADERS
 
 
+def estimate_tokens(text: str) -> int:
+    """About how many tokens `text` is: four characters a token, rounded up (as
+    `holysheep.estimate_tokens`, which the sans-IO core does not import)."""
+    return -(-len(text) // 4)
+
+
 def new_request_id() -> str:
     return f"hs-{os.urandom(16).hex()}"  # what uuid4().hex carries, without the object
 
@@ -674,6 +680,15 @@ class Exchange:
         end = self._ended if self._ended is not None else now
         usage = self.accumulator.usage
         tokens = usage.completion_tokens if usage and usage.completion_tokens is not None else None
+        if tokens is None:
+            # No count from the server: the larger of two estimates. A chunk per token holds
+            # for OpenAI-style streams (and for scripts where a token is one or two
+            # characters); four characters a token holds for gateways that batch. The text
+            # covers every attempt of a resumed completion, the chunks only this one's.
+            tokens = max(self.content_chunks, estimate_tokens(self.accumulator.completion.text))
+            estimated = True
+        else:
+            estimated = False
         return StreamStats(
             request_id=self.request_id,
             server_request_id=self.server_request_id,
@@ -682,8 +697,8 @@ class Exchange:
             duration=None if started is None else end - started,
             events=events,
             bytes=nbytes,
-            tokens=tokens if tokens is not None else self.content_chunks,
-            tokens_estimated=tokens is None,
+            tokens=tokens,
+            tokens_estimated=estimated,
             attempts=call.attempt if call is not None else 1,
             retries=tuple(call.history) if call is not None else (),
             queued=call.queued if call is not None else 0.0,

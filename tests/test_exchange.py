@@ -141,6 +141,28 @@ def test_a_clean_stream_accumulates_and_measures() -> None:
 
 
 @pytest.mark.parametrize(
+    ("pieces", "expected"),
+    [
+        (["I", " am", " ok"], 3),  # a chunk a token, as OpenAI streams
+        (["x" * 40, "y" * 40], 20),  # a gateway batching tokens: four characters a token
+        (["羊", "很", "温", "顺"], 4),  # a character a token: the chunks count
+    ],
+)
+def test_without_usage_the_token_count_is_the_larger_estimate(
+    pieces: list[str], expected: int
+) -> None:
+    """No usage from the server: the larger of the content chunks and the text's length over
+    four (the chunks alone said 2 tokens for 80 characters, while the cost was priced at 20)."""
+    exchange = make()
+    exchange.start(0.0)
+    exchange.on_headers(200, SSE, 0.1)
+    exchange.on_data(b"".join(sse_body(*pieces)), 0.2)
+    exchange.on_eof(0.3)
+    stats = exchange.stats(1.0)
+    assert (expected, True) == (stats.tokens, stats.tokens_estimated)
+
+
+@pytest.mark.parametrize(
     ("status", "cls"),
     [
         (400, BadRequestError),

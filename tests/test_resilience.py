@@ -339,6 +339,31 @@ def test_time_in_the_rate_limiter_queue_is_not_retry_budget() -> None:
         made.close()
 
 
+@pytest.mark.parametrize(
+    ("faults", "on_interrupt"),
+    [
+        ([{"fault": {"kind": "status", "status": 503}}] * 2, "raise"),
+        ([{"fault": "drop@5"}], "resume"),
+    ],
+)
+def test_the_token_budget_is_charged_what_the_attempts_used(
+    faults: list[dict[str, Any]], on_interrupt: str
+) -> None:
+    """A refused attempt used no tokens, and a resumed completion's usage covers its earlier
+    attempts: both kept their whole reservation (prompt + max_tokens), so after two 503s a
+    10-token answer held 870 tokens of a 600 a minute budget, and the next request waited for
+    over a minute."""
+    limiter = RateLimiter(tokens_per_minute=600)
+    with serve(event_ids=True, tokens=10) as upstream:
+        made = client(upstream, limiter=limiter, on_interrupt=on_interrupt)
+        upstream.enqueue(*faults)
+        made.chat.complete(model="m", messages=[], max_tokens=290)
+        started = time.monotonic()
+        made.chat.complete(model="m", messages=[], max_tokens=500)
+        assert time.monotonic() - started < 3.0
+        made.close()
+
+
 @pytest.mark.anyio
 async def test_async_resume_and_retry() -> None:
     """The async client makes the same decisions, on asyncio and trio."""
