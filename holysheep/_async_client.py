@@ -336,8 +336,8 @@ class AsyncStream:
                         else:
                             chunks = await self._at_eof(body)
                 except HolySheepError as exc:
-                    if self._exchange.done_at is not None:
-                        await self._complete()
+                    if self._exchange.complete_at_break(exc, _now()):
+                        await self._complete()  # see `Exchange.complete_at_break`
                         continue
                     await self._after_failure(exc)
                     await self.open()

@@ -293,9 +293,10 @@ class Stream:
                 except HolySheepError as exc:
                     if self._closed and not self._expired:
                         return  # closed by the caller: stop quietly, the partial result stays
-                    if self._exchange.done_at is not None:
+                    if self._exchange.complete_at_break(exc, _clock()):
                         # `[DONE]` came: the answer is complete, whatever the connection did
-                        # after it (broke, or lingered past `AFTER_DONE` and was closed).
+                        # after it (broke, or lingered past `AFTER_DONE` and was closed); or
+                        # it broke after the finish, where a clean end would be accepted.
                         self._exchange.on_eof(_clock())
                         self._end_attempt()
                         return

@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from ._chat import ChatAccumulator, ChatChunk, Completion
 from ._exceptions import (
+    APIConnectionError,
     APIStatusError,
     APITimeoutError,
     AuthenticationError,
@@ -548,6 +549,23 @@ class Exchange:
             exc.status_code = self.status_code
         if exc.completion is None and (self.events or exc.chunks):
             exc.completion = self.accumulator.completion
+
+    def complete_at_break(self, error: HolySheepError, now: float) -> bool:
+        """Whether the answer is complete although the connection broke (`error`) at `now`:
+        `[DONE]` came, or a `finish_reason` did with no event cut in the middle, which is what
+        a clean end of the body at the same point would be accepted for. The driver then ends
+        the stream as at the end of the body; the usage chunk may be missing, as it may then.
+        """
+        if self.done_at is not None:
+            return True
+        broke = isinstance(error, APIConnectionError | IncompleteStreamError)
+        if not broke or not self.accumulator.finished:
+            return False
+        try:
+            self.on_eof(now)
+        except HolySheepError:
+            return False  # an event cut in the middle after the finish: the usage, likely
+        return True
 
     def interrupted(self, cause: BaseException, now: float) -> HolySheepError:
         """The error for a body read that failed: a timeout if one is due, else a cut stream."""

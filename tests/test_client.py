@@ -1085,6 +1085,10 @@ def _one_connection(
     try:
         yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1", left
     finally:
+        # A test that never connected (skipped) must not wait out the accept: shutting the
+        # listener down wakes it; an accepted connection is served on regardless.
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)
         thread.join(15)
         listener.close()
 
@@ -1287,6 +1291,45 @@ async def test_a_closed_async_client_refuses_new_streams(upstream: MockUpstream)
     await client.aclose()
     with pytest.raises(holysheep.LocalProtocolError, match="closed"):
         client.chat.stream(model="m", messages=MESSAGES)
+
+
+def _finish_then_break(conn: socket.socket) -> None:
+    """Every token, the finish and the usage, then the connection breaks before `[DONE]` (no
+    last HTTP chunk): a proxy cutting the stream short."""
+    choice = {"index": 0, "finish_reason": None}
+    conn.sendall(
+        _SSE_HEAD
+        + _chunk({"choices": [{**choice, "delta": {"role": "assistant", "content": "Hi"}}]})
+        + _chunk({"choices": [{**choice, "delta": {"content": " there"}}]})
+        + _chunk({"choices": [{**choice, "delta": {}, "finish_reason": "stop"}]})
+        + _chunk({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}})
+    )
+    conn.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_break_after_the_finish_loses_nothing(transport: BaseTransport) -> None:
+    """A clean end of the body there is accepted (a `finish_reason` is enough); a broken
+    connection at the same point raised StreamInterruptedError for a complete answer."""
+    with _one_connection(_finish_then_break) as (url, _):
+        client = holysheep.Client(
+            api_key="k", base_url=url, transport=transport, retry=RetryPolicy.none()
+        )
+        completion = client.chat.complete(model="m", messages=MESSAGES)
+        client.close()
+    assert ("Hi there", "stop", 2) == (
+        completion.text,
+        completion.finish_reason,
+        completion.usage and completion.usage.completion_tokens,
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["httpx", "aiohttp"])
+async def test_async_a_break_after_the_finish_loses_nothing(kind: str, anyio_backend: str) -> None:
+    with _one_connection(_finish_then_break) as (url, _):
+        async with _async_client(url, kind, anyio_backend, retry=RetryPolicy.none()) as client:
+            completion = await client.chat.complete(model="m", messages=MESSAGES)
+    assert ("Hi there", "stop") == (completion.text, completion.finish_reason)
 
 
 # -- an error in the same bytes as chunks before it -------------------------------------------
