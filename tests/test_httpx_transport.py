@@ -177,3 +177,22 @@ async def test_a_closed_transport_refuses_with_a_holysheep_error() -> None:
         with pytest.raises(holysheep.LocalProtocolError, match="AsyncHTTPXTransport is closed"):
             await async_client.chat.complete(model="m", messages=MESSAGES)
         assert [] == upstream.requests
+
+
+def test_closing_the_transport_lets_open_streams_finish_first() -> None:
+    """httpx closes every connection of its pool, those being read in other threads included,
+    so `close()` waits for the responses still open, and the last one closes the pool."""
+    transport = HTTPXTransport()
+    with serve(tokens=6, tokens_per_s=30) as upstream:
+        client = holysheep.Client(api_key="k", base_url=upstream.base_url, transport=transport)
+        with client.chat.stream(model="m", messages=MESSAGES) as stream:
+            texts = stream.text_stream()
+            first = next(texts)
+            client.close()
+            assert not transport.client.is_closed
+            rest = "".join(texts)
+        assert transport.client.is_closed
+        assert 6 == stream.completion.usage.completion_tokens  # type: ignore[union-attr]
+        assert stream.completion.text == first + rest
+        with pytest.raises(holysheep.LocalProtocolError):
+            client.chat.complete(model="m", messages=MESSAGES)

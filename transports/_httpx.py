@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import socket
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import anyio
@@ -120,9 +121,13 @@ class HTTPXTransport(BaseTransport):
         self._owns_client = client is None
         self.client = client or httpx.Client(limits=default_limits(max_connections), verify=verify)
         self._urls: dict[str, httpx.URL] = {}  # parsed request URLs, see `_build`
+        # Responses not yet closed, and whether `close()` waits for them (see `close`).
+        self._lock = threading.Lock()
+        self._open = 0
+        self._closing = False
 
     def send(self, request: Request) -> Response:
-        if self.client.is_closed:  # httpx would raise a RuntimeError of its own
+        if self._closing or self.client.is_closed:  # httpx would raise a RuntimeError
             raise LocalProtocolError("HTTPXTransport is closed: cannot send another request")
         built = _build(self.client, request, self._urls)
         try:
@@ -130,21 +135,44 @@ class HTTPXTransport(BaseTransport):
         except httpx.HTTPError as exc:
             raise _translate(exc, request) from exc
         _body_timeout(built, request)
+        with self._lock:
+            self._open += 1
+        body, close, interrupt = _body_and_closer(response, self._closed_one)
         return Response(
             response.status_code,
             response.headers,  # case-insensitive already: no copy per stream
-            *_body_and_closer(response),
+            body,
+            close,
+            interrupt,
         )
 
     def close(self) -> None:
-        if self._owns_client:
+        """Close the pool once the responses still open are closed.
+
+        httpx closes every connection of its pool, those being read included, and a socket
+        closed under a read in another thread can leave that read waiting on whatever
+        connection gets its number next. So streams still open finish first (their own
+        timeouts bound them), and the last one to close closes the pool.
+        """
+        with self._lock:
+            self._closing = True
+            now = self._open == 0
+        if now and self._owns_client:
+            self.client.close()
+
+    def _closed_one(self) -> None:
+        with self._lock:
+            self._open -= 1
+            last = self._closing and self._open == 0
+        if last and self._owns_client:
             self.client.close()
 
 
 def _body_and_closer(
-    response: httpx.Response,
+    response: httpx.Response, closed: Callable[[], None]
 ) -> tuple[Iterator[bytes], Callable[[], None], Callable[[], None]]:
     finished = False
+    done = False
 
     def body() -> Iterator[bytes]:
         nonlocal finished
@@ -168,10 +196,14 @@ def _body_and_closer(
                     sock.shutdown(socket.SHUT_RDWR)
 
     def close() -> None:
+        nonlocal done
         # Shut the socket down first: closing it does not wake a thread blocked in recv(),
         # and an unfinished body must not go back to the pool.
         interrupt()
         response.close()
+        if not done:
+            done = True
+            closed()
 
     return body(), close, interrupt
 
