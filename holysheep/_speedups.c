@@ -310,6 +310,13 @@ feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (!PyList_CheckExact(pending) || !PyList_CheckExact(data_lines) ||
         PyList_GET_SIZE(data_lines) > 1)
         goto fallback;
+    /* An event left open by an earlier read holds one data line, which Python measures only
+       when it dispatches the event: one over max_event_size is Python's to refuse. */
+    if (PyList_GET_SIZE(data_lines) == 1) {
+        PyObject *open = PyList_GET_ITEM(data_lines, 0);
+        if (!PyUnicode_CheckExact(open) || PyUnicode_GET_LENGTH(open) > max_event)
+            goto fallback;
+    }
 
     /* `_pending_size` is the size of `_pending`, kept by both paths: summing the pieces here
        would make a long line read one byte at a time quadratic. */

@@ -385,9 +385,10 @@ class SSEDecoder:
 
     def _count_data(self, data: list[str]) -> None:
         # Only events with several data lines get here; a single line is bounded at dispatch.
+        # The size is that of the data as delivered: the lines and the LFs that join them.
         if len(data) == 2:
-            self._data_size = len(data[0]) + 1
-        self._data_size += len(data[-1]) + 1
+            self._data_size = len(data[0])
+        self._data_size += 1 + len(data[-1])
         if self._data_size > self.max_event_size:
             self._event_too_large(self._data_size)
 

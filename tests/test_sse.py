@@ -39,8 +39,10 @@ def decode_whole(data: bytes) -> tuple[list[ServerSentEvent], SSEDecoder]:
     return events, decoder
 
 
-def decode_split(data: bytes, cuts: list[int]) -> tuple[list[ServerSentEvent], SSEDecoder]:
-    decoder = SSEDecoder()
+def decode_split(
+    data: bytes, cuts: list[int], **limits: int
+) -> tuple[list[ServerSentEvent], SSEDecoder]:
+    decoder = SSEDecoder(**limits)
     events: list[ServerSentEvent] = []
     start = 0
     for cut in [*sorted(cuts), len(data)]:
@@ -215,6 +217,13 @@ def test_event_limit_raises() -> None:
         decoder.feed(b"data: 12345\n" * 5)
 
 
+def test_event_limit_counts_the_data_as_delivered() -> None:
+    """Several data lines count as the data they make: the lines and the LFs that join them."""
+    assert [E(data="ab\ncd")] == SSEDecoder(max_event_size=5).feed(b"data: ab\ndata: cd\n\n")
+    with pytest.raises(RemoteProtocolError, match=r"max_event_size \(4\): 5 characters"):
+        SSEDecoder(max_event_size=4).feed(b"data: ab\ndata: cd\n\n")
+
+
 def test_limits_must_be_positive() -> None:
     """A zero limit is a configuration mistake."""
     with pytest.raises(ValueError, match="positive"):
@@ -304,6 +313,17 @@ def test_arbitrary_bytes_with_tiny_limits_raise_only_remote_protocol_error(data:
         decoder.close()
     except RemoteProtocolError:
         pass
+
+
+@given(st.lists(field_text, min_size=1, max_size=4).map("\n".join).filter(bool))
+def test_an_event_exactly_at_max_event_size_is_kept_and_one_over_is_refused(data: str) -> None:
+    """The limit is on `len(event.data)`, however many lines make it, whatever the split."""
+    stream = E(data=data).encode()
+    for cuts in ([], list(range(len(stream)))):
+        assert [E(data=data)] == decode_split(stream, cuts, max_event_size=len(data))[0]
+        if len(data) > 1:
+            with pytest.raises(RemoteProtocolError, match="max_event_size"):
+                decode_split(stream, cuts, max_event_size=len(data) - 1)
 
 
 # -- against a literal reading of the spec ---------------------------------------------------------
