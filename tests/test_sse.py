@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import pytest
@@ -94,6 +95,21 @@ SPEC_CASES = [
     ("WHATWG: retry non-digits ignored", b"retry: 15x\ndata: a\n\n", [E(data="a")]),
     ("WHATWG: retry non-ASCII digits ignored", "retry: ١٥\ndata: a\n\n".encode(), [E(data="a")]),
     ("WHATWG: retry empty ignored", b"retry:\ndata: a\n\n", [E(data="a")]),
+    (
+        "retry beyond 2**63 - 1 ms, too long for int(): clamped, the event kept",
+        b"retry: " + b"1" * 5000 + b"\ndata: a\n\n",
+        [E(data="a", retry=2**63 - 1)],
+    ),
+    (
+        "retry just beyond 2**63 - 1 ms: clamped",
+        b"retry: 9223372036854775808\ndata: a\n\n",
+        [E(data="a", retry=2**63 - 1)],
+    ),
+    (
+        "retry with many leading zeros",
+        b"retry: " + b"0" * 5000 + b"7\ndata: a\n\n",
+        [E(data="a", retry=7)],
+    ),
     ("WHATWG: BOM stripped at start", b"\xef\xbb\xbfdata: a\n\n", [E(data="a")]),
     ("WHATWG: only one BOM stripped", b"\xef\xbb\xbf\xef\xbb\xbfdata: a\n\n", []),
     ("WHATWG: invalid UTF-8 replaced", b"data: \xff\xfe\n\n", [E(data="\ufffd\ufffd")]),
@@ -172,6 +188,17 @@ def test_last_event_id_and_retry_are_tracked() -> None:
     assert "2" == decoder.last_event_id
 
 
+def test_a_retry_too_long_for_int_is_clamped_and_nothing_is_lost() -> None:
+    """More digits than int() takes set the largest reconnection time; the read's events stay,
+    the decoder goes on, and the value in seconds is a finite float for the retry policy."""
+    decoder = SSEDecoder()
+    events = decoder.feed(b"retry: " + b"1" * 5000 + b"\ndata: kept\n\n")
+    assert [E(data="kept", retry=2**63 - 1)] == events
+    assert 2**63 - 1 == decoder.retry
+    assert math.isfinite(decoder.retry / 1000)
+    assert [E(data="next")] == decoder.feed(b"data: next\n\n")
+
+
 def test_truncation_is_reported_on_close() -> None:
     """An unfinished event is discarded, and `truncated` says so."""
     _, cut = decode_whole(b"data: a\n\ndata: b")
@@ -232,7 +259,15 @@ def test_limits_must_be_positive() -> None:
 
 def test_encode_rejects_what_cannot_round_trip() -> None:
     """Values that would change meaning on the wire are refused."""
-    for bad in (E(data="a\rb"), E(event="a\nb"), E(id="a\x00"), E(id="a\rb"), E(retry=-1)):
+    for bad in (
+        E(data="a\rb"),
+        E(event="a\nb"),
+        E(id="a\x00"),
+        E(id="a\rb"),
+        E(retry=-1),
+        E(retry=2**63),
+        E(retry=10**5000),
+    ):
         with pytest.raises(ValueError, match="SSE"):
             bad.encode()
 
@@ -360,7 +395,8 @@ def reference_decode(stream: bytes) -> tuple[list[ServerSentEvent], str, int | N
         elif name == "id" and "\0" not in value:
             id_buffer = value
         elif name == "retry" and value.isascii() and value.isdigit():
-            retry = event_retry = int(value)
+            # Clamped at 2**63 - 1 (docs/decoder.md): 20 significant digits are always beyond it.
+            retry = event_retry = min(int(value.lstrip("0")[:20] or "0"), 2**63 - 1)
     return events, last_id, retry
 
 
@@ -385,7 +421,10 @@ sse_line = st.one_of(
     st.builds("event: {}".format, field_text),
     st.builds("id: {}".format, field_text),
     st.just("id"),
-    st.builds("retry: {}".format, st.sampled_from(["10", "x1", ""])),
+    st.builds(
+        "retry: {}".format,
+        st.sampled_from(["10", "x1", "", "0" * 30 + "7", "9223372036854775808", "9" * 4400]),
+    ),
     st.builds(": {}".format, field_text),
     st.builds("{}: {}".format, st.sampled_from(["foo", "Data", " data"]), field_text),
 )
