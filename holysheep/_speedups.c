@@ -21,8 +21,9 @@
  * - no `id:` line is read here, so `_id_buffer` is the same for the whole read, and
  *   `last_event_id` can differ from it only if Python read an `id:` of the open event, which
  *   set `_fields`: then a blank line here commits it;
- * - sizes are checked in bytes, which are never fewer than characters: a line within the limit
- *   in bytes is within it in characters. One over it in bytes goes to Python, which decides.
+ * - a line is measured in bytes, as Python measures it; an event's data in bytes, which are
+ *   never fewer than its characters (what Python counts). A line over its limit, or a data
+ *   line that may be over the event's, goes to Python, which decides.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

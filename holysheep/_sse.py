@@ -26,7 +26,9 @@ discard it too, but say so: `truncated` is true, so a client can tell a cut stre
 finished one.
 
 Sizes are bounded (`max_line_size`, `max_event_size`); going over raises `RemoteProtocolError`
-and the decoder refuses further input.
+and the decoder refuses further input. A line is measured in bytes as received, without its
+line ending, whether it is whole or still in `_pending`: one unit for both, so where the
+stream is cut into reads changes nothing. An event is measured by its `data` as delivered.
 
 Speed, without giving up any of the above: a chat stream is almost only `data:` lines and blank
 lines. Where it was built, `_speedups.c` takes such reads and leaves every other read, untouched,
@@ -259,11 +261,11 @@ class SSEDecoder:
             if self._pending_size > self.max_line_size:
                 self._line_too_long()
 
+        if len(block) > self.max_line_size:
+            self._check_line_sizes(block)
         text = block.decode("utf-8", "replace")
         if "\r" in text:
             text = text.replace("\r\n", "\n").replace("\r", "\n")
-        if len(block) > self.max_line_size:
-            self._check_line_sizes(text.split("\n"))
         end = len(text) - 2
         if (
             text.startswith("data: ")
@@ -442,13 +444,17 @@ class SSEDecoder:
         self._at_start = False
         return data[len(_BOM) :] if data.startswith(_BOM) else data
 
-    def _check_line_sizes(self, lines: list[str]) -> None:
-        for line in lines:
-            if len(line) > self.max_line_size:
-                self._fail(
-                    f"SSE line exceeds max_line_size ({self.max_line_size}): "
-                    f"a line of {len(line)} characters"
-                )
+    def _check_line_sizes(self, block: bytes) -> None:
+        # In bytes, as `_pending_size` counts a line not finished yet: a line is then judged
+        # the same whether it arrived in one read or in several.
+        if b"\r" in block:
+            block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        longest = max(map(len, block.split(b"\n")))
+        if longest > self.max_line_size:
+            self._fail(
+                f"SSE line exceeds max_line_size ({self.max_line_size} bytes): "
+                f"a line of {longest} bytes"
+            )
 
     def _line_too_long(self) -> None:
         self._fail(

@@ -227,7 +227,7 @@ def test_line_limit_raises_with_sizes() -> None:
 
 def test_line_limit_applies_to_complete_lines_too() -> None:
     """A long line that arrives whole in one chunk is caught as well."""
-    with pytest.raises(RemoteProtocolError, match="a line of 21 characters"):
+    with pytest.raises(RemoteProtocolError, match="a line of 21 bytes"):
         SSEDecoder(max_line_size=20).feed(b"data: 123456789012345\n\n")
 
 
@@ -235,6 +235,16 @@ def test_line_limit_applies_to_the_tail_of_a_chunk() -> None:
     """The unterminated rest of a chunk counts against the limit immediately."""
     with pytest.raises(RemoteProtocolError, match="max_line_size"):
         SSEDecoder(max_line_size=10).feed(b"data: a\n\ndata: 123456789")
+
+
+def test_line_limit_counts_bytes_however_the_line_arrives() -> None:
+    """max_line_size is in bytes, for a whole line as for one still arriving: a line of 11
+    characters and 16 bytes is over a limit of 12 whether it comes in one read or cut."""
+    stream = ("data: " + "é" * 5 + "\n\n").encode()
+    for cuts in ([], [16], list(range(len(stream)))):
+        with pytest.raises(RemoteProtocolError, match=r"max_line_size \(12 bytes\)"):
+            decode_split(stream, cuts, max_line_size=12)
+        assert [E(data="é" * 5)] == decode_split(stream, cuts, max_line_size=16)[0]
 
 
 def test_event_limit_raises() -> None:
@@ -497,6 +507,43 @@ stream_bytes = st.lists(
 def test_bytes_decode_like_the_literal_spec(stream: bytes, cuts: list[int]) -> None:
     """Byte soup too, invalid and split UTF-8 included, decodes as the spec's algorithm says."""
     assert_decodes_like_the_spec(stream, cuts)
+
+
+def outcome(stream: bytes, cuts: list[int], **limits: int) -> object:
+    """The events and the decoder's state at the end, or the error."""
+    try:
+        events, decoder = decode_split(stream, cuts, **limits)
+    except RemoteProtocolError:
+        return RemoteProtocolError
+    return events, decoder.last_event_id, decoder.retry, decoder.truncated
+
+
+@st.composite
+def any_stream(draw: st.DrawFn) -> bytes:
+    """A stream of lines (fields, comments, multi-byte text, any line endings) or byte soup."""
+    if draw(st.booleans()):
+        return draw(stream_bytes)
+    lines = draw(sse_stream)
+    eols = draw(st.lists(st.sampled_from(["\n", "\r\n", "\r"]), min_size=1, max_size=3))
+    bom = draw(st.sampled_from(["", "\ufeff"]))
+    return (bom + "".join(line + eols[i % len(eols)] for i, line in enumerate(lines))).encode()
+
+
+@settings(max_examples=1000)
+@given(
+    any_stream(),
+    st.lists(st.integers(min_value=0, max_value=400), max_size=12),
+    st.integers(min_value=1, max_value=40),
+    st.integers(min_value=1, max_value=40),
+)
+def test_limits_give_the_same_outcome_however_the_stream_is_split(
+    stream: bytes, cuts: list[int], max_line_size: int, max_event_size: int
+) -> None:
+    """With limits small enough to trip, any split gives the events, or the error, that the
+    stream fed whole gives."""
+    limits = {"max_line_size": max_line_size, "max_event_size": max_event_size}
+    cuts = [c for c in cuts if c <= len(stream)]
+    assert outcome(stream, [], **limits) == outcome(stream, cuts, **limits)
 
 
 def test_c_part_takes_chat_reads_and_leaves_the_rest(implementation: str) -> None:
