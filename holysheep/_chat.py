@@ -90,15 +90,21 @@ _RETRYABLE_KINDS = frozenset(
     }
 )
 _RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+# The same statuses as the text a server sends ("429"). A code is compared with these, never
+# passed to int(): str.isdigit() also holds for digits int() refuses ("²") or reads ("٤٢٩"),
+# and int() refuses more than 4300 digits, so a server's code could raise instead of classify.
+_RETRYABLE_STATUS_TEXT = frozenset(map(str, _RETRYABLE_STATUS))
 
 
 def is_retryable_error(type: str | None, code: str | int | None) -> bool:
     """Whether an error of this type/code is transient (overloaded, rate limit, server error)."""
     for kind in (type, code):
-        if isinstance(kind, int) or (isinstance(kind, str) and kind.isdigit()):
-            if int(kind) in _RETRYABLE_STATUS:
+        if isinstance(kind, int):
+            if kind in _RETRYABLE_STATUS:
                 return True
-        elif isinstance(kind, str) and kind.lower() in _RETRYABLE_KINDS:
+        elif isinstance(kind, str) and (
+            kind in _RETRYABLE_STATUS_TEXT or kind.lower() in _RETRYABLE_KINDS
+        ):
             return True
     return False
 
@@ -840,6 +846,7 @@ if _sse._c_feed is not None:  # built, and not turned off
             ContentDelta,
             _ParsedLater,
             SSEDecoder,
+            HolySheepError,
             _loads,
             _BLOCK,
         )

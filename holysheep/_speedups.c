@@ -424,6 +424,7 @@ done:
 /* The classes and the slot offsets we read and write, from `setup_chat()`. */
 static PyTypeObject *acc_class, *chunk_class, *delta_class, *later_class, *choice_class,
     *decoder_class;
+static PyObject *error_class; /* HolySheepError: only it carries `chunks` */
 static PyObject *default_loads, *str_feed_event, *str_feed, *zero, *one;
 static Py_ssize_t block_size; /* `_BLOCK` in _chat.py */
 static int chat_ready;         /* setup_chat() succeeded */
@@ -979,10 +980,13 @@ take_event(PyObject *acc, PyObject *event, PyObject *chunks)
    `feed_event`. None, having changed nothing, for anything but a `ChatAccumulator` itself. */
 /* The chunks a read completed before its error go with the error, as `ChatAccumulator.feed`
    does (`HolySheepError.chunks`): they are accumulated already, and the caller must get them.
-   An exception that takes no attribute (not ours) goes on without them. */
+   Only our errors carry them, as in Python: any other exception is a bug, and goes on as it
+   was raised. */
 static void
 attach_chunks(PyObject *chunks)
 {
+    if (!PyErr_ExceptionMatches(error_class))
+        return;
     PyObject *type, *value, *traceback;
     PyErr_Fetch(&type, &value, &traceback);
     PyErr_NormalizeException(&type, &value, &traceback);
@@ -1086,10 +1090,10 @@ object_slots(PyTypeObject *cls)
 static PyObject *
 setup_chat(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 8) {
+    if (nargs != 9) {
         PyErr_SetString(PyExc_TypeError,
                         "setup_chat(ChatAccumulator, _ChoiceState, ChatChunk, ContentDelta, "
-                        "_ParsedLater, SSEDecoder, loads, block)");
+                        "_ParsedLater, SSEDecoder, HolySheepError, loads, block)");
         return NULL;
     }
     for (Py_ssize_t k = 0; k < 6; k++)
@@ -1097,10 +1101,14 @@ setup_chat(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             PyErr_SetString(PyExc_TypeError, "setup_chat() takes six classes first");
             return NULL;
         }
+    if (!PyExceptionClass_Check(args[6])) {
+        PyErr_SetString(PyExc_TypeError, "setup_chat() takes an exception class seventh");
+        return NULL;
+    }
     PyTypeObject *acc = (PyTypeObject *)args[0], *choice = (PyTypeObject *)args[1],
                  *chunk = (PyTypeObject *)args[2], *delta = (PyTypeObject *)args[3],
                  *later = (PyTypeObject *)args[4], *decoder = (PyTypeObject *)args[5];
-    Py_ssize_t block = PyLong_AsSsize_t(args[7]);
+    Py_ssize_t block = PyLong_AsSsize_t(args[8]);
     if (block < 1) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_ValueError, "setup_chat(): block must be positive");
@@ -1164,7 +1172,8 @@ setup_chat(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_XSETREF(delta_class, (PyTypeObject *)Py_NewRef(delta));
     Py_XSETREF(later_class, (PyTypeObject *)Py_NewRef(later));
     Py_XSETREF(decoder_class, (PyTypeObject *)Py_NewRef(decoder));
-    Py_XSETREF(default_loads, Py_NewRef(args[6]));
+    Py_XSETREF(error_class, Py_NewRef(args[6]));
+    Py_XSETREF(default_loads, Py_NewRef(args[7]));
     block_size = block;
     chat_ready = 1;
     Py_RETURN_NONE;
@@ -1191,7 +1200,7 @@ static PyMethodDef methods[] = {
      "chat_feed(accumulator, data): the chunks of a read, or None for Python."},
     {"setup_chat", (PyCFunction)(void (*)(void))setup_chat, METH_FASTCALL,
      "setup_chat(ChatAccumulator, _ChoiceState, ChatChunk, ContentDelta, _ParsedLater, "
-     "SSEDecoder, loads, block): the classes and values chat_chunk uses."},
+     "SSEDecoder, HolySheepError, loads, block): the classes and values chat_chunk uses."},
     {NULL, NULL, 0, NULL},
 };
 

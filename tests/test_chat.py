@@ -7,7 +7,7 @@ import tracemalloc
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from holysheep import (
@@ -406,6 +406,10 @@ def test_string_error_and_numeric_code() -> None:
         (None, "insufficient_quota", False),
         (None, 400, False),
         (None, None, False),
+        (None, "\u00b2", False),  # a digit to str.isdigit(), not to int()
+        (None, "\u0664\u0662\u0669", False),  # 429 in Arabic-Indic digits: not an HTTP status
+        (None, "9" * 5000, False),  # more digits than int() takes
+        (None, "0429", False),  # a status is three digits
     ],
 )
 def test_retryable_classification(
@@ -413,6 +417,53 @@ def test_retryable_classification(
 ) -> None:
     """Transient classes are retryable; request and auth errors are not."""
     assert retryable == is_retryable_error(type_, code)
+
+
+@pytest.mark.parametrize("c_part", [True, False], ids=["C", "Python"])
+@pytest.mark.parametrize("code", ["\u00b2", "9" * 5000], ids=["superscript two", "5000 digits"])
+def test_an_error_code_int_cannot_read_is_still_a_stream_error(
+    c_part: bool, code: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's error, whatever its code: StreamError with the chunks before it, and the
+    accumulator refuses more, as after any in-band error."""
+    from holysheep import _chat
+
+    if not c_part:
+        monkeypatch.setattr(_chat, "_c_feed", None)
+    acc = ChatAccumulator()
+    error = json.dumps({"error": {"message": "boom", "code": code}}).encode()
+    with pytest.raises(StreamError) as info:
+        acc.feed(chunk({"content": "Hi"}) + b"data: " + error + b"\n\n")
+    assert (code, False) == (info.value.code, info.value.retryable)
+    assert ["Hi"] == [c.text for c in info.value.chunks]
+    with pytest.raises(LocalProtocolError, match="reported an error"):
+        acc.feed(chunk({"content": " more"}))
+
+
+_error_field = st.one_of(
+    st.none(),
+    st.text(max_size=8),
+    st.text(st.characters(categories=["Nd", "No"]), min_size=1, max_size=4),  # any digits
+    st.sampled_from(["429", "503", "9" * 4301, "rate_limit_error", "Overloaded_Error"]),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=False, allow_infinity=False),  # JSON has neither
+    st.booleans(),
+)
+
+
+@settings(max_examples=300)
+@given(_error_field, _error_field)
+def test_any_inband_error_is_a_stream_error(type_: Any, code: Any) -> None:
+    """Whatever the `type` and `code` of an in-band error, feeding it raises StreamError,
+    classified, and fails the accumulator."""
+    acc = ChatAccumulator()
+    error = json.dumps({"error": {"message": "boom", "type": type_, "code": code}})
+    with pytest.raises(StreamError) as info:
+        acc.feed(b"data: " + error.encode() + b"\n\n")
+    expected = is_retryable_error(type_ if isinstance(type_, str) else None, code)
+    assert expected == info.value.retryable
+    with pytest.raises(LocalProtocolError):
+        acc.feed(DONE)
 
 
 def test_truncated_stream_raises_with_partial_completion() -> None:
