@@ -15,7 +15,8 @@ The stream ends well when `data: [DONE]` arrives, or, for servers that omit it, 
 Tool calls arrive as fragments keyed by `index`. Real gateways bend that: some omit `index`
 (we fall back to `id`, then to the latest call), some repeat `id` and `name` on every
 fragment (we keep one copy), some reuse index 0 for parallel calls with distinct ids (a new id
-at a known index starts a new call). Numbers are never added together: the latest `usage` wins.
+at a known index starts a new call). A new call without an index gets the next unused one.
+Numbers are never added together: the latest `usage` wins.
 """
 
 from __future__ import annotations
@@ -476,7 +477,12 @@ class _ChoiceState:
         else:
             call = self.calls[-1] if self.calls else None
         if call is None:
-            call = _ToolCallState(index if isinstance(index, int) else len(self.calls))
+            if not isinstance(index, int):
+                # One past the highest index in use: len(self.calls) may be taken already (by
+                # a call the server numbered), and a later fragment of that index would then
+                # join this call.
+                index = max(self.calls_by_index) + 1 if self.calls_by_index else 0
+            call = _ToolCallState(index)
             self.calls.append(call)
             self.calls_by_index[call.index] = call
         if id and isinstance(id, str) and not call.id:

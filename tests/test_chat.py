@@ -238,6 +238,20 @@ def test_missing_index_falls_back_to_id() -> None:
     ]
 
 
+def test_a_new_call_without_index_takes_an_unused_index() -> None:
+    """A call numbered 1 by the server, then one with no index: the second does not take
+    index 1, so the first call's later fragments still find it."""
+    stream = tool_stream(
+        [{"index": 1, "id": "a", "function": fn("f", '{"x":')}],
+        [{"id": "b", "function": fn("g", "{}")}],
+        [{"index": 1, "function": fn(arguments="1}")}],
+    )
+    calls = run(stream).completion.tool_calls
+    assert [("a", "f", '{"x":1}', 1), ("b", "g", "{}", 2)] == [
+        (c.id, c.name, c.arguments, c.index) for c in calls
+    ]
+
+
 def test_fragments_without_index_or_id_continue_the_latest_call() -> None:
     """A bare fragment belongs to the call being streamed."""
     stream = tool_stream([{"id": "a", "function": fn("f", "{")}], [{"function": fn(arguments="}")}])
@@ -530,6 +544,43 @@ def test_accumulation_memory_is_linear_in_text() -> None:
 
 
 # -- properties --------------------------------------------------------------------------------
+
+
+@st.composite
+def parallel_calls(draw: st.DrawFn) -> tuple[list[int | None], list[list[dict[str, Any]]]]:
+    """Parallel calls, some numbered by the server and some not, as fragment lists (a chunk
+    each): every call's first fragment (id, name, "[k"), in any order, then its last ("]"),
+    found by index when it has one, else by id, in any order."""
+    n = draw(st.integers(min_value=1, max_value=5))
+    indices = draw(st.lists(st.integers(min_value=0, max_value=6), min_size=n, max_size=n))
+    numbered = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    index = [
+        i if keep and i not in indices[:k] else None
+        for k, (i, keep) in enumerate(zip(indices, numbered, strict=True))
+    ]
+    fragments = []
+    for k in draw(st.permutations(range(n))):
+        where = {"id": f"call_{k}"} if index[k] is None else {"index": index[k], "id": f"call_{k}"}
+        fragments.append({**where, "function": fn(f"f{k}", f"[{k}")})
+    for k in draw(st.permutations(range(n))):
+        where = {"id": f"call_{k}"} if index[k] is None else {"index": index[k]}
+        fragments.append({**where, "function": fn(arguments="]")})
+    size = draw(st.integers(min_value=1, max_value=3))
+    return index, [fragments[i : i + size] for i in range(0, len(fragments), size)]
+
+
+@given(parallel_calls())
+def test_parallel_fragments_join_their_own_call(
+    case: tuple[list[int | None], list[list[dict[str, Any]]]],
+) -> None:
+    """Numbered or not, arriving in any order, each fragment joins the call it belongs to."""
+    index, chunks = case
+    calls = run(tool_stream(*chunks)).completion.tool_calls
+    assert {f"call_{k}": f"[{k}]" for k in range(len(index))} == {c.id: c.arguments for c in calls}
+    assert len(index) == len(calls)
+    numbered = {f"call_{k}": i for k, i in enumerate(index) if i is not None}
+    assert numbered == {c.id: c.index for c in calls if c.id in numbered}  # the server's own
+
 
 tokens_strategy = st.lists(st.text(min_size=1, max_size=8), max_size=30)
 
