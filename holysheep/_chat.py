@@ -22,6 +22,7 @@ Numbers are never added together: the latest `usage` wins.
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeAlias, final
 
@@ -434,6 +435,9 @@ class _ToolCallState:
         return ToolCall(self.id, self.name, "".join(self.arguments), self.index, self.type)
 
 
+_call_index = operator.attrgetter("index")
+
+
 # Content deltas are joined in blocks of this many as they arrive. A chat stream is mostly
 # one-word deltas, and one string object per delta (about 56 bytes each for a few characters)
 # was most of what an open stream holds; blocks of 8 hold a fifth of that, and every
@@ -493,13 +497,18 @@ class _ChoiceState:
     def freeze(self) -> Choice:
         text = _joined(self.text)
         self.blocks = len(self.text)  # the whole text is one block now
+        calls: tuple[ToolCall, ...] = ()
+        if self.calls is not None:
+            # By index, as the OpenAI SDK lists them, not by arrival (index 1 may come first);
+            # calls sharing an index (a gateway reusing one) keep their order: sorted() is stable.
+            calls = tuple(call.freeze() for call in sorted(self.calls, key=_call_index))
         return Choice(
             self.index,
             text,
             self.role,
             None if self.refusal is None else _joined(self.refusal),
             None if self.reasoning is None else _joined(self.reasoning),
-            () if self.calls is None else tuple(call.freeze() for call in self.calls),
+            calls,
             self.finish_reason,
         )
 

@@ -203,6 +203,18 @@ def test_parallel_tool_calls_interleaved_by_index() -> None:
     assert [("a", "f", "[1]"), ("b", "g", "[2]")] == [(c.id, c.name, c.arguments) for c in calls]
 
 
+def test_tool_calls_are_listed_by_index_whatever_order_they_arrive_in() -> None:
+    """As the OpenAI SDK lists them: a call at index 1 sent before index 0 is still second."""
+    stream = tool_stream(
+        [
+            {"index": 1, "id": "b", "function": fn("g", "{}")},
+            {"index": 0, "id": "a", "function": fn("f", "{}")},
+        ]
+    )
+    calls = run(stream).completion.tool_calls
+    assert [(0, "a"), (1, "b")] == [(c.index, c.id) for c in calls]
+
+
 def test_duplicate_index_in_one_chunk_appends_in_order() -> None:
     """Two fragments for the same index in one chunk are both kept, in order."""
     stream = tool_stream(
@@ -573,9 +585,11 @@ def parallel_calls(draw: st.DrawFn) -> tuple[list[int | None], list[list[dict[st
 def test_parallel_fragments_join_their_own_call(
     case: tuple[list[int | None], list[list[dict[str, Any]]]],
 ) -> None:
-    """Numbered or not, arriving in any order, each fragment joins the call it belongs to."""
+    """Numbered or not, arriving in any order, each fragment joins the call it belongs to, and
+    the calls are listed by index."""
     index, chunks = case
     calls = run(tool_stream(*chunks)).completion.tool_calls
+    assert sorted(c.index for c in calls) == [c.index for c in calls]
     assert {f"call_{k}": f"[{k}]" for k in range(len(index))} == {c.id: c.arguments for c in calls}
     assert len(index) == len(calls)
     numbered = {f"call_{k}": i for k, i in enumerate(index) if i is not None}
