@@ -15,12 +15,14 @@ The stream ends well when `data: [DONE]` arrives, or, for servers that omit it, 
 Tool calls arrive as fragments keyed by `index`. Real gateways bend that: some omit `index`
 (we fall back to `id`, then to the latest call), some repeat `id` and `name` on every
 fragment (we keep one copy), some reuse index 0 for parallel calls with distinct ids (a new id
-at a known index starts a new call). Numbers are never added together: the latest `usage` wins.
+at a known index starts a new call). A new call without an index gets the next unused one.
+Numbers are never added together: the latest `usage` wins.
 """
 
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeAlias, final
 
@@ -90,15 +92,21 @@ _RETRYABLE_KINDS = frozenset(
     }
 )
 _RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+# The same statuses as the text a server sends ("429"). A code is compared with these, never
+# passed to int(): str.isdigit() also holds for digits int() refuses ("²") or reads ("٤٢٩"),
+# and int() refuses more than 4300 digits, so a server's code could raise instead of classify.
+_RETRYABLE_STATUS_TEXT = frozenset(map(str, _RETRYABLE_STATUS))
 
 
 def is_retryable_error(type: str | None, code: str | int | None) -> bool:
     """Whether an error of this type/code is transient (overloaded, rate limit, server error)."""
     for kind in (type, code):
-        if isinstance(kind, int) or (isinstance(kind, str) and kind.isdigit()):
-            if int(kind) in _RETRYABLE_STATUS:
+        if isinstance(kind, int):
+            if kind in _RETRYABLE_STATUS:
                 return True
-        elif isinstance(kind, str) and kind.lower() in _RETRYABLE_KINDS:
+        elif isinstance(kind, str) and (
+            kind in _RETRYABLE_STATUS_TEXT or kind.lower() in _RETRYABLE_KINDS
+        ):
             return True
     return False
 
@@ -427,6 +435,9 @@ class _ToolCallState:
         return ToolCall(self.id, self.name, "".join(self.arguments), self.index, self.type)
 
 
+_call_index = operator.attrgetter("index")
+
+
 # Content deltas are joined in blocks of this many as they arrive. A chat stream is mostly
 # one-word deltas, and one string object per delta (about 56 bytes each for a few characters)
 # was most of what an open stream holds; blocks of 8 hold a fifth of that, and every
@@ -470,7 +481,12 @@ class _ChoiceState:
         else:
             call = self.calls[-1] if self.calls else None
         if call is None:
-            call = _ToolCallState(index if isinstance(index, int) else len(self.calls))
+            if not isinstance(index, int):
+                # One past the highest index in use: len(self.calls) may be taken already (by
+                # a call the server numbered), and a later fragment of that index would then
+                # join this call.
+                index = max(self.calls_by_index) + 1 if self.calls_by_index else 0
+            call = _ToolCallState(index)
             self.calls.append(call)
             self.calls_by_index[call.index] = call
         if id and isinstance(id, str) and not call.id:
@@ -481,13 +497,18 @@ class _ChoiceState:
     def freeze(self) -> Choice:
         text = _joined(self.text)
         self.blocks = len(self.text)  # the whole text is one block now
+        calls: tuple[ToolCall, ...] = ()
+        if self.calls is not None:
+            # By index, as the OpenAI SDK lists them, not by arrival (index 1 may come first);
+            # calls sharing an index (a gateway reusing one) keep their order: sorted() is stable.
+            calls = tuple(call.freeze() for call in sorted(self.calls, key=_call_index))
         return Choice(
             self.index,
             text,
             self.role,
             None if self.refusal is None else _joined(self.refusal),
             None if self.reasoning is None else _joined(self.reasoning),
-            () if self.calls is None else tuple(call.freeze() for call in self.calls),
+            calls,
             self.finish_reason,
         )
 
@@ -840,6 +861,7 @@ if _sse._c_feed is not None:  # built, and not turned off
             ContentDelta,
             _ParsedLater,
             SSEDecoder,
+            HolySheepError,
             _loads,
             _BLOCK,
         )

@@ -21,8 +21,9 @@
  * - no `id:` line is read here, so `_id_buffer` is the same for the whole read, and
  *   `last_event_id` can differ from it only if Python read an `id:` of the open event, which
  *   set `_fields`: then a blank line here commits it;
- * - sizes are checked in bytes, which are never fewer than characters: a line within the limit
- *   in bytes is within it in characters. One over it in bytes goes to Python, which decides.
+ * - a line is measured in bytes, as Python measures it; an event's data in bytes, which are
+ *   never fewer than its characters (what Python counts). A line over its limit, or a data
+ *   line that may be over the event's, goes to Python, which decides.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -56,6 +57,22 @@ set_size(PyObject *decoder, PyObject *name, Py_ssize_t size)
     int rc = PyObject_SetAttr(decoder, name, value);
     Py_DECREF(value);
     return rc;
+}
+
+/* The last LF of `bytes`, or NULL. A read of a long line holds none, so this scans all of it:
+   glibc's memrchr does that a vector at a time; a byte loop ran at a speed that swung by a
+   third with where the compiler happened to place it (64 KiB events, 16 KiB reads). */
+static const char *
+find_last_lf(const char *bytes, Py_ssize_t size)
+{
+#ifdef __GLIBC__
+    return memrchr(bytes, '\n', (size_t)size); /* declared: pyconfig.h sets _GNU_SOURCE */
+#else
+    for (Py_ssize_t i = size - 1; i >= 0; i--)
+        if (bytes[i] == '\n')
+            return bytes + i;
+    return NULL;
+#endif
 }
 
 /* Append `item` to `list`, handing over our reference; -1 on error, a NULL item included. */
@@ -310,6 +327,13 @@ feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (!PyList_CheckExact(pending) || !PyList_CheckExact(data_lines) ||
         PyList_GET_SIZE(data_lines) > 1)
         goto fallback;
+    /* An event left open by an earlier read holds one data line, which Python measures only
+       when it dispatches the event: one over max_event_size is Python's to refuse. */
+    if (PyList_GET_SIZE(data_lines) == 1) {
+        PyObject *open = PyList_GET_ITEM(data_lines, 0);
+        if (!PyUnicode_CheckExact(open) || PyUnicode_GET_LENGTH(open) > max_event)
+            goto fallback;
+    }
 
     /* `_pending_size` is the size of `_pending`, kept by both paths: summing the pieces here
        would make a long line read one byte at a time quadratic. */
@@ -317,13 +341,7 @@ feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (get_size(decoder, str_pending_size, &held) < 0)
         goto done;
 
-    const char *last_lf = NULL;
-    for (Py_ssize_t i = size - 1; i >= 0; i--) {
-        if (bytes[i] == '\n') {
-            last_lf = bytes + i;
-            break;
-        }
-    }
+    const char *last_lf = find_last_lf(bytes, size);
     if (last_lf == NULL) { /* no line ends here: hold the bytes, like the Python path */
         if (held + size > max_line || memchr(bytes, '\r', (size_t)size) != NULL)
             goto fallback; /* over the limit, or a CR, which may end a line */
@@ -416,6 +434,7 @@ done:
 /* The classes and the slot offsets we read and write, from `setup_chat()`. */
 static PyTypeObject *acc_class, *chunk_class, *delta_class, *later_class, *choice_class,
     *decoder_class;
+static PyObject *error_class; /* HolySheepError: only it carries `chunks` */
 static PyObject *default_loads, *str_feed_event, *str_feed, *zero, *one;
 static Py_ssize_t block_size; /* `_BLOCK` in _chat.py */
 static int chat_ready;         /* setup_chat() succeeded */
@@ -971,10 +990,13 @@ take_event(PyObject *acc, PyObject *event, PyObject *chunks)
    `feed_event`. None, having changed nothing, for anything but a `ChatAccumulator` itself. */
 /* The chunks a read completed before its error go with the error, as `ChatAccumulator.feed`
    does (`HolySheepError.chunks`): they are accumulated already, and the caller must get them.
-   An exception that takes no attribute (not ours) goes on without them. */
+   Only our errors carry them, as in Python: any other exception is a bug, and goes on as it
+   was raised. */
 static void
 attach_chunks(PyObject *chunks)
 {
+    if (!PyErr_ExceptionMatches(error_class))
+        return;
     PyObject *type, *value, *traceback;
     PyErr_Fetch(&type, &value, &traceback);
     PyErr_NormalizeException(&type, &value, &traceback);
@@ -1078,10 +1100,10 @@ object_slots(PyTypeObject *cls)
 static PyObject *
 setup_chat(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 8) {
+    if (nargs != 9) {
         PyErr_SetString(PyExc_TypeError,
                         "setup_chat(ChatAccumulator, _ChoiceState, ChatChunk, ContentDelta, "
-                        "_ParsedLater, SSEDecoder, loads, block)");
+                        "_ParsedLater, SSEDecoder, HolySheepError, loads, block)");
         return NULL;
     }
     for (Py_ssize_t k = 0; k < 6; k++)
@@ -1089,10 +1111,14 @@ setup_chat(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             PyErr_SetString(PyExc_TypeError, "setup_chat() takes six classes first");
             return NULL;
         }
+    if (!PyExceptionClass_Check(args[6])) {
+        PyErr_SetString(PyExc_TypeError, "setup_chat() takes an exception class seventh");
+        return NULL;
+    }
     PyTypeObject *acc = (PyTypeObject *)args[0], *choice = (PyTypeObject *)args[1],
                  *chunk = (PyTypeObject *)args[2], *delta = (PyTypeObject *)args[3],
                  *later = (PyTypeObject *)args[4], *decoder = (PyTypeObject *)args[5];
-    Py_ssize_t block = PyLong_AsSsize_t(args[7]);
+    Py_ssize_t block = PyLong_AsSsize_t(args[8]);
     if (block < 1) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_ValueError, "setup_chat(): block must be positive");
@@ -1156,7 +1182,8 @@ setup_chat(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_XSETREF(delta_class, (PyTypeObject *)Py_NewRef(delta));
     Py_XSETREF(later_class, (PyTypeObject *)Py_NewRef(later));
     Py_XSETREF(decoder_class, (PyTypeObject *)Py_NewRef(decoder));
-    Py_XSETREF(default_loads, Py_NewRef(args[6]));
+    Py_XSETREF(error_class, Py_NewRef(args[6]));
+    Py_XSETREF(default_loads, Py_NewRef(args[7]));
     block_size = block;
     chat_ready = 1;
     Py_RETURN_NONE;
@@ -1183,7 +1210,7 @@ static PyMethodDef methods[] = {
      "chat_feed(accumulator, data): the chunks of a read, or None for Python."},
     {"setup_chat", (PyCFunction)(void (*)(void))setup_chat, METH_FASTCALL,
      "setup_chat(ChatAccumulator, _ChoiceState, ChatChunk, ContentDelta, _ParsedLater, "
-     "SSEDecoder, loads, block): the classes and values chat_chunk uses."},
+     "SSEDecoder, HolySheepError, loads, block): the classes and values chat_chunk uses."},
     {NULL, NULL, 0, NULL},
 };
 

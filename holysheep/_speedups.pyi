@@ -12,6 +12,7 @@ def setup_chat(
     delta: type,
     later: type,
     decoder: type,
+    error: type[BaseException],
     loads: Any,
     block: int,
     /,

@@ -26,7 +26,9 @@ discard it too, but say so: `truncated` is true, so a client can tell a cut stre
 finished one.
 
 Sizes are bounded (`max_line_size`, `max_event_size`); going over raises `RemoteProtocolError`
-and the decoder refuses further input.
+and the decoder refuses further input. A line is measured in bytes as received, without its
+line ending, whether it is whole or still in `_pending`: one unit for both, so where the
+stream is cut into reads changes nothing. An event is measured by its `data` as delivered.
 
 Speed, without giving up any of the above: a chat stream is almost only `data:` lines and blank
 lines. Where it was built, `_speedups.c` takes such reads and leaves every other read, untouched,
@@ -64,6 +66,13 @@ __all__ = [
 DEFAULT_MAX_LINE_SIZE = 16 * 1024 * 1024
 # An event's data is the sum of its lines, so the same reasoning and the same default apply.
 DEFAULT_MAX_EVENT_SIZE = 16 * 1024 * 1024
+# The largest reconnection time kept, in milliseconds: 2**63 - 1, the most a signed 64-bit
+# integer holds, so every value a real server can mean is kept exactly. A `retry` field beyond
+# it is clamped, not parsed: its digits may be more than int() accepts (4300 by default), and
+# no longer wait means anything more. What a client actually waits is bounded elsewhere
+# (`RetryPolicy.max_retry_after`), and (2**63 - 1) / 1000 seconds is still a finite float.
+_MAX_RETRY = 2**63 - 1
+_MAX_RETRY_DIGITS = len(str(_MAX_RETRY))
 
 _BOM = b"\xef\xbb\xbf"
 _CR = 0x0D
@@ -82,7 +91,8 @@ class ServerSentEvent(NamedTuple):
     `id` is the stream's last-event-ID at dispatch time: it persists across events until the
     server sends another `id` field, which is what a client must send back as `Last-Event-ID`.
     `retry` is the reconnection time (ms) set by a valid `retry` field *in this event's block*,
-    else None; the decoder's `retry` keeps the latest one.
+    else None; the decoder's `retry` keeps the latest one. A value beyond 2**63 - 1 is clamped
+    to it.
     """
 
     event: str = "message"
@@ -113,8 +123,9 @@ class ServerSentEvent(NamedTuple):
         if self.id:
             lines.append(f"id: {self.id}\n")
         if self.retry is not None:
-            if self.retry < 0:
-                raise ValueError(f"SSE retry must be >= 0, got {self.retry}")
+            # Beyond 2**63 - 1 it would decode clamped. (Not shown: str() refuses a huge int.)
+            if not 0 <= self.retry <= _MAX_RETRY:
+                raise ValueError("SSE retry must be from 0 to 2**63 - 1 (milliseconds)")
             lines.append(f"retry: {self.retry}\n")
         lines.extend(f"data: {line}\n" for line in self.data.split("\n"))
         lines.append("\n")
@@ -135,6 +146,15 @@ def _event(event: str, data: str, id: str, retry: int | None) -> ServerSentEvent
     # The decoder's own constructor, without NamedTuple's keyword handling; the hot paths of
     # `SSEDecoder` inline it.
     return _tuple(ServerSentEvent, (event, data, id, retry))
+
+
+def _reconnection_time(digits: str) -> int:
+    # WHATWG: a `retry` value of ASCII digits only is the reconnection time, in base ten. Leading
+    # zeros are dropped before the digits are counted: "000...05" is 5, however many zeros.
+    digits = digits.lstrip("0")
+    if len(digits) > _MAX_RETRY_DIGITS:
+        return _MAX_RETRY
+    return min(int(digits) if digits else 0, _MAX_RETRY)
 
 
 class SSEDecoder:
@@ -183,7 +203,8 @@ class SSEDecoder:
         self.max_event_size = max_event_size
         #: The last event ID string (WHATWG): send it back as `Last-Event-ID` to resume.
         self.last_event_id = ""
-        #: The latest reconnection time the server asked for, in milliseconds, or None.
+        #: The latest reconnection time the server asked for, in milliseconds (at most
+        #: 2**63 - 1), or None.
         self.retry: int | None = None
         #: True after `close()` if the stream ended in the middle of an event.
         self.truncated = False
@@ -240,11 +261,11 @@ class SSEDecoder:
             if self._pending_size > self.max_line_size:
                 self._line_too_long()
 
+        if len(block) > self.max_line_size:
+            self._check_line_sizes(block)
         text = block.decode("utf-8", "replace")
         if "\r" in text:
             text = text.replace("\r\n", "\n").replace("\r", "\n")
-        if len(block) > self.max_line_size:
-            self._check_line_sizes(text.split("\n"))
         end = len(text) - 2
         if (
             text.startswith("data: ")
@@ -380,14 +401,15 @@ class SSEDecoder:
             if "\0" not in value:
                 self._id_buffer = value
         elif name == "retry" and value.isascii() and value.isdigit():
-            self.retry = self._event_retry = int(value)
+            self.retry = self._event_retry = _reconnection_time(value)
         # Any other field name is ignored, as the spec says.
 
     def _count_data(self, data: list[str]) -> None:
         # Only events with several data lines get here; a single line is bounded at dispatch.
+        # The size is that of the data as delivered: the lines and the LFs that join them.
         if len(data) == 2:
-            self._data_size = len(data[0]) + 1
-        self._data_size += len(data[-1]) + 1
+            self._data_size = len(data[0])
+        self._data_size += 1 + len(data[-1])
         if self._data_size > self.max_event_size:
             self._event_too_large(self._data_size)
 
@@ -422,13 +444,17 @@ class SSEDecoder:
         self._at_start = False
         return data[len(_BOM) :] if data.startswith(_BOM) else data
 
-    def _check_line_sizes(self, lines: list[str]) -> None:
-        for line in lines:
-            if len(line) > self.max_line_size:
-                self._fail(
-                    f"SSE line exceeds max_line_size ({self.max_line_size}): "
-                    f"a line of {len(line)} characters"
-                )
+    def _check_line_sizes(self, block: bytes) -> None:
+        # In bytes, as `_pending_size` counts a line not finished yet: a line is then judged
+        # the same whether it arrived in one read or in several.
+        if b"\r" in block:
+            block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        longest = max(map(len, block.split(b"\n")))
+        if longest > self.max_line_size:
+            self._fail(
+                f"SSE line exceeds max_line_size ({self.max_line_size} bytes): "
+                f"a line of {longest} bytes"
+            )
 
     def _line_too_long(self) -> None:
         self._fail(

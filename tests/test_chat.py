@@ -7,7 +7,7 @@ import tracemalloc
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from holysheep import (
@@ -203,6 +203,18 @@ def test_parallel_tool_calls_interleaved_by_index() -> None:
     assert [("a", "f", "[1]"), ("b", "g", "[2]")] == [(c.id, c.name, c.arguments) for c in calls]
 
 
+def test_tool_calls_are_listed_by_index_whatever_order_they_arrive_in() -> None:
+    """As the OpenAI SDK lists them: a call at index 1 sent before index 0 is still second."""
+    stream = tool_stream(
+        [
+            {"index": 1, "id": "b", "function": fn("g", "{}")},
+            {"index": 0, "id": "a", "function": fn("f", "{}")},
+        ]
+    )
+    calls = run(stream).completion.tool_calls
+    assert [(0, "a"), (1, "b")] == [(c.index, c.id) for c in calls]
+
+
 def test_duplicate_index_in_one_chunk_appends_in_order() -> None:
     """Two fragments for the same index in one chunk are both kept, in order."""
     stream = tool_stream(
@@ -234,6 +246,20 @@ def test_missing_index_falls_back_to_id() -> None:
     )
     calls = run(stream).completion.tool_calls
     assert [("a", "f", "{}", 0), ("b", "g", "[]", 1)] == [
+        (c.id, c.name, c.arguments, c.index) for c in calls
+    ]
+
+
+def test_a_new_call_without_index_takes_an_unused_index() -> None:
+    """A call numbered 1 by the server, then one with no index: the second does not take
+    index 1, so the first call's later fragments still find it."""
+    stream = tool_stream(
+        [{"index": 1, "id": "a", "function": fn("f", '{"x":')}],
+        [{"id": "b", "function": fn("g", "{}")}],
+        [{"index": 1, "function": fn(arguments="1}")}],
+    )
+    calls = run(stream).completion.tool_calls
+    assert [("a", "f", '{"x":1}', 1), ("b", "g", "{}", 2)] == [
         (c.id, c.name, c.arguments, c.index) for c in calls
     ]
 
@@ -406,6 +432,10 @@ def test_string_error_and_numeric_code() -> None:
         (None, "insufficient_quota", False),
         (None, 400, False),
         (None, None, False),
+        (None, "\u00b2", False),  # a digit to str.isdigit(), not to int()
+        (None, "\u0664\u0662\u0669", False),  # 429 in Arabic-Indic digits: not an HTTP status
+        (None, "9" * 5000, False),  # more digits than int() takes
+        (None, "0429", False),  # a status is three digits
     ],
 )
 def test_retryable_classification(
@@ -413,6 +443,53 @@ def test_retryable_classification(
 ) -> None:
     """Transient classes are retryable; request and auth errors are not."""
     assert retryable == is_retryable_error(type_, code)
+
+
+@pytest.mark.parametrize("c_part", [True, False], ids=["C", "Python"])
+@pytest.mark.parametrize("code", ["\u00b2", "9" * 5000], ids=["superscript two", "5000 digits"])
+def test_an_error_code_int_cannot_read_is_still_a_stream_error(
+    c_part: bool, code: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's error, whatever its code: StreamError with the chunks before it, and the
+    accumulator refuses more, as after any in-band error."""
+    from holysheep import _chat
+
+    if not c_part:
+        monkeypatch.setattr(_chat, "_c_feed", None)
+    acc = ChatAccumulator()
+    error = json.dumps({"error": {"message": "boom", "code": code}}).encode()
+    with pytest.raises(StreamError) as info:
+        acc.feed(chunk({"content": "Hi"}) + b"data: " + error + b"\n\n")
+    assert (code, False) == (info.value.code, info.value.retryable)
+    assert ["Hi"] == [c.text for c in info.value.chunks]
+    with pytest.raises(LocalProtocolError, match="reported an error"):
+        acc.feed(chunk({"content": " more"}))
+
+
+_error_field = st.one_of(
+    st.none(),
+    st.text(max_size=8),
+    st.text(st.characters(categories=["Nd", "No"]), min_size=1, max_size=4),  # any digits
+    st.sampled_from(["429", "503", "9" * 4301, "rate_limit_error", "Overloaded_Error"]),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=False, allow_infinity=False),  # JSON has neither
+    st.booleans(),
+)
+
+
+@settings(max_examples=300)
+@given(_error_field, _error_field)
+def test_any_inband_error_is_a_stream_error(type_: Any, code: Any) -> None:
+    """Whatever the `type` and `code` of an in-band error, feeding it raises StreamError,
+    classified, and fails the accumulator."""
+    acc = ChatAccumulator()
+    error = json.dumps({"error": {"message": "boom", "type": type_, "code": code}})
+    with pytest.raises(StreamError) as info:
+        acc.feed(b"data: " + error.encode() + b"\n\n")
+    expected = is_retryable_error(type_ if isinstance(type_, str) else None, code)
+    assert expected == info.value.retryable
+    with pytest.raises(LocalProtocolError):
+        acc.feed(DONE)
 
 
 def test_truncated_stream_raises_with_partial_completion() -> None:
@@ -479,6 +556,45 @@ def test_accumulation_memory_is_linear_in_text() -> None:
 
 
 # -- properties --------------------------------------------------------------------------------
+
+
+@st.composite
+def parallel_calls(draw: st.DrawFn) -> tuple[list[int | None], list[list[dict[str, Any]]]]:
+    """Parallel calls, some numbered by the server and some not, as fragment lists (a chunk
+    each): every call's first fragment (id, name, "[k"), in any order, then its last ("]"),
+    found by index when it has one, else by id, in any order."""
+    n = draw(st.integers(min_value=1, max_value=5))
+    indices = draw(st.lists(st.integers(min_value=0, max_value=6), min_size=n, max_size=n))
+    numbered = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    index = [
+        i if keep and i not in indices[:k] else None
+        for k, (i, keep) in enumerate(zip(indices, numbered, strict=True))
+    ]
+    fragments = []
+    for k in draw(st.permutations(range(n))):
+        where = {"id": f"call_{k}"} if index[k] is None else {"index": index[k], "id": f"call_{k}"}
+        fragments.append({**where, "function": fn(f"f{k}", f"[{k}")})
+    for k in draw(st.permutations(range(n))):
+        where = {"id": f"call_{k}"} if index[k] is None else {"index": index[k]}
+        fragments.append({**where, "function": fn(arguments="]")})
+    size = draw(st.integers(min_value=1, max_value=3))
+    return index, [fragments[i : i + size] for i in range(0, len(fragments), size)]
+
+
+@given(parallel_calls())
+def test_parallel_fragments_join_their_own_call(
+    case: tuple[list[int | None], list[list[dict[str, Any]]]],
+) -> None:
+    """Numbered or not, arriving in any order, each fragment joins the call it belongs to, and
+    the calls are listed by index."""
+    index, chunks = case
+    calls = run(tool_stream(*chunks)).completion.tool_calls
+    assert sorted(c.index for c in calls) == [c.index for c in calls]
+    assert {f"call_{k}": f"[{k}]" for k in range(len(index))} == {c.id: c.arguments for c in calls}
+    assert len(index) == len(calls)
+    numbered = {f"call_{k}": i for k, i in enumerate(index) if i is not None}
+    assert numbered == {c.id: c.index for c in calls if c.id in numbered}  # the server's own
+
 
 tokens_strategy = st.lists(st.text(min_size=1, max_size=8), max_size=30)
 

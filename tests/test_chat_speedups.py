@@ -298,6 +298,7 @@ def test_setup_refuses_classes_it_would_build_wrong_and_keeps_what_it_had(
                 ContentDelta,
                 _chat._ParsedLater,
                 _chat.SSEDecoder,
+                HolySheepError,
                 _chat._loads,
                 _chat._BLOCK,
             )
@@ -323,24 +324,25 @@ def test_a_decoder_of_the_callers_own_is_used() -> None:
 
 def test_a_decoder_that_fails_mid_read_leaves_what_python_leaves() -> None:
     """Events a caller's decoder yields before it raises are taken, one at a time, as Python
-    takes them."""
+    takes them; the error, not ours, goes on as raised, without the chunks (only a
+    HolySheepError carries them)."""
 
     class Failing(_chat.SSEDecoder):
         def feed(self, data: bytes) -> Any:
             yield from super().feed(data)
             raise ValueError("broken")
 
-    def run(c_feed: bool) -> tuple[int, str]:
+    def run(c_feed: bool) -> tuple[int, str, bool]:
         saved = _chat._c_feed
         _chat._c_feed = saved if c_feed else None
         try:
             acc = ChatAccumulator(decoder=Failing())
             with pytest.raises(ValueError, match="broken"):
                 acc.feed(event_bytes(json.dumps(ROLE)))
-            with pytest.raises(ValueError, match="broken"):
+            with pytest.raises(ValueError, match="broken") as info:
                 acc.feed(b"".join(event_bytes(json.dumps(content(t))) for t in "abc"))
-            return acc.chunk_count, acc.completion.text
+            return acc.chunk_count, acc.completion.text, hasattr(info.value, "chunks")
         finally:
             _chat._c_feed = saved
 
-    assert (4, "abc") == run(c_feed=True) == run(c_feed=False)
+    assert (4, "abc", False) == run(c_feed=True) == run(c_feed=False)

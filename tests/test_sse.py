@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import pytest
@@ -39,8 +40,10 @@ def decode_whole(data: bytes) -> tuple[list[ServerSentEvent], SSEDecoder]:
     return events, decoder
 
 
-def decode_split(data: bytes, cuts: list[int]) -> tuple[list[ServerSentEvent], SSEDecoder]:
-    decoder = SSEDecoder()
+def decode_split(
+    data: bytes, cuts: list[int], **limits: int
+) -> tuple[list[ServerSentEvent], SSEDecoder]:
+    decoder = SSEDecoder(**limits)
     events: list[ServerSentEvent] = []
     start = 0
     for cut in [*sorted(cuts), len(data)]:
@@ -92,6 +95,21 @@ SPEC_CASES = [
     ("WHATWG: retry non-digits ignored", b"retry: 15x\ndata: a\n\n", [E(data="a")]),
     ("WHATWG: retry non-ASCII digits ignored", "retry: ١٥\ndata: a\n\n".encode(), [E(data="a")]),
     ("WHATWG: retry empty ignored", b"retry:\ndata: a\n\n", [E(data="a")]),
+    (
+        "retry beyond 2**63 - 1 ms, too long for int(): clamped, the event kept",
+        b"retry: " + b"1" * 5000 + b"\ndata: a\n\n",
+        [E(data="a", retry=2**63 - 1)],
+    ),
+    (
+        "retry just beyond 2**63 - 1 ms: clamped",
+        b"retry: 9223372036854775808\ndata: a\n\n",
+        [E(data="a", retry=2**63 - 1)],
+    ),
+    (
+        "retry with many leading zeros",
+        b"retry: " + b"0" * 5000 + b"7\ndata: a\n\n",
+        [E(data="a", retry=7)],
+    ),
     ("WHATWG: BOM stripped at start", b"\xef\xbb\xbfdata: a\n\n", [E(data="a")]),
     ("WHATWG: only one BOM stripped", b"\xef\xbb\xbf\xef\xbb\xbfdata: a\n\n", []),
     ("WHATWG: invalid UTF-8 replaced", b"data: \xff\xfe\n\n", [E(data="\ufffd\ufffd")]),
@@ -170,6 +188,17 @@ def test_last_event_id_and_retry_are_tracked() -> None:
     assert "2" == decoder.last_event_id
 
 
+def test_a_retry_too_long_for_int_is_clamped_and_nothing_is_lost() -> None:
+    """More digits than int() takes set the largest reconnection time; the read's events stay,
+    the decoder goes on, and the value in seconds is a finite float for the retry policy."""
+    decoder = SSEDecoder()
+    events = decoder.feed(b"retry: " + b"1" * 5000 + b"\ndata: kept\n\n")
+    assert [E(data="kept", retry=2**63 - 1)] == events
+    assert 2**63 - 1 == decoder.retry
+    assert math.isfinite(decoder.retry / 1000)
+    assert [E(data="next")] == decoder.feed(b"data: next\n\n")
+
+
 def test_truncation_is_reported_on_close() -> None:
     """An unfinished event is discarded, and `truncated` says so."""
     _, cut = decode_whole(b"data: a\n\ndata: b")
@@ -198,7 +227,7 @@ def test_line_limit_raises_with_sizes() -> None:
 
 def test_line_limit_applies_to_complete_lines_too() -> None:
     """A long line that arrives whole in one chunk is caught as well."""
-    with pytest.raises(RemoteProtocolError, match="a line of 21 characters"):
+    with pytest.raises(RemoteProtocolError, match="a line of 21 bytes"):
         SSEDecoder(max_line_size=20).feed(b"data: 123456789012345\n\n")
 
 
@@ -208,11 +237,28 @@ def test_line_limit_applies_to_the_tail_of_a_chunk() -> None:
         SSEDecoder(max_line_size=10).feed(b"data: a\n\ndata: 123456789")
 
 
+def test_line_limit_counts_bytes_however_the_line_arrives() -> None:
+    """max_line_size is in bytes, for a whole line as for one still arriving: a line of 11
+    characters and 16 bytes is over a limit of 12 whether it comes in one read or cut."""
+    stream = ("data: " + "é" * 5 + "\n\n").encode()
+    for cuts in ([], [16], list(range(len(stream)))):
+        with pytest.raises(RemoteProtocolError, match=r"max_line_size \(12 bytes\)"):
+            decode_split(stream, cuts, max_line_size=12)
+        assert [E(data="é" * 5)] == decode_split(stream, cuts, max_line_size=16)[0]
+
+
 def test_event_limit_raises() -> None:
     """Many short data lines without a blank line are bounded by max_event_size."""
     decoder = SSEDecoder(max_event_size=20)
     with pytest.raises(RemoteProtocolError, match="max_event_size"):
         decoder.feed(b"data: 12345\n" * 5)
+
+
+def test_event_limit_counts_the_data_as_delivered() -> None:
+    """Several data lines count as the data they make: the lines and the LFs that join them."""
+    assert [E(data="ab\ncd")] == SSEDecoder(max_event_size=5).feed(b"data: ab\ndata: cd\n\n")
+    with pytest.raises(RemoteProtocolError, match=r"max_event_size \(4\): 5 characters"):
+        SSEDecoder(max_event_size=4).feed(b"data: ab\ndata: cd\n\n")
 
 
 def test_limits_must_be_positive() -> None:
@@ -223,7 +269,15 @@ def test_limits_must_be_positive() -> None:
 
 def test_encode_rejects_what_cannot_round_trip() -> None:
     """Values that would change meaning on the wire are refused."""
-    for bad in (E(data="a\rb"), E(event="a\nb"), E(id="a\x00"), E(id="a\rb"), E(retry=-1)):
+    for bad in (
+        E(data="a\rb"),
+        E(event="a\nb"),
+        E(id="a\x00"),
+        E(id="a\rb"),
+        E(retry=-1),
+        E(retry=2**63),
+        E(retry=10**5000),
+    ):
         with pytest.raises(ValueError, match="SSE"):
             bad.encode()
 
@@ -306,6 +360,17 @@ def test_arbitrary_bytes_with_tiny_limits_raise_only_remote_protocol_error(data:
         pass
 
 
+@given(st.lists(field_text, min_size=1, max_size=4).map("\n".join).filter(bool))
+def test_an_event_exactly_at_max_event_size_is_kept_and_one_over_is_refused(data: str) -> None:
+    """The limit is on `len(event.data)`, however many lines make it, whatever the split."""
+    stream = E(data=data).encode()
+    for cuts in ([], list(range(len(stream)))):
+        assert [E(data=data)] == decode_split(stream, cuts, max_event_size=len(data))[0]
+        if len(data) > 1:
+            with pytest.raises(RemoteProtocolError, match="max_event_size"):
+                decode_split(stream, cuts, max_event_size=len(data) - 1)
+
+
 # -- against a literal reading of the spec ---------------------------------------------------------
 
 
@@ -340,7 +405,8 @@ def reference_decode(stream: bytes) -> tuple[list[ServerSentEvent], str, int | N
         elif name == "id" and "\0" not in value:
             id_buffer = value
         elif name == "retry" and value.isascii() and value.isdigit():
-            retry = event_retry = int(value)
+            # Clamped at 2**63 - 1 (docs/decoder.md): 20 significant digits are always beyond it.
+            retry = event_retry = min(int(value.lstrip("0")[:20] or "0"), 2**63 - 1)
     return events, last_id, retry
 
 
@@ -365,7 +431,10 @@ sse_line = st.one_of(
     st.builds("event: {}".format, field_text),
     st.builds("id: {}".format, field_text),
     st.just("id"),
-    st.builds("retry: {}".format, st.sampled_from(["10", "x1", ""])),
+    st.builds(
+        "retry: {}".format,
+        st.sampled_from(["10", "x1", "", "0" * 30 + "7", "9223372036854775808", "9" * 4400]),
+    ),
     st.builds(": {}".format, field_text),
     st.builds("{}: {}".format, st.sampled_from(["foo", "Data", " data"]), field_text),
 )
@@ -438,6 +507,43 @@ stream_bytes = st.lists(
 def test_bytes_decode_like_the_literal_spec(stream: bytes, cuts: list[int]) -> None:
     """Byte soup too, invalid and split UTF-8 included, decodes as the spec's algorithm says."""
     assert_decodes_like_the_spec(stream, cuts)
+
+
+def outcome(stream: bytes, cuts: list[int], **limits: int) -> object:
+    """The events and the decoder's state at the end, or the error."""
+    try:
+        events, decoder = decode_split(stream, cuts, **limits)
+    except RemoteProtocolError:
+        return RemoteProtocolError
+    return events, decoder.last_event_id, decoder.retry, decoder.truncated
+
+
+@st.composite
+def any_stream(draw: st.DrawFn) -> bytes:
+    """A stream of lines (fields, comments, multi-byte text, any line endings) or byte soup."""
+    if draw(st.booleans()):
+        return draw(stream_bytes)
+    lines = draw(sse_stream)
+    eols = draw(st.lists(st.sampled_from(["\n", "\r\n", "\r"]), min_size=1, max_size=3))
+    bom = draw(st.sampled_from(["", "\ufeff"]))
+    return (bom + "".join(line + eols[i % len(eols)] for i, line in enumerate(lines))).encode()
+
+
+@settings(max_examples=1000)
+@given(
+    any_stream(),
+    st.lists(st.integers(min_value=0, max_value=400), max_size=12),
+    st.integers(min_value=1, max_value=40),
+    st.integers(min_value=1, max_value=40),
+)
+def test_limits_give_the_same_outcome_however_the_stream_is_split(
+    stream: bytes, cuts: list[int], max_line_size: int, max_event_size: int
+) -> None:
+    """With limits small enough to trip, any split gives the events, or the error, that the
+    stream fed whole gives."""
+    limits = {"max_line_size": max_line_size, "max_event_size": max_event_size}
+    cuts = [c for c in cuts if c <= len(stream)]
+    assert outcome(stream, [], **limits) == outcome(stream, cuts, **limits)
 
 
 def test_c_part_takes_chat_reads_and_leaves_the_rest(implementation: str) -> None:
