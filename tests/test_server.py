@@ -99,6 +99,21 @@ def test_resume_continues_after_last_event_id() -> None:
     assert events(whole)[4:] == events(rest)
 
 
+def test_a_server_wide_drop_lets_a_resumed_stream_finish() -> None:
+    """`drop@5` counts each response's own content events and spares a response with 5 or
+    fewer left, so resuming after it ends with the exact text."""
+    retry = holysheep.RetryPolicy(attempts=5, wait_initial=0.001, wait_jitter=0, wait_max=0.001)
+    with (
+        serve(event_ids=True, tokens=8, fault="drop@5") as upstream,
+        holysheep.Client(api_key="k", base_url=upstream.base_url, retry=retry) as client,
+        client.chat.stream(model="m", messages=[], on_interrupt="resume") as stream,
+    ):
+        text = "".join(stream.text_stream())
+        resumed_from = [r.headers.get("last-event-id") for r in upstream.requests]
+    assert "".join(UpstreamConfig(tokens=8).token_list(None)) == text
+    assert ("stop", [None, "5"]) == (stream.completion.finish_reason, resumed_from)
+
+
 def test_request_id_is_echoed_or_generated() -> None:
     """x-request-id comes back as sent, or a generated one."""
     with serve(tokens=1) as upstream:

@@ -71,7 +71,10 @@ _MAX_BODY = 16 * 1024 * 1024
 @final
 @attrs.frozen
 class Fault:
-    """Something for the upstream to get wrong, after `after` content events.
+    """Something for the upstream to get wrong, after `after` content events of a response.
+
+    A stream fault fires only if a content event would follow it: a response with `after` or
+    fewer content events left is served whole, so resuming after a server-wide fault finishes.
 
     `drop`: close the socket abruptly. `stall`: stop sending, keep the connection open.
     `status`: answer `status` (with `retry_after` as `Retry-After`) and an OpenAI error body.
@@ -359,7 +362,12 @@ class MockUpstream:
         last_id = headers.get("last-event-id")
         if config.event_ids and last_id is not None and last_id.isdigit():
             start = int(last_id) + 1  # resume right after the last event the client saw
+        # The fault counts this response's content events, and fires only if at least one
+        # content event would follow it: a resumed request with `after` or fewer left is served
+        # whole, so a client resuming after a server-wide `drop@K` always gets to the end.
         fault = config.fault
+        if fault is not None and sum(c for c, _ in events[start:]) <= fault.after:
+            fault = None
         writer.write(self._head(200, headers, {"content-type": "text/event-stream"}, None))
         if config.retry_ms is not None:
             writer.write(_chunk(f"retry: {config.retry_ms}\n\n".encode()))
@@ -383,8 +391,6 @@ class MockUpstream:
                     await self._wait(interval, config.keepalive_interval, writer)
                 elif writer.transport.get_write_buffer_size() > 65536:
                     await writer.drain()
-            if fault is not None and fault.kind != "status":
-                return await self._fault(fault, reader, writer)
             writer.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
             await writer.drain()
             return True
