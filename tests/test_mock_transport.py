@@ -13,6 +13,7 @@ from holysheep import (
     IncompleteStreamError,
     InternalServerError,
     Timeouts,
+    UnexpectedContentTypeError,
 )
 from holysheep.transports import AsyncMockTransport, MockResponse, MockTransport, sse_body
 
@@ -67,6 +68,22 @@ def test_fault_after_chunks_is_an_incomplete_stream_with_partial_text() -> None:
     assert "Hello" == "".join(seen)
     assert info.value.completion is not None
     assert "Hello" == info.value.completion.text
+
+
+def test_given_headers_are_added_to_the_event_stream_default() -> None:
+    """An extra header keeps `text/event-stream`; a given Content-Type, in any case, wins."""
+    extra = MockResponse(chunks=sse_body("Hi"), headers={"X-Request-ID": "srv-1"})
+    json_body = MockResponse(chunks=[b"{}"], headers={"Content-Type": "application/json"})
+    client = holysheep.Client(
+        api_key="k", transport=MockTransport([extra, json_body]), retry=holysheep.RetryPolicy.none()
+    )
+    with client.chat.stream(model="m", messages=MESSAGES) as stream:
+        stream.until_done()
+    with pytest.raises(UnexpectedContentTypeError, match="application/json"):
+        client.chat.complete(model="m", messages=MESSAGES)
+    assert ("Hi", "srv-1") == (stream.completion.text, stream.request_id)
+    assert {"content-type": "text/event-stream", "x-request-id": "srv-1"} == extra.headers
+    assert {"content-type": "application/json"} == json_body.headers
 
 
 def test_error_status_from_script() -> None:

@@ -43,18 +43,26 @@ def sse_body(*texts: str, finish_reason: str = "stop", model: str = "mock") -> l
     ]
 
 
+def _over_defaults(headers: Mapping[str, str]) -> dict[str, str]:
+    """The given headers over `content-type: text/event-stream`, names in lower case: adding
+    an `x-request-id` must not turn a stream into an unexpected content type."""
+    return {"content-type": "text/event-stream", **{k.lower(): v for k, v in headers.items()}}
+
+
 @final
 @attrs.frozen
 class MockResponse:
     """One scripted response.
 
-    `delay` is waited before each chunk (seconds); `fault`, if set, is raised after the last
-    chunk as the transport's `APIConnectionError` (a dropped connection).
+    `headers` are added to the default `content-type: text/event-stream` (a given content
+    type replaces it; names are case-insensitive). `delay` is waited before each chunk
+    (seconds); `fault`, if set, is raised after the last chunk as the transport's
+    `APIConnectionError` (a dropped connection).
     """
 
     status_code: int = 200
     chunks: Sequence[bytes] = attrs.field(factory=lambda: sse_body("Hello", "!"))
-    headers: Mapping[str, str] = attrs.field(factory=lambda: {"content-type": "text/event-stream"})
+    headers: Mapping[str, str] = attrs.field(factory=dict, converter=_over_defaults)
     delay: float = 0.0
     fault: str | None = None
 
@@ -99,12 +107,7 @@ class MockTransport(BaseTransport):
             if mock.fault is not None:
                 raise APIConnectionError(mock.fault)
 
-        return Response(
-            mock.status_code,
-            {k.lower(): v for k, v in mock.headers.items()},
-            body(),
-            closed.set,
-        )
+        return Response(mock.status_code, dict(mock.headers), body(), closed.set)
 
 
 class AsyncMockTransport(AsyncBaseTransport):
@@ -133,6 +136,4 @@ class AsyncMockTransport(AsyncBaseTransport):
         async def aclose() -> None:
             closed.set()
 
-        return AsyncResponse(
-            mock.status_code, {k.lower(): v for k, v in mock.headers.items()}, body(), aclose
-        )
+        return AsyncResponse(mock.status_code, dict(mock.headers), body(), aclose)
