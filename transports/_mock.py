@@ -2,8 +2,10 @@
 
 `MockTransport(handler)` calls `handler(request)` for each request; the handler returns a
 `MockResponse` (status, headers, body chunks, a delay before each chunk, and an optional fault
-raised after the chunks). A list of `MockResponse`s works too: each request takes the next one.
-Delays really wait (`time.sleep` / `anyio.sleep`), so the clients' timeouts can be exercised.
+raised after the chunks). A list of `MockResponse`s works too: each request takes the next
+one, and a request after the last one raises `LocalProtocolError` (the script is wrong, so no
+retry can help). Delays really wait (`time.sleep` / `anyio.sleep`), so the clients' timeouts
+can be exercised.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import final
 import anyio
 import attrs
 
-from holysheep._exceptions import APIConnectionError
+from holysheep._exceptions import APIConnectionError, LocalProtocolError
 from holysheep._exchange import Request
 from holysheep.transports._base import AsyncBaseTransport, AsyncResponse, BaseTransport, Response
 
@@ -74,12 +76,19 @@ def _as_handler(script: Handler | Sequence[MockResponse]) -> Handler:
     if callable(script):
         return script
     responses = list(script)
+    scripted = len(responses)
     lock = threading.Lock()
 
     def next_response(request: Request) -> MockResponse:
+        # A mistake in the test's script, not a network fault: LocalProtocolError is never
+        # retried, where an APIConnectionError would be, with backoff, for seconds.
         with lock:
             if not responses:
-                raise APIConnectionError(f"MockTransport has no response left for {request.url}")
+                raise LocalProtocolError(
+                    f"the MockTransport script ran out: it had {scripted} response"
+                    f"{'' if scripted == 1 else 's'}, all used, and {request.method} "
+                    f"{request.url} asked for one more"
+                )
             return responses.pop(0)
 
     return next_response
