@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import runpy
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -1173,6 +1175,66 @@ def test_connect_bounds_the_wait_for_the_response_head(
         client.chat.complete(model="m", messages=MESSAGES)
     assert time.monotonic() - started < 2
     client.close()
+
+
+def urllib3_example() -> BaseTransport:
+    """The custom transport of examples/urllib3_transport.py, as a user would write it."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "urllib3_transport.py"
+    transport: BaseTransport = runpy.run_path(str(example))["Urllib3Transport"]()
+    return transport
+
+
+def test_the_urllib3_example_bounds_the_wait_for_the_response_head(silent_server: str) -> None:
+    """The example waits for the head only as long as `head_timeout()` says, so `connect`
+    ends a request the server never answers (its socket wait used to be the backstop)."""
+    client = holysheep.Client(
+        api_key="k",
+        base_url=silent_server,
+        transport=urllib3_example(),
+        retry=RetryPolicy.none(),
+        timeout=Timeouts(connect=0.3, ttft=1, idle=1, total=1),
+    )
+    started = time.monotonic()
+    with pytest.raises(holysheep.ConnectTimeoutError, match="no response head"):
+        client.chat.complete(model="m", messages=MESSAGES)
+    assert time.monotonic() - started < 2
+    client.close()
+
+
+def test_the_urllib3_example_waits_for_slow_tokens_past_the_head_timeout() -> None:
+    """Once the head is in, the socket waits up to the backstop: tokens 0.5 s apart stream
+    although the head had to come within 0.35 s."""
+    with serve(tokens=3, tokens_per_s=2) as upstream:
+        client = holysheep.Client(
+            api_key="k",
+            base_url=upstream.base_url,
+            transport=urllib3_example(),
+            retry=RetryPolicy.none(),
+            timeout=Timeouts(connect=0.3, idle=2),
+        )
+        completion = client.chat.complete(model="m", messages=MESSAGES)
+        client.close()
+    assert "".join(UpstreamConfig(tokens=3).token_list(None)) == completion.text
+
+
+def test_the_urllib3_example_translates_a_connect_timeout() -> None:
+    """A listener whose accept queue is full never completes the handshake: the example
+    raises holysheep's ConnectTimeoutError, as the built-in transports do."""
+    transport = urllib3_example()
+    with socket.socket() as listener, contextlib.ExitStack() as fillers:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1/chat/completions"
+        for _ in range(4):  # fill the accept queue; further SYNs are dropped
+            filler = fillers.enter_context(socket.socket())
+            filler.setblocking(False)
+            filler.connect_ex(listener.getsockname())
+        request = holysheep.Request("POST", url, (), b"{}", Timeouts(connect=0.3))
+        started = time.monotonic()
+        with pytest.raises(holysheep.ConnectTimeoutError, match=r"within 0\.3 s"):
+            transport.send(request)
+    assert time.monotonic() - started < 2
+    transport.close()
 
 
 def test_a_closed_client_keeps_timing_open_streams_and_refuses_new_ones(
