@@ -90,6 +90,93 @@ def test_routes_and_bad_bodies_answer_in_openai_error_shape() -> None:
     assert (404, "no route for GET /nope") == (missing.status, missing_body["error"]["message"])
 
 
+def test_zero_tokens_stream_an_empty_completion() -> None:
+    """`tokens=0`: no content chunk, but the finish, the usage and [DONE] all come."""
+    with serve(tokens=0) as upstream:
+        _, _, raw = post(
+            upstream.port,
+            {
+                "model": "m",
+                "messages": [],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
+    chunks = [json.loads(d) for d in events(raw)[:-1]]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert [{"role": "assistant", "content": ""}, {}] == deltas
+    assert ("stop", 0) == (
+        chunks[-2]["choices"][0]["finish_reason"],
+        chunks[-1]["usage"]["completion_tokens"],
+    )
+    assert [] == UpstreamConfig(tokens=0).token_list(None)
+
+
+@pytest.mark.parametrize(
+    ("body", "header", "param", "code", "message"),
+    [
+        ({"messages": ["hi"]}, None, "messages[0]", "invalid_type", "expected an object"),
+        ({"messages": "hi"}, None, "messages", "invalid_type", "expected an array"),
+        ({"messages": [], "max_tokens": 0}, None, "max_tokens", "integer_below_min_value", ">= 1"),
+        ({"messages": [], "max_completion_tokens": 0}, None, "max_completion_tokens", None, ">= 1"),
+        ({"messages": []}, "{bad", None, None, "X-Mock-Config is not valid JSON"),
+        ({"messages": []}, "[1]", None, None, "X-Mock-Config must be a JSON object"),
+        ({"messages": []}, '{"tokenz": 3}', None, None, "unknown UpstreamConfig field 'tokenz'"),
+        ({"messages": []}, '{"tokens": -1}', None, None, "'tokens' must be >= 0"),
+        ({"messages": []}, '{"fault": "bogus"}', None, None, "unknown fault 'bogus'"),
+    ],
+)
+def test_bad_requests_get_a_400_in_openai_error_shape(
+    body: dict[str, Any], header: str | None, param: str | None, code: str | None, message: str
+) -> None:
+    """What the real API refuses, and an X-Mock-Config that cannot apply, are answered with a
+    400 naming the problem (they used to crash the handler and drop the connection); the
+    server goes on serving."""
+    with serve(tokens=2) as upstream:
+        extra = {} if header is None else {"x-mock-config": header}
+        status, _, raw = post(upstream.port, {"model": "m", "stream": True, **body}, extra)
+        after, _, _ = post(upstream.port, {"model": "m", "messages": []})
+    error = json.loads(raw)["error"]
+    assert (400, "invalid_request_error", param) == (status, error["type"], error["param"])
+    assert code is None or code == error["code"]
+    assert message in error["message"]
+    assert 200 == after
+
+
+def test_enqueue_refuses_an_unknown_field() -> None:
+    """A typo in a queued override fails in the test that wrote it, not in a request."""
+    with serve() as upstream, pytest.raises(ValueError, match="'tokenz'; expected one of tokens"):
+        upstream.enqueue({"tokens": 1}, {"tokenz": 1})
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "body"),
+    [
+        ("inband_error@1", 200, b'{"error": {"message": "Overloaded"'),
+        ("invalid_json@1", 200, b"{not json"),
+        ("drop@1", None, None),
+        ("stall@1", None, None),
+        ("drop@3", 200, b'{"id": "chatcmpl-'),  # after the last of 3 tokens: no fault
+    ],
+)
+def test_stream_faults_apply_to_non_stream_answers(
+    fault: str, status: int | None, body: bytes | None
+) -> None:
+    """Without `stream`, a drop or stall leaves the request unanswered, and inband_error and
+    invalid_json are the body; a fault after the last token does not fire."""
+    with serve(tokens=3, fault=fault) as upstream:
+        connection = http.client.HTTPConnection("127.0.0.1", upstream.port, timeout=0.5)
+        connection.request("POST", "/v1/chat/completions", body=json.dumps({"messages": []}))
+        try:
+            response = connection.getresponse()
+            answer: tuple[int | None, bytes | None] = (response.status, response.read())
+        except (http.client.RemoteDisconnected, TimeoutError):
+            answer = (None, None)
+        finally:
+            connection.close()
+    assert (status, body) == (answer[0], answer[1] and answer[1][: len(body or b"")])
+
+
 def test_resume_continues_after_last_event_id() -> None:
     """With event ids, Last-Event-ID n resumes at event n+1 of the same sequence."""
     body = {"model": "m", "messages": [], "stream": True}

@@ -12,7 +12,8 @@ object. The tokens are a deterministic function of the configuration, so a strea
 Behaviour is an `UpstreamConfig`: token count and text, time to first token, token rate,
 keep-alive comments, event ids, and one `Fault`. The server's default config can be overridden
 per request (an `X-Mock-Config` header holding JSON) or by a queue (`enqueue`), whose entries are
-taken one per request: "the first attempt gets a 429, the second succeeds".
+taken one per request: "the first attempt gets a 429, the second succeeds". A request the real
+API would refuse, or an `X-Mock-Config` that cannot apply, gets a 400 in OpenAI's error shape.
 
 One coroutine per connection and no per-token tasks keep 10,000 slow streams cheap. The server
 notices a client leaving at its next write (or at once while stalled, by reading) and records it
@@ -129,7 +130,9 @@ def _to_fault(value: Fault | str | Mapping[str, Any] | None) -> Fault | None:
 class UpstreamConfig:
     """How the upstream behaves. Times in seconds; `tokens_per_s=None` means no pacing."""
 
-    tokens: int | None = None
+    tokens: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(0))
+    )
     text: str = DEFAULT_TEXT
     ttft: float = 0.0
     tokens_per_s: float | None = None
@@ -143,6 +146,12 @@ class UpstreamConfig:
             return self
         if isinstance(overrides, UpstreamConfig):
             return overrides
+        unknown = sorted(set(overrides) - set(attrs.fields_dict(UpstreamConfig)))
+        if unknown:
+            known = ", ".join(attrs.fields_dict(UpstreamConfig))
+            raise ValueError(
+                f"unknown UpstreamConfig field {unknown[0]!r}; expected one of {known}"
+            )
         return attrs.evolve(self, **dict(overrides))
 
     def token_list(self, max_tokens: int | None) -> list[str]:
@@ -151,6 +160,8 @@ class UpstreamConfig:
         pieces: list[str] = []
         source = itertools.cycle([self.text]) if self.text else iter(())
         wanted = self.tokens
+        if wanted == 0:
+            return pieces
         for text in source:
             i = 0
             while i < len(text):
@@ -197,7 +208,13 @@ class MockUpstream:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def enqueue(self, *overrides: Mapping[str, Any] | UpstreamConfig) -> None:
-        """Each next request takes one of these overrides, in order."""
+        """Each next request takes one of these overrides, in order.
+
+        Each is checked here (an unknown field raises `ValueError` in the caller), not when a
+        request takes it, where the mistake could only become a 400 answer.
+        """
+        for override in overrides:
+            self.config.merged(override)
         with self._lock:
             self._queue.extend(overrides)
 
@@ -269,34 +286,50 @@ class MockUpstream:
             models = [{"id": m, "object": "model", "owned_by": "holysheep-mock"} for m in _MODELS]
             await self._send_json(writer, 200, {"object": "list", "data": models}, headers)
         elif method == "POST" and route.endswith("/chat/completions"):
-            if not isinstance(body, dict) or "messages" not in body:
-                await self._send_json(
-                    writer, 400, _error("the body must be a JSON object with messages"), headers
-                )
+            try:
+                config = self._config_for(headers)
+                request = _check_body(body)
+            except _BadRequest as exc:
+                await self._send_json(writer, 400, exc.body(), headers)
             else:
-                return await self._chat(body, headers, reader, writer) and keep_alive
+                return await self._chat(config, request, headers, reader, writer) and keep_alive
         else:
             await self._send_json(writer, 404, _error(f"no route for {method} {path}"), headers)
         return keep_alive
 
     def _config_for(self, headers: Mapping[str, str]) -> UpstreamConfig:
-        config = self.config
-        with self._lock:
-            queued = self._queue.pop(0) if self._queue else None
-        config = config.merged(queued)
+        """The server's config, then the next queued override, then the request's header.
+
+        A header that cannot be applied is the caller's mistake: `_BadRequest` (a 400), and
+        the queued override stays for the next request.
+        """
         header = headers.get("x-mock-config")
+        overrides: Any = None
         if header:
-            config = config.merged(json.loads(header))
+            try:
+                overrides = json.loads(header)
+            except ValueError as exc:
+                raise _BadRequest(f"X-Mock-Config is not valid JSON: {exc}") from None
+            if not isinstance(overrides, dict):
+                raise _BadRequest(f"X-Mock-Config must be a JSON object, not {header!r}")
+        with self._lock:
+            config = self.config.merged(self._queue[0] if self._queue else None)
+            try:
+                config = config.merged(overrides)
+            except (TypeError, ValueError) as exc:
+                raise _BadRequest(f"X-Mock-Config: {exc}") from None
+            if self._queue:
+                self._queue.pop(0)
         return config
 
     async def _chat(
         self,
+        config: UpstreamConfig,
         body: dict[str, Any],
         headers: Mapping[str, str],
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> bool:
-        config = self._config_for(headers)
         fault = config.fault
         if fault is not None and fault.kind == "status":
             extra = {} if fault.retry_after is None else {"retry-after": f"{fault.retry_after:g}"}
@@ -313,9 +346,11 @@ class MockUpstream:
             page = b"<html><body><h1>502 Bad Gateway</h1><p>nginx</p></body></html>"
             await self._send(writer, 200, page, headers, {"content-type": "text/html"})
             return True
-        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
-        tokens = config.token_list(max_tokens if isinstance(max_tokens, int) else None)
-        finish = "length" if isinstance(max_tokens, int) and len(tokens) >= max_tokens else "stop"
+        max_tokens = body.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = body.get("max_completion_tokens")
+        tokens = config.token_list(max_tokens)
+        finish = "length" if max_tokens is not None and len(tokens) >= max_tokens else "stop"
         model = str(body.get("model") or "gpt-4.1")
         prompt_tokens = sum(len(str(m.get("content", "")).split()) + 3 for m in body["messages"])
         usage = {
@@ -325,6 +360,8 @@ class MockUpstream:
         }
         if not body.get("stream"):
             await asyncio.sleep(config.ttft)
+            if fault is not None and len(tokens) > fault.after:
+                return await self._whole_fault(fault, reader, writer, headers)
             completion = {
                 "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
                 "object": "chat.completion",
@@ -434,13 +471,31 @@ class MockUpstream:
             self._note_disconnect()
             return False
         if fault.kind == "inband_error":
-            error = {
-                "error": {"message": "Overloaded", "type": "overloaded_error", "code": "overloaded"}
-            }
-            writer.write(_chunk(b"data: " + json.dumps(error).encode() + b"\n\n") + b"0\r\n\r\n")
+            event = b"data: " + json.dumps(_OVERLOADED).encode() + b"\n\n"
+            writer.write(_chunk(event) + b"0\r\n\r\n")
         else:  # invalid_json
             writer.write(_chunk(b"data: {not json\n\n") + b"0\r\n\r\n")
         await writer.drain()
+        return True
+
+    async def _whole_fault(
+        self,
+        fault: Fault,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        headers: Mapping[str, str],
+    ) -> bool:
+        """A stream fault in a non-stream answer: the generation breaks before any answer
+        (`drop` closes, `stall` holds the connection), or the body is what the stream would
+        have carried (`inband_error`: the error object; `invalid_json`: `{not json`)."""
+        if fault.kind in ("drop", "stall"):
+            return await self._fault(fault, reader, writer)
+        if fault.kind == "inband_error":
+            await self._send_json(writer, 200, _OVERLOADED, headers)
+        else:  # invalid_json
+            await self._send(
+                writer, 200, b"{not json", headers, {"content-type": "application/json"}
+            )
         return True
 
     def _note_disconnect(self) -> None:
@@ -493,8 +548,80 @@ class MockUpstream:
 _MODELS = ("gpt-4.1", "claude-sonnet-4.5", "gemini-2.5-flash", "deepseek-v3.2")
 
 
-def _error(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+_OVERLOADED = {"error": {"message": "Overloaded", "type": "overloaded_error", "code": "overloaded"}}
+
+
+def _error(
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class _BadRequest(Exception):
+    """A request the real API would refuse with 400; the message names the problem."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return _error(str(self), param=self.param, code=self.code)
+
+
+_JSON_TYPES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "an array"
+    return _JSON_TYPES.get(type(value), "an object")
+
+
+def _check_body(body: object) -> dict[str, Any]:
+    """Refuse what the real API refuses, in its words, instead of failing mid-answer."""
+    if not isinstance(body, dict) or "messages" not in body:
+        raise _BadRequest("the body must be a JSON object with messages")
+    messages = body["messages"]
+    if not isinstance(messages, list):
+        raise _BadRequest(
+            f"Invalid type for 'messages': expected an array, but got {_json_type(messages)}"
+            " instead.",
+            "messages",
+            "invalid_type",
+        )
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _BadRequest(
+                f"Invalid type for 'messages[{i}]': expected an object, but got"
+                f" {_json_type(message)} instead.",
+                f"messages[{i}]",
+                "invalid_type",
+            )
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _BadRequest(
+                f"Invalid type for '{name}': expected an integer, but got {_json_type(value)}"
+                " instead.",
+                name,
+                "invalid_type",
+            )
+        if value < 1:
+            raise _BadRequest(
+                f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but got"
+                f" {value} instead.",
+                name,
+                "integer_below_min_value",
+            )
+    return body
 
 
 def _chunk(data: bytes) -> bytes:
