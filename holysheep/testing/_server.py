@@ -7,7 +7,8 @@ request bodies, chunked responses. `POST /v1/chat/completions` with `"stream": t
 exactly as the OpenAI API does (a role chunk, one chunk per token, a finish chunk, a usage chunk
 when `stream_options.include_usage` is set, `data: [DONE]`); without it, one `chat.completion`
 object. The tokens are a deterministic function of the configuration, so a stream resumed with
-`Last-Event-ID` can be compared byte for byte with an uninterrupted one.
+`Last-Event-ID` has exactly the text of an uninterrupted one; ids, `created` and
+`x-request-id` vary per answer as the real API's do, unless the config pins them.
 
 Behaviour is an `UpstreamConfig`: token count and text, time to first token, token rate,
 keep-alive comments, event ids, and one `Fault`. The server's default config can be overridden
@@ -128,7 +129,12 @@ def _to_fault(value: Fault | str | Mapping[str, Any] | None) -> Fault | None:
 @final
 @attrs.frozen
 class UpstreamConfig:
-    """How the upstream behaves. Times in seconds; `tokens_per_s=None` means no pacing."""
+    """How the upstream behaves. Times in seconds; `tokens_per_s=None` means no pacing.
+
+    Like the real API, every answer has its own `chatcmpl-` id, the current time as `created`
+    and a server-minted `x-request-id`; `completion_id`, `created` and `echo_request_id` (send
+    the client's `X-Request-ID` back) pin them for tests that compare answers byte for byte.
+    """
 
     tokens: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.ge(0))
@@ -140,6 +146,9 @@ class UpstreamConfig:
     event_ids: bool = False
     retry_ms: int | None = None
     fault: Fault | None = attrs.field(default=None, converter=_to_fault)
+    completion_id: str | None = None
+    created: int | None = None
+    echo_request_id: bool = False
 
     def merged(self, overrides: Mapping[str, Any] | UpstreamConfig | None) -> UpstreamConfig:
         if overrides is None:
@@ -272,7 +281,8 @@ class MockUpstream:
         else:
             length = int(headers.get("content-length") or 0)
             if length > _MAX_BODY:
-                await self._send_json(writer, 413, _error("request body too large"), headers)
+                request_id = _request_id(self.config, headers)
+                await self._send_json(writer, 413, _error("request body too large"), request_id)
                 return False
             body_bytes = await reader.readexactly(length) if length else b""
         keep_alive = headers.get("connection", "").lower() != "close"
@@ -282,19 +292,23 @@ class MockUpstream:
             body = None
         self.requests.append(RecordedRequest(method, path.split("?")[0], headers, body))
         route = path.split("?")[0].rstrip("/")
+        request_id = _request_id(self.config, headers)
         if method == "GET" and route.endswith("/models"):
             models = [{"id": m, "object": "model", "owned_by": "holysheep-mock"} for m in _MODELS]
-            await self._send_json(writer, 200, {"object": "list", "data": models}, headers)
+            await self._send_json(writer, 200, {"object": "list", "data": models}, request_id)
         elif method == "POST" and route.endswith("/chat/completions"):
             try:
                 config = self._config_for(headers)
                 request = _check_body(body)
             except _BadRequest as exc:
-                await self._send_json(writer, 400, exc.body(), headers)
+                await self._send_json(writer, 400, exc.body(), request_id)
             else:
-                return await self._chat(config, request, headers, reader, writer) and keep_alive
+                request_id = _request_id(config, headers)
+                answer = self._chat(config, request, headers, request_id, reader, writer)
+                return await answer and keep_alive
         else:
-            await self._send_json(writer, 404, _error(f"no route for {method} {path}"), headers)
+            error = _error(f"no route for {method} {path}")
+            await self._send_json(writer, 404, error, request_id)
         return keep_alive
 
     def _config_for(self, headers: Mapping[str, str]) -> UpstreamConfig:
@@ -327,6 +341,7 @@ class MockUpstream:
         config: UpstreamConfig,
         body: dict[str, Any],
         headers: Mapping[str, str],
+        request_id: str,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> bool:
@@ -338,13 +353,13 @@ class MockUpstream:
                 writer,
                 fault.status,
                 _error(f"mock fault: HTTP {fault.status}", kind),
-                headers,
+                request_id,
                 extra,
             )
             return True
         if fault is not None and fault.kind == "wrong_content_type":
             page = b"<html><body><h1>502 Bad Gateway</h1><p>nginx</p></body></html>"
-            await self._send(writer, 200, page, headers, {"content-type": "text/html"})
+            await self._send(writer, 200, page, request_id, {"content-type": "text/html"})
             return True
         max_tokens = body.get("max_tokens")
         if max_tokens is None:
@@ -358,43 +373,42 @@ class MockUpstream:
             "completion_tokens": len(tokens),
             "total_tokens": prompt_tokens + len(tokens),
         }
+        # What the real API stamps on every answer: its own id, the time it was created.
+        base = {
+            "id": config.completion_id or f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "created": int(time.time()) if config.created is None else config.created,
+            "model": model,
+            "system_fingerprint": "fp_mock",
+        }
         if not body.get("stream"):
             await asyncio.sleep(config.ttft)
             if fault is not None and len(tokens) > fault.after:
-                return await self._whole_fault(fault, reader, writer, headers)
+                return await self._whole_fault(fault, reader, writer, request_id)
+            message = {"role": "assistant", "content": "".join(tokens), "refusal": None}
             completion = {
-                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+                "id": base["id"],
                 "object": "chat.completion",
-                "created": int(time.time()),
-                "model": model,
+                **base,
                 "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": "".join(tokens)},
-                        "finish_reason": finish,
-                    }
+                    {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
                 ],
                 "usage": usage,
             }
-            await self._send_json(writer, 200, completion, headers)
+            await self._send_json(writer, 200, completion, request_id)
             return True
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return await self._stream(
-            config, model, tokens, finish, usage if include_usage else None, headers, reader, writer
-        )
+        events = list(_events(base, tokens, finish, usage if include_usage else None))
+        return await self._stream(config, events, headers, request_id, reader, writer)
 
     async def _stream(
         self,
         config: UpstreamConfig,
-        model: str,
-        tokens: list[str],
-        finish: str,
-        usage: dict[str, int] | None,
+        events: list[tuple[bool, bytes]],
         headers: Mapping[str, str],
+        request_id: str,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> bool:
-        events = list(_events(model, tokens, finish, usage))
         start = 0
         last_id = headers.get("last-event-id")
         if config.event_ids and last_id is not None and last_id.isdigit():
@@ -405,7 +419,7 @@ class MockUpstream:
         fault = config.fault
         if fault is not None and sum(c for c, _ in events[start:]) <= fault.after:
             fault = None
-        writer.write(self._head(200, headers, {"content-type": "text/event-stream"}, None))
+        writer.write(self._head(200, request_id, {"content-type": "text/event-stream"}, None))
         if config.retry_ms is not None:
             writer.write(_chunk(f"retry: {config.retry_ms}\n\n".encode()))
         interval = 1 / config.tokens_per_s if config.tokens_per_s else 0.0
@@ -483,7 +497,7 @@ class MockUpstream:
         fault: Fault,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        headers: Mapping[str, str],
+        request_id: str,
     ) -> bool:
         """A stream fault in a non-stream answer: the generation breaks before any answer
         (`drop` closes, `stall` holds the connection), or the body is what the stream would
@@ -491,10 +505,10 @@ class MockUpstream:
         if fault.kind in ("drop", "stall"):
             return await self._fault(fault, reader, writer)
         if fault.kind == "inband_error":
-            await self._send_json(writer, 200, _OVERLOADED, headers)
+            await self._send_json(writer, 200, _OVERLOADED, request_id)
         else:  # invalid_json
             await self._send(
-                writer, 200, b"{not json", headers, {"content-type": "application/json"}
+                writer, 200, b"{not json", request_id, {"content-type": "application/json"}
             )
         return True
 
@@ -506,11 +520,10 @@ class MockUpstream:
     def _head(
         self,
         status: int,
-        request_headers: Mapping[str, str],
+        request_id: str,
         extra: Mapping[str, str],
         length: int | None,
     ) -> bytes:
-        request_id = request_headers.get("x-request-id") or f"req_{uuid.uuid4().hex[:16]}"
         lines = [
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}",
             f"x-request-id: {request_id}",
@@ -527,10 +540,10 @@ class MockUpstream:
         writer: asyncio.StreamWriter,
         status: int,
         body: bytes,
-        request_headers: Mapping[str, str],
+        request_id: str,
         extra: Mapping[str, str],
     ) -> None:
-        writer.write(self._head(status, request_headers, extra, len(body)) + body)
+        writer.write(self._head(status, request_id, extra, len(body)) + body)
         await writer.drain()
 
     async def _send_json(
@@ -538,11 +551,11 @@ class MockUpstream:
         writer: asyncio.StreamWriter,
         status: int,
         payload: Any,
-        request_headers: Mapping[str, str],
+        request_id: str,
         extra: Mapping[str, str] | None = None,
     ) -> None:
         headers = {"content-type": "application/json", **(extra or {})}
-        await self._send(writer, status, json.dumps(payload).encode(), request_headers, headers)
+        await self._send(writer, status, json.dumps(payload).encode(), request_id, headers)
 
 
 _MODELS = ("gpt-4.1", "claude-sonnet-4.5", "gemini-2.5-flash", "deepseek-v3.2")
@@ -624,29 +637,36 @@ def _check_body(body: object) -> dict[str, Any]:
     return body
 
 
+def _request_id(config: UpstreamConfig, headers: Mapping[str, str]) -> str:
+    """The server's own id for the answer, as the real API mints one; the client's only if
+    `echo_request_id` asks for it."""
+    echoed = headers.get("x-request-id") if config.echo_request_id else None
+    return echoed or f"req_{uuid.uuid4().hex}"
+
+
 def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 def _events(
-    model: str, tokens: list[str], finish: str, usage: dict[str, int] | None
+    base: Mapping[str, Any], tokens: list[str], finish: str, usage: dict[str, int] | None
 ) -> Iterator[tuple[bool, bytes]]:
-    """(is_content, JSON payload) for every event of the stream, in order."""
-    base = {
-        "id": f"chatcmpl-{uuid.uuid5(uuid.NAMESPACE_OID, model + ''.join(tokens)).hex[:24]}",
-        "object": "chat.completion.chunk",
-        "created": 1764000000,
-        "model": model,
-        "system_fingerprint": "fp_mock",
-    }
+    """(is_content, JSON payload) for every event of the stream, in order.
+
+    As the real API does: with `include_usage` (`usage` given) every chunk carries
+    `"usage": null` but the last, which carries the usage and no choices.
+    """
+    head = {"id": base["id"], "object": "chat.completion.chunk", **base}
+    tail = {} if usage is None else {"usage": None}
 
     def event(choices: list[Any], **extra: Any) -> bytes:
-        return json.dumps({**base, "choices": choices, **extra}, separators=(",", ":")).encode()
+        chunk = {**head, "choices": choices, **tail, **extra}
+        return json.dumps(chunk, separators=(",", ":")).encode()
 
     def choice(delta: dict[str, Any], finish_reason: str | None = None) -> list[Any]:
         return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
 
-    yield False, event(choice({"role": "assistant", "content": ""}))
+    yield False, event(choice({"role": "assistant", "content": "", "refusal": None}))
     for token in tokens:
         yield True, event(choice({"content": token}))
     yield False, event(choice({}, finish))
