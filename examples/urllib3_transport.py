@@ -1,4 +1,4 @@
-"""A custom transport written by a user: holysheep on plain urllib3, in about 40 lines.
+"""A custom transport written by a user: holysheep on plain urllib3, in about 60 lines.
 
 Run against the embedded upstream: python examples/urllib3_transport.py
 """
@@ -26,10 +26,25 @@ class Urllib3Transport(BaseTransport):
                 body=request.content,
                 headers=dict(request.headers),
                 preload_content=False,  # stream the body
-                timeout=urllib3.Timeout(connect=t.connect, read=t.read_backstop()),
+                # Bound the wait for the response head: a server may accept and never answer.
+                timeout=urllib3.Timeout(connect=t.connect, read=t.head_timeout()),
             )
-        except urllib3.exceptions.HTTPError as exc:  # translate at the edge
+        except urllib3.exceptions.NewConnectionError as exc:  # refused, DNS: not a timeout
             raise holysheep.APIConnectionError(f"could not reach {request.url}: {exc}") from exc
+        except urllib3.exceptions.ConnectTimeoutError as exc:  # translate at the edge
+            limit = t.connect or 0.0
+            raise holysheep.ConnectTimeoutError(
+                f"connect timeout: no connection to {request.url} within {limit:g} s",
+                limit=limit,
+                elapsed=limit,
+            ) from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise holysheep.APIConnectionError(f"could not reach {request.url}: {exc}") from exc
+        # The head arrived: from here the client's ttft and idle timers rule, and the socket
+        # timeout is only a backstop (the head timeout would cut a slow stream short).
+        sock = getattr(response.connection, "sock", None)
+        if sock is not None:
+            sock.settimeout(t.read_backstop())
 
         done = []
 

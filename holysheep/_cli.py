@@ -459,7 +459,7 @@ def _mock(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        return standalone.main(argv)
+        return standalone.main(argv, prog=f"{PROG} mock")
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
         return EXIT_OK

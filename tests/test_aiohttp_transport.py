@@ -87,7 +87,9 @@ async def test_stream_yields_typed_chunks_and_the_completion(
     assert ("stop", "gpt-4.1") == (s.completion.finish_reason, s.completion.model)
     assert s.completion.usage is not None
     assert (len(texts), 1) == (s.stats.events, s.stats.attempts)
-    assert "rid-a" == s.request_id
+    # Ours is sent; the upstream mints its own, as the API does, and the stream reports it.
+    assert ("rid-a", s.request_id) == (s.stats.request_id, s.stats.server_request_id)
+    assert s.request_id.startswith("req_")
     seen = upstream.requests[-1]
     assert ("Bearer sk-test", "identity", "rid-a") == (
         seen.headers["authorization"],
@@ -151,7 +153,10 @@ async def test_rate_limit_carries_status_retry_after_message_and_id(
     fault = {"kind": "status", "status": 429, "retry_after": 3}
     with pytest.raises(RateLimitError) as info:
         await client.chat.complete(
-            model="m", messages=MESSAGES, extra_headers=config(fault=fault), request_id="rid-7"
+            model="m",
+            messages=MESSAGES,
+            extra_headers=config(fault=fault, echo_request_id=True),
+            request_id="rid-7",
         )
     assert (429, 3.0, "rid-7") == (
         info.value.status_code,

@@ -269,6 +269,33 @@ def test_mock_prints_its_url_serves_and_stops(stop: signal.Signals) -> None:
     assert b"stopped" in err
 
 
+def test_mock_errors_are_one_line_without_a_traceback() -> None:
+    """A bad port or fault is a usage error (2) whose last line says what is wrong, the
+    fault's with the valid kinds; a busy port is one error line (1)."""
+    bad_port = run("mock", "--port", "99999")
+    bad_fault = run("mock", "--fault", "bogus")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = run("mock", "--port", str(port))
+
+    assert (2, "holysheep mock: error: argument --port: 99999 is not a TCP port") == (
+        bad_port.returncode,
+        bad_port.stderr.splitlines()[-1].partition(" (")[0],
+    )
+    assert (2, "holysheep mock: error: argument --fault: unknown fault 'bogus'") == (
+        bad_fault.returncode,
+        bad_fault.stderr.splitlines()[-1].partition(";")[0],
+    )
+    assert "expected one of drop, stall, status," in bad_fault.stderr
+    assert 1 == busy.returncode
+    assert [f"holysheep mock: error: cannot listen on 127.0.0.1:{port}"] == [
+        line.rpartition(": ")[0] for line in busy.stderr.splitlines()
+    ]
+    assert "Traceback" not in bad_port.stderr + bad_fault.stderr + busy.stderr
+
+
 # -- cost --------------------------------------------------------------------------------------
 
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import runpy
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -121,7 +123,12 @@ def test_request_body_headers_and_ids(upstream: MockUpstream, transport: BaseTra
         seen.body["stream"],
         seen.body["stream_options"],
     )
-    assert "my-id-1" == stream.request_id  # the upstream echoes it back
+    # The upstream mints its own id, as the API does; the stream reports the server's.
+    assert stream.request_id.startswith("req_")
+    assert ("my-id-1", stream.request_id) == (
+        stream.stats.request_id,
+        stream.stats.server_request_id,
+    )
 
 
 def test_an_x_request_id_header_is_the_request_id(
@@ -209,7 +216,10 @@ def test_error_statuses_raise_typed_errors_with_details(
     fault = {"kind": "status", "status": status, "retry_after": 3}
     with pytest.raises(error) as info:
         client.chat.complete(
-            model="m", messages=MESSAGES, extra_headers=config(fault=fault), request_id="rid-7"
+            model="m",
+            messages=MESSAGES,
+            extra_headers=config(fault=fault, echo_request_id=True),
+            request_id="rid-7",
         )
     text = str(info.value)
     assert f"HTTP {status}" in text
@@ -273,7 +283,7 @@ def test_inband_error_raises_stream_error_with_partial(
             model="m",
             messages=MESSAGES,
             request_id="rid-42",
-            extra_headers=config(fault="inband_error@3"),
+            extra_headers=config(fault="inband_error@3", echo_request_id=True),
         )
     assert (True, "overloaded_error") == (info.value.retryable, info.value.type)
     assert (200, "rid-42") == (info.value.status_code, info.value.request_id)
@@ -291,7 +301,7 @@ def test_invalid_json_raises_remote_protocol_error(
             model="m",
             messages=MESSAGES,
             request_id="rid-43",
-            extra_headers=config(fault="invalid_json@2"),
+            extra_headers=config(fault="invalid_json@2", echo_request_id=True),
         )
     assert (200, "rid-43") == (info.value.status_code, info.value.request_id)
     assert info.value.completion is not None  # what came before the bad event is kept
@@ -780,7 +790,10 @@ async def test_async_errors_in_the_stream_carry_status_id_and_partial(
     ) as client:
         with pytest.raises((StreamError, RemoteProtocolError)) as info:
             await client.chat.complete(
-                model="m", messages=MESSAGES, request_id="rid-44", extra_headers=config(fault=fault)
+                model="m",
+                messages=MESSAGES,
+                request_id="rid-44",
+                extra_headers=config(fault=fault, echo_request_id=True),
             )
     assert (200, "rid-44") == (info.value.status_code, info.value.request_id)
     assert info.value.completion is not None
@@ -1263,6 +1276,66 @@ def test_connect_bounds_the_wait_for_the_response_head(
         client.chat.complete(model="m", messages=MESSAGES)
     assert time.monotonic() - started < 2
     client.close()
+
+
+def urllib3_example() -> BaseTransport:
+    """The custom transport of examples/urllib3_transport.py, as a user would write it."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "urllib3_transport.py"
+    transport: BaseTransport = runpy.run_path(str(example))["Urllib3Transport"]()
+    return transport
+
+
+def test_the_urllib3_example_bounds_the_wait_for_the_response_head(silent_server: str) -> None:
+    """The example waits for the head only as long as `head_timeout()` says, so `connect`
+    ends a request the server never answers (its socket wait used to be the backstop)."""
+    client = holysheep.Client(
+        api_key="k",
+        base_url=silent_server,
+        transport=urllib3_example(),
+        retry=RetryPolicy.none(),
+        timeout=Timeouts(connect=0.3, ttft=1, idle=1, total=1),
+    )
+    started = time.monotonic()
+    with pytest.raises(holysheep.ConnectTimeoutError, match="no response head"):
+        client.chat.complete(model="m", messages=MESSAGES)
+    assert time.monotonic() - started < 2
+    client.close()
+
+
+def test_the_urllib3_example_waits_for_slow_tokens_past_the_head_timeout() -> None:
+    """Once the head is in, the socket waits up to the backstop: tokens 0.5 s apart stream
+    although the head had to come within 0.35 s."""
+    with serve(tokens=3, tokens_per_s=2) as upstream:
+        client = holysheep.Client(
+            api_key="k",
+            base_url=upstream.base_url,
+            transport=urllib3_example(),
+            retry=RetryPolicy.none(),
+            timeout=Timeouts(connect=0.3, idle=2),
+        )
+        completion = client.chat.complete(model="m", messages=MESSAGES)
+        client.close()
+    assert "".join(UpstreamConfig(tokens=3).token_list(None)) == completion.text
+
+
+def test_the_urllib3_example_translates_a_connect_timeout() -> None:
+    """A listener whose accept queue is full never completes the handshake: the example
+    raises holysheep's ConnectTimeoutError, as the built-in transports do."""
+    transport = urllib3_example()
+    with socket.socket() as listener, contextlib.ExitStack() as fillers:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1/chat/completions"
+        for _ in range(4):  # fill the accept queue; further SYNs are dropped
+            filler = fillers.enter_context(socket.socket())
+            filler.setblocking(False)
+            filler.connect_ex(listener.getsockname())
+        request = holysheep.Request("POST", url, (), b"{}", Timeouts(connect=0.3))
+        started = time.monotonic()
+        with pytest.raises(holysheep.ConnectTimeoutError, match=r"within 0\.3 s"):
+            transport.send(request)
+    assert time.monotonic() - started < 2
+    transport.close()
 
 
 def test_a_closed_client_keeps_timing_open_streams_and_refuses_new_ones(

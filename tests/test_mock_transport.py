@@ -8,11 +8,12 @@ import pytest
 
 import holysheep
 from holysheep import (
-    APIConnectionError,
     FirstTokenTimeoutError,
     IncompleteStreamError,
     InternalServerError,
+    LocalProtocolError,
     Timeouts,
+    UnexpectedContentTypeError,
 )
 from holysheep.transports import AsyncMockTransport, MockResponse, MockTransport, sse_body
 
@@ -32,11 +33,36 @@ def test_scripted_responses_are_served_in_order_and_requests_recorded() -> None:
     ) as client:
         first = client.chat.complete(model="m", messages=MESSAGES, max_tokens=3)
         second = client.chat.complete(model="m", messages=MESSAGES)
-        with pytest.raises(APIConnectionError, match="no response left"):
-            client.chat.complete(model="m", messages=MESSAGES)
     assert ("one", "two") == (first.text, second.text)
     assert "http://mock/v1/chat/completions" == transport.requests[0].url
     assert 3 == json.loads(transport.requests[0].content)["max_tokens"]
+
+
+EXHAUSTED = r"script ran out: it had 1 response, all used, and POST http://mock/v1/\S+ asked"
+
+
+def test_a_script_that_runs_out_is_a_local_error_not_retried() -> None:
+    """One request more than the script holds is the test's mistake: LocalProtocolError at
+    once, not a connection error retried with backoff."""
+    transport = MockTransport([MockResponse()])
+    with holysheep.Client(api_key="k", base_url="http://mock/v1", transport=transport) as client:
+        client.chat.complete(model="m", messages=MESSAGES)
+        with pytest.raises(LocalProtocolError, match=EXHAUSTED):
+            client.chat.complete(model="m", messages=MESSAGES)
+    assert 2 == len(transport.requests)
+
+
+@pytest.mark.anyio
+async def test_an_async_script_that_runs_out_is_a_local_error_not_retried() -> None:
+    """The async twin says the same, on asyncio and trio."""
+    transport = AsyncMockTransport([MockResponse()])
+    async with holysheep.AsyncClient(
+        api_key="k", base_url="http://mock/v1", transport=transport
+    ) as client:
+        await client.chat.complete(model="m", messages=MESSAGES)
+        with pytest.raises(LocalProtocolError, match=EXHAUSTED):
+            await client.chat.complete(model="m", messages=MESSAGES)
+    assert 2 == len(transport.requests)
 
 
 def test_handler_sees_the_request() -> None:
@@ -67,6 +93,22 @@ def test_fault_after_chunks_is_an_incomplete_stream_with_partial_text() -> None:
     assert "Hello" == "".join(seen)
     assert info.value.completion is not None
     assert "Hello" == info.value.completion.text
+
+
+def test_given_headers_are_added_to_the_event_stream_default() -> None:
+    """An extra header keeps `text/event-stream`; a given Content-Type, in any case, wins."""
+    extra = MockResponse(chunks=sse_body("Hi"), headers={"X-Request-ID": "srv-1"})
+    json_body = MockResponse(chunks=[b"{}"], headers={"Content-Type": "application/json"})
+    client = holysheep.Client(
+        api_key="k", transport=MockTransport([extra, json_body]), retry=holysheep.RetryPolicy.none()
+    )
+    with client.chat.stream(model="m", messages=MESSAGES) as stream:
+        stream.until_done()
+    with pytest.raises(UnexpectedContentTypeError, match="application/json"):
+        client.chat.complete(model="m", messages=MESSAGES)
+    assert ("Hi", "srv-1") == (stream.completion.text, stream.request_id)
+    assert {"content-type": "text/event-stream", "x-request-id": "srv-1"} == extra.headers
+    assert {"content-type": "application/json"} == json_body.headers
 
 
 def test_error_status_from_script() -> None:

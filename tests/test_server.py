@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -37,7 +39,8 @@ def events(raw: bytes) -> list[str]:
 
 
 def test_stream_has_the_openai_shape() -> None:
-    """Role chunk, content chunks, finish chunk, usage chunk, [DONE]."""
+    """Role chunk (with `refusal: null`), content chunks, finish chunk, usage chunk, [DONE];
+    with include_usage every chunk but the last carries `usage: null`, as the API's do."""
     with serve(tokens=3) as upstream:
         status, headers, raw = post(
             upstream.port,
@@ -52,7 +55,8 @@ def test_stream_has_the_openai_shape() -> None:
     assert (200, "text/event-stream") == (status, headers["content-type"])
     assert "[DONE]" == data[-1]
     chunks = [json.loads(d) for d in data[:-1]]
-    assert {"role": "assistant", "content": ""} == chunks[0]["choices"][0]["delta"]
+    assert {"role": "assistant", "content": "", "refusal": None} == chunks[0]["choices"][0]["delta"]
+    assert [None] * (len(chunks) - 1) == [c["usage"] for c in chunks[:-1]]
     assert 3 == sum(1 for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content"))
     assert "stop" == chunks[-2]["choices"][0]["finish_reason"]
     assert ([], 3) == (chunks[-1]["choices"], chunks[-1]["usage"]["completion_tokens"])
@@ -60,11 +64,17 @@ def test_stream_has_the_openai_shape() -> None:
 
 
 def test_non_stream_matches_the_streamed_text() -> None:
-    """Without `stream`, one chat.completion with the same text."""
+    """Without `stream`, one chat.completion with the same text, shaped as the API's."""
     with serve(tokens=12) as upstream:
         _, _, raw = post(upstream.port, {"model": "m", "messages": []})
         _, _, streamed = post(upstream.port, {"model": "m", "messages": [], "stream": True})
     completion = json.loads(raw)
+    choice = completion["choices"][0]
+    assert (None, None, "fp_mock") == (
+        choice["logprobs"],
+        choice["message"]["refusal"],
+        completion["system_fingerprint"],
+    )
     text = "".join(
         json.loads(d)["choices"][0]["delta"].get("content", "") for d in events(streamed)[:-1]
     )
@@ -90,22 +100,153 @@ def test_routes_and_bad_bodies_answer_in_openai_error_shape() -> None:
     assert (404, "no route for GET /nope") == (missing.status, missing_body["error"]["message"])
 
 
+def test_zero_tokens_stream_an_empty_completion() -> None:
+    """`tokens=0`: no content chunk, but the finish, the usage and [DONE] all come."""
+    with serve(tokens=0) as upstream:
+        _, _, raw = post(
+            upstream.port,
+            {
+                "model": "m",
+                "messages": [],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
+    chunks = [json.loads(d) for d in events(raw)[:-1]]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert [{"role": "assistant", "content": "", "refusal": None}, {}] == deltas
+    assert ("stop", 0) == (
+        chunks[-2]["choices"][0]["finish_reason"],
+        chunks[-1]["usage"]["completion_tokens"],
+    )
+    assert [] == UpstreamConfig(tokens=0).token_list(None)
+
+
+@pytest.mark.parametrize(
+    ("body", "header", "param", "code", "message"),
+    [
+        ({"messages": ["hi"]}, None, "messages[0]", "invalid_type", "expected an object"),
+        ({"messages": "hi"}, None, "messages", "invalid_type", "expected an array"),
+        ({"messages": [], "max_tokens": 0}, None, "max_tokens", "integer_below_min_value", ">= 1"),
+        ({"messages": [], "max_completion_tokens": 0}, None, "max_completion_tokens", None, ">= 1"),
+        ({"messages": []}, "{bad", None, None, "X-Mock-Config is not valid JSON"),
+        ({"messages": []}, "[1]", None, None, "X-Mock-Config must be a JSON object"),
+        ({"messages": []}, '{"tokenz": 3}', None, None, "unknown UpstreamConfig field 'tokenz'"),
+        ({"messages": []}, '{"tokens": -1}', None, None, "'tokens' must be >= 0"),
+        ({"messages": []}, '{"fault": "bogus"}', None, None, "unknown fault 'bogus'"),
+    ],
+)
+def test_bad_requests_get_a_400_in_openai_error_shape(
+    body: dict[str, Any], header: str | None, param: str | None, code: str | None, message: str
+) -> None:
+    """What the real API refuses, and an X-Mock-Config that cannot apply, are answered with a
+    400 naming the problem (they used to crash the handler and drop the connection); the
+    server goes on serving."""
+    with serve(tokens=2) as upstream:
+        extra = {} if header is None else {"x-mock-config": header}
+        status, _, raw = post(upstream.port, {"model": "m", "stream": True, **body}, extra)
+        after, _, _ = post(upstream.port, {"model": "m", "messages": []})
+    error = json.loads(raw)["error"]
+    assert (400, "invalid_request_error", param) == (status, error["type"], error["param"])
+    assert code is None or code == error["code"]
+    assert message in error["message"]
+    assert 200 == after
+
+
+def test_enqueue_refuses_an_unknown_field() -> None:
+    """A typo in a queued override fails in the test that wrote it, not in a request."""
+    with serve() as upstream, pytest.raises(ValueError, match="'tokenz'; expected one of tokens"):
+        upstream.enqueue({"tokens": 1}, {"tokenz": 1})
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "body"),
+    [
+        ("inband_error@1", 200, b'{"error": {"message": "Overloaded"'),
+        ("invalid_json@1", 200, b"{not json"),
+        ("drop@1", None, None),
+        ("stall@1", None, None),
+        ("drop@3", 200, b'{"id": "chatcmpl-'),  # after the last of 3 tokens: no fault
+    ],
+)
+def test_stream_faults_apply_to_non_stream_answers(
+    fault: str, status: int | None, body: bytes | None
+) -> None:
+    """Without `stream`, a drop or stall leaves the request unanswered, and inband_error and
+    invalid_json are the body; a fault after the last token does not fire."""
+    with serve(tokens=3, fault=fault) as upstream:
+        connection = http.client.HTTPConnection("127.0.0.1", upstream.port, timeout=0.5)
+        connection.request("POST", "/v1/chat/completions", body=json.dumps({"messages": []}))
+        try:
+            response = connection.getresponse()
+            answer: tuple[int | None, bytes | None] = (response.status, response.read())
+        except (http.client.RemoteDisconnected, TimeoutError):
+            answer = (None, None)
+        finally:
+            connection.close()
+    assert (status, body) == (answer[0], answer[1] and answer[1][: len(body or b"")])
+
+
 def test_resume_continues_after_last_event_id() -> None:
     """With event ids, Last-Event-ID n resumes at event n+1 of the same sequence."""
     body = {"model": "m", "messages": [], "stream": True}
-    with serve(tokens=6, event_ids=True) as upstream:
+    pinned = {"completion_id": "chatcmpl-pinned", "created": 1764000000}
+    with serve(tokens=6, event_ids=True, **pinned) as upstream:
         _, _, whole = post(upstream.port, body)
         _, _, rest = post(upstream.port, body, {"last-event-id": "3"})
     assert events(whole)[4:] == events(rest)
 
 
-def test_request_id_is_echoed_or_generated() -> None:
-    """x-request-id comes back as sent, or a generated one."""
+def test_a_server_wide_drop_lets_a_resumed_stream_finish() -> None:
+    """`drop@5` counts each response's own content events and spares a response with 5 or
+    fewer left, so resuming after it ends with the exact text."""
+    retry = holysheep.RetryPolicy(attempts=5, wait_initial=0.001, wait_jitter=0, wait_max=0.001)
+    with (
+        serve(event_ids=True, tokens=8, fault="drop@5") as upstream,
+        holysheep.Client(api_key="k", base_url=upstream.base_url, retry=retry) as client,
+        client.chat.stream(model="m", messages=[], on_interrupt="resume") as stream,
+    ):
+        text = "".join(stream.text_stream())
+        resumed_from = [r.headers.get("last-event-id") for r in upstream.requests]
+    assert "".join(UpstreamConfig(tokens=8).token_list(None)) == text
+    assert ("stop", [None, "5"]) == (stream.completion.finish_reason, resumed_from)
+
+
+def test_request_id_is_minted_or_echoed_on_request() -> None:
+    """The server mints its own x-request-id, as the API does, whatever the client sent; with
+    `echo_request_id` (server-wide or per request) the client's comes back."""
+    body = {"model": "m", "messages": []}
     with serve(tokens=1) as upstream:
-        _, echoed, _ = post(upstream.port, {"model": "m", "messages": []}, {"x-request-id": "abc"})
-        _, generated, _ = post(upstream.port, {"model": "m", "messages": []})
-    assert "abc" == echoed["x-request-id"]
-    assert generated["x-request-id"].startswith("req_")
+        _, minted, _ = post(upstream.port, body, {"x-request-id": "abc"})
+        _, again, _ = post(upstream.port, body, {"x-request-id": "abc"})
+        echo = json.dumps({"echo_request_id": True})
+        _, asked, _ = post(upstream.port, body, {"x-request-id": "abc", "x-mock-config": echo})
+    with serve(tokens=1, echo_request_id=True) as upstream:
+        _, echoed, _ = post(upstream.port, body, {"x-request-id": "abc"})
+        _, unsent, _ = post(upstream.port, body)
+    assert re.fullmatch("req_[0-9a-f]{32}", minted["x-request-id"])
+    assert minted["x-request-id"] != again["x-request-id"]
+    assert ("abc", "abc") == (asked["x-request-id"], echoed["x-request-id"])
+    assert unsent["x-request-id"].startswith("req_")
+
+
+def test_each_answer_has_its_own_id_and_the_current_time_unless_pinned() -> None:
+    """`id` differs per request and `created` is now, streamed or not; `completion_id` and
+    `created` pin them (the chunk id was a hash of the text, and created a fixed date)."""
+    stream = {"model": "m", "messages": [], "stream": True}
+    with serve(tokens=2) as upstream:
+        before = int(time.time())
+        first = [json.loads(d) for d in events(post(upstream.port, stream)[2])[:-1]]
+        second = [json.loads(d) for d in events(post(upstream.port, stream)[2])[:-1]]
+        whole = json.loads(post(upstream.port, {"model": "m", "messages": []})[2])
+        after = int(time.time())
+    with serve(tokens=2, completion_id="chatcmpl-pinned", created=1764000000) as upstream:
+        pinned = [json.loads(d) for d in events(post(upstream.port, stream)[2])[:-1]]
+    assert 1 == len({c["id"] for c in first})
+    assert len({first[0]["id"], second[0]["id"], whole["id"]}) == 3
+    assert re.fullmatch("chatcmpl-[0-9a-f]{24}", first[0]["id"])
+    assert all(before <= c["created"] <= after for c in [*first, *second, whole])
+    assert {("chatcmpl-pinned", 1764000000)} == {(c["id"], c["created"]) for c in pinned}
 
 
 @pytest.mark.parametrize(
@@ -179,8 +320,16 @@ def test_upstream_process_serves_from_a_child_and_stops() -> None:
 
 
 def test_upstream_process_that_cannot_start_says_why() -> None:
+    """The child's real exit status and its error line (it used to say "within 30 s (exit
+    status None)" of a child that had exited at once)."""
     with (
-        pytest.raises(RuntimeError, match=r"printed no URL.*--fault"),
+        pytest.raises(RuntimeError) as info,
         UpstreamProcess(args=["--fault", "no-such-fault"]),
     ):
         pass  # pragma: no cover - never reached
+    assert (
+        "the local upstream (python -m holysheep.testing --port 0 --fault no-such-fault) exited"
+        " with status 2 before printing its URL: python -m holysheep.testing: error: argument"
+        " --fault: unknown fault 'no-such-fault'; expected one of drop, stall, status,"
+        " inband_error, wrong_content_type, invalid_json"
+    ) == str(info.value)

@@ -2,8 +2,10 @@
 
 `MockTransport(handler)` calls `handler(request)` for each request; the handler returns a
 `MockResponse` (status, headers, body chunks, a delay before each chunk, and an optional fault
-raised after the chunks). A list of `MockResponse`s works too: each request takes the next one.
-Delays really wait (`time.sleep` / `anyio.sleep`), so the clients' timeouts can be exercised.
+raised after the chunks). A list of `MockResponse`s works too: each request takes the next
+one, and a request after the last one raises `LocalProtocolError` (the script is wrong, so no
+retry can help). Delays really wait (`time.sleep` / `anyio.sleep`), so the clients' timeouts
+can be exercised.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import final
 import anyio
 import attrs
 
-from holysheep._exceptions import APIConnectionError
+from holysheep._exceptions import APIConnectionError, LocalProtocolError
 from holysheep._exchange import Request
 from holysheep.transports._base import AsyncBaseTransport, AsyncResponse, BaseTransport, Response
 
@@ -43,18 +45,26 @@ def sse_body(*texts: str, finish_reason: str = "stop", model: str = "mock") -> l
     ]
 
 
+def _over_defaults(headers: Mapping[str, str]) -> dict[str, str]:
+    """The given headers over `content-type: text/event-stream`, names in lower case: adding
+    an `x-request-id` must not turn a stream into an unexpected content type."""
+    return {"content-type": "text/event-stream", **{k.lower(): v for k, v in headers.items()}}
+
+
 @final
 @attrs.frozen
 class MockResponse:
     """One scripted response.
 
-    `delay` is waited before each chunk (seconds); `fault`, if set, is raised after the last
-    chunk as the transport's `APIConnectionError` (a dropped connection).
+    `headers` are added to the default `content-type: text/event-stream` (a given content
+    type replaces it; names are case-insensitive). `delay` is waited before each chunk
+    (seconds); `fault`, if set, is raised after the last chunk as the transport's
+    `APIConnectionError` (a dropped connection).
     """
 
     status_code: int = 200
     chunks: Sequence[bytes] = attrs.field(factory=lambda: sse_body("Hello", "!"))
-    headers: Mapping[str, str] = attrs.field(factory=lambda: {"content-type": "text/event-stream"})
+    headers: Mapping[str, str] = attrs.field(factory=dict, converter=_over_defaults)
     delay: float = 0.0
     fault: str | None = None
 
@@ -66,12 +76,19 @@ def _as_handler(script: Handler | Sequence[MockResponse]) -> Handler:
     if callable(script):
         return script
     responses = list(script)
+    scripted = len(responses)
     lock = threading.Lock()
 
     def next_response(request: Request) -> MockResponse:
+        # A mistake in the test's script, not a network fault: LocalProtocolError is never
+        # retried, where an APIConnectionError would be, with backoff, for seconds.
         with lock:
             if not responses:
-                raise APIConnectionError(f"MockTransport has no response left for {request.url}")
+                raise LocalProtocolError(
+                    f"the MockTransport script ran out: it had {scripted} response"
+                    f"{'' if scripted == 1 else 's'}, all used, and {request.method} "
+                    f"{request.url} asked for one more"
+                )
             return responses.pop(0)
 
     return next_response
@@ -99,12 +116,7 @@ class MockTransport(BaseTransport):
             if mock.fault is not None:
                 raise APIConnectionError(mock.fault)
 
-        return Response(
-            mock.status_code,
-            {k.lower(): v for k, v in mock.headers.items()},
-            body(),
-            closed.set,
-        )
+        return Response(mock.status_code, dict(mock.headers), body(), closed.set)
 
 
 class AsyncMockTransport(AsyncBaseTransport):
@@ -133,6 +145,4 @@ class AsyncMockTransport(AsyncBaseTransport):
         async def aclose() -> None:
             closed.set()
 
-        return AsyncResponse(
-            mock.status_code, {k.lower(): v for k, v in mock.headers.items()}, body(), aclose
-        )
+        return AsyncResponse(mock.status_code, dict(mock.headers), body(), aclose)

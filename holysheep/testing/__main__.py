@@ -1,33 +1,65 @@
-"""`python -m holysheep.testing`: run the local upstream until Ctrl-C (or SIGTERM)."""
+"""`python -m holysheep.testing`: run the local upstream until Ctrl-C (or SIGTERM).
+
+Errors are one line on stderr, as `holysheep` promises for all its commands: a bad flag is a
+usage error (exit status 2, argparse's usage line first), a port that cannot be listened on
+is an error (exit status 1).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 
 from holysheep.testing._server import Fault, MockUpstream, UpstreamConfig
 
+PROG = "python -m holysheep.testing"
+EXIT_ERROR = 1
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0-65535; 0 picks a free one)")
+    return port
+
+
+def _count(text: str) -> int:
+    count = int(text)
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {count}")
+    return count
+
+
+def _fault(text: str) -> Fault:
+    # argparse reports a ValueError from a type function as "invalid _fault value"; an
+    # ArgumentTypeError keeps Fault.parse's message, which lists the valid faults.
+    try:
+        return Fault.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m holysheep.testing",
+        prog=prog,
         description="An OpenAI-compatible upstream on 127.0.0.1 for tests, demos and benchmarks.",
     )
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
+    parser.add_argument("--port", type=_port, default=0, help="0 picks a free port (default)")
     parser.add_argument("--ttft", type=float, default=0.0, help="seconds before the first token")
     parser.add_argument(
         "--tokens-per-s", type=float, default=None, help="token rate (default: max)"
     )
-    parser.add_argument("--tokens", type=int, default=None, help="tokens per completion")
+    parser.add_argument("--tokens", type=_count, default=None, help="tokens per completion")
     parser.add_argument("--keepalive", type=float, default=None, help="keep-alive interval (s)")
     parser.add_argument("--event-ids", action="store_true", help="number events (for resume)")
-    parser.add_argument("--fault", type=Fault.parse, default=None, help='e.g. "drop@5"')
+    parser.add_argument("--fault", type=_fault, default=None, help='e.g. "drop@5"')
     return parser.parse_args(argv)
 
 
-async def run(args: argparse.Namespace) -> None:
+async def run(args: argparse.Namespace, prog: str = PROG) -> int:
     config = UpstreamConfig(
         tokens=args.tokens,
         ttft=args.ttft,
@@ -37,7 +69,13 @@ async def run(args: argparse.Namespace) -> None:
         fault=args.fault,
     )
     upstream = MockUpstream(config)
-    await upstream.start(port=args.port)
+    try:
+        await upstream.start(port=args.port)
+    except OSError as exc:  # the port is taken, or not ours to bind
+        # asyncio's own message repeats the address; the errno's text alone says why.
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        print(f"{prog}: error: cannot listen on 127.0.0.1:{args.port}: {reason}", file=sys.stderr)
+        return EXIT_ERROR
     print(f"holysheep mock upstream listening on {upstream.base_url}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -45,12 +83,13 @@ async def run(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await upstream.stop()
-
-
-def main(argv: list[str] | None = None) -> int:
-    asyncio.run(run(parse_args(argv)))
     print("stopped", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """Serve until stopped; a usage error exits (status 2) from argparse."""
+    return asyncio.run(run(parse_args(argv, prog), prog))
 
 
 if __name__ == "__main__":

@@ -128,18 +128,32 @@ class UpstreamProcess:
                     continue
                 line = process.stdout.readline()
                 if not line:
-                    break  # the child exited
+                    break  # the child closed its stdout: it is exiting
                 found = _URL.search(line)
                 if found:
                     return found.group(1).decode(), int(found.group(2))
-        status = process.poll()
+        # Its stdout closes a moment before it can be reaped: wait briefly for the status, so
+        # the error says "exited with status 2" rather than nothing about it.
+        try:
+            status: int | None = process.wait(max(deadline - time.monotonic(), 1.0))
+        except subprocess.TimeoutExpired:
+            status = None
         assert self._stderr is not None
         self._stderr.seek(0)
-        said = self._stderr.read().decode(errors="replace").strip().splitlines()
-        tail = " | ".join(said[-3:]) or "nothing on stderr"
+        text = self._stderr.read().decode(errors="replace")
+        said = [line.strip() for line in text.splitlines() if line.strip()]
+        # The command's own error is one line ("...: error: ..."), after argparse's usage
+        # lines; anything else (a traceback) is best told by its last lines.
+        errors = [i for i, line in enumerate(said) if ": error: " in line]
+        tail = " | ".join(said[errors[-1] :] if errors else said[-3:]) or "nothing on stderr"
+        command = f"python -m holysheep.testing {' '.join(self.args)}"
+        if status is None:
+            raise RuntimeError(
+                f"the local upstream ({command}) printed no URL within {START_TIMEOUT:g} s: {tail}"
+            )
         raise RuntimeError(
-            f"the local upstream (python -m holysheep.testing {' '.join(self.args)}) printed no"
-            f" URL within {START_TIMEOUT:g} s (exit status {status}): {tail}"
+            f"the local upstream ({command}) exited with status {status} before printing its"
+            f" URL: {tail}"
         )
 
 

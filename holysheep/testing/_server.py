@@ -7,12 +7,14 @@ request bodies, chunked responses. `POST /v1/chat/completions` with `"stream": t
 exactly as the OpenAI API does (a role chunk, one chunk per token, a finish chunk, a usage chunk
 when `stream_options.include_usage` is set, `data: [DONE]`); without it, one `chat.completion`
 object. The tokens are a deterministic function of the configuration, so a stream resumed with
-`Last-Event-ID` can be compared byte for byte with an uninterrupted one.
+`Last-Event-ID` has exactly the text of an uninterrupted one; ids, `created` and
+`x-request-id` vary per answer as the real API's do, unless the config pins them.
 
 Behaviour is an `UpstreamConfig`: token count and text, time to first token, token rate,
 keep-alive comments, event ids, and one `Fault`. The server's default config can be overridden
 per request (an `X-Mock-Config` header holding JSON) or by a queue (`enqueue`), whose entries are
-taken one per request: "the first attempt gets a 429, the second succeeds".
+taken one per request: "the first attempt gets a 429, the second succeeds". A request the real
+API would refuse, or an `X-Mock-Config` that cannot apply, gets a 400 in OpenAI's error shape.
 
 One coroutine per connection and no per-token tasks keep 10,000 slow streams cheap. The server
 notices a client leaving at its next write (or at once while stalled, by reading) and records it
@@ -71,7 +73,10 @@ _MAX_BODY = 16 * 1024 * 1024
 @final
 @attrs.frozen
 class Fault:
-    """Something for the upstream to get wrong, after `after` content events.
+    """Something for the upstream to get wrong, after `after` content events of a response.
+
+    A stream fault fires only if a content event would follow it: a response with `after` or
+    fewer content events left is served whole, so resuming after a server-wide fault finishes.
 
     `drop`: close the socket abruptly. `stall`: stop sending, keep the connection open.
     `status`: answer `status` (with `retry_after` as `Retry-After`) and an OpenAI error body.
@@ -124,9 +129,16 @@ def _to_fault(value: Fault | str | Mapping[str, Any] | None) -> Fault | None:
 @final
 @attrs.frozen
 class UpstreamConfig:
-    """How the upstream behaves. Times in seconds; `tokens_per_s=None` means no pacing."""
+    """How the upstream behaves. Times in seconds; `tokens_per_s=None` means no pacing.
 
-    tokens: int | None = None
+    Like the real API, every answer has its own `chatcmpl-` id, the current time as `created`
+    and a server-minted `x-request-id`; `completion_id`, `created` and `echo_request_id` (send
+    the client's `X-Request-ID` back) pin them for tests that compare answers byte for byte.
+    """
+
+    tokens: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(0))
+    )
     text: str = DEFAULT_TEXT
     ttft: float = 0.0
     tokens_per_s: float | None = None
@@ -134,12 +146,21 @@ class UpstreamConfig:
     event_ids: bool = False
     retry_ms: int | None = None
     fault: Fault | None = attrs.field(default=None, converter=_to_fault)
+    completion_id: str | None = None
+    created: int | None = None
+    echo_request_id: bool = False
 
     def merged(self, overrides: Mapping[str, Any] | UpstreamConfig | None) -> UpstreamConfig:
         if overrides is None:
             return self
         if isinstance(overrides, UpstreamConfig):
             return overrides
+        unknown = sorted(set(overrides) - set(attrs.fields_dict(UpstreamConfig)))
+        if unknown:
+            known = ", ".join(attrs.fields_dict(UpstreamConfig))
+            raise ValueError(
+                f"unknown UpstreamConfig field {unknown[0]!r}; expected one of {known}"
+            )
         return attrs.evolve(self, **dict(overrides))
 
     def token_list(self, max_tokens: int | None) -> list[str]:
@@ -148,6 +169,8 @@ class UpstreamConfig:
         pieces: list[str] = []
         source = itertools.cycle([self.text]) if self.text else iter(())
         wanted = self.tokens
+        if wanted == 0:
+            return pieces
         for text in source:
             i = 0
             while i < len(text):
@@ -194,7 +217,13 @@ class MockUpstream:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def enqueue(self, *overrides: Mapping[str, Any] | UpstreamConfig) -> None:
-        """Each next request takes one of these overrides, in order."""
+        """Each next request takes one of these overrides, in order.
+
+        Each is checked here (an unknown field raises `ValueError` in the caller), not when a
+        request takes it, where the mistake could only become a 400 answer.
+        """
+        for override in overrides:
+            self.config.merged(override)
         with self._lock:
             self._queue.extend(overrides)
 
@@ -252,7 +281,8 @@ class MockUpstream:
         else:
             length = int(headers.get("content-length") or 0)
             if length > _MAX_BODY:
-                await self._send_json(writer, 413, _error("request body too large"), headers)
+                request_id = _request_id(self.config, headers)
+                await self._send_json(writer, 413, _error("request body too large"), request_id)
                 return False
             body_bytes = await reader.readexactly(length) if length else b""
         keep_alive = headers.get("connection", "").lower() != "close"
@@ -262,38 +292,59 @@ class MockUpstream:
             body = None
         self.requests.append(RecordedRequest(method, path.split("?")[0], headers, body))
         route = path.split("?")[0].rstrip("/")
+        request_id = _request_id(self.config, headers)
         if method == "GET" and route.endswith("/models"):
             models = [{"id": m, "object": "model", "owned_by": "holysheep-mock"} for m in _MODELS]
-            await self._send_json(writer, 200, {"object": "list", "data": models}, headers)
+            await self._send_json(writer, 200, {"object": "list", "data": models}, request_id)
         elif method == "POST" and route.endswith("/chat/completions"):
-            if not isinstance(body, dict) or "messages" not in body:
-                await self._send_json(
-                    writer, 400, _error("the body must be a JSON object with messages"), headers
-                )
+            try:
+                config = self._config_for(headers)
+                request = _check_body(body)
+            except _BadRequest as exc:
+                await self._send_json(writer, 400, exc.body(), request_id)
             else:
-                return await self._chat(body, headers, reader, writer) and keep_alive
+                request_id = _request_id(config, headers)
+                answer = self._chat(config, request, headers, request_id, reader, writer)
+                return await answer and keep_alive
         else:
-            await self._send_json(writer, 404, _error(f"no route for {method} {path}"), headers)
+            error = _error(f"no route for {method} {path}")
+            await self._send_json(writer, 404, error, request_id)
         return keep_alive
 
     def _config_for(self, headers: Mapping[str, str]) -> UpstreamConfig:
-        config = self.config
-        with self._lock:
-            queued = self._queue.pop(0) if self._queue else None
-        config = config.merged(queued)
+        """The server's config, then the next queued override, then the request's header.
+
+        A header that cannot be applied is the caller's mistake: `_BadRequest` (a 400), and
+        the queued override stays for the next request.
+        """
         header = headers.get("x-mock-config")
+        overrides: Any = None
         if header:
-            config = config.merged(json.loads(header))
+            try:
+                overrides = json.loads(header)
+            except ValueError as exc:
+                raise _BadRequest(f"X-Mock-Config is not valid JSON: {exc}") from None
+            if not isinstance(overrides, dict):
+                raise _BadRequest(f"X-Mock-Config must be a JSON object, not {header!r}")
+        with self._lock:
+            config = self.config.merged(self._queue[0] if self._queue else None)
+            try:
+                config = config.merged(overrides)
+            except (TypeError, ValueError) as exc:
+                raise _BadRequest(f"X-Mock-Config: {exc}") from None
+            if self._queue:
+                self._queue.pop(0)
         return config
 
     async def _chat(
         self,
+        config: UpstreamConfig,
         body: dict[str, Any],
         headers: Mapping[str, str],
+        request_id: str,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> bool:
-        config = self._config_for(headers)
         fault = config.fault
         if fault is not None and fault.kind == "status":
             extra = {} if fault.retry_after is None else {"retry-after": f"{fault.retry_after:g}"}
@@ -302,17 +353,19 @@ class MockUpstream:
                 writer,
                 fault.status,
                 _error(f"mock fault: HTTP {fault.status}", kind),
-                headers,
+                request_id,
                 extra,
             )
             return True
         if fault is not None and fault.kind == "wrong_content_type":
             page = b"<html><body><h1>502 Bad Gateway</h1><p>nginx</p></body></html>"
-            await self._send(writer, 200, page, headers, {"content-type": "text/html"})
+            await self._send(writer, 200, page, request_id, {"content-type": "text/html"})
             return True
-        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
-        tokens = config.token_list(max_tokens if isinstance(max_tokens, int) else None)
-        finish = "length" if isinstance(max_tokens, int) and len(tokens) >= max_tokens else "stop"
+        max_tokens = body.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = body.get("max_completion_tokens")
+        tokens = config.token_list(max_tokens)
+        finish = "length" if max_tokens is not None and len(tokens) >= max_tokens else "stop"
         model = str(body.get("model") or "gpt-4.1")
         prompt_tokens = sum(len(str(m.get("content", "")).split()) + 3 for m in body["messages"])
         usage = {
@@ -320,47 +373,53 @@ class MockUpstream:
             "completion_tokens": len(tokens),
             "total_tokens": prompt_tokens + len(tokens),
         }
+        # What the real API stamps on every answer: its own id, the time it was created.
+        base = {
+            "id": config.completion_id or f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "created": int(time.time()) if config.created is None else config.created,
+            "model": model,
+            "system_fingerprint": "fp_mock",
+        }
         if not body.get("stream"):
             await asyncio.sleep(config.ttft)
+            if fault is not None and len(tokens) > fault.after:
+                return await self._whole_fault(fault, reader, writer, request_id)
+            message = {"role": "assistant", "content": "".join(tokens), "refusal": None}
             completion = {
-                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+                "id": base["id"],
                 "object": "chat.completion",
-                "created": int(time.time()),
-                "model": model,
+                **base,
                 "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": "".join(tokens)},
-                        "finish_reason": finish,
-                    }
+                    {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
                 ],
                 "usage": usage,
             }
-            await self._send_json(writer, 200, completion, headers)
+            await self._send_json(writer, 200, completion, request_id)
             return True
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return await self._stream(
-            config, model, tokens, finish, usage if include_usage else None, headers, reader, writer
-        )
+        events = list(_events(base, tokens, finish, usage if include_usage else None))
+        return await self._stream(config, events, headers, request_id, reader, writer)
 
     async def _stream(
         self,
         config: UpstreamConfig,
-        model: str,
-        tokens: list[str],
-        finish: str,
-        usage: dict[str, int] | None,
+        events: list[tuple[bool, bytes]],
         headers: Mapping[str, str],
+        request_id: str,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> bool:
-        events = list(_events(model, tokens, finish, usage))
         start = 0
         last_id = headers.get("last-event-id")
         if config.event_ids and last_id is not None and last_id.isdigit():
             start = int(last_id) + 1  # resume right after the last event the client saw
+        # The fault counts this response's content events, and fires only if at least one
+        # content event would follow it: a resumed request with `after` or fewer left is served
+        # whole, so a client resuming after a server-wide `drop@K` always gets to the end.
         fault = config.fault
-        writer.write(self._head(200, headers, {"content-type": "text/event-stream"}, None))
+        if fault is not None and sum(c for c, _ in events[start:]) <= fault.after:
+            fault = None
+        writer.write(self._head(200, request_id, {"content-type": "text/event-stream"}, None))
         if config.retry_ms is not None:
             writer.write(_chunk(f"retry: {config.retry_ms}\n\n".encode()))
         interval = 1 / config.tokens_per_s if config.tokens_per_s else 0.0
@@ -383,8 +442,6 @@ class MockUpstream:
                     await self._wait(interval, config.keepalive_interval, writer)
                 elif writer.transport.get_write_buffer_size() > 65536:
                     await writer.drain()
-            if fault is not None and fault.kind != "status":
-                return await self._fault(fault, reader, writer)
             writer.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
             await writer.drain()
             return True
@@ -428,13 +485,31 @@ class MockUpstream:
             self._note_disconnect()
             return False
         if fault.kind == "inband_error":
-            error = {
-                "error": {"message": "Overloaded", "type": "overloaded_error", "code": "overloaded"}
-            }
-            writer.write(_chunk(b"data: " + json.dumps(error).encode() + b"\n\n") + b"0\r\n\r\n")
+            event = b"data: " + json.dumps(_OVERLOADED).encode() + b"\n\n"
+            writer.write(_chunk(event) + b"0\r\n\r\n")
         else:  # invalid_json
             writer.write(_chunk(b"data: {not json\n\n") + b"0\r\n\r\n")
         await writer.drain()
+        return True
+
+    async def _whole_fault(
+        self,
+        fault: Fault,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        request_id: str,
+    ) -> bool:
+        """A stream fault in a non-stream answer: the generation breaks before any answer
+        (`drop` closes, `stall` holds the connection), or the body is what the stream would
+        have carried (`inband_error`: the error object; `invalid_json`: `{not json`)."""
+        if fault.kind in ("drop", "stall"):
+            return await self._fault(fault, reader, writer)
+        if fault.kind == "inband_error":
+            await self._send_json(writer, 200, _OVERLOADED, request_id)
+        else:  # invalid_json
+            await self._send(
+                writer, 200, b"{not json", request_id, {"content-type": "application/json"}
+            )
         return True
 
     def _note_disconnect(self) -> None:
@@ -445,11 +520,10 @@ class MockUpstream:
     def _head(
         self,
         status: int,
-        request_headers: Mapping[str, str],
+        request_id: str,
         extra: Mapping[str, str],
         length: int | None,
     ) -> bytes:
-        request_id = request_headers.get("x-request-id") or f"req_{uuid.uuid4().hex[:16]}"
         lines = [
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}",
             f"x-request-id: {request_id}",
@@ -466,10 +540,10 @@ class MockUpstream:
         writer: asyncio.StreamWriter,
         status: int,
         body: bytes,
-        request_headers: Mapping[str, str],
+        request_id: str,
         extra: Mapping[str, str],
     ) -> None:
-        writer.write(self._head(status, request_headers, extra, len(body)) + body)
+        writer.write(self._head(status, request_id, extra, len(body)) + body)
         await writer.drain()
 
     async def _send_json(
@@ -477,18 +551,97 @@ class MockUpstream:
         writer: asyncio.StreamWriter,
         status: int,
         payload: Any,
-        request_headers: Mapping[str, str],
+        request_id: str,
         extra: Mapping[str, str] | None = None,
     ) -> None:
         headers = {"content-type": "application/json", **(extra or {})}
-        await self._send(writer, status, json.dumps(payload).encode(), request_headers, headers)
+        await self._send(writer, status, json.dumps(payload).encode(), request_id, headers)
 
 
 _MODELS = ("gpt-4.1", "claude-sonnet-4.5", "gemini-2.5-flash", "deepseek-v3.2")
 
 
-def _error(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+_OVERLOADED = {"error": {"message": "Overloaded", "type": "overloaded_error", "code": "overloaded"}}
+
+
+def _error(
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class _BadRequest(Exception):
+    """A request the real API would refuse with 400; the message names the problem."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return _error(str(self), param=self.param, code=self.code)
+
+
+_JSON_TYPES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "an array"
+    return _JSON_TYPES.get(type(value), "an object")
+
+
+def _check_body(body: object) -> dict[str, Any]:
+    """Refuse what the real API refuses, in its words, instead of failing mid-answer."""
+    if not isinstance(body, dict) or "messages" not in body:
+        raise _BadRequest("the body must be a JSON object with messages")
+    messages = body["messages"]
+    if not isinstance(messages, list):
+        raise _BadRequest(
+            f"Invalid type for 'messages': expected an array, but got {_json_type(messages)}"
+            " instead.",
+            "messages",
+            "invalid_type",
+        )
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _BadRequest(
+                f"Invalid type for 'messages[{i}]': expected an object, but got"
+                f" {_json_type(message)} instead.",
+                f"messages[{i}]",
+                "invalid_type",
+            )
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _BadRequest(
+                f"Invalid type for '{name}': expected an integer, but got {_json_type(value)}"
+                " instead.",
+                name,
+                "invalid_type",
+            )
+        if value < 1:
+            raise _BadRequest(
+                f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but got"
+                f" {value} instead.",
+                name,
+                "integer_below_min_value",
+            )
+    return body
+
+
+def _request_id(config: UpstreamConfig, headers: Mapping[str, str]) -> str:
+    """The server's own id for the answer, as the real API mints one; the client's only if
+    `echo_request_id` asks for it."""
+    echoed = headers.get("x-request-id") if config.echo_request_id else None
+    return echoed or f"req_{uuid.uuid4().hex}"
 
 
 def _chunk(data: bytes) -> bytes:
@@ -496,24 +649,24 @@ def _chunk(data: bytes) -> bytes:
 
 
 def _events(
-    model: str, tokens: list[str], finish: str, usage: dict[str, int] | None
+    base: Mapping[str, Any], tokens: list[str], finish: str, usage: dict[str, int] | None
 ) -> Iterator[tuple[bool, bytes]]:
-    """(is_content, JSON payload) for every event of the stream, in order."""
-    base = {
-        "id": f"chatcmpl-{uuid.uuid5(uuid.NAMESPACE_OID, model + ''.join(tokens)).hex[:24]}",
-        "object": "chat.completion.chunk",
-        "created": 1764000000,
-        "model": model,
-        "system_fingerprint": "fp_mock",
-    }
+    """(is_content, JSON payload) for every event of the stream, in order.
+
+    As the real API does: with `include_usage` (`usage` given) every chunk carries
+    `"usage": null` but the last, which carries the usage and no choices.
+    """
+    head = {"id": base["id"], "object": "chat.completion.chunk", **base}
+    tail = {} if usage is None else {"usage": None}
 
     def event(choices: list[Any], **extra: Any) -> bytes:
-        return json.dumps({**base, "choices": choices, **extra}, separators=(",", ":")).encode()
+        chunk = {**head, "choices": choices, **tail, **extra}
+        return json.dumps(chunk, separators=(",", ":")).encode()
 
     def choice(delta: dict[str, Any], finish_reason: str | None = None) -> list[Any]:
         return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
 
-    yield False, event(choice({"role": "assistant", "content": ""}))
+    yield False, event(choice({"role": "assistant", "content": "", "refusal": None}))
     for token in tokens:
         yield True, event(choice({"content": token}))
     yield False, event(choice({}, finish))
