@@ -725,7 +725,9 @@ def _bench_faults(args: argparse.Namespace, progress: _Progress) -> dict[str, An
 def _fault_for(index: int, rng: random.Random, tokens: int) -> dict[str, Any]:
     spec = _FAULT_ROTATION[index % len(_FAULT_ROTATION)]
     # At least one token first for faults that cut a stream: that is the case needing resume.
-    after = rng.randint(1, max(1, tokens - 1))
+    # A fault fires only where another token would follow, so a one-token stream can only be
+    # cut before its token.
+    after = rng.randint(1, tokens - 1) if tokens >= 2 else 0
     if spec.startswith("status="):
         status = int(spec.partition("=")[2])
         fault: dict[str, Any] = {"kind": "status", "status": status}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import json
 import random
@@ -373,9 +374,20 @@ class MockUpstream:
             "completion_tokens": len(tokens),
             "total_tokens": prompt_tokens + len(tokens),
         }
-        # What the real API stamps on every answer: its own id, the time it was created.
+        # What the real API stamps on every answer: its own id, the time it was created. A
+        # resumed request (Last-Event-ID) continues an answer, so it must carry that answer's
+        # id, which a client checks. The server keeps no state between requests: the id comes
+        # from the Idempotency-Key, the same on every attempt of one call (an idempotent
+        # gateway answers a repeated key with the same completion).
+        key = headers.get("idempotency-key")
+        if config.completion_id is not None:
+            completion_id = config.completion_id
+        elif key:
+            completion_id = f"chatcmpl-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
+        else:
+            completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         base = {
-            "id": config.completion_id or f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "id": completion_id,
             "created": int(time.time()) if config.created is None else config.created,
             "model": model,
             "system_fingerprint": "fp_mock",
