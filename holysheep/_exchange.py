@@ -450,10 +450,12 @@ class Exchange:
     def track_event_ids(self, skip: frozenset[str], expect_id: str | None = None) -> None:
         """Record event ids, and drop events whose id an earlier attempt already delivered.
 
-        `expect_id` is the completion id a resumed stream must go on with: a server that
-        ignores `Last-Event-ID` and generates a new answer would otherwise have its events
-        spliced onto the old one's (those it numbers like delivered ones dropped, the rest
-        appended), a text nobody generated.
+        `expect_id` is the completion id a resumed stream must go on with when it starts by
+        replaying events already delivered (ids in `skip`): a server that ignores
+        `Last-Event-ID` and generates a new answer, numbered from the start again, would
+        otherwise have its events spliced onto the old one's (those numbered like delivered
+        ones dropped, the rest appended), a text nobody generated. A stream that goes on after
+        `Last-Event-ID` is not checked: some gateways vary the id from chunk to chunk.
         """
         self._skip_ids = skip
         self._ids = set()
@@ -502,7 +504,10 @@ class Exchange:
         try:
             for event in self.accumulator.decoder.feed(data):
                 if self._expect_id is not None and event.data:
-                    self._check_same_completion(event.data)
+                    if event.id in skip:
+                        self._check_same_completion(event.data)
+                    else:
+                        self._expect_id = None  # the server went on after Last-Event-ID
                 if event.id:
                     if event.id in skip:
                         continue  # delivered before the resume: never twice

@@ -308,6 +308,24 @@ def test_a_resume_answered_with_another_completion_is_not_spliced() -> None:
     made.close()
 
 
+def test_a_resume_that_goes_on_is_not_checked_for_the_completion_id() -> None:
+    """Some gateways vary the id from chunk to chunk: a resumed stream that continues after
+    Last-Event-ID is taken as it comes; only a replay of delivered events must match."""
+    words = ["The ", "cat ", "sat."]
+    events = [_chunk(i, f"chunk-{i}", {"content": w}) for i, w in enumerate(words, 1)]
+    end = [_chunk(4, "chunk-4", {}, "stop"), b"data: [DONE]\n\n"]
+    made = holysheep.Client(
+        api_key="k",
+        transport=holysheep.transports.MockTransport(
+            [MockResponse(chunks=events[:2], fault="drop"), MockResponse(chunks=events[2:] + end)]
+        ),
+        retry=FAST,
+        on_interrupt="resume",
+    )
+    assert "The cat sat." == made.chat.complete(model="m", messages=MESSAGES).text
+    made.close()
+
+
 def test_a_long_healthy_stream_keeps_its_retry_budget_for_a_resume() -> None:
     """The budget counts failures, not streaming: a drop after longer than `timeout` of good
     streaming is still resumed (it gave up: 'the retry budget would be exceeded')."""
