@@ -112,6 +112,7 @@ class Call:
         "_random",
         "_reported",
         "_resume_from",
+        "_run_start",
         "_seen_ids",
         "attempt",
         "cost",
@@ -165,6 +166,9 @@ class Call:
         # Since when the retry budget counts: the first send, and again from each
         # interruption after content came (a long healthy stream does not use it up).
         self._budget_from: float | None = None
+        # Attempts made before the current run of failures: a resumed stream that made
+        # progress since its last failure starts a new run, with every attempt again.
+        self._run_start = 0
         # While reconnecting after an interruption (resume or restart): the completion as it
         # stood when the stream broke, for the error if reconnecting fails for good.
         self._broken: Completion | None = None
@@ -243,6 +247,8 @@ class Call:
     def take_reset(self) -> Reset | None:
         """The `Reset` marker the driver must hand the caller before the next attempt."""
         reset, self._pending_reset = self._pending_reset, None
+        if reset is not None:
+            self._broken = None  # the caller clears what it showed: that text is gone
         return reset
 
     def delivered(self, chunks: list[ChatChunk], now: float) -> None:
@@ -270,6 +276,10 @@ class Call:
                 # failures, with the whole budget. The time in the queue before is not ours.
                 started = exchange.started
                 self._budget_from = now if progressed or started is None else started
+                if progressed and self.on_interrupt == "resume":
+                    # Resumed progress is kept, so each run gets every attempt; a restart
+                    # starts over and would loop on a server that always drops.
+                    self._run_start = self.attempt - 1
         elapsed = now - (self._budget_from if self._budget_from is not None else now)
         if progressed:
             self._broken = None  # the reconnection worked: this is a new interruption
@@ -288,13 +298,15 @@ class Call:
         else:
             decision = self.policy.decide(
                 error,
-                attempt=self.attempt,
+                attempt=self.attempt - self._run_start,
                 elapsed=elapsed,
                 delivered=self._delivered and not (interrupted and self.on_interrupt != "raise"),
                 random=self._random,
                 wall_clock=wall_clock,
                 retry_delay_hint=hint,
             )
+        if isinstance(decision, Retry) and exchange is not None:
+            decision = _within_total(decision, exchange, self._earlier.sent, now)
         if isinstance(decision, Retry) and interrupted:
             if self._broken is None and exchange is not None:
                 self._broken = exchange.completion
@@ -392,6 +404,24 @@ class Call:
         last = exchange.accumulator.decoder.last_event_id if exchange is not None else ""
         # A resumed stream that drops again before a new event id: resume from the same place.
         return last or self._resume_from or ""
+
+
+def _within_total(
+    decision: Retry, exchange: Exchange, sent: float | None, now: float
+) -> Retry | GiveUp:
+    """A retry only if the `total` timeout leaves time for it after the wait: `total` bounds
+    the whole call, and an attempt sent at or past it would only time out."""
+    total = exchange.timeouts.total
+    if total is None or sent is None:
+        return decision
+    left = sent + total - now
+    if decision.delay < left:
+        return decision
+    return GiveUp(
+        f"the total timeout of {total:g} s would pass during the {decision.delay:.2f} s wait "
+        f"({max(left, 0.0):.2f} s left)",
+        decision.pause,
+    )
 
 
 def check_on_interrupt(value: object) -> None:

@@ -220,7 +220,10 @@ class Stream:
     ) -> None:
         self._call.left(_clock(), exc)
         self.close()
-        self._end_attempt()  # the owner's thread, reading nothing now: see `close`
+        if self._away or not self._reading:
+            # Nobody is in a read: this thread may close (see `close`); a thread that is
+            # reading ends the attempt itself, having seen `_closed`.
+            self._end_attempt()
 
     def open(self) -> None:
         """Send the request and read the response head, retrying as the policy allows.
@@ -234,6 +237,13 @@ class Stream:
                 self._open_attempt(exchange)
             except HolySheepError as exc:
                 self._after_failure(exc)
+            except BaseException:
+                # Ctrl-C or a transport's bug while queued, sending or reading an error body:
+                # `__exit__` will not run (this is `__enter__`), so give back the connection
+                # and the rate limiter's slot here, as the async client does.
+                self._end_attempt()
+                self._away = True
+                raise
         self._away = True
         if self._closed:
             self._end_attempt()  # closed by another thread while this one was opening
@@ -293,7 +303,8 @@ class Stream:
                 except HolySheepError as exc:
                     if self._closed and not self._expired:
                         return  # closed by the caller: stop quietly, the partial result stays
-                    if self._exchange.complete_at_break(exc, _clock()):
+                    expired = self._expired and self._exchange.done_at is None
+                    if not expired and self._exchange.complete_at_break(exc, _clock()):
                         # `[DONE]` came: the answer is complete, whatever the connection did
                         # after it (broke, or lingered past `AFTER_DONE` and was closed); or
                         # it broke after the finish, where a clean end would be accepted.

@@ -382,8 +382,16 @@ class Exchange:
 
     def start(self, now: float) -> None:
         self._started = now
-        if self._total_since is None:
+        since = self._total_since
+        if since is None:
             self._total_since = now
+        elif since < now and self.timeouts.total is not None:
+            # A later attempt: what a transport may wait for the head is bounded by what is
+            # left of `total`, which counts from the first attempt.
+            left = max(self.timeouts.total - (now - since), 0.001)
+            self.request = attrs.evolve(
+                self.request, timeouts=attrs.evolve(self.timeouts, total=left)
+            )
 
     def continues(self, since: float | None) -> None:
         """This attempt continues a call whose first attempt was sent at `since`: `total` is

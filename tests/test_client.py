@@ -674,6 +674,63 @@ def test_only_the_reading_thread_closes_a_connection_it_reads(stopper: str) -> N
     assert {reader} == set(closes)
 
 
+def test_an_idle_timeout_after_the_finish_is_a_timeout(transport: BaseTransport) -> None:
+    """The server sends the finish, then nothing: the watchdog's wake-up of the read is not a
+    broken connection, so it is not taken for a complete answer (the async client raises the
+    timeout too)."""
+
+    def finish_then_silence(conn: socket.socket) -> None:
+        choice = {"index": 0, "finish_reason": None}
+        conn.sendall(
+            _SSE_HEAD
+            + _chunk({"choices": [{**choice, "delta": {"content": "Hi"}}]})
+            + _chunk({"choices": [{**choice, "delta": {}, "finish_reason": "stop"}]})
+        )
+        time.sleep(1.5)
+
+    with _one_connection(finish_then_silence) as (url, _):
+        client = holysheep.Client(
+            api_key="k",
+            base_url=url,
+            transport=transport,
+            timeout=Timeouts(idle=0.3),
+            retry=RetryPolicy.none(),
+        )
+        with pytest.raises(IdleTimeoutError):
+            client.chat.complete(model="m", messages=MESSAGES)
+        client.close()
+
+
+def test_leaving_the_block_while_another_thread_reads_leaves_the_close_to_it() -> None:
+    """`with` in one thread, iteration in another: leaving the block only wakes the reader,
+    which closes (the block's thread closed the response under the read)."""
+    transport = _BlockingTransport()
+    client = holysheep.Client(api_key="k", transport=transport, retry=RetryPolicy.none())
+    with client.chat.stream(model="m", messages=MESSAGES) as stream:
+        reader = threading.Thread(target=lambda: list(stream), name="the-reader", daemon=True)
+        reader.start()
+        time.sleep(0.2)  # blocked in its second read
+    reader.join(3)
+    assert not reader.is_alive()
+    client.close()
+    assert ["the-reader"] == [who for what, who in transport.calls if what == "close"]
+
+
+def test_an_exception_while_opening_gives_back_the_slot() -> None:
+    """Ctrl-C (or a transport's bug) during the send in `__enter__`: `__exit__` never runs,
+    so `open()` gives back the rate limiter's slot itself, as the async client does."""
+    limiter = holysheep.RateLimiter(max_concurrent=1)
+
+    def interrupted(request: Any) -> MockResponse:
+        raise KeyboardInterrupt
+
+    client = holysheep.Client(api_key="k", transport=MockTransport(interrupted), limiter=limiter)
+    with pytest.raises(KeyboardInterrupt), client.chat.stream(model="m", messages=MESSAGES):
+        pass
+    assert 0 == limiter.in_flight
+    client.close()
+
+
 def test_a_second_iteration_is_refused_and_leaves_the_first_alone(
     transport: BaseTransport,
 ) -> None:

@@ -3,7 +3,10 @@ on the wire must be what `build_request` would have sent, for every kind of http
 
 from __future__ import annotations
 
+import socket
 import string
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -196,3 +199,41 @@ def test_closing_the_transport_lets_open_streams_finish_first() -> None:
         assert stream.completion.text == first + rest
         with pytest.raises(holysheep.LocalProtocolError):
             client.chat.complete(model="m", messages=MESSAGES)
+
+
+def test_closing_the_transport_waits_for_a_request_still_being_sent() -> None:
+    """A close while another thread waits for its response head: that request is in use too
+    (it was not counted until `send` returned, and the pool was closed under its read)."""
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":"stop"}]}\n\n'
+    answer = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(event), event)
+    )
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve_late() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            time.sleep(0.6)
+            conn.sendall(answer)
+
+    threading.Thread(target=serve_late, daemon=True).start()
+    transport = HTTPXTransport()
+    client = holysheep.Client(
+        api_key="k",
+        base_url=f"http://127.0.0.1:{listener.getsockname()[1]}/v1",
+        transport=transport,
+        retry=RetryPolicy.none(),
+    )
+    texts: list[str] = []
+    reader = threading.Thread(
+        target=lambda: texts.append(client.chat.complete(model="m", messages=MESSAGES).text)
+    )
+    reader.start()
+    time.sleep(0.2)  # waiting for the head
+    client.close()
+    reader.join(5)
+    listener.close()
+    assert ["Hi"] == texts
+    assert transport.client.is_closed

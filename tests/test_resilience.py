@@ -579,6 +579,49 @@ def test_the_total_timeout_counts_from_the_first_attempt_across_resumes() -> Non
         assert 3 == len(upstream.requests)
 
 
+@pytest.mark.anyio
+async def test_a_retry_wait_that_would_pass_the_total_timeout_gives_up_at_once() -> None:
+    """`total` 0.5 s and a 503 asking for 2 s: the call ends now, not after sleeping the 2 s
+    and then failing the total anyway (sync and async slept it out)."""
+    with serve() as upstream:
+        upstream.enqueue({"fault": {"kind": "status", "status": 503, "retry_after": 2}})
+        made = client(upstream, timeout=Timeouts(total=0.5))
+        started = time.monotonic()
+        with pytest.raises(holysheep.InternalServerError):
+            made.chat.complete(model="m", messages=MESSAGES)
+        upstream.enqueue({"fault": {"kind": "status", "status": 503, "retry_after": 2}})
+        async with holysheep.AsyncClient(
+            api_key="k", base_url=upstream.base_url, retry=FAST, timeout=Timeouts(total=0.5)
+        ) as aclient:
+            with pytest.raises(holysheep.InternalServerError) as info:
+                await aclient.chat.complete(model="m", messages=MESSAGES)
+        assert time.monotonic() - started < 0.5
+        assert 2 == len(upstream.requests)
+        made.close()
+    assert 503 == info.value.status_code
+
+
+def test_each_resumed_run_gets_every_attempt() -> None:
+    """Four drops, each after progress: a resumed stream finishes with the default four
+    attempts, since each run of failures starts after new content (the count was per call,
+    so the fourth drop gave up)."""
+    with serve(event_ids=True, tokens=30) as upstream:
+        for _ in range(4):
+            upstream.enqueue({"fault": "drop@6"})
+        made = client(upstream, on_interrupt="resume")
+        assert first(30) == made.chat.complete(model="m", messages=MESSAGES).text
+        assert 5 == len(upstream.requests)
+        made.close()
+
+
+def test_restart_never_loops_on_a_server_that_always_drops() -> None:
+    """Restarting starts over, so its attempts are counted for the whole call."""
+    with serve(fault="drop@3") as upstream:
+        with pytest.raises(StreamInterruptedError):
+            client(upstream, on_interrupt="restart").chat.complete(model="m", messages=MESSAGES)
+        assert 4 == len(upstream.requests)
+
+
 def test_timeouts_before_content_are_retried() -> None:
     """A first token that never comes is retried, like a connect failure."""
     with serve() as upstream:

@@ -127,16 +127,19 @@ class HTTPXTransport(BaseTransport):
         self._closing = False
 
     def send(self, request: Request) -> Response:
-        if self._closing or self.client.is_closed:  # httpx would raise a RuntimeError
-            raise LocalProtocolError("HTTPXTransport is closed: cannot send another request")
+        with self._lock:
+            if self._closing or self.client.is_closed:  # httpx would raise a RuntimeError
+                raise LocalProtocolError("HTTPXTransport is closed: cannot send another request")
+            self._open += 1  # from the send on: a connection is in use (see `close`)
         built = _build(self.client, request, self._urls)
         try:
             response = self.client.send(built, stream=True)
-        except httpx.HTTPError as exc:
-            raise _translate(exc, request) from exc
+        except BaseException as exc:
+            self._closed_one()
+            if isinstance(exc, httpx.HTTPError):
+                raise _translate(exc, request) from exc
+            raise
         _body_timeout(built, request)
-        with self._lock:
-            self._open += 1
         body, close, interrupt = _body_and_closer(response, self._closed_one)
         return Response(
             response.status_code,
@@ -147,7 +150,7 @@ class HTTPXTransport(BaseTransport):
         )
 
     def close(self) -> None:
-        """Close the pool once the responses still open are closed.
+        """Close the pool once the requests and responses still open are done.
 
         httpx closes every connection of its pool, those being read included, and a socket
         closed under a read in another thread can leave that read waiting on whatever
