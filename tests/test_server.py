@@ -134,6 +134,13 @@ def test_zero_tokens_stream_an_empty_completion() -> None:
         ({"messages": []}, '{"tokenz": 3}', None, None, "unknown UpstreamConfig field 'tokenz'"),
         ({"messages": []}, '{"tokens": -1}', None, None, "'tokens' must be >= 0"),
         ({"messages": []}, '{"fault": "bogus"}', None, None, "unknown fault 'bogus'"),
+        # Values a field refuses: they crashed the handler mid-response, or were taken as
+        # another fault (a bogus kind behaved as invalid_json).
+        ({"messages": []}, '{"ttft": "abc"}', None, None, "ttft must be a number of seconds"),
+        ({"messages": []}, '{"tokens_per_s": "x"}', None, None, "tokens_per_s must be None"),
+        ({"messages": []}, '{"text": 5}', None, None, "'text' must be <class 'str'>"),
+        ({"messages": []}, '{"fault": {"kind": "bogus"}}', None, None, "'kind' must be in"),
+        ({"messages": []}, '{"fault": {"kind": "drop", "after": "x"}}', None, None, "'after'"),
     ],
 )
 def test_bad_requests_get_a_400_in_openai_error_shape(

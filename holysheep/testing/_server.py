@@ -71,6 +71,32 @@ _MAX_HEAD = 64 * 1024
 _MAX_BODY = 16 * 1024 * 1024
 
 
+# Validators: a bad value in `X-Mock-Config` or `enqueue()` is refused where it is given (the
+# server answers 400), not met later as a crash in the middle of a response.
+_NUMBER = (int, float)
+
+
+def _instance_of(kind: type | tuple[type, ...]) -> Any:
+    return attrs.validators.instance_of(kind)
+
+
+def _seconds(_instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, _NUMBER) or not 0 <= value < float("inf"):
+        raise ValueError(f"{attribute.name} must be a number of seconds >= 0, got {value!r}")
+
+
+def _optional_seconds(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        _seconds(instance, attribute, value)
+
+
+def _optional_positive(_instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, _NUMBER) or not 0 < value < float("inf"):
+        raise ValueError(f"{attribute.name} must be None or a number > 0, got {value!r}")
+
+
 @final
 @attrs.frozen
 class Fault:
@@ -89,10 +115,13 @@ class Fault:
     `"wrong_content_type"`, `"invalid_json@2"` build them from text (for the command line).
     """
 
-    kind: FaultKind
-    after: int = 0
-    status: int = 500
-    retry_after: float | None = None
+    kind: FaultKind = attrs.field(validator=attrs.validators.in_(_FAULT_KINDS))
+    after: int = attrs.field(default=0, validator=[_instance_of(int), attrs.validators.ge(0)])
+    status: int = attrs.field(
+        default=500,
+        validator=[_instance_of(int), attrs.validators.ge(100), attrs.validators.le(599)],
+    )
+    retry_after: float | None = attrs.field(default=None, validator=_optional_seconds)
 
     @classmethod
     def parse(cls, text: str) -> Fault:
@@ -140,16 +169,23 @@ class UpstreamConfig:
     tokens: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.ge(0))
     )
-    text: str = DEFAULT_TEXT
-    ttft: float = 0.0
-    tokens_per_s: float | None = None
-    keepalive_interval: float | None = None
-    event_ids: bool = False
-    retry_ms: int | None = None
+    text: str = attrs.field(default=DEFAULT_TEXT, validator=_instance_of(str))
+    ttft: float = attrs.field(default=0.0, validator=_seconds)
+    tokens_per_s: float | None = attrs.field(default=None, validator=_optional_positive)
+    keepalive_interval: float | None = attrs.field(default=None, validator=_optional_positive)
+    event_ids: bool = attrs.field(default=False, validator=_instance_of(bool))
+    retry_ms: int | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional([_instance_of(int), attrs.validators.ge(0)]),
+    )
     fault: Fault | None = attrs.field(default=None, converter=_to_fault)
-    completion_id: str | None = None
-    created: int | None = None
-    echo_request_id: bool = False
+    completion_id: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_instance_of(str))
+    )
+    created: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_instance_of(int))
+    )
+    echo_request_id: bool = attrs.field(default=False, validator=_instance_of(bool))
 
     def merged(self, overrides: Mapping[str, Any] | UpstreamConfig | None) -> UpstreamConfig:
         if overrides is None:
@@ -332,7 +368,9 @@ class MockUpstream:
             try:
                 config = config.merged(overrides)
             except (TypeError, ValueError) as exc:
-                raise _BadRequest(f"X-Mock-Config: {exc}") from None
+                # attrs' TypeError carries (message, attribute, type, value): the message only.
+                why = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+                raise _BadRequest(f"X-Mock-Config: {why}") from None
             if self._queue:
                 self._queue.pop(0)
         return config
