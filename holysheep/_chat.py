@@ -825,7 +825,7 @@ class ChatAccumulator:
         else:
             message, kind, raw_code = str(error), None, None
         code = None if raw_code is None else str(raw_code)
-        status = raw_code if isinstance(raw_code, int) else None
+        status = raw_code if isinstance(raw_code, int) and not isinstance(raw_code, bool) else None
         self._error = StreamError(
             f"the server reported an error in the stream: {message}",
             type=kind,

@@ -488,6 +488,8 @@ def test_any_inband_error_is_a_stream_error(type_: Any, code: Any) -> None:
         acc.feed(b"data: " + error.encode() + b"\n\n")
     expected = is_retryable_error(type_ if isinstance(type_, str) else None, code)
     assert expected == info.value.retryable
+    status = info.value.status_code
+    assert status is None or (type(status) is int and status == code)  # never `True`
     with pytest.raises(LocalProtocolError):
         acc.feed(DONE)
 
