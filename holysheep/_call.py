@@ -28,7 +28,7 @@ from typing import Literal, final
 
 import attrs
 
-from ._chat import ChatAccumulator, ChatChunk, Completion, Reset
+from ._chat import ChatAccumulator, ChatChunk, Completion, Reset, Usage
 from ._exceptions import (
     APIConnectionError,
     ConfigurationError,
@@ -369,34 +369,19 @@ class Call:
 
     def error_to_raise(self, error: HolySheepError, decision: GiveUp) -> HolySheepError:
         """The exception the caller sees when we give up."""
+        if isinstance(error, StreamInterruptedError):
+            return error
         broken = self._broken
-        if broken is not None and not isinstance(error, StreamInterruptedError):
+        if broken is not None:
             # Reconnecting after content reached the caller failed for good: the caller
             # needs the interruption and the text it had, not only the reconnect's error.
             way = "resume" if self.on_interrupt == "resume" else "restart"
-            return StreamInterruptedError(
-                f"the stream was interrupted after content was delivered, and the {way} "
-                f"failed: {error.message} ({decision.reason})",
-                completion=broken,
-                request_id=error.request_id,
-                status_code=error.status_code,
-                usage=broken.usage,
-            )
-        if (
-            self._delivered
-            and isinstance(error, IncompleteStreamError)
-            and not isinstance(error, StreamInterruptedError)
-        ):
+            what = f"the {way} failed: {error.message}"
+            return _interruption(what, decision, error, broken, broken.usage)
+        if self._delivered and isinstance(error, IncompleteStreamError):
             exchange = self.exchange
-            completion: Completion | None = error.completion
-            return StreamInterruptedError(
-                f"the stream was interrupted after content was delivered: {error.message}"
-                f" ({decision.reason})",
-                completion=completion,
-                request_id=error.request_id,
-                status_code=error.status_code,
-                usage=exchange.accumulator.usage if exchange is not None else None,
-            )
+            usage = exchange.accumulator.usage if exchange is not None else None
+            return _interruption(error.message, decision, error, error.completion, usage)
         return error
 
     def _last_event_id(self) -> str:
@@ -404,6 +389,22 @@ class Call:
         last = exchange.accumulator.decoder.last_event_id if exchange is not None else ""
         # A resumed stream that drops again before a new event id: resume from the same place.
         return last or self._resume_from or ""
+
+
+def _interruption(
+    what: str,
+    decision: GiveUp,
+    error: HolySheepError,
+    completion: Completion | None,
+    usage: Usage | None,
+) -> StreamInterruptedError:
+    return StreamInterruptedError(
+        f"the stream was interrupted after content was delivered: {what} ({decision.reason})",
+        completion=completion,
+        request_id=error.request_id,
+        status_code=error.status_code,
+        usage=usage,
+    )
 
 
 def _within_total(

@@ -141,16 +141,22 @@ def test_interrupted_after_content_raises_with_the_exact_partial_text() -> None:
         assert 1 == len(upstream.requests)
 
 
+def _resumed_in_full(upstream: MockUpstream) -> holysheep.Stream:
+    """Read a stream with `on_interrupt="resume"`: the caller sees the whole text, once."""
+    seen: list[str] = []
+    with client(upstream, on_interrupt="resume").chat.stream(
+        model="m", messages=MESSAGES
+    ) as stream:
+        seen.extend(chunk.text for chunk in stream)
+    assert FULL == "".join(seen) == stream.completion.text
+    return stream
+
+
 def test_resume_continues_exactly_after_the_last_event() -> None:
     """`on_interrupt="resume"`: Last-Event-ID, and the text is byte-identical, nothing twice."""
     with serve(event_ids=True) as upstream:
         upstream.enqueue({"fault": "drop@7"})
-        seen: list[str] = []
-        with client(upstream, on_interrupt="resume").chat.stream(
-            model="m", messages=MESSAGES
-        ) as stream:
-            seen.extend(chunk.text for chunk in stream)
-        assert FULL == "".join(seen) == stream.completion.text
+        stream = _resumed_in_full(upstream)
         resumed = upstream.requests[1]
         assert "7" == resumed.headers["last-event-id"]  # role chunk is event 0, tokens 1..7
         assert 2 == stream.stats.attempts
@@ -189,12 +195,7 @@ def test_a_failed_reconnect_is_retried_like_the_drop(status: int) -> None:
         upstream.enqueue(
             {"fault": "drop@5"}, {"fault": {"kind": "status", "status": status, "retry_after": 0}}
         )
-        seen: list[str] = []
-        with client(upstream, on_interrupt="resume").chat.stream(
-            model="m", messages=MESSAGES
-        ) as stream:
-            seen.extend(chunk.text for chunk in stream)
-        assert FULL == "".join(seen) == stream.completion.text
+        stream = _resumed_in_full(upstream)
         assert ["5", "5"] == [r.headers["last-event-id"] for r in upstream.requests[1:]]
         assert 3 == stream.stats.attempts
 
