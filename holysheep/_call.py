@@ -38,7 +38,7 @@ from ._exceptions import (
     StreamError,
     StreamInterruptedError,
 )
-from ._exchange import _NO_IDS, Exchange, StreamStats
+from ._exchange import _NO_IDS, Exchange, StreamStats, estimate_tokens
 from ._observe import Observer, RequestInfo, notify
 from ._retry import GiveUp, Retry, RetryPolicy
 
@@ -239,7 +239,7 @@ class Call:
             used = 0
         else:
             text = exchange.accumulator.completion.text
-            used = self.prompt_cost + -(-len(text) // 4)
+            used = self.prompt_cost + estimate_tokens(text)
         used = max(0, used - self._charged)
         self._charged += used
         return used
