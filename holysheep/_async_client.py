@@ -235,13 +235,16 @@ class AsyncStream:
         while self._body is None and not self._closed:
             exchange = self._call.start_attempt(_now())
             try:
-                await self._open_attempt(exchange)
-            except HolySheepError as exc:
-                await self._after_failure(exc)
-            except BaseException:
-                # Cancelled while queued, sending, or reading an error body: `__aexit__` will
-                # not run, so give back the connection and the rate limiter's slot here.
+                try:
+                    await self._open_attempt(exchange)
+                except HolySheepError as exc:
+                    await self._after_failure(exc)  # waits to retry, or raises (reported)
+            except BaseException as exc:
+                # Cancelled while queued, sending, reading an error body or waiting to retry:
+                # `__aexit__` will not run, so give back the connection and the rate limiter's
+                # slot here, and tell observers how the request ended.
                 await self._end_attempt()
+                self._call.ended(_now(), exc)
                 raise
 
     async def aclose(self) -> None:
@@ -602,9 +605,9 @@ class AsyncStream:
                 scope.cancel()
             await anyio.sleep(decision.delay)
         if self._closed:
+            # The caller stopped the stream while it waited to retry: it ends quietly with what
+            # it has (`close()` reported the end), as a close during a read does.
             self._exhausted = True
-            self._call.ended(_now(), error)
-            raise error  # closed while waiting to retry: report why it was still failing
 
     async def _finish(self) -> None:
         self._exhausted = True

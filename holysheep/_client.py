@@ -234,15 +234,18 @@ class Stream:
         while self._body is None and not self._closed:
             exchange = self._call.start_attempt(_clock())
             try:
-                self._open_attempt(exchange)
-            except HolySheepError as exc:
-                self._after_failure(exc)
-            except BaseException:
-                # Ctrl-C or a transport's bug while queued, sending or reading an error body:
-                # `__exit__` will not run (this is `__enter__`), so give back the connection
-                # and the rate limiter's slot here, as the async client does.
+                try:
+                    self._open_attempt(exchange)
+                except HolySheepError as exc:
+                    self._after_failure(exc)  # waits to retry, or raises (reported already)
+            except BaseException as exc:
+                # Ctrl-C or a transport's bug while queued, sending, reading an error body or
+                # waiting to retry: `__exit__` will not run (this is `__enter__`), so give back
+                # the connection and the rate limiter's slot here, as the async client does,
+                # and tell observers how the request ended.
                 self._end_attempt()
                 self._away = True
+                self._call.ended(_clock(), exc)
                 raise
         self._away = True
         if self._closed:
@@ -449,9 +452,9 @@ class Stream:
             if failure is error:
                 raise error
             raise failure from error
-        if self._stop.wait(decision.delay):
-            self._call.ended(_clock(), error)
-            raise error  # closed while waiting to retry: report why it was still failing
+        self._stop.wait(decision.delay)
+        # Closed while waiting to retry: the caller stopped the stream, which ends quietly
+        # with what it has (`close()` reported the end), as a close during a read does.
 
     def _end_attempt(self) -> None:
         self._watchdog.unwatch(self)

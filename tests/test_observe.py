@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import anyio
@@ -19,6 +20,7 @@ from holysheep import (
     StreamStats,
 )
 from holysheep.testing import MockUpstream, UpstreamConfig, serve
+from holysheep.transports import MockResponse, MockTransport
 
 MESSAGES = [{"role": "user", "content": "Tell me about sheep."}]
 FAST = RetryPolicy(attempts=3, wait_initial=0.01, wait_max=0.02, wait_jitter=0.0)
@@ -185,3 +187,75 @@ async def test_async_cancellation_is_an_error() -> None:
     error, stats = recorder.events[2][1]
     assert isinstance(error, anyio.get_cancelled_exc_class())
     assert stats.tokens > 0
+
+
+SLOW_RETRY = holysheep.RetryPolicy(wait_initial=5, wait_jitter=0)
+
+
+@pytest.mark.anyio
+async def test_a_cancellation_while_waiting_to_retry_reports_the_error() -> None:
+    """Cancelled in `__aenter__`'s retry wait: `__aexit__` never runs, so `open()` reports
+    the end (the request got `on_request` and `on_retry`, then nothing)."""
+    recorder = Recorder()
+    with serve() as upstream:
+        upstream.enqueue({"fault": {"kind": "status", "status": 503}})
+        async with holysheep.AsyncClient(
+            api_key="k", base_url=upstream.base_url, retry=SLOW_RETRY, observers=[recorder]
+        ) as client:
+            with anyio.move_on_after(0.3):
+                async with client.chat.stream(model="m", messages=MESSAGES):
+                    pass
+    assert ["request", "retry", "error"] == recorder.names
+    error, _ = recorder.events[-1][1]
+    assert isinstance(error, anyio.get_cancelled_exc_class())
+
+
+def test_an_interrupt_while_opening_reports_the_error() -> None:
+    """Ctrl-C during the send in `__enter__`, the sync twin of the case above."""
+    recorder = Recorder()
+
+    def interrupted(request: Any) -> MockResponse:
+        raise KeyboardInterrupt
+
+    client = holysheep.Client(
+        api_key="k", transport=MockTransport(interrupted), observers=[recorder]
+    )
+    with pytest.raises(KeyboardInterrupt), client.chat.stream(model="m", messages=MESSAGES):
+        pass
+    assert ["request", "error"] == recorder.names
+    client.close()
+
+
+@pytest.mark.anyio
+async def test_a_close_while_waiting_to_retry_ends_quietly_as_observers_are_told() -> None:
+    """`close()` from another task during the retry wait: the stream ends quietly, as its
+    docstring says, and observers get `on_end`; the caller got the last 503 instead."""
+    recorder = Recorder()
+    with serve() as upstream:
+        upstream.enqueue({"fault": {"kind": "status", "status": 503}})
+        async with holysheep.AsyncClient(
+            api_key="k", base_url=upstream.base_url, retry=SLOW_RETRY, observers=[recorder]
+        ) as client:
+            stream = client.chat.stream(model="m", messages=MESSAGES)
+            async with anyio.create_task_group() as group:
+                group.start_soon(stream.open)
+                await anyio.sleep(0.2)
+                stream.close()
+            assert [] == [chunk async for chunk in stream]
+            await stream.aclose()
+    assert ["request", "retry", "end"] == recorder.names
+
+
+def test_sync_a_close_while_waiting_to_retry_ends_quietly() -> None:
+    recorder = Recorder()
+    with serve() as upstream:
+        upstream.enqueue({"fault": {"kind": "status", "status": 503}})
+        client = holysheep.Client(
+            api_key="k", base_url=upstream.base_url, retry=SLOW_RETRY, observers=[recorder]
+        )
+        stream = client.chat.stream(model="m", messages=MESSAGES)
+        threading.Timer(0.2, stream.close).start()
+        with stream:
+            assert [] == list(stream)
+        client.close()
+    assert ["request", "retry", "end"] == recorder.names
