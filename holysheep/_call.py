@@ -38,8 +38,9 @@ from ._exceptions import (
     StreamError,
     StreamInterruptedError,
 )
-from ._exchange import _NO_IDS, Exchange, StreamStats, estimate_tokens
+from ._exchange import _NO_IDS, Exchange, StreamStats
 from ._observe import Observer, RequestInfo, notify
+from ._pricing import estimate_tokens
 from ._retry import GiveUp, Retry, RetryPolicy
 
 __all__ = ["Attempt", "Call", "OnInterrupt", "Reset"]

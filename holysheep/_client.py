@@ -306,15 +306,17 @@ class Stream:
                 except HolySheepError as exc:
                     if self._closed and not self._expired:
                         return  # closed by the caller: stop quietly, the partial result stays
-                    expired = self._expired and self._exchange.done_at is None
-                    if not expired and self._exchange.complete_at_break(exc, _clock()):
+                    # What the read's failure stands for (the watchdog's timeout, a cut
+                    # stream), as the async client sees it, before asking the core.
+                    failure = self._timeout_or(exc)
+                    if self._exchange.complete_at_break(failure, _clock()):
                         # `[DONE]` came: the answer is complete, whatever the connection did
                         # after it (broke, or lingered past `AFTER_DONE` and was closed); or
                         # it broke after the finish, where a clean end would be accepted.
                         self._exchange.on_eof(_clock())
                         self._end_attempt()
                         return
-                    self._after_failure(self._timeout_or(exc))
+                    self._after_failure(failure)
                     self.open()
                     # Only once the new attempt is open: if it fails for good, the caller keeps
                     # what it showed, and the error carries it.

@@ -58,6 +58,7 @@ from ._exceptions import (
     UnexpectedContentTypeError,
     UnprocessableEntityError,
 )
+from ._pricing import estimate_tokens
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -282,12 +283,6 @@ def _fixed_headers(api_key: str | None) -> tuple[tuple[str, str], ...]:
     if api_key:
         return (*_CONSTANT_HEADERS, ("authorization", f"Bearer {api_key}"))
     return _CONSTANT_HEADERS
-
-
-def estimate_tokens(text: str) -> int:
-    """About how many tokens `text` is: four characters a token, rounded up (as
-    `holysheep.estimate_tokens`, which the sans-IO core does not import)."""
-    return -(-len(text) // 4)
 
 
 def new_request_id() -> str:
