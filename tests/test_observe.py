@@ -59,15 +59,19 @@ class Recorder(Observer):
         return [name for name, _ in self.events]
 
 
-def sync_client(upstream: MockUpstream, recorder: Observer) -> holysheep.Client:
+def sync_client(
+    upstream: MockUpstream, recorder: Observer, retry: RetryPolicy = FAST
+) -> holysheep.Client:
     return holysheep.Client(
-        api_key="k", base_url=upstream.base_url, retry=FAST, observers=[recorder]
+        api_key="k", base_url=upstream.base_url, retry=retry, observers=[recorder]
     )
 
 
-def async_client(upstream: MockUpstream, recorder: Observer) -> holysheep.AsyncClient:
+def async_client(
+    upstream: MockUpstream, recorder: Observer, retry: RetryPolicy = FAST
+) -> holysheep.AsyncClient:
     return holysheep.AsyncClient(
-        api_key="k", base_url=upstream.base_url, retry=FAST, observers=[recorder]
+        api_key="k", base_url=upstream.base_url, retry=retry, observers=[recorder]
     )
 
 
@@ -189,7 +193,7 @@ async def test_async_cancellation_is_an_error() -> None:
     assert stats.tokens > 0
 
 
-SLOW_RETRY = holysheep.RetryPolicy(wait_initial=5, wait_jitter=0)
+SLOW_RETRY = RetryPolicy(wait_initial=5, wait_jitter=0)
 
 
 @pytest.mark.anyio
@@ -199,9 +203,7 @@ async def test_a_cancellation_while_waiting_to_retry_reports_the_error() -> None
     recorder = Recorder()
     with serve() as upstream:
         upstream.enqueue({"fault": {"kind": "status", "status": 503}})
-        async with holysheep.AsyncClient(
-            api_key="k", base_url=upstream.base_url, retry=SLOW_RETRY, observers=[recorder]
-        ) as client:
+        async with async_client(upstream, recorder, SLOW_RETRY) as client:
             with anyio.move_on_after(0.3):
                 async with client.chat.stream(model="m", messages=MESSAGES):
                     pass
@@ -233,9 +235,7 @@ async def test_a_close_while_waiting_to_retry_ends_quietly_as_observers_are_told
     recorder = Recorder()
     with serve() as upstream:
         upstream.enqueue({"fault": {"kind": "status", "status": 503}})
-        async with holysheep.AsyncClient(
-            api_key="k", base_url=upstream.base_url, retry=SLOW_RETRY, observers=[recorder]
-        ) as client:
+        async with async_client(upstream, recorder, SLOW_RETRY) as client:
             stream = client.chat.stream(model="m", messages=MESSAGES)
             async with anyio.create_task_group() as group:
                 group.start_soon(stream.open)
@@ -250,9 +250,7 @@ def test_sync_a_close_while_waiting_to_retry_ends_quietly() -> None:
     recorder = Recorder()
     with serve() as upstream:
         upstream.enqueue({"fault": {"kind": "status", "status": 503}})
-        client = holysheep.Client(
-            api_key="k", base_url=upstream.base_url, retry=SLOW_RETRY, observers=[recorder]
-        )
+        client = sync_client(upstream, recorder, SLOW_RETRY)
         stream = client.chat.stream(model="m", messages=MESSAGES)
         threading.Timer(0.2, stream.close).start()
         with stream:
