@@ -322,6 +322,7 @@ def _run_chat(
     out, err = sys.stdout, sys.stderr
     interrupted = False
     last = ""  # the last text printed, to know whether a line is left open
+    prompt_text = "\n".join(m["content"] for m in messages)
     with Client(api_key=api_key, base_url=base_url, hooks=[_note_retry]) as client:
         stream = client.chat.stream(model=args.model, messages=messages, **params)
         try:
@@ -332,14 +333,28 @@ def _run_chat(
                     last = chunk.text
         except KeyboardInterrupt:
             interrupted = True
-        except HolySheepError:
-            if last and not last.endswith("\n"):
+        except HolySheepError as exc:
+            if args.json:
+                # Nothing was printed while streaming: the object is the only place the text
+                # that did arrive can go, so it is printed before the error line (exit 1).
+                stream.close()
+                completion = exc.completion or stream.completion
+                # An answer that never started (an error status, a refused connection) is
+                # not known to be billed at all: no estimate for the prompt alone.
+                started = completion.text or completion.usage or completion.tool_calls
+                cost = (
+                    _cost_for(completion, args.model, prices, prompt_text, stream.stats)
+                    if started
+                    else None
+                )
+                report = _chat_json(completion, stream.stats, cost, args.model, False, exc)
+                print(json.dumps(report, ensure_ascii=False))
+            elif last and not last.endswith("\n"):
                 print(file=err)  # the error line starts on a line of its own
             raise
         finally:
             stream.close()  # at once, so the server sees us leave and stops generating
         completion, stats = stream.completion, stream.stats
-    prompt_text = "\n".join(m["content"] for m in messages)
     cost = _cost_for(completion, args.model, prices, prompt_text, stats)
     if args.json:
         report = _chat_json(completion, stats, cost, args.model, interrupted)
@@ -408,6 +423,7 @@ def _chat_json(
     cost: Cost | None,
     model: str,
     interrupted: bool,
+    error: HolySheepError | None = None,
 ) -> dict[str, Any]:
     usage = completion.usage
     return {
@@ -432,6 +448,14 @@ def _chat_json(
         },
         "cost": None if cost is None else {"usd": cost.usd, "estimated": cost.estimated},
         "interrupted": interrupted,
+        "error": None
+        if error is None
+        else {
+            "type": type(error).__name__,
+            "message": error.message,
+            "status": error.status_code,
+            "request_id": error.request_id,
+        },
     }
 
 

@@ -132,6 +132,44 @@ def test_chat_json_prints_one_object() -> None:
     usage = report["usage"]
     expected_usd = (usage["prompt_tokens"] + usage["completion_tokens"]) * 8 / 1e6
     assert {"usd": pytest.approx(expected_usd), "estimated": False} == report["cost"]
+    assert report["error"] is None
+
+
+def test_chat_json_keeps_the_partial_answer_when_the_stream_fails() -> None:
+    """--json prints nothing while streaming, so on an error mid-answer the object is where the
+    text that did arrive goes: printed with the error, and the error line still on stderr."""
+    with serve(fault="inband_error@3", tokens_per_s=2000) as upstream:
+        result = run(
+            "chat", "hi", "--json", "--base-url", upstream.base_url,
+            env=clean_env(HOLYSHEEP_API_KEY="k"),
+        )  # fmt: skip
+
+    assert 1 == result.returncode
+    report = json.loads(result.stdout)
+    assert expected_text(3) == report["text"]
+    error = report["error"]
+    assert ("StreamError", 200) == (error["type"], error["status"])
+    assert "Overloaded" in error["message"]
+    assert error["request_id"] == report["stats"]["request_id"]
+    assert report["cost"]["estimated"]  # text arrived, without usage: an estimate
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("holysheep: error: the server reported an error in the stream")
+
+
+def test_chat_json_reports_an_error_status_without_a_cost() -> None:
+    """An error status: the object says which, with no text and no cost (nothing was billed)."""
+    with serve(fault="status=401") as upstream:
+        result = run(
+            "chat", "hi", "--json", "--base-url", upstream.base_url,
+            env=clean_env(HOLYSHEEP_API_KEY="bad"),
+        )  # fmt: skip
+
+    assert 1 == result.returncode
+    report = json.loads(result.stdout)
+    assert ("", None) == (report["text"], report["cost"])
+    assert ("AuthenticationError", 401) == (report["error"]["type"], report["error"]["status"])
+    assert "mock fault: HTTP 401" in report["error"]["message"]
+    assert 1 == len(result.stderr.splitlines())
 
 
 def test_missing_api_key_is_one_line_naming_the_variable() -> None:
