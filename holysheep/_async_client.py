@@ -541,6 +541,7 @@ class AsyncStream:
                 try:
                     self._response = await self._transport.send(exchange.request)
                 except HolySheepError as exc:
+                    exchange.send_failed(exc)
                     raise self._timeout_or(exc) from exc
             self._scope = None  # done with: it would otherwise live as long as the stream
             response = self._response
@@ -571,6 +572,7 @@ class AsyncStream:
         try:
             response = await self._transport.send(exchange.request)
         except HolySheepError as exc:
+            exchange.send_failed(exc)
             raise self._timeout_or(exc) from exc
         except asyncio.CancelledError:
             if not self._only_ours(reader):

@@ -227,13 +227,16 @@ class Call:
         """What the attempt of `exchange` used of a tokens-per-minute budget, to settle its
         reservation when it ends; None keeps the reservation (nothing better is known).
 
-        The server's usage when it sent one; nothing for a refused request (an error status);
-        for a stream cut short, the prompt and the text so far, estimated. A resumed
-        completion's usage and text include its earlier attempts, already charged.
+        The server's usage when it sent one; nothing for a refused request (an error status,
+        or no connection made); for a stream cut short, the prompt and the text so far,
+        estimated. A resumed completion's usage and text include its earlier attempts, already
+        charged.
         """
         usage = exchange.accumulator.usage
         if usage is not None and usage.total_tokens is not None:
             used = usage.total_tokens
+        elif exchange.never_sent:
+            used = 0
         elif exchange.status_code is None:
             return None  # no answer: whether the server started on it is unknown
         elif not 200 <= exchange.status_code < 300:

@@ -421,6 +421,7 @@ class Stream:
         try:
             response = self._transport.send(exchange.request)
         except HolySheepError as exc:
+            exchange.send_failed(exc)
             raise self._timeout_or(exc) from exc
         finally:
             with self._lock:

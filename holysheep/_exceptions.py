@@ -6,6 +6,7 @@
     ├── RemoteProtocolError           the server sent bytes we cannot make sense of
     │   └── UnexpectedContentTypeError  a 200 that is not an event stream (a proxy's HTML page)
     ├── APIConnectionError            no usable connection (refused, reset, DNS, TLS)
+    │   └── ConnectError                no connection made: the request was never sent
     ├── APITimeoutError               one of the four timeouts fired (also a builtin TimeoutError)
     │   ├── ConnectTimeoutError
     │   ├── FirstTokenTimeoutError      no content before `ttft`
@@ -41,6 +42,7 @@ __all__ = [
     "BadRequestError",
     "ConfigurationError",
     "ConflictError",
+    "ConnectError",
     "ConnectTimeoutError",
     "FirstTokenTimeoutError",
     "HolySheepError",
@@ -144,6 +146,14 @@ class UnexpectedContentTypeError(RemoteProtocolError):
 
 class APIConnectionError(HolySheepError):
     """The request could not reach the server, or the connection broke before a response."""
+
+
+class ConnectError(APIConnectionError):
+    """No connection could be made (refused, DNS, TLS handshake): the request was never sent.
+
+    Distinct because it is the one connection failure known to cost the server nothing: a
+    rate limiter gives back the tokens such an attempt reserved.
+    """
 
 
 class APITimeoutError(HolySheepError, builtins.TimeoutError):

@@ -44,6 +44,7 @@ from ._exceptions import (
     BadRequestError,
     ConfigurationError,
     ConflictError,
+    ConnectError,
     ConnectTimeoutError,
     FirstTokenTimeoutError,
     HolySheepError,
@@ -310,6 +311,7 @@ class Exchange:
         "done_at",
         "events",
         "failure",
+        "never_sent",
         "request",
         "request_id",
         "response_headers",
@@ -360,6 +362,8 @@ class Exchange:
         #: An error in the bytes after chunks `on_data` returned: raise it once they are handed
         #: over (see `on_data`).
         self.failure: HolySheepError | None = None
+        #: The transport could not connect, so the request never left (see `send_failed`).
+        self.never_sent = False
         self.content_chunks = 0
         self._started: float | None = None
         #: Since when `total` counts: the first attempt's send (see `continues`).
@@ -387,6 +391,12 @@ class Exchange:
             self.request = attrs.evolve(
                 self.request, timeouts=attrs.evolve(self.timeouts, total=left)
             )
+
+    def send_failed(self, error: HolySheepError) -> None:
+        """The transport raised `error` instead of returning a response head."""
+        # Only a connection never made is known not to have reached the server (and so to
+        # have cost nothing): anything later may have been read, and answered, unseen.
+        self.never_sent = isinstance(error, ConnectError | ConnectTimeoutError)
 
     def continues(self, since: float | None) -> None:
         """This attempt continues a call whose first attempt was sent at `since`: `total` is

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from typing import Any
@@ -16,13 +17,20 @@ import holysheep
 from holysheep import (
     Attempt,
     BadRequestError,
+    ConnectError,
     RateLimiter,
     RetryPolicy,
     StreamInterruptedError,
     Timeouts,
 )
 from holysheep.testing import MockUpstream, UpstreamConfig, serve
-from holysheep.transports import MockResponse
+from holysheep.transports import (
+    AiohttpTransport,
+    AsyncHTTPXTransport,
+    HTTPXTransport,
+    MockResponse,
+    RequestsTransport,
+)
 
 MESSAGES = [{"role": "user", "content": "Tell me about sheep."}]
 FAST = RetryPolicy(attempts=4, wait_initial=0.01, wait_max=0.05, wait_jitter=0.01)
@@ -381,6 +389,68 @@ def test_the_token_budget_is_charged_what_the_attempts_used(
         made.chat.complete(model="m", messages=[], max_tokens=500)
         assert time.monotonic() - started < 3.0
         made.close()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: connecting is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+SYNC_TRANSPORTS = {"requests": RequestsTransport, "httpx": HTTPXTransport}
+ASYNC_TRANSPORTS = {"httpx": AsyncHTTPXTransport, "aiohttp": AiohttpTransport}
+
+
+@pytest.mark.parametrize("transport", sorted(SYNC_TRANSPORTS))
+def test_attempts_that_could_not_connect_give_their_tokens_back(transport: str) -> None:
+    """A refused connection never sent the request, so it used none of the token budget: three
+    refused attempts reserving 300 tokens each held 900 of 600 a minute, and the next request
+    waited over a minute."""
+    limiter = RateLimiter(tokens_per_minute=600)
+    dead = holysheep.Client(
+        api_key="k",
+        base_url=f"http://127.0.0.1:{closed_port()}/v1",
+        retry=attrs.evolve(FAST, attempts=3),
+        limiter=limiter,
+        transport=SYNC_TRANSPORTS[transport](),
+    )
+    with pytest.raises(ConnectError, match="could not connect"):
+        dead.chat.complete(model="m", messages=[], max_tokens=290)
+    dead.close()
+    with serve(tokens=10) as upstream:
+        made = client(upstream, limiter=limiter)
+        started = time.monotonic()
+        made.chat.complete(model="m", messages=[], max_tokens=500)
+        assert time.monotonic() - started < 3.0
+        made.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("transport", sorted(ASYNC_TRANSPORTS))
+async def test_async_attempts_that_could_not_connect_give_their_tokens_back(
+    transport: str, anyio_backend: str
+) -> None:
+    """The async clients settle a refused connection the same way."""
+    if transport == "aiohttp" and anyio_backend != "asyncio":
+        pytest.skip("aiohttp runs on asyncio only")
+    limiter = RateLimiter(tokens_per_minute=600)
+    async with holysheep.AsyncClient(
+        api_key="k",
+        base_url=f"http://127.0.0.1:{closed_port()}/v1",
+        retry=attrs.evolve(FAST, attempts=3),
+        limiter=limiter,
+        transport=ASYNC_TRANSPORTS[transport](),
+    ) as dead:
+        with pytest.raises(ConnectError, match="could not connect"):
+            await dead.chat.complete(model="m", messages=[], max_tokens=290)
+    with serve(tokens=10) as upstream:
+        async with holysheep.AsyncClient(
+            api_key="k", base_url=upstream.base_url, retry=FAST, limiter=limiter
+        ) as made:
+            with anyio.fail_after(3):
+                await made.chat.complete(model="m", messages=[], max_tokens=500)
 
 
 @pytest.mark.anyio

@@ -48,6 +48,7 @@ except ImportError as exc:  # pragma: no cover - the dev environment has aiohttp
 from holysheep._exceptions import (
     APIConnectionError,
     ConfigurationError,
+    ConnectError,
     ConnectTimeoutError,
     LocalProtocolError,
 )
@@ -86,6 +87,8 @@ def _translate(exc: BaseException, request: Request) -> Exception:
             limit=limit,
             elapsed=limit,
         )
+    if isinstance(exc, aiohttp.ClientConnectorError):  # refused, DNS, TLS: nothing was sent
+        return ConnectError(f"could not connect to {request.url}: {exc!r}")
     return APIConnectionError(f"could not reach {request.url}: {exc!r}")
 
 

@@ -11,7 +11,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import anyio
 import httpx
 
-from holysheep._exceptions import APIConnectionError, ConnectTimeoutError, LocalProtocolError
+from holysheep._exceptions import (
+    APIConnectionError,
+    ConnectError,
+    ConnectTimeoutError,
+    LocalProtocolError,
+)
 from holysheep._exchange import Request, Timeouts
 from holysheep.transports._base import AsyncBaseTransport, AsyncResponse, BaseTransport, Response
 
@@ -105,6 +110,8 @@ def _translate(exc: httpx.HTTPError, request: Request) -> Exception:
             limit=limit,
             elapsed=limit,
         )
+    if isinstance(exc, httpx.ConnectError):  # refused, DNS, TLS: nothing was sent
+        return ConnectError(f"could not connect to {request.url}: {exc!r}")
     return APIConnectionError(f"could not reach {request.url}: {exc!r}")
 
 

@@ -11,7 +11,7 @@ import requests
 import requests.adapters
 import urllib3
 
-from holysheep._exceptions import APIConnectionError, ConnectTimeoutError
+from holysheep._exceptions import APIConnectionError, ConnectError, ConnectTimeoutError
 from holysheep._exchange import Request
 from holysheep.transports._base import BaseTransport, Response
 
@@ -80,6 +80,10 @@ class RequestsTransport(BaseTransport):
             ) from exc
         except requests.exceptions.ReadTimeout as exc:
             raise APIConnectionError(f"no response head from {request.url}: {exc}") from exc
+        except requests.exceptions.ConnectionError as exc:
+            if _never_sent(exc):
+                raise ConnectError(f"could not connect to {request.url}: {exc}") from exc
+            raise APIConnectionError(f"could not reach {request.url}: {exc}") from exc
         except requests.exceptions.RequestException as exc:
             raise APIConnectionError(f"could not reach {request.url}: {exc}") from exc
         raw: urllib3.HTTPResponse = response.raw
@@ -94,6 +98,20 @@ class RequestsTransport(BaseTransport):
     def close(self) -> None:
         if self._owns_session:
             self.session.close()
+
+
+def _never_sent(exc: requests.exceptions.ConnectionError) -> bool:
+    """Whether the connection failed before the request went out (refused, DNS, TLS).
+
+    requests raises one `ConnectionError` for that and for a connection that broke after the
+    request was sent; urllib3's reason inside tells them apart.
+    """
+    if isinstance(exc, requests.exceptions.SSLError | requests.exceptions.ProxyError):
+        return True
+    reason = exc.args[0] if exc.args else None
+    if isinstance(reason, urllib3.exceptions.MaxRetryError):
+        reason = reason.reason
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)
 
 
 def _body_and_closer(
