@@ -314,30 +314,34 @@ class AsyncStream:
                         if self._expired:
                             raise self._timeout_or(None)
                         self._reader = reader = asyncio.current_task(loop)
-                        data: bytes | None
+                        data = b""
+                        # The end of the body, and a read cut short (by our timer or close()),
+                        # are flags, not values of `data`: a body may yield an empty piece.
+                        end = cut = False
                         try:
                             data = await body.__anext__()
                         except StopAsyncIteration:
-                            data = b""
+                            end = True
                         except HolySheepError as exc:
                             raise self._timeout_or(exc) from exc  # while the body is still known
                         except asyncio.CancelledError:
                             if not self._only_ours(reader):
                                 raise  # the caller's task is being cancelled (too)
-                            data = None
+                            cut = True
                         finally:
                             self._reader = None
-                        if data is not None and self._cancelled_read:
+                        if not cut and self._cancelled_read:
                             # the body swallowed our cancellation and read anyway
                             if not self._only_ours(reader):
                                 raise asyncio.CancelledError
-                            data = None
-                        if data is None:
+                            cut = True
+                        if cut:
                             chunks = await self._deadline_passed()
-                        elif data:
-                            chunks = self._received(data, loop.time())
-                        else:
+                        elif end:
                             chunks = await self._at_eof(body)
+                        else:
+                            # (None too: `on_data` says the transport broke its contract)
+                            chunks = self._received(data, loop.time()) if data != b"" else []
                 except HolySheepError as exc:
                     if self._exchange.complete_at_break(exc, _now()):
                         await self._complete()  # see `Exchange.complete_at_break`
@@ -371,16 +375,19 @@ class AsyncStream:
             # busy between chunks. As on asyncio, the clocks start again (`total` stays, and
             # the scope below raises it).
             self._exchange.resumed(now)
+        end = False
         with self._deadline_scope() as scope:
             try:
                 data = await body.__anext__()
             except StopAsyncIteration:
-                pass
+                end = True  # a flag: a body may also yield an empty piece, which is no end
             except HolySheepError as exc:
                 raise self._timeout_or(exc) from exc  # while the body is still known
         if scope.cancelled_caught:  # a deadline passed, or close() was called
             return await self._deadline_passed()
-        return self._received(data, _now()) if data else await self._at_eof(body)
+        if end:
+            return await self._at_eof(body)
+        return self._received(data, _now()) if data != b"" else []
 
     def _received(self, data: bytes, now: float) -> list[ChatChunk]:
         # The exchange itself, not `_exchange`: a body is being read, so there is one.

@@ -51,6 +51,7 @@ from ._exceptions import (
     IdleTimeoutError,
     IncompleteStreamError,
     InternalServerError,
+    LocalProtocolError,
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
@@ -223,6 +224,16 @@ class StreamStats:
             f" | {self.events} events, {self.bytes} bytes | attempts {self.attempts}"
             f" | request {self.server_request_id or self.request_id}"
         )
+
+
+def _as_bytes(data: object) -> bytes:
+    """A body piece that is not `bytes`: a transport broke its contract, so say which way
+    (deep in the decoder it would be a TypeError about `startswith`)."""
+    if isinstance(data, bytearray | memoryview):
+        return bytes(data)
+    raise LocalProtocolError(
+        f"a transport's body must yield bytes, but it yielded {type(data).__name__}: {data!r:.60}"
+    )
 
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
@@ -481,6 +492,8 @@ class Exchange:
 
     def on_data(self, data: bytes, now: float) -> list[ChatChunk]:
         """Body bytes in, chunks out; progress is stamped with `now`."""
+        if data.__class__ is not bytes:
+            data = _as_bytes(data)
         self.bytes += len(data)
         try:
             if self._skip_ids is None:

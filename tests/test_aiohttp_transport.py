@@ -22,6 +22,7 @@ import holysheep
 from holysheep import (
     APIConnectionError,
     ConfigurationError,
+    ConnectError,
     ConnectTimeoutError,
     IdleTimeoutError,
     IncompleteStreamError,
@@ -217,13 +218,14 @@ async def test_dropped_connection_keeps_the_partial_text(
 
 @pytest.mark.anyio
 async def test_connection_refused_is_a_connection_error(transport: AiohttpTransport) -> None:
-    """Nothing listening: APIConnectionError naming the URL and our request id."""
+    """Nothing listening: ConnectError (an APIConnectionError) naming the URL and our request
+    id."""
     with serve() as gone:
         url = gone.base_url
     client = holysheep.AsyncClient(
         api_key="k", base_url=url, transport=transport, retry=RetryPolicy.none()
     )
-    with pytest.raises(APIConnectionError, match="could not reach") as info:
+    with pytest.raises(ConnectError, match="could not connect to") as info:
         await client.chat.complete(model="m", messages=MESSAGES, request_id="rid-x")
     assert "rid-x" == info.value.request_id
     assert url in str(info.value)

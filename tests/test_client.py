@@ -23,6 +23,7 @@ from holysheep import (
     APIConnectionError,
     AuthenticationError,
     BadRequestError,
+    ConnectError,
     FirstTokenTimeoutError,
     IdleTimeoutError,
     IncompleteStreamError,
@@ -309,13 +310,14 @@ def test_invalid_json_raises_remote_protocol_error(
 
 
 def test_connection_refused_is_a_connection_error(transport: BaseTransport) -> None:
-    """Nothing listening: APIConnectionError naming the URL and our request id."""
+    """Nothing listening: ConnectError (an APIConnectionError) naming the URL and our request
+    id."""
     with serve() as gone:
         url = gone.base_url
     client = holysheep.Client(
         api_key="k", base_url=url, transport=transport, retry=RetryPolicy.none()
     )
-    with pytest.raises(APIConnectionError, match="could not reach") as info:
+    with pytest.raises(ConnectError, match="could not connect to") as info:
         client.chat.complete(model="m", messages=MESSAGES, request_id="rid-x")
     assert "rid-x" == info.value.request_id
 
