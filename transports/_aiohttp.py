@@ -34,6 +34,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
+import urllib.parse
+import urllib.request
 from typing import Final, final
 
 try:
@@ -192,6 +194,7 @@ class AiohttpTransport(AsyncBaseTransport):
         self.max_connections_per_host = max_connections_per_host
         self.keepalive_timeout = keepalive_timeout
         self.verify = verify
+        self._proxies: dict[str, str | None] = {}  # per origin, see `_proxy_for`
 
     @property
     def session(self) -> aiohttp.ClientSession | None:
@@ -214,6 +217,23 @@ class AiohttpTransport(AsyncBaseTransport):
             timeout=aiohttp.ClientTimeout(total=None),
         )
 
+    def _proxy_for(self, url: str) -> str | None:
+        """The proxy `HTTP(S)_PROXY` / `NO_PROXY` name for `url`'s origin, read once per origin.
+
+        What requests and httpx do by default. Not aiohttp's `trust_env=True`: that also looks
+        up ~/.netrc on every request (in a worker thread) and refuses a request whose host is
+        there, since it carries an `authorization` header of its own.
+        """
+        origin = url.split("/", 3)[2] if "://" in url else url
+        if origin not in self._proxies:
+            parts = urllib.parse.urlsplit(url)
+            bypass = urllib.request.proxy_bypass(parts.hostname or "")
+            proxy = None if bypass else urllib.request.getproxies().get(parts.scheme)
+            if len(self._proxies) < 64:
+                self._proxies[origin] = proxy
+            return proxy
+        return self._proxies[origin]
+
     async def send(self, request: Request) -> AsyncResponse:
         _require_asyncio()
         session = self._session
@@ -229,6 +249,7 @@ class AiohttpTransport(AsyncBaseTransport):
                 data=request.content,
                 timeout=_client_timeout(request.timeouts),
                 allow_redirects=False,
+                proxy=self._proxy_for(request.url) if self._owns_session else None,
             )
         except _ERRORS as exc:
             raise _translate(exc, request) from exc

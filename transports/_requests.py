@@ -11,7 +11,12 @@ import requests
 import requests.adapters
 import urllib3
 
-from holysheep._exceptions import APIConnectionError, ConnectError, ConnectTimeoutError
+from holysheep._exceptions import (
+    APIConnectionError,
+    ConnectError,
+    ConnectTimeoutError,
+    LocalProtocolError,
+)
 from holysheep._exchange import Request
 from holysheep.transports._base import BaseTransport, Response
 
@@ -39,7 +44,7 @@ class RequestsTransport(BaseTransport):
         session: requests.Session | None = None,
         *,
         max_connections: int = 100,
-        verify: bool | str = True,
+        verify: bool | str | None = None,
     ) -> None:
         self._owns_session = session is None
         self.session = session if session is not None else requests.Session()
@@ -49,16 +54,28 @@ class RequestsTransport(BaseTransport):
             )
             self.session.mount("http://", adapter)
             self.session.mount("https://", adapter)
+        # None: the session's own `verify` (True for ours), so a session set up for a private
+        # CA is used as it is; a value given here wins over it.
         self.verify = verify
         self._settings: dict[str, Any] = {}
+        self._closed = False
 
     def send(self, request: Request) -> Response:
+        if self._closed:
+            raise LocalProtocolError("RequestsTransport is closed: cannot send another request")
         t = request.timeouts
         session = self.session
         try:
             prepared = session.prepare_request(
                 requests.Request(
-                    request.method, request.url, data=request.content, headers=dict(request.headers)
+                    request.method,
+                    request.url,
+                    data=request.content,
+                    headers=dict(request.headers),
+                    # Our `authorization` header as it is: without an `auth` of its own, requests
+                    # looks up ~/.netrc for the host on every request and replaces the API key
+                    # with the Basic credentials it finds there.
+                    auth=_as_is,
                 )
             )
             origin = request.url.split("/", 3)[2]
@@ -96,8 +113,13 @@ class RequestsTransport(BaseTransport):
         return Response(response.status_code, headers, *_body_and_closer(response))
 
     def close(self) -> None:
+        self._closed = True
         if self._owns_session:
             self.session.close()
+
+
+def _as_is(prepared: requests.PreparedRequest) -> requests.PreparedRequest:
+    return prepared
 
 
 def _never_sent(exc: requests.exceptions.ConnectionError) -> bool:

@@ -1,0 +1,113 @@
+"""What the built-in transports take from the environment (proxies, ~/.netrc, CA bundles) and
+from a session the user configured, over real sockets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+import holysheep
+from holysheep import LocalProtocolError
+from holysheep.testing import serve
+from holysheep.transports import AiohttpTransport, HTTPXTransport, RequestsTransport
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("transport", [RequestsTransport, HTTPXTransport])
+def test_netrc_credentials_never_replace_the_api_key(
+    transport: type[RequestsTransport | HTTPXTransport],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """requests looked the host up in ~/.netrc on every request and sent its Basic credentials
+    instead of the API key: a baffling 401, and the netrc password sent to the gateway."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login alice password s3cret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    with serve(tokens=2) as upstream:
+        with holysheep.Client(
+            api_key="sk-real", base_url=upstream.base_url, transport=transport()
+        ) as client:
+            client.chat.complete(model="m", messages=MESSAGES)
+        assert "Bearer sk-real" == upstream.requests[-1].headers["authorization"]
+
+
+class _RecordingSession(requests.Session):
+    """A user's session that notes the `verify` each request is sent with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent_with: list[Any] = []
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        self.sent_with.append(kwargs.get("verify"))
+        return super().send(request, **kwargs)
+
+
+def test_a_users_session_keeps_its_own_verify(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session set up for a private CA was sent with verify=True (the transport's default won
+    over the session's); a `verify` given to the transport still wins."""
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    with serve(tokens=2) as upstream:
+        for given, expected in ((None, "/etc/private-ca.pem"), (False, False)):
+            session = _RecordingSession()
+            session.verify = "/etc/private-ca.pem"
+            transport = RequestsTransport(session) if given is None else RequestsTransport(
+                session, verify=given
+            )  # fmt: skip
+            with holysheep.Client(
+                api_key="k", base_url=upstream.base_url, transport=transport
+            ) as client:
+                client.chat.complete(model="m", messages=MESSAGES)
+            assert [expected] == session.sent_with
+
+
+def test_a_closed_requests_transport_sends_nothing() -> None:
+    """After close(), a call that was queued (say, in a rate limiter) must not reach the server:
+    requests' session stays usable after close, so the transport refuses, as httpx's does."""
+    with serve(tokens=2) as upstream:
+        transport = RequestsTransport()
+        transport.close()  # what `Client.close()` does while the call waits its turn
+        client = holysheep.Client(api_key="k", base_url=upstream.base_url, transport=transport)
+        with pytest.raises(LocalProtocolError, match="RequestsTransport is closed"):
+            client.chat.complete(model="m", messages=MESSAGES)
+        assert [] == upstream.requests
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_aiohttp_goes_through_the_proxy_the_environment_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HTTP_PROXY was ignored by AiohttpTransport, where requests and httpx honour it: a proxy an
+    organisation requires was bypassed. The upstream stands in for the proxy (it answers the
+    absolute-form request line a proxy gets), and NO_PROXY still goes direct."""
+    with serve(tokens=2) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.base_url.removesuffix("/v1"))
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        async with holysheep.AsyncClient(
+            api_key="k",
+            base_url="http://gateway.invalid/v1",
+            transport=AiohttpTransport(),
+            retry=holysheep.RetryPolicy.none(),
+        ) as client:
+            completion = await client.chat.complete(model="m", messages=MESSAGES)
+            assert completion.text
+            assert 1 == len(proxy.requests)
+            monkeypatch.setenv("NO_PROXY", "gateway.invalid")
+        async with holysheep.AsyncClient(
+            api_key="k",
+            base_url="http://gateway.invalid/v1",
+            transport=AiohttpTransport(),
+            retry=holysheep.RetryPolicy.none(),
+        ) as client:
+            with pytest.raises(holysheep.APIConnectionError):
+                await client.chat.complete(model="m", messages=MESSAGES)
+        assert 1 == len(proxy.requests)
