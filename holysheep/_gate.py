@@ -25,6 +25,10 @@ _clock = time.monotonic
 # An async waiter without a known delay (not at the head, or all slots taken) looks again this
 # often; short next to any stream, long enough that thousands of waiters cost little CPU.
 _ASYNC_POLL = 0.005
+# The head of the queue knows its delay, but a release or a settled reservation (a stream that
+# used fewer tokens than it reserved) can shorten it: it looks again at least this often, as a
+# sync waiter does. One waiter, so the cost is nil.
+_ASYNC_HEAD_POLL = 0.1
 
 _gates: weakref.WeakKeyDictionary[RateLimiter, Gate] = weakref.WeakKeyDictionary()
 _gates_lock = threading.Lock()
@@ -75,7 +79,8 @@ class Gate:
                     if not isinstance(decision, Wait):
                         cond.notify_all()
                         return ticket
-                await anyio.sleep(_ASYNC_POLL if decision.delay is None else decision.delay)
+                delay = decision.delay
+                await anyio.sleep(_ASYNC_POLL if delay is None else min(delay, _ASYNC_HEAD_POLL))
         except BaseException:
             with cond:
                 limiter.cancel(ticket)

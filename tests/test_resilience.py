@@ -454,6 +454,27 @@ async def test_async_attempts_that_could_not_connect_give_their_tokens_back(
 
 
 @pytest.mark.anyio
+async def test_an_async_waiter_goes_as_soon_as_a_reservation_is_settled() -> None:
+    """A queued async call slept the whole wait computed when it reached the head (here ~45 s:
+    the first call reserved 1,500 of 2,000 tokens a minute), though the first call used only
+    a few tokens and gave the rest back on ending; it now looks again, as a sync one does."""
+    limiter = RateLimiter(tokens_per_minute=2000)
+    with serve(tokens=10, tokens_per_s=100) as upstream:
+        async with holysheep.AsyncClient(
+            api_key="k", base_url=upstream.base_url, retry=FAST, limiter=limiter
+        ) as made:
+
+            async def one() -> None:
+                await made.chat.complete(model="m", messages=MESSAGES, max_tokens=1500)
+
+            with anyio.fail_after(5):
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(one)
+                    await anyio.sleep(0.05)
+                    tasks.start_soon(one)
+
+
+@pytest.mark.anyio
 async def test_async_resume_and_retry() -> None:
     """The async client makes the same decisions, on asyncio and trio."""
     with serve(event_ids=True) as upstream:
