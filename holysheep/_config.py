@@ -6,6 +6,7 @@ Kept apart from both clients so that neither imports the other and both stay I/O
 from __future__ import annotations
 
 import functools
+import json
 import os
 import random as _random
 from collections.abc import Callable, Iterable, Mapping
@@ -53,6 +54,9 @@ class ClientConfig:
         observers: Iterable[Observer] = (),
     ) -> ClientConfig:
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        # A key read from a secrets file or `.env` often ends with a newline, which no HTTP
+        # header can carry: whitespace around a key is never part of it.
+        key = key.strip() if isinstance(key, str) else key
         if not key:
             raise ConfigurationError(
                 f"no API key: pass api_key=... or set the {API_KEY_ENV} environment variable"
@@ -61,10 +65,10 @@ class ClientConfig:
         check_on_interrupt(on_interrupt)
         for name, value in (headers or {}).items():
             _check_header(f"header {name!r}", value)
-        url = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+        url = _base_url(base_url or os.environ.get(BASE_URL_ENV, "").strip() or DEFAULT_BASE_URL)
         return cls(
             key,
-            url.rstrip("/"),
+            url,
             Timeouts.from_value(timeout),
             dict(headers or {}),
             require_end,
@@ -100,6 +104,15 @@ class ClientConfig:
             "stream_options": {"include_usage": True},
         }
         body.update(params)
+        if body["stream"] is not True:
+            raise ConfigurationError(
+                f"stream={body['stream']!r}: holysheep always streams; "
+                "client.chat.complete() returns the whole Completion"
+            )
+        options = params.get("stream_options")
+        if isinstance(options, Mapping):
+            # Merged, not replaced: other options must not turn usage off unasked.
+            body["stream_options"] = {"include_usage": True, **options}
         timeouts = self.timeouts if timeout is None else Timeouts.from_value(timeout)
         if on_interrupt is not None:
             check_on_interrupt(on_interrupt)
@@ -133,19 +146,49 @@ class ClientConfig:
         return call
 
 
-def _check_header(what: str, value: str) -> None:
-    """A header value HTTP cannot carry fails here, named, rather than deep in a transport.
+def _check_header(what: str, value: object) -> None:
+    """A header value HTTP cannot carry fails here, named, rather than deep in a transport
+    (which reports it as a connection failure, retried, or quotes the value).
 
-    Only ASCII goes everywhere (httpx refuses the rest); the value itself is not quoted, since
-    it may be a secret. A typical case: an API key pasted with a typographic dash.
+    Only printable ASCII goes everywhere (httpx refuses the rest, and a CR or LF would end the
+    header); the value itself is never quoted, since it may be a secret. Typical cases: an API
+    key pasted with a typographic dash, or a header value read from a file with its newline.
     """
-    if not isinstance(value, str) or value.isascii():
-        return
-    index, char = next((i, c) for i, c in enumerate(value) if not c.isascii())
-    raise ConfigurationError(
-        f"{what} has a character HTTP headers cannot carry: {char!r} (U+{ord(char):04X}) at "
-        f"position {index}; only ASCII is allowed"
-    )
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{what} must be a string, not {type(value).__name__}")
+    if not (value.isascii() and value.isprintable()):  # the common case skips the scan
+        bad = next((i for i, c in enumerate(value) if not _header_safe(c)), None)
+        if bad is not None:
+            char = value[bad]
+            raise ConfigurationError(
+                f"{what} has a character HTTP headers cannot carry: {char!r} "
+                f"(U+{ord(char):04X}) at position {bad}; only printable ASCII is allowed"
+            )
+    if value != value.strip(" \t"):
+        raise ConfigurationError(f"{what} starts or ends with whitespace, which HTTP drops")
+
+
+def _header_safe(char: str) -> bool:
+    return char.isascii() and (char.isprintable() or char == "\t")
+
+
+def _base_url(url: str) -> str:
+    """`url` as the clients join paths to it, or a clear error for one they cannot use.
+
+    People paste the whole endpoint (`.../v1/chat/completions`) or a trailing slash; both
+    mean the base. A query string (`?api-version=...`) stays at the end of every request's
+    URL. A path without a scheme is left to a transport whose own client has a base URL.
+    """
+    url = url.strip()
+    base, sep, query = url.partition("?")
+    base = base.rstrip("/")
+    base = base.removesuffix("/chat/completions").rstrip("/")
+    scheme = base.partition("://")[0].lower() if "://" in base else ""
+    if scheme not in ("http", "https") and not base.startswith("/"):
+        raise ConfigurationError(
+            f"base_url {url!r} needs http:// or https:// (for example https://api.holysheep.ai/v1)"
+        )
+    return base + sep + query
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -159,8 +202,9 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 
 @functools.lru_cache(maxsize=64)
 def _chat_url(base_url: str) -> str:
-    # One string per client, not one per stream.
-    return f"{base_url}/chat/completions"
+    # One string per client, not one per stream. A query string stays at the end.
+    base, sep, query = base_url.partition("?")
+    return f"{base}/chat/completions{sep}{query}"
 
 
 @final
@@ -197,12 +241,25 @@ class _Exchanges:
 
 def estimate_cost(body: Mapping[str, Any]) -> int:
     """Tokens to reserve from a tokens-per-minute budget: the prompt (about 4 characters a
-    token) plus `max_tokens`; reconciled with the real usage when the stream ends."""
+    token) plus `max_tokens` for each of the `n` choices; reconciled with the real usage when
+    the stream ends."""
     limit = body.get("max_tokens") or body.get("max_completion_tokens") or 0
-    return estimate_prompt(body) + (limit if isinstance(limit, int) else 0)
+    n = body.get("n")
+    choices = n if isinstance(n, int) and n > 1 else 1
+    return estimate_prompt(body) + (limit * choices if isinstance(limit, int) else 0)
+
+
+# Request fields the model reads as part of its prompt, besides the messages.
+_PROMPT_FIELDS = ("tools", "functions", "response_format")
 
 
 def estimate_prompt(body: Mapping[str, Any]) -> int:
-    """The prompt's tokens, about 4 characters a token."""
+    """The prompt's tokens, about 4 characters a token: the messages' content, and the tool
+    definitions and response schema, which gateways bill as prompt too."""
     messages = body.get("messages") or []
-    return sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, Mapping)) // 4
+    size = sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, Mapping))
+    for field in _PROMPT_FIELDS:
+        value = body.get(field)
+        if value:
+            size += len(json.dumps(value, default=str))
+    return size // 4

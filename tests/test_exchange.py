@@ -106,6 +106,88 @@ def test_a_header_http_cannot_carry_is_a_clear_error_naming_it() -> None:
     assert "secret" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (5, "header 'x-n' must be a string, not int"),
+        ("a\r\nx-admin: 1", r"'\\r' \(U\+000D\) at position 1"),
+        ("trace\n", r"'\\n' \(U\+000A\) at position 5"),
+        (" padded", "starts or ends with whitespace"),
+    ],
+)
+def test_a_header_value_http_cannot_carry_fails_at_construction(
+    value: object, message: str
+) -> None:
+    """A non-string value, a CR or LF (which would end the header) or padding reached the
+    transport, which called it a connection failure, retried it 4 times, and quoted it."""
+    with pytest.raises(ConfigurationError, match=message):
+        ClientConfig.from_arguments("k", None, None, {"x-n": value}, True)  # type: ignore[dict-item]
+
+
+def test_whitespace_around_an_api_key_is_not_part_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key read from a secrets file keeps its newline, which was sent (and quoted in the
+    error) or refused deep in a transport; a key inside still fails, unquoted."""
+    monkeypatch.setenv("HOLYSHEEP_API_KEY", "sk-from-file\n")
+    assert "sk-from-file" == ClientConfig.from_arguments(None, None, None, None, True).api_key
+    with pytest.raises(ConfigurationError, match="HOLYSHEEP_API_KEY"):
+        ClientConfig.from_arguments(" \n", None, None, None, True)
+    with pytest.raises(ConfigurationError) as info:
+        ClientConfig.from_arguments("sk-se\ncret", None, None, None, True)
+    assert "cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("given", "url"),
+    [
+        ("https://gw.example/v1/", "https://gw.example/v1/chat/completions"),
+        (" https://gw.example/v1\n", "https://gw.example/v1/chat/completions"),
+        ("https://gw.example/v1/chat/completions", "https://gw.example/v1/chat/completions"),
+        (
+            "https://gw.example/v1?api-version=2",
+            "https://gw.example/v1/chat/completions?api-version=2",
+        ),
+    ],
+)
+def test_the_base_url_is_read_as_people_write_it(given: str, url: str) -> None:
+    """A trailing slash or newline, the whole endpoint pasted, or a query string: each sent
+    to a URL that does not exist (`/v1%20%0A/...`, `/chat/completions/chat/completions`, the
+    query in the middle of the path)."""
+    config = ClientConfig.from_arguments("k", given, None, None, True)
+    assert url == config.call("m", [], {}).start_attempt(0.0).request.url
+
+
+@pytest.mark.parametrize("given", ["api.holysheep.ai/v1", "localhost:8000/v1", "ftp://x/v1"])
+def test_a_base_url_without_http_is_a_clear_error(given: str) -> None:
+    """Without a scheme, a transport reported it as a connection failure, retried."""
+    with pytest.raises(ConfigurationError, match="needs http:// or https://"):
+        ClientConfig.from_arguments("k", given, None, None, True)
+
+
+def test_stream_false_is_refused_and_stream_options_keep_usage() -> None:
+    """`stream=False` sent a body the API refuses (and the fake upstream answered with JSON,
+    reported as a wrong content type); a caller's `stream_options` replaced `include_usage`,
+    so usage, and with it exact cost, went missing."""
+    config = ClientConfig.from_arguments("k", None, None, None, True)
+    with pytest.raises(ConfigurationError, match="stream=False: holysheep always streams"):
+        config.call("m", [], {"stream": False})
+    call = config.call("m", [], {"stream": True, "stream_options": {"continuous_usage": True}})
+    body = json.loads(call.start_attempt(0.0).request.content)
+    assert {"include_usage": True, "continuous_usage": True} == body["stream_options"]
+
+
+def test_the_token_reservation_counts_every_choice_and_the_tool_definitions() -> None:
+    """`n=4` reserved one choice's `max_tokens`, and 4,000 characters of tool schema nothing:
+    the limiter let through what the gateway then refused with 429s."""
+    config = ClientConfig.from_arguments("k", None, None, None, True)
+    plain = config.call("m", [], {"max_tokens": 50}, limited=True)
+    four = config.call("m", [], {"max_tokens": 50, "n": 4}, limited=True)
+    tools = [{"type": "function", "function": {"name": "f", "description": "x" * 4000}}]
+    with_tools = config.call("m", [], {"max_tokens": 50, "tools": tools}, limited=True)
+    assert (50, 200) == (plain.cost, four.cost)
+    assert 1000 < with_tools.prompt_cost < 1100
+    assert with_tools.cost == with_tools.prompt_cost + 50
+
+
 def test_env_vars_configure_key_and_url(monkeypatch: pytest.MonkeyPatch) -> None:
     """HOLYSHEEP_API_KEY and HOLYSHEEP_BASE_URL are read; the default URL is the gateway."""
     monkeypatch.setenv("HOLYSHEEP_API_KEY", "sk-env")
