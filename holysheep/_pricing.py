@@ -72,6 +72,8 @@ _CHARS_PER_TOKEN = 4
 _MILLION = 1_000_000
 # A snapshot suffix as providers report it: gpt-4.1-2025-04-14, claude-sonnet-4-5-20250929.
 _SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
+# A major-minor version with a dash for the dot, one digit each: 4-5, v3-2 (not 4-0613).
+_DASHED_VERSION = re.compile(r"-(v?\d)-(\d)(?=-|$)")
 _SUFFIXES = {"": 1, "K": 1_000, "M": 1_000_000, "B": 1_000_000_000}
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMB]?)\s*$", re.IGNORECASE)
 # Who sells a model directly, by name prefix: used only to label the comparison rows.
@@ -127,9 +129,11 @@ class Cost:
 
 
 def normalize_model(model: str) -> str:
-    """The key a model is priced under: lower case, no provider prefix, no snapshot date."""
+    """The key a model is priced under: lower case, no provider prefix, no snapshot date, and a
+    version written with a dot (`claude-sonnet-4-5`, Anthropic's own id, is `claude-sonnet-4.5`
+    as gateways list it; `claude-3-5-haiku` is `claude-3.5-haiku`)."""
     name = model.strip().lower().rsplit("/", 1)[-1]
-    return _SNAPSHOT.sub("", name)
+    return _DASHED_VERSION.sub(r"-\1.\2", _SNAPSHOT.sub("", name))
 
 
 def provider_of(model: str) -> str:

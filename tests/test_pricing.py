@@ -41,6 +41,21 @@ def test_lookup_is_tolerant_of_how_models_are_written(name: str) -> None:
     assert Price.blended(8.0) == PriceTable.default().lookup(name)
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "claude-sonnet-4-5",
+        "claude-sonnet-4-5-20250929",
+        "anthropic/claude-sonnet-4-5",
+        "claude-sonnet-4.5",
+    ],
+)
+def test_anthropics_own_model_ids_are_priced(name: str) -> None:
+    """Anthropic writes the version with a dash (`claude-sonnet-4-5`), gateways with a dot:
+    a completion reporting Anthropic's id had no price, so no cost at all."""
+    assert Price.blended(15.0) == PriceTable.default().lookup(name)
+
+
 @pytest.mark.parametrize("name", ["gpt-4.1-mini", "gpt-4", "unknown", ""])
 def test_lookup_never_matches_by_prefix(name: str) -> None:
     """gpt-4.1-mini is another model: unknown, not priced as gpt-4.1."""
@@ -48,8 +63,10 @@ def test_lookup_never_matches_by_prefix(name: str) -> None:
 
 
 def test_normalize_and_provider() -> None:
-    """Keys drop prefixes and dates; direct routes are labelled by provider."""
-    assert "claude-sonnet-4-5" == normalize_model("anthropic/claude-sonnet-4-5-20250929")
+    """Keys drop prefixes and dates and write versions with a dot; direct routes are labelled
+    by provider."""
+    assert "claude-sonnet-4.5" == normalize_model("anthropic/claude-sonnet-4-5-20250929")
+    assert "gpt-4-0613" == normalize_model("gpt-4-0613")  # a snapshot number, not a version
     assert ["OpenAI", "Anthropic", "Google", "DeepSeek", "direct"] == [
         provider_of(m)
         for m in ("gpt-4.1", "claude-sonnet-4.5", "gemini-2.5-flash", "deepseek-v3.2", "x")

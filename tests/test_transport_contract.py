@@ -114,3 +114,34 @@ def test_bytearray_and_memoryview_pieces_are_taken_as_bytes() -> None:
     pieces = [bytearray(body[0]), memoryview(body[1]), *body[2:]]
     with holysheep.Client(api_key="k", base_url="http://mock/v1", transport=_Pieces(pieces)) as c:
         assert "Hello" == c.chat.complete(model="m", messages=MESSAGES).text
+
+
+class _MixedCaseHeaders(BaseTransport):
+    """A user's transport handing over the server's header names as a plain dict, unlowered."""
+
+    def __init__(self, status: int, headers: dict[str, str], body: list[bytes]) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    def send(self, request: Request) -> Response:
+        return Response(self.status, self.headers, iter(self.body))
+
+
+def test_a_plain_dict_of_mixed_case_headers_is_read() -> None:
+    """`Content-Type` in a plain dict was missed: "the server sent '(none)'" blamed the server,
+    and the request id and Retry-After were lost with it."""
+    headers = {"Content-Type": "text/event-stream", "X-Request-ID": "req-7"}
+    transport = _MixedCaseHeaders(200, headers, sse_body("Hi"))
+    with (
+        holysheep.Client(api_key="k", base_url="http://mock/v1", transport=transport) as client,
+        client.chat.stream(model="m", messages=MESSAGES) as stream,
+    ):
+        assert "Hi" == "".join(chunk.text for chunk in stream)
+    assert "req-7" == stream.request_id
+    limited = _MixedCaseHeaders(429, {"Content-Type": "application/json", "Retry-After": "7"}, [])
+    client = holysheep.Client(
+        api_key="k", base_url="http://mock/v1", transport=limited, retry=RetryPolicy.none()
+    )
+    with pytest.raises(holysheep.RateLimitError) as info:
+        client.chat.complete(model="m", messages=MESSAGES)
+    assert 7.0 == info.value.retry_after
+    client.close()
