@@ -100,6 +100,28 @@ def test_routes_and_bad_bodies_answer_in_openai_error_shape() -> None:
     assert (404, "no route for GET /nope") == (missing.status, missing_body["error"]["message"])
 
 
+def test_routes_are_exact_as_the_gateways_are() -> None:
+    """Any path ending in /chat/completions was answered, so a client that dropped `/v1`
+    passed every test here and got a 404 from the real gateway; the absolute form a proxy is
+    sent (`POST http://host/v1/...`) is the same route."""
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    answers = []
+    with serve(tokens=1) as upstream:
+        for target in (
+            "/chat/completions",
+            "/api/chat/completions",
+            "/v1/chat/completions/",
+            f"http://127.0.0.1:{upstream.port}/v1/chat/completions",
+        ):
+            connection = http.client.HTTPConnection("127.0.0.1", upstream.port, timeout=5)
+            connection.request("POST", target, body=body)
+            response = connection.getresponse()
+            response.read()
+            connection.close()
+            answers.append(response.status)
+    assert [404, 404, 200, 200] == answers
+
+
 def test_zero_tokens_stream_an_empty_completion() -> None:
     """`tokens=0`: no content chunk, but the finish, the usage and [DONE] all come."""
     with serve(tokens=0) as upstream:

@@ -328,12 +328,12 @@ class MockUpstream:
         except ValueError:
             body = None
         self.requests.append(RecordedRequest(method, path.split("?")[0], headers, body))
-        route = path.split("?")[0].rstrip("/")
+        route = _route(path)
         request_id = _request_id(self.config, headers)
-        if method == "GET" and route.endswith("/models"):
+        if method == "GET" and route == "/v1/models":
             models = [{"id": m, "object": "model", "owned_by": "holysheep-mock"} for m in _MODELS]
             await self._send_json(writer, 200, {"object": "list", "data": models}, request_id)
-        elif method == "POST" and route.endswith("/chat/completions"):
+        elif method == "POST" and route == "/v1/chat/completions":
             try:
                 config = self._config_for(headers)
                 request = _check_body(body)
@@ -776,3 +776,13 @@ def serve(
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
+
+
+def _route(target: str) -> str:
+    """The path a request line names: without its query, a trailing slash, or (the
+    absolute form a proxy is sent) its scheme and host. Routes are exact, as the gateway's
+    are: a client that dropped `/v1` must get the 404 the real one would."""
+    path = target.split("?")[0]
+    if path.startswith(("http://", "https://")):
+        path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
+    return path.rstrip("/") or "/"
