@@ -89,7 +89,9 @@ _PROVIDERS = (
 
 
 def _non_negative(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+    # bool is an int to Python, but `input = true` in a price file is a mistake, not $1.
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not (ok and math.isfinite(value) and value >= 0):
         raise ValueError(f"{attribute.name} must be a finite number >= 0, got {value!r}")
 
 
@@ -261,6 +263,9 @@ def _read_section(data: Mapping[str, Any], section: str, path: object) -> dict[s
                 extra = set(value) - {"input", "output"}
                 if extra or not value:
                     raise ValueError(f"expected keys input and/or output, got {sorted(value)}")
+                for side, figure in value.items():
+                    if isinstance(figure, bool) or not isinstance(figure, int | float):
+                        raise ValueError(f"expected a number for {side}, got {figure!r}")
                 # One side given: it is the only figure known, so it applies to both.
                 known = value.get("input", value.get("output"))
                 price = Price(float(value.get("input", known)), float(value.get("output", known)))

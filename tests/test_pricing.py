@@ -111,7 +111,7 @@ def test_estimate_tokens(text: str, tokens: int) -> None:
     assert tokens == estimate_tokens(text)
 
 
-@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), True])
 def test_price_rejects_nonsense(bad: float) -> None:
     """Prices users construct are checked: finite and not negative."""
     with pytest.raises(ValueError, match="input_per_million"):
@@ -155,6 +155,7 @@ def test_from_toml_with_an_empty_base_uses_only_the_file(tmp_path: Path) -> None
         ('[gateway]\n"a" = "cheap"\n', "'a': expected a number"),
         ('[gateway]\n"a" = { in = 1 }\n', "'a': expected keys input and/or output"),
         ('[gateway]\n"a" = true\n', "'a': expected a number"),
+        ('[gateway]\n"a" = { input = true }\n', "expected a number for input, got True"),
         ('[prices]\n"a" = 1\n', "unknown section(s) prices"),
         ("gateway = 3\n", "[gateway] must be a table"),
     ],
