@@ -7,6 +7,7 @@ runs on asyncio only, so these tests do too, except the one proving trio gets a 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import socket
@@ -429,6 +430,26 @@ async def test_trio_gets_a_clear_error(upstream: MockUpstream) -> None:
     async with client_for(upstream, AiohttpTransport()) as client:
         with pytest.raises(ConfigurationError, match=r"asyncio only.*trio.*AsyncHTTPXTransport"):
             await client.chat.complete(model="m", messages=MESSAGES)
+
+
+def test_one_client_on_a_second_event_loop_is_a_clear_error(upstream: MockUpstream) -> None:
+    """A client kept across two `asyncio.run()` calls failed on the second with aiohttp's
+    "Event loop is closed"; it now says what is wrong and what to do."""
+    client = holysheep.AsyncClient(
+        api_key="k", base_url=upstream.base_url, transport=AiohttpTransport()
+    )
+
+    async def ask() -> str:
+        return (await client.chat.complete(model="m", messages=MESSAGES)).text
+
+    first = asyncio.new_event_loop()
+    try:
+        assert EXPECTED == first.run_until_complete(ask())
+        with pytest.raises(ConfigurationError, match=r"one AsyncClient .* per event loop"):
+            asyncio.run(ask())
+        first.run_until_complete(client.aclose())
+    finally:
+        first.close()
 
 
 def test_the_package_imports_without_aiohttp() -> None:

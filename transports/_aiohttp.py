@@ -195,6 +195,7 @@ class AiohttpTransport(AsyncBaseTransport):
         self.keepalive_timeout = keepalive_timeout
         self.verify = verify
         self._proxies: dict[str, str | None] = {}  # per origin, see `_proxy_for`
+        self._loop: asyncio.AbstractEventLoop | None = None  # our session's, see `send`
 
     @property
     def session(self) -> aiohttp.ClientSession | None:
@@ -241,6 +242,14 @@ class AiohttpTransport(AsyncBaseTransport):
             if self._closed:
                 raise LocalProtocolError("AiohttpTransport is closed: cannot send another request")
             session = self._session = self._new_session()
+            self._loop = asyncio.get_running_loop()
+        elif self._loop is not None and self._loop is not asyncio.get_running_loop():
+            # aiohttp binds a session to its loop for good; on another it fails with "Event
+            # loop is closed" or worse. Common with one client shared by two `asyncio.run()`s.
+            raise ConfigurationError(
+                "AiohttpTransport was first used on another event loop, and its aiohttp session "
+                "is bound to that one: make one AsyncClient (and transport) per event loop"
+            )
         try:
             response = await session.request(
                 request.method,
