@@ -31,8 +31,8 @@ class Urllib3Transport(BaseTransport):
                 # Bound the wait for the response head: a server may accept and never answer.
                 timeout=urllib3.Timeout(connect=t.connect, read=t.head_timeout()),
             )
-        except urllib3.exceptions.NewConnectionError as exc:  # refused, DNS: not a timeout
-            raise holysheep.APIConnectionError(f"could not reach {request.url}: {exc}") from exc
+        except urllib3.exceptions.NewConnectionError as exc:  # refused, DNS: nothing was sent
+            raise holysheep.ConnectError(f"could not connect to {request.url}: {exc}") from exc
         except urllib3.exceptions.ConnectTimeoutError as exc:  # translate at the edge
             limit = t.connect or 0.0
             raise holysheep.ConnectTimeoutError(
@@ -40,12 +40,15 @@ class Urllib3Transport(BaseTransport):
                 limit=limit,
                 elapsed=limit,
             ) from exc
-        except urllib3.exceptions.HTTPError as exc:
+        except (urllib3.exceptions.HTTPError, ValueError) as exc:  # ValueError: a bad header
             raise holysheep.APIConnectionError(f"could not reach {request.url}: {exc}") from exc
         # The head arrived: from here the client's ttft and idle timers rule, and the socket
-        # timeout is only a backstop (the head timeout would cut a slow stream short).
-        sock = getattr(response.connection, "sock", None)
-        if sock is not None:
+        # timeout is only a backstop (the head timeout would cut a slow stream short). Reach
+        # the socket through the body file: a body that ends when the server closes (no
+        # length, no chunking) takes it from the connection, whose `sock` is then None.
+        sock = None
+        with contextlib.suppress(AttributeError):
+            sock = response._fp.fp.raw._sock  # http.client response, buffered file, socket
             sock.settimeout(t.read_backstop())
 
         done = []
@@ -56,14 +59,10 @@ class Urllib3Transport(BaseTransport):
                     yield from response.read_chunked(decode_content=True)
                 else:
                     yield from iter(lambda: response.read1(65536), b"")
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
+            except (urllib3.exceptions.HTTPError, OSError, ValueError, AttributeError) as exc:
+                # ValueError, AttributeError: close() in another thread closed the response.
                 raise holysheep.APIConnectionError(f"stream broke: {exc}") from exc
             done.append(True)
-
-        def close() -> None:
-            # A finished body returns its connection to the pool; an abandoned one is closed,
-            # so the server sees the client leave.
-            response.release_conn() if done else response.close()
 
         def interrupt() -> None:
             # From another thread while a read may be under way: wake it, and leave the close
@@ -71,6 +70,16 @@ class Urllib3Transport(BaseTransport):
             if sock is not None and not done:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+        def close() -> None:
+            # A finished body returns its connection to the pool; an abandoned one is closed,
+            # so the server sees the client leave. Shut down first: a read blocked in another
+            # thread holds the body file's lock, and close() alone would wait for the server.
+            if done:
+                response.release_conn()
+            else:
+                interrupt()
+                response.close()
 
         headers = {name.lower(): value for name, value in response.headers.items()}
         return Response(response.status, headers, body(), close, interrupt)

@@ -45,6 +45,7 @@ from holysheep.transports import (
     MockResponse,
     MockTransport,
     RequestsTransport,
+    sse_body,
 )
 
 MESSAGES = [{"role": "user", "content": "Tell me about sheep."}]
@@ -1394,6 +1395,143 @@ def test_the_urllib3_example_translates_a_connect_timeout() -> None:
         with pytest.raises(holysheep.ConnectTimeoutError, match=r"within 0\.3 s"):
             transport.send(request)
     assert time.monotonic() - started < 2
+    transport.close()
+
+
+_CLOSE_DELIMITED_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+)
+
+
+@contextlib.contextmanager
+def _stalled_after(sent: bytes) -> Iterator[tuple[str, threading.Event]]:
+    """A server on 127.0.0.1 that sends `sent`, then nothing until the client leaves (the event
+    is set) or the test ends."""
+    stop = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        conn.sendall(sent)
+        if _gone(conn, stop):
+            raise ConnectionResetError("the client left")
+
+    with _one_connection(handle) as served:
+        try:
+            yield served
+        finally:
+            stop.set()
+
+
+def test_the_urllib3_example_waits_for_slow_tokens_on_a_close_delimited_body() -> None:
+    """A body that ends when the server closes (no length, no chunking) gets the backstop
+    too: a first token 1 s after a head due within 0.35 s arrives (the example looked for the
+    socket on the connection, which http.client empties then, and failed at 0.35 s)."""
+
+    def handle(conn: socket.socket) -> None:
+        conn.sendall(_CLOSE_DELIMITED_HEAD)
+        time.sleep(1)
+        conn.sendall(b"".join(sse_body("late", " but fine")))
+
+    with _one_connection(handle) as (url, _):
+        client = holysheep.Client(
+            api_key="k",
+            base_url=url,
+            transport=urllib3_example(),
+            retry=RetryPolicy.none(),
+            timeout=Timeouts(connect=0.3, ttft=5),
+        )
+        completion = client.chat.complete(model="m", messages=MESSAGES)
+        client.close()
+    assert "late but fine" == completion.text
+
+
+def test_the_urllib3_example_idle_timeout_wakes_a_close_delimited_read() -> None:
+    """`interrupt` reaches the socket of a close-delimited body, so the idle timeout ends a
+    stall on time and the server sees the client leave (the read waited out the 3 s head
+    timeout, or the server)."""
+    sent = _CLOSE_DELIMITED_HEAD + b"".join(sse_body("Hello")[:2])
+    with _stalled_after(sent) as (url, left):
+        client = holysheep.Client(
+            api_key="k",
+            base_url=url,
+            transport=urllib3_example(),
+            retry=RetryPolicy.none(),
+            timeout=Timeouts(connect=3, idle=0.3),
+        )
+        started = time.monotonic()
+        with (
+            pytest.raises(IdleTimeoutError),
+            client.chat.stream(model="m", messages=MESSAGES) as stream,
+        ):
+            for _ in stream:
+                pass
+        elapsed = time.monotonic() - started
+        assert left.wait(1)
+        client.close()
+    assert elapsed < 1.5
+
+
+def test_the_urllib3_example_close_from_another_thread_ends_a_blocked_read() -> None:
+    """`Response.close()` while another thread reads returns at once and the read ends with
+    APIConnectionError (close waited for the server's next bytes, and the read then raised a
+    raw AttributeError)."""
+    transport = urllib3_example()
+    with _stalled_after(_SSE_HEAD + _chunk({"choices": []})) as (url, left):
+        timeouts = Timeouts(connect=1, ttft=1, idle=1, total=1)  # a 6 s backstop
+        response = transport.send(holysheep.Request("POST", url, (), b"{}", timeouts))
+        failures: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                for _ in response.stream:
+                    pass
+            except Exception as exc:
+                failures.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(0.2)  # the reader is blocked in recv()
+        started = time.monotonic()
+        response.close()
+        closing = time.monotonic() - started
+        reader.join(5)
+        assert left.wait(1)
+    transport.close()
+    assert closing < 0.5
+    assert [APIConnectionError] == [type(failure) for failure in failures]
+
+
+def test_the_urllib3_example_read_after_close_is_a_connection_error() -> None:
+    """A read that starts after `close()` (from another thread, between two reads) raises
+    APIConnectionError, not the raw AttributeError of a closed http.client response."""
+    transport = urllib3_example()
+    with _stalled_after(_SSE_HEAD + _chunk({"choices": []}) * 2) as (url, _):
+        response = transport.send(holysheep.Request("POST", url, (), b"{}", Timeouts()))
+        next(response.stream)
+        response.close()
+        with pytest.raises(APIConnectionError, match="stream broke"):
+            next(response.stream)
+    transport.close()
+
+
+def test_the_urllib3_example_translates_a_header_it_cannot_send(silent_server: str) -> None:
+    """A header value with CRLF, which urllib3 refuses with a ValueError, is an
+    APIConnectionError like every other failure to send."""
+    transport = urllib3_example()
+    request = holysheep.Request("POST", silent_server, (("x-bad", "a\r\nb"),), b"{}", Timeouts())
+    with pytest.raises(APIConnectionError, match="Invalid header value"):
+        transport.send(request)
+    transport.close()
+
+
+def test_the_urllib3_example_says_a_refused_connection_was_never_made() -> None:
+    """A refused connection is a ConnectError, as in the built-in transports, so a rate
+    limiter gives back what the attempt reserved."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{unused.getsockname()[1]}/v1/chat/completions"
+    transport = urllib3_example()
+    with pytest.raises(holysheep.ConnectError, match="could not connect"):
+        transport.send(holysheep.Request("POST", url, (), b"{}", Timeouts(connect=1)))
     transport.close()
 
 

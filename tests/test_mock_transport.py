@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import anyio
 import pytest
 
 import holysheep
@@ -149,4 +150,93 @@ async def test_async_mock_transport() -> None:
         assert ["", "a", "b", ""] == texts
         assert "ab" == stream.completion.text
         with pytest.raises(FirstTokenTimeoutError):
+            await client.chat.complete(model="m", messages=MESSAGES)
+
+
+def test_chunks_given_as_one_bytes_value_say_to_pass_a_list() -> None:
+    """A whole body as one bytes value is refused where it is written, naming the field (it
+    failed in the client with "object of type 'int' has no len()")."""
+    body = b"".join(sse_body("Hi"))
+    with pytest.raises(TypeError, match=r"chunks must be a list of bytes.*single bytes.*pass \["):
+        MockResponse(chunks=body)  # type: ignore[arg-type]
+
+
+def test_str_chunks_say_to_encode_them() -> None:
+    """A str chunk is refused with its index and the fix (it failed inside the decoder)."""
+    chunks = [chunk.decode() for chunk in sse_body("Hi")]
+    with pytest.raises(TypeError, match=r"chunks\[0\] is a str.*encode it"):
+        MockResponse(chunks=chunks)  # type: ignore[arg-type]
+
+
+def test_generator_chunks_are_kept_so_a_retried_response_is_whole_again() -> None:
+    """Chunks become a tuple: a response served twice (a handler returning the same one, the
+    second time after a 503) streams in full both times instead of empty."""
+    ok = MockResponse(chunks=(chunk for chunk in sse_body("Hi")))
+    answers = iter([ok, MockResponse(status_code=503, chunks=[b"{}"]), ok])
+    transport = MockTransport(lambda request: next(answers))
+    client = holysheep.Client(
+        api_key="k", transport=transport, retry=holysheep.RetryPolicy(wait_initial=0.01)
+    )
+    first = client.chat.complete(model="m", messages=MESSAGES)
+    second = client.chat.complete(model="m", messages=MESSAGES)
+    assert ("Hi", "Hi", 3) == (first.text, second.text, len(transport.requests))
+    assert tuple(sse_body("Hi")) == ok.chunks
+
+
+def test_headers_none_adds_no_headers() -> None:
+    """`headers=None` means no extra headers, not an AttributeError."""
+    assert {"content-type": "text/event-stream"} == MockResponse(headers=None).headers
+
+
+def test_a_handler_returning_no_mock_response_is_a_type_error_naming_it() -> None:
+    """A handler that returns None says so, instead of an AttributeError from the client."""
+    client = holysheep.Client(api_key="k", transport=MockTransport(lambda request: None))  # type: ignore[arg-type,return-value]
+    with pytest.raises(TypeError, match="must return a MockResponse; it returned None"):
+        client.chat.complete(model="m", messages=MESSAGES)
+
+
+def test_an_async_handler_on_the_sync_transport_points_to_the_async_one() -> None:
+    """An `async def` handler given to `MockTransport` is refused with the fix, and its
+    coroutine is closed, so no "never awaited" warning follows."""
+
+    async def handler(request: holysheep.Request) -> MockResponse:
+        return MockResponse()
+
+    client = holysheep.Client(api_key="k", transport=MockTransport(handler))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"returned <coroutine.*needs AsyncMockTransport"):
+        client.chat.complete(model="m", messages=MESSAGES)
+
+
+def test_a_single_mock_response_as_the_script_says_to_wrap_it() -> None:
+    """A script is a handler or a list: one bare `MockResponse`, or a list holding something
+    else, is refused when the transport is built."""
+    with pytest.raises(TypeError, match=r"pass \[response\]"):
+        MockTransport(MockResponse())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="item 1 is a dict"):
+        MockTransport([MockResponse(), {"status_code": 200}])  # type: ignore[list-item]
+
+
+@pytest.mark.anyio
+async def test_an_async_handler_is_awaited() -> None:
+    """`AsyncMockTransport` awaits an `async def` handler (its coroutine used to be taken for
+    the response)."""
+
+    async def handler(request: holysheep.Request) -> MockResponse:
+        await anyio.sleep(0)
+        return MockResponse(chunks=sse_body("async", " hi"))
+
+    async with holysheep.AsyncClient(api_key="k", transport=AsyncMockTransport(handler)) as client:
+        completion = await client.chat.complete(model="m", messages=MESSAGES)
+    assert "async hi" == completion.text
+
+
+@pytest.mark.anyio
+async def test_an_async_handler_returning_no_mock_response_is_a_type_error_naming_it() -> None:
+    """What an async handler returns is checked as a sync one's is."""
+
+    async def handler(request: holysheep.Request) -> MockResponse:
+        return "hello"  # type: ignore[return-value]
+
+    async with holysheep.AsyncClient(api_key="k", transport=AsyncMockTransport(handler)) as client:
+        with pytest.raises(TypeError, match="it returned 'hello'"):
             await client.chat.complete(model="m", messages=MESSAGES)

@@ -2,16 +2,30 @@
 
 `MockTransport(handler)` calls `handler(request)` for each request; the handler returns a
 `MockResponse` (status, headers, body chunks, a delay before each chunk, and an optional fault
-raised after the chunks). A list of `MockResponse`s works too: each request takes the next
-one, and a request after the last one raises `LocalProtocolError` (the script is wrong, so no
-retry can help). Delays really wait (`time.sleep` / `anyio.sleep`), so the clients' timeouts
-can be exercised.
+raised after the chunks). `AsyncMockTransport` also takes an `async def` handler. A list of
+`MockResponse`s works too: each request takes the next one, and a request after the last one
+raises `LocalProtocolError` (the script is wrong, so no retry can help). Delays really wait
+(`time.sleep` / `anyio.sleep`), so the clients' timeouts can be exercised.
+
+Mistakes in a script are the test's own, so they raise `TypeError` where they are made (a
+`MockResponse` built with a bad `chunks`, a handler returning something else), naming what was
+given, rather than surfacing later as an obscure error from inside the client.
 """
 
 from __future__ import annotations
 
+import inspect
+import reprlib
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import final
 
 import anyio
@@ -45,10 +59,43 @@ def sse_body(*texts: str, finish_reason: str = "stop", model: str = "mock") -> l
     ]
 
 
-def _over_defaults(headers: Mapping[str, str]) -> dict[str, str]:
+def _over_defaults(headers: Mapping[str, str] | None) -> dict[str, str]:
     """The given headers over `content-type: text/event-stream`, names in lower case: adding
-    an `x-request-id` must not turn a stream into an unexpected content type."""
-    return {"content-type": "text/event-stream", **{k.lower(): v for k, v in headers.items()}}
+    an `x-request-id` must not turn a stream into an unexpected content type. None: none."""
+    given = headers or {}
+    return {"content-type": "text/event-stream", **{k.lower(): v for k, v in given.items()}}
+
+
+def _as_chunks(chunks: Iterable[bytes]) -> tuple[bytes, ...]:
+    """A tuple, so the response can be served again (a retry, a handler returning the same
+    one): a generator would be empty the second time, and the stream end without `[DONE]`."""
+    if isinstance(chunks, str | bytes | bytearray | memoryview):
+        # Iterating one would yield characters or ints, failing far from here.
+        raise TypeError(
+            f"MockResponse chunks must be a list of bytes, one per read, not a single "
+            f"{type(chunks).__name__} value: pass [{reprlib.repr(chunks)}]"
+        )
+    try:
+        return tuple(chunks)
+    except TypeError:
+        raise TypeError(
+            f"MockResponse chunks must be a list of bytes, one per read; got {reprlib.repr(chunks)}"
+        ) from None
+
+
+def _all_bytes(instance: object, attribute: object, chunks: Sequence[object]) -> None:
+    for index, chunk in enumerate(chunks):
+        if isinstance(chunk, bytes):
+            continue
+        hint = (
+            "encode it (b'...' or text.encode())"
+            if isinstance(chunk, str)
+            else "each must be bytes"
+        )
+        raise TypeError(
+            f"MockResponse chunks[{index}] is a {type(chunk).__name__}, "
+            f"{reprlib.repr(chunk)}: {hint}"
+        )
 
 
 @final
@@ -56,26 +103,44 @@ def _over_defaults(headers: Mapping[str, str]) -> dict[str, str]:
 class MockResponse:
     """One scripted response.
 
-    `headers` are added to the default `content-type: text/event-stream` (a given content
-    type replaces it; names are case-insensitive). `delay` is waited before each chunk
-    (seconds); `fault`, if set, is raised after the last chunk as the transport's
-    `APIConnectionError` (a dropped connection).
+    `chunks` is a list of bytes, each delivered as one read (kept as a tuple, so a response
+    can be served more than once). `headers` are added to the default
+    `content-type: text/event-stream` (a given content type replaces it; names are
+    case-insensitive; None adds none). `delay` is waited before each chunk (seconds); `fault`,
+    if set, is raised after the last chunk as the transport's `APIConnectionError` (a dropped
+    connection).
     """
 
     status_code: int = 200
-    chunks: Sequence[bytes] = attrs.field(factory=lambda: sse_body("Hello", "!"))
+    chunks: tuple[bytes, ...] = attrs.field(
+        factory=lambda: tuple(sse_body("Hello", "!")), converter=_as_chunks, validator=_all_bytes
+    )
     headers: Mapping[str, str] = attrs.field(factory=dict, converter=_over_defaults)
     delay: float = 0.0
     fault: str | None = None
 
 
 Handler = Callable[[Request], MockResponse]
+AsyncHandler = Callable[[Request], MockResponse | Awaitable[MockResponse]]
 
 
-def _as_handler(script: Handler | Sequence[MockResponse]) -> Handler:
+def _as_handler(
+    script: Callable[[Request], object] | Sequence[MockResponse],
+) -> Callable[[Request], object]:
     if callable(script):
         return script
+    given: object = script  # the types say a MockResponse cannot be here; a test may say otherwise
+    if isinstance(given, MockResponse):
+        raise TypeError(
+            "a MockTransport script is a handler or a list of MockResponses: pass [response]"
+        )
     responses = list(script)
+    for index, response in enumerate(responses):
+        if not isinstance(response, MockResponse):
+            raise TypeError(
+                f"a MockTransport script holds MockResponses; item {index} is a "
+                f"{type(response).__name__}, {reprlib.repr(response)}"
+            )
     scripted = len(responses)
     lock = threading.Lock()
 
@@ -94,6 +159,22 @@ def _as_handler(script: Handler | Sequence[MockResponse]) -> Handler:
     return next_response
 
 
+def _checked(result: object) -> MockResponse:
+    """The handler's answer, which must be a `MockResponse`: anything else would fail later,
+    inside the client, with an error that does not point at the handler."""
+    if isinstance(result, MockResponse):
+        return result
+    hint = ""
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()  # it will never run: no "never awaited" warning on top
+        hint = " (an async handler needs AsyncMockTransport)"
+    raise TypeError(
+        f"a MockTransport handler must return a MockResponse; it returned "
+        f"{reprlib.repr(result)}{hint}"
+    )
+
+
 class MockTransport(BaseTransport):
     """A sync transport that answers from a script; `requests` records what was sent."""
 
@@ -103,7 +184,7 @@ class MockTransport(BaseTransport):
 
     def send(self, request: Request) -> Response:
         self.requests.append(request)
-        mock = self._handler(request)
+        mock = _checked(self._handler(request))
         closed = threading.Event()
 
         def body() -> Iterator[bytes]:
@@ -120,15 +201,18 @@ class MockTransport(BaseTransport):
 
 
 class AsyncMockTransport(AsyncBaseTransport):
-    """The async twin of `MockTransport`."""
+    """The async twin of `MockTransport`; its handler may also be an `async def`."""
 
-    def __init__(self, script: Handler | Sequence[MockResponse]) -> None:
+    def __init__(self, script: AsyncHandler | Sequence[MockResponse]) -> None:
         self._handler = _as_handler(script)
         self.requests: list[Request] = []
 
     async def send(self, request: Request) -> AsyncResponse:
         self.requests.append(request)
-        mock = self._handler(request)
+        result = self._handler(request)
+        if inspect.isawaitable(result):
+            result = await result
+        mock = _checked(result)
         closed = anyio.Event()
 
         async def body() -> AsyncIterator[bytes]:
