@@ -8,9 +8,10 @@ are appended to per-choice lists. Nothing is concatenated per chunk: `completion
 list once when asked (and keeps the joined string, so asking again is free). That keeps
 accumulation linear in the size of the stream.
 
-The stream ends well when `data: [DONE]` arrives, or, for servers that omit it, when a
-`finish_reason` was seen and no event was cut off. `close()` checks that and raises
-`IncompleteStreamError` with the partial completion otherwise.
+The stream ends well when `data: [DONE]` arrives, or, for servers that omit it, when every
+choice seen has a `finish_reason` and no event was cut off. With `n` > 1 the choices finish one
+by one, so one finish_reason alone says nothing of the others' ends. `close()` checks that and
+raises `IncompleteStreamError` with the partial completion otherwise.
 
 Tool calls arrive as fragments keyed by `index`. Real gateways bend that: some omit `index`
 (we fall back to `id`, then to the latest call), some repeat `id` and `name` on every
@@ -536,7 +537,6 @@ class ChatAccumulator:
         "_choices",
         "_closed",
         "_error",
-        "_finished",
         "_first_data",
         "_last_data",
         "_loads",
@@ -572,7 +572,6 @@ class ChatAccumulator:
         # collection longer (and the first one would be held for the whole stream).
         self._first_data: str | None = None
         self._last_data: str | None = None
-        self._finished = False
         self._closed = False
         self._error: StreamError | None = None
 
@@ -634,9 +633,12 @@ class ChatAccumulator:
         self._closed = True
         self.decoder.close()
         if self.require_end and not self.done:
-            if not self._finished:
+            states = self._states()
+            unfinished = sorted(i for i, state in states.items() if state.finish_reason is None)
+            if unfinished or not states:
                 raise IncompleteStreamError(
                     "stream ended without [DONE] and without a finish_reason"
+                    + _for_choices(unfinished, len(states))
                     + self._truncation_note(),
                     completion=self.completion,
                 )
@@ -677,9 +679,7 @@ class ChatAccumulator:
             return first.get(name) if value is None else value
 
         created = meta("created")
-        states = dict(self._choices) if self._choices else {}
-        if self._choice0 is not None:
-            states[0] = self._choice0
+        states = self._states()
         return Completion(
             tuple(states[i].freeze() for i in sorted(states)),
             _str_or_none(meta("id")),
@@ -697,10 +697,20 @@ class ChatAccumulator:
 
     @property
     def finished(self) -> bool:
-        """True once the stream said it is done (`[DONE]` or a `finish_reason`)."""
-        return self.done or self._finished
+        """True once the stream said it is done (`[DONE]`, or a `finish_reason` for every choice
+        seen so far)."""
+        if self.done:
+            return True
+        states = self._states()
+        return bool(states) and all(state.finish_reason is not None for state in states.values())
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _states(self) -> dict[int, _ChoiceState]:
+        states = dict(self._choices) if self._choices else {}
+        if self._choice0 is not None:
+            states[0] = self._choice0
+        return states
 
     def _chunk(self, obj: dict[str, Any], event: ServerSentEvent) -> ChatChunk:
         self.chunk_count += 1
@@ -738,7 +748,6 @@ class ChatAccumulator:
                 finish = raw_choice.get("finish_reason")
                 if finish:
                     state.finish_reason = str(finish)
-                    self._finished = True
                     deltas.append(Finished(state.finish_reason, index))
         usage = obj.get("usage")
         if usage and isinstance(usage, dict):
@@ -844,6 +853,13 @@ class ChatAccumulator:
 
 def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _for_choices(unfinished: list[int], seen: int) -> str:
+    # Which choices are cut, when others did finish (`n` > 1); nothing to add when none did.
+    if len(unfinished) == seen:
+        return ""
+    return f" for choice{'s' if len(unfinished) > 1 else ''} {', '.join(map(str, unfinished))}"
 
 
 # The C part of `feed` (`chat_feed` in _speedups.c), where the SSE decoder's is in use (built,

@@ -522,6 +522,72 @@ def test_cut_after_finish_reason_still_raises() -> None:
         acc.close()
 
 
+def choice_chunk(index: int, content: str | None = None, finish: str | None = None) -> bytes:
+    """A chunk of one choice of several (`n` > 1)."""
+    delta = {} if content is None else {"content": content}
+    return chunk(choices=[{"index": index, "delta": delta, "finish_reason": finish}])
+
+
+def test_a_cut_after_one_of_two_choices_finished_raises() -> None:
+    """With `n=2`, choice 0's finish_reason says nothing of choice 1: a body ending in the
+    middle of choice 1 is cut short, and the error keeps both choices' text (it was taken
+    for a complete answer, choice 1 silently truncated)."""
+    acc = ChatAccumulator()
+    acc.feed(
+        chunk(
+            choices=[
+                {"index": 0, "delta": {"content": "Yes."}},
+                {"index": 1, "delta": {"content": "Well, it "}},
+            ]
+        )
+        + choice_chunk(0, finish="stop")
+        + choice_chunk(1, "depends on")
+    )
+    assert not acc.finished
+    with pytest.raises(IncompleteStreamError, match="without a finish_reason for choice 1") as info:
+        acc.close()
+    assert info.value.completion is not None
+    assert [(0, "Yes.", "stop"), (1, "Well, it depends on", None)] == [
+        (c.index, c.text, c.finish_reason) for c in info.value.completion.choices
+    ]
+
+
+def test_a_cut_inside_an_event_of_the_last_unfinished_choice_raises() -> None:
+    """The same cut in the middle of one of choice 1's events: choice 1 is what was cut (not
+    the usage, as after a finish), and the text before it is kept."""
+    acc = ChatAccumulator()
+    acc.feed(
+        choice_chunk(1, "Well, ")
+        + choice_chunk(0, "Yes.", "stop")
+        + b'data: {"choices": [{"index": 1, "delta": {"content": "it dep'
+    )
+    with pytest.raises(IncompleteStreamError, match=r"for choice 1 .*middle of an event") as info:
+        acc.close()
+    assert info.value.completion is not None
+    assert ["Yes.", "Well, "] == [c.text for c in info.value.completion.choices]
+
+
+def test_several_choices_without_done_are_complete_once_each_finished() -> None:
+    """A server that omits [DONE] ends well when every choice has its finish_reason, in
+    whatever order they finish; a choice first seen after the others finished is waited for."""
+    acc = ChatAccumulator()
+    finished = []
+    for event in [
+        choice_chunk(1, "x"),
+        choice_chunk(1, finish="length"),
+        choice_chunk(0, "a", "stop"),
+        choice_chunk(2, "z"),
+        choice_chunk(2, finish="stop"),
+    ]:
+        acc.feed(event)
+        finished.append(acc.finished)
+    acc.close()
+    assert [False, True, True, False, True] == finished
+    assert [("a", "stop"), ("x", "length"), ("z", "stop")] == [
+        (c.text, c.finish_reason) for c in acc.completion.choices
+    ]
+
+
 def test_use_after_close() -> None:
     """Feeding a closed accumulator is a caller bug; closing twice is fine."""
     acc = run(openai_stream(["a"]))
@@ -612,6 +678,44 @@ def test_any_split_gives_the_same_completion(tokens: list[str], cuts: list[int])
         start = cut
     acc.close()
     assert "".join(tokens) == acc.completion.text
+
+
+@st.composite
+def several_choices(draw: st.DrawFn) -> list[bytes]:
+    """The events of `n` choices streamed together without [DONE] (each its tokens, then its
+    finish chunk), interleaved in any order."""
+    tokens = draw(st.lists(st.lists(st.text(min_size=1, max_size=4), max_size=3), min_size=1))
+    queues = [[(i, t) for t in texts] + [(i, None)] for i, texts in enumerate(tokens)]
+    events = []
+    while any(queues):
+        queue = draw(st.sampled_from([q for q in queues if q]))
+        index, text = queue.pop(0)
+        events.append((index, text))
+    return [choice_chunk(i, t) if t is not None else choice_chunk(i, "", "stop") for i, t in events]
+
+
+@given(several_choices(), st.data())
+def test_several_choices_cut_anywhere_are_complete_only_when_each_seen_finished(
+    events: list[bytes], data: st.DataObject
+) -> None:
+    """Cut after any event, or inside the next one: close() accepts the stream only if every
+    choice that arrived has its finish_reason and no event was cut, and otherwise raises with
+    the text of every choice so far."""
+    kept = data.draw(st.integers(min_value=0, max_value=len(events)), label="events kept")
+    body = b"".join(events[:kept])
+    cut = b""
+    if kept < len(events):
+        cut = events[kept][: data.draw(st.integers(0, len(events[kept]) - 1), label="cut")]
+    expected = run(body, require_end=False).completion
+    acc = ChatAccumulator()
+    acc.feed(body + cut)
+    if expected.choices and all(c.finish_reason for c in expected.choices) and not cut:
+        acc.close()
+        assert expected == acc.completion
+    else:
+        with pytest.raises(IncompleteStreamError) as info:
+            acc.close()
+        assert expected == info.value.completion
 
 
 json_values = st.recursive(

@@ -258,6 +258,41 @@ def test_a_crlf_split_across_reads_is_one_line_end() -> None:
     assert [("x", (ContentDelta("x"),), {"choices": [{"delta": {"content": "x"}}]})] == chunks
 
 
+def _choice(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    return event_bytes(
+        json.dumps({**BASE, "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
+    )
+
+
+@pytest.mark.parametrize(
+    ("reads", "expected"),
+    [
+        (  # n=2: choice 0 finishes between common chunks (which C takes) and choice 1's
+            [
+                _choice(0, {"role": "assistant", "content": "Ye"}) + _choice(1, {"content": "Wel"}),
+                _choice(0, {"content": "s."}) + _choice(0, {}, "stop"),
+                _choice(1, {"content": "l, it"}) + _choice(1, {"content": " depends"}),
+                b'data: {"choices": [{"index": 1, "de',
+            ],
+            (False, [("Yes.", "stop", []), ("Well, it depends", None, [])]),
+        ),
+    ],
+    ids=["one of two choices finished"],
+)
+def test_several_choices_give_what_python_gives(
+    reads: list[bytes], expected: tuple[bool, list[Any]]
+) -> None:
+    """Finish reasons (which C leaves to Python) between common chunks (which it takes): the
+    same completion and `finished` either way, and the right ones."""
+    assert_same_as_python(reads)
+    completion, *_, finished = [*outcome(reads, c_feed=True)][-2]
+    choices = [
+        (c.text, c.finish_reason, [(t.id, t.name, t.arguments) for t in c.tool_calls])
+        for c in completion.choices
+    ]
+    assert expected == (finished, choices)
+
+
 @settings(max_examples=200)
 @given(st.lists(st.text(max_size=40).map(lambda t: t.replace("\r", "")), min_size=1, max_size=4))
 def test_any_text_gives_what_python_gives(datas: list[str]) -> None:
