@@ -16,7 +16,9 @@ raises `IncompleteStreamError` with the partial completion otherwise.
 Tool calls arrive as fragments keyed by `index`. Real gateways bend that: some omit `index`
 (we fall back to `id`, then to the latest call), some repeat `id` and `name` on every
 fragment (we keep one copy), some reuse index 0 for parallel calls with distinct ids (a new id
-at a known index starts a new call). A new call without an index gets the next unused one.
+at a known index starts a new call, a known one goes back to its call, even interleaved; a
+fragment without an id continues the call that took the last one at its index). A new call
+without an index gets the next unused one.
 Numbers are never added together: the latest `usage` wins.
 """
 
@@ -469,14 +471,20 @@ class _ChoiceState:
             text[start:] = ["".join(text[start:])]
             self.blocks = start + 1
 
-    def tool_call(self, index: Any, id: Any) -> _ToolCallState:
+    def tool_call(self, index: Any, id: str | None) -> _ToolCallState:
         if self.calls is None or self.calls_by_index is None or self.calls_by_id is None:
             self.calls, self.calls_by_index, self.calls_by_id = [], {}, {}
         call: _ToolCallState | None
         if isinstance(index, int):
             call = self.calls_by_index.get(index)
             if call is not None and id and call.id and call.id != id:
-                call = None  # a gateway reusing one index for parallel calls
+                # A gateway reusing one index for parallel calls: the call of this id if it
+                # started already (their fragments interleave, each with its id), else a new
+                # one. Either is now the call at this index, which a fragment without an id
+                # continues: the call being streamed.
+                call = self.calls_by_id.get(id)
+                if call is not None and call.index == index:
+                    self.calls_by_index[index] = call
         elif id:
             call = self.calls_by_id.get(id)
         else:
@@ -490,7 +498,7 @@ class _ChoiceState:
             call = _ToolCallState(index)
             self.calls.append(call)
             self.calls_by_index[call.index] = call
-        if id and isinstance(id, str) and not call.id:
+        if id and not call.id:
             call.id = id
             self.calls_by_id[id] = call
         return call
@@ -793,6 +801,8 @@ class ChatAccumulator:
     @staticmethod
     def _tool_call(raw: dict[str, Any], state: _ChoiceState) -> ToolCallDelta:
         call_id = raw.get("id") or None
+        if not isinstance(call_id, str):
+            call_id = None  # a list or an object is no id, and cannot be looked up as one
         call = state.tool_call(raw.get("index"), call_id)
         function = raw.get("function")
         if not isinstance(function, dict):
@@ -813,7 +823,7 @@ class ChatAccumulator:
             call.arguments.append(arguments)
         return ToolCallDelta(
             call.index,
-            call_id if isinstance(call_id, str) else None,
+            call_id,
             name if isinstance(name, str) else None,
             arguments,
             state.index,

@@ -291,6 +291,54 @@ def test_reused_index_with_a_new_id_is_a_new_call() -> None:
     assert [("a", "f", "{}"), ("b", "g", "[]")] == [(c.id, c.name, c.arguments) for c in calls]
 
 
+def test_parallel_calls_at_one_index_interleaved_each_with_its_id_stay_apart() -> None:
+    """A gateway that puts every call at index 0 and repeats the id on every fragment, with
+    the calls' fragments interleaved: each fragment joins the call of its id (there were four
+    broken calls, the continuations nameless)."""
+    stream = tool_stream(
+        [{"index": 0, "id": "A", "function": fn("f", '{"x":')}],
+        [{"index": 0, "id": "B", "function": fn("g", '{"y":')}],
+        [{"index": 0, "id": "A", "function": fn(arguments="1}")}],
+        [{"index": 0, "id": "B", "function": fn(arguments="2}")}],
+    )
+    calls = run(stream).completion.tool_calls
+    assert [("A", "f", '{"x":1}', 0), ("B", "g", '{"y":2}', 0)] == [
+        (c.id, c.name, c.arguments, c.index) for c in calls
+    ]
+
+
+def test_a_fragment_without_id_at_a_shared_index_continues_the_call_streamed_last() -> None:
+    """At an index several calls share, a fragment with no id joins the call the last
+    fragment there went to, whether that call started last or was gone back to by its id."""
+    stream = tool_stream(
+        [{"index": 0, "id": "A", "function": fn("f", "[1")}],
+        [{"index": 0, "id": "B", "function": fn("g", "[2")}],
+        [{"index": 0, "function": fn(arguments=",2")}],
+        [{"index": 0, "id": "A", "function": fn(arguments=",1")}],
+        [{"index": 0, "function": fn(arguments="]")}],
+        [{"index": 0, "id": "B", "function": fn(arguments="]")}],
+    )
+    calls = run(stream).completion.tool_calls
+    assert [("A", "[1,1]"), ("B", "[2,2]")] == [(c.id, c.arguments) for c in calls]
+
+
+def test_a_tool_call_id_that_is_not_a_string_is_no_id() -> None:
+    """A list or an object where the id goes is ignored, as a missing id is: the fragment
+    continues its call (it raised TypeError, unhashable, looking the id up)."""
+    stream = tool_stream(
+        [{"index": 0, "id": "a", "function": fn("f", "{")}],
+        [{"index": 0, "id": {"x": 1}, "function": fn(arguments='"k":')}],
+        [{"id": [1], "function": fn(arguments="1}")}],
+    )
+    acc = ChatAccumulator()
+    deltas = [d for c in acc.feed(stream) for d in c.deltas if isinstance(d, ToolCallDelta)]
+    acc.close()
+    assert [("a", "f", '{"k":1}')] == [
+        (c.id, c.name, c.arguments) for c in acc.completion.tool_calls
+    ]
+    assert ["a", None, None] == [d.id for d in deltas]
+
+
 def test_object_arguments_are_serialized_not_dropped() -> None:
     """A gateway that sends arguments as an object still gives a JSON string."""
     stream = tool_stream([{"index": 0, "id": "a", "function": fn("f", {"x": 1})}])
@@ -630,12 +678,14 @@ def test_accumulation_memory_is_linear_in_text() -> None:
 def parallel_calls(draw: st.DrawFn) -> tuple[list[int | None], list[list[dict[str, Any]]]]:
     """Parallel calls, some numbered by the server and some not, as fragment lists (a chunk
     each): every call's first fragment (id, name, "[k"), in any order, then its last ("]"),
-    found by index when it has one, else by id, in any order."""
+    found by index when it has one, else by id, in any order. Or, as some gateways send
+    them, every numbered call at index 0 with its id on every fragment, interleaved."""
     n = draw(st.integers(min_value=1, max_value=5))
     indices = draw(st.lists(st.integers(min_value=0, max_value=6), min_size=n, max_size=n))
     numbered = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    shared = draw(st.booleans())
     index = [
-        i if keep and i not in indices[:k] else None
+        (0 if shared else i) if keep and (shared or i not in indices[:k]) else None
         for k, (i, keep) in enumerate(zip(indices, numbered, strict=True))
     ]
     fragments = []
@@ -643,7 +693,10 @@ def parallel_calls(draw: st.DrawFn) -> tuple[list[int | None], list[list[dict[st
         where = {"id": f"call_{k}"} if index[k] is None else {"index": index[k], "id": f"call_{k}"}
         fragments.append({**where, "function": fn(f"f{k}", f"[{k}")})
     for k in draw(st.permutations(range(n))):
-        where = {"id": f"call_{k}"} if index[k] is None else {"index": index[k]}
+        if index[k] is None:
+            where: dict[str, Any] = {"id": f"call_{k}"}
+        else:
+            where = {"index": index[k], "id": f"call_{k}"} if shared else {"index": index[k]}
         fragments.append({**where, "function": fn(arguments="]")})
     size = draw(st.integers(min_value=1, max_value=3))
     return index, [fragments[i : i + size] for i in range(0, len(fragments), size)]

@@ -264,6 +264,11 @@ def _choice(index: int, delta: dict[str, Any], finish: str | None = None) -> byt
     )
 
 
+def _call(call_id: str, arguments: str, name: str | None = None) -> dict[str, Any]:
+    function = {"arguments": arguments} if name is None else {"name": name, "arguments": arguments}
+    return {"tool_calls": [{"index": 0, "id": call_id, "function": function}]}
+
+
 @pytest.mark.parametrize(
     ("reads", "expected"),
     [
@@ -276,14 +281,32 @@ def _choice(index: int, delta: dict[str, Any], finish: str | None = None) -> byt
             ],
             (False, [("Yes.", "stop", []), ("Well, it depends", None, [])]),
         ),
+        (  # parallel calls at index 0, interleaved, the id on every fragment, then text
+            [
+                _choice(0, {"role": "assistant", "content": "Let me see."}),
+                _choice(0, _call("A", '{"x":', "f")) + _choice(0, _call("B", '{"y":', "g")),
+                _choice(0, _call("A", "1}")) + _choice(0, _call("B", "2}")),
+                _choice(0, {"content": " Done."}) + _choice(0, {}, "tool_calls"),
+            ],
+            (
+                True,
+                [
+                    (
+                        "Let me see. Done.",
+                        "tool_calls",
+                        [("A", "f", '{"x":1}'), ("B", "g", '{"y":2}')],
+                    )
+                ],
+            ),
+        ),
     ],
-    ids=["one of two choices finished"],
+    ids=["one of two choices finished", "interleaved calls at one index"],
 )
-def test_several_choices_give_what_python_gives(
+def test_several_choices_and_shared_index_calls_give_what_python_gives(
     reads: list[bytes], expected: tuple[bool, list[Any]]
 ) -> None:
-    """Finish reasons (which C leaves to Python) between common chunks (which it takes): the
-    same completion and `finished` either way, and the right ones."""
+    """Finish reasons and tool calls (which C leaves to Python) between common chunks (which
+    it takes): the same completion and `finished` either way, and the right ones."""
     assert_same_as_python(reads)
     completion, *_, finished = [*outcome(reads, c_feed=True)][-2]
     choices = [
