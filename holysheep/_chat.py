@@ -8,14 +8,17 @@ are appended to per-choice lists. Nothing is concatenated per chunk: `completion
 list once when asked (and keeps the joined string, so asking again is free). That keeps
 accumulation linear in the size of the stream.
 
-The stream ends well when `data: [DONE]` arrives, or, for servers that omit it, when a
-`finish_reason` was seen and no event was cut off. `close()` checks that and raises
-`IncompleteStreamError` with the partial completion otherwise.
+The stream ends well when `data: [DONE]` arrives, or, for servers that omit it, when every
+choice seen has a `finish_reason` and no event was cut off. With `n` > 1 the choices finish one
+by one, so one finish_reason alone says nothing of the others' ends. `close()` checks that and
+raises `IncompleteStreamError` with the partial completion otherwise.
 
 Tool calls arrive as fragments keyed by `index`. Real gateways bend that: some omit `index`
 (we fall back to `id`, then to the latest call), some repeat `id` and `name` on every
 fragment (we keep one copy), some reuse index 0 for parallel calls with distinct ids (a new id
-at a known index starts a new call). A new call without an index gets the next unused one.
+at a known index starts a new call, a known one goes back to its call, even interleaved; a
+fragment without an id continues the call that took the last one at its index). A new call
+without an index gets the next unused one.
 Numbers are never added together: the latest `usage` wins.
 """
 
@@ -468,14 +471,20 @@ class _ChoiceState:
             text[start:] = ["".join(text[start:])]
             self.blocks = start + 1
 
-    def tool_call(self, index: Any, id: Any) -> _ToolCallState:
+    def tool_call(self, index: Any, id: str | None) -> _ToolCallState:
         if self.calls is None or self.calls_by_index is None or self.calls_by_id is None:
             self.calls, self.calls_by_index, self.calls_by_id = [], {}, {}
         call: _ToolCallState | None
         if isinstance(index, int):
             call = self.calls_by_index.get(index)
             if call is not None and id and call.id and call.id != id:
-                call = None  # a gateway reusing one index for parallel calls
+                # A gateway reusing one index for parallel calls: the call of this id if it
+                # started already (their fragments interleave, each with its id), else a new
+                # one. Either is now the call at this index, which a fragment without an id
+                # continues: the call being streamed.
+                call = self.calls_by_id.get(id)
+                if call is not None and call.index == index:
+                    self.calls_by_index[index] = call
         elif id:
             call = self.calls_by_id.get(id)
         else:
@@ -489,7 +498,7 @@ class _ChoiceState:
             call = _ToolCallState(index)
             self.calls.append(call)
             self.calls_by_index[call.index] = call
-        if id and isinstance(id, str) and not call.id:
+        if id and not call.id:
             call.id = id
             self.calls_by_id[id] = call
         return call
@@ -536,7 +545,6 @@ class ChatAccumulator:
         "_choices",
         "_closed",
         "_error",
-        "_finished",
         "_first_data",
         "_last_data",
         "_loads",
@@ -572,7 +580,6 @@ class ChatAccumulator:
         # collection longer (and the first one would be held for the whole stream).
         self._first_data: str | None = None
         self._last_data: str | None = None
-        self._finished = False
         self._closed = False
         self._error: StreamError | None = None
 
@@ -634,9 +641,12 @@ class ChatAccumulator:
         self._closed = True
         self.decoder.close()
         if self.require_end and not self.done:
-            if not self._finished:
+            states = self._states()
+            unfinished = sorted(i for i, state in states.items() if state.finish_reason is None)
+            if unfinished or not states:
                 raise IncompleteStreamError(
                     "stream ended without [DONE] and without a finish_reason"
+                    + _for_choices(unfinished, len(states))
                     + self._truncation_note(),
                     completion=self.completion,
                 )
@@ -677,9 +687,7 @@ class ChatAccumulator:
             return first.get(name) if value is None else value
 
         created = meta("created")
-        states = dict(self._choices) if self._choices else {}
-        if self._choice0 is not None:
-            states[0] = self._choice0
+        states = self._states()
         return Completion(
             tuple(states[i].freeze() for i in sorted(states)),
             _str_or_none(meta("id")),
@@ -697,10 +705,20 @@ class ChatAccumulator:
 
     @property
     def finished(self) -> bool:
-        """True once the stream said it is done (`[DONE]` or a `finish_reason`)."""
-        return self.done or self._finished
+        """True once the stream said it is done (`[DONE]`, or a `finish_reason` for every choice
+        seen so far)."""
+        if self.done:
+            return True
+        states = self._states()
+        return bool(states) and all(state.finish_reason is not None for state in states.values())
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _states(self) -> dict[int, _ChoiceState]:
+        states = dict(self._choices) if self._choices else {}
+        if self._choice0 is not None:
+            states[0] = self._choice0
+        return states
 
     def _chunk(self, obj: dict[str, Any], event: ServerSentEvent) -> ChatChunk:
         self.chunk_count += 1
@@ -738,7 +756,6 @@ class ChatAccumulator:
                 finish = raw_choice.get("finish_reason")
                 if finish:
                     state.finish_reason = str(finish)
-                    self._finished = True
                     deltas.append(Finished(state.finish_reason, index))
         usage = obj.get("usage")
         if usage and isinstance(usage, dict):
@@ -784,6 +801,8 @@ class ChatAccumulator:
     @staticmethod
     def _tool_call(raw: dict[str, Any], state: _ChoiceState) -> ToolCallDelta:
         call_id = raw.get("id") or None
+        if not isinstance(call_id, str):
+            call_id = None  # a list or an object is no id, and cannot be looked up as one
         call = state.tool_call(raw.get("index"), call_id)
         function = raw.get("function")
         if not isinstance(function, dict):
@@ -804,7 +823,7 @@ class ChatAccumulator:
             call.arguments.append(arguments)
         return ToolCallDelta(
             call.index,
-            call_id if isinstance(call_id, str) else None,
+            call_id,
             name if isinstance(name, str) else None,
             arguments,
             state.index,
@@ -844,6 +863,13 @@ class ChatAccumulator:
 
 def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _for_choices(unfinished: list[int], seen: int) -> str:
+    # Which choices are cut, when others did finish (`n` > 1); nothing to add when none did.
+    if len(unfinished) == seen:
+        return ""
+    return f" for choice{'s' if len(unfinished) > 1 else ''} {', '.join(map(str, unfinished))}"
 
 
 # The C part of `feed` (`chat_feed` in _speedups.c), where the SSE decoder's is in use (built,

@@ -291,6 +291,54 @@ def test_reused_index_with_a_new_id_is_a_new_call() -> None:
     assert [("a", "f", "{}"), ("b", "g", "[]")] == [(c.id, c.name, c.arguments) for c in calls]
 
 
+def test_parallel_calls_at_one_index_interleaved_each_with_its_id_stay_apart() -> None:
+    """A gateway that puts every call at index 0 and repeats the id on every fragment, with
+    the calls' fragments interleaved: each fragment joins the call of its id (there were four
+    broken calls, the continuations nameless)."""
+    stream = tool_stream(
+        [{"index": 0, "id": "A", "function": fn("f", '{"x":')}],
+        [{"index": 0, "id": "B", "function": fn("g", '{"y":')}],
+        [{"index": 0, "id": "A", "function": fn(arguments="1}")}],
+        [{"index": 0, "id": "B", "function": fn(arguments="2}")}],
+    )
+    calls = run(stream).completion.tool_calls
+    assert [("A", "f", '{"x":1}', 0), ("B", "g", '{"y":2}', 0)] == [
+        (c.id, c.name, c.arguments, c.index) for c in calls
+    ]
+
+
+def test_a_fragment_without_id_at_a_shared_index_continues_the_call_streamed_last() -> None:
+    """At an index several calls share, a fragment with no id joins the call the last
+    fragment there went to, whether that call started last or was gone back to by its id."""
+    stream = tool_stream(
+        [{"index": 0, "id": "A", "function": fn("f", "[1")}],
+        [{"index": 0, "id": "B", "function": fn("g", "[2")}],
+        [{"index": 0, "function": fn(arguments=",2")}],
+        [{"index": 0, "id": "A", "function": fn(arguments=",1")}],
+        [{"index": 0, "function": fn(arguments="]")}],
+        [{"index": 0, "id": "B", "function": fn(arguments="]")}],
+    )
+    calls = run(stream).completion.tool_calls
+    assert [("A", "[1,1]"), ("B", "[2,2]")] == [(c.id, c.arguments) for c in calls]
+
+
+def test_a_tool_call_id_that_is_not_a_string_is_no_id() -> None:
+    """A list or an object where the id goes is ignored, as a missing id is: the fragment
+    continues its call (it raised TypeError, unhashable, looking the id up)."""
+    stream = tool_stream(
+        [{"index": 0, "id": "a", "function": fn("f", "{")}],
+        [{"index": 0, "id": {"x": 1}, "function": fn(arguments='"k":')}],
+        [{"id": [1], "function": fn(arguments="1}")}],
+    )
+    acc = ChatAccumulator()
+    deltas = [d for c in acc.feed(stream) for d in c.deltas if isinstance(d, ToolCallDelta)]
+    acc.close()
+    assert [("a", "f", '{"k":1}')] == [
+        (c.id, c.name, c.arguments) for c in acc.completion.tool_calls
+    ]
+    assert ["a", None, None] == [d.id for d in deltas]
+
+
 def test_object_arguments_are_serialized_not_dropped() -> None:
     """A gateway that sends arguments as an object still gives a JSON string."""
     stream = tool_stream([{"index": 0, "id": "a", "function": fn("f", {"x": 1})}])
@@ -522,6 +570,72 @@ def test_cut_after_finish_reason_still_raises() -> None:
         acc.close()
 
 
+def choice_chunk(index: int, content: str | None = None, finish: str | None = None) -> bytes:
+    """A chunk of one choice of several (`n` > 1)."""
+    delta = {} if content is None else {"content": content}
+    return chunk(choices=[{"index": index, "delta": delta, "finish_reason": finish}])
+
+
+def test_a_cut_after_one_of_two_choices_finished_raises() -> None:
+    """With `n=2`, choice 0's finish_reason says nothing of choice 1: a body ending in the
+    middle of choice 1 is cut short, and the error keeps both choices' text (it was taken
+    for a complete answer, choice 1 silently truncated)."""
+    acc = ChatAccumulator()
+    acc.feed(
+        chunk(
+            choices=[
+                {"index": 0, "delta": {"content": "Yes."}},
+                {"index": 1, "delta": {"content": "Well, it "}},
+            ]
+        )
+        + choice_chunk(0, finish="stop")
+        + choice_chunk(1, "depends on")
+    )
+    assert not acc.finished
+    with pytest.raises(IncompleteStreamError, match="without a finish_reason for choice 1") as info:
+        acc.close()
+    assert info.value.completion is not None
+    assert [(0, "Yes.", "stop"), (1, "Well, it depends on", None)] == [
+        (c.index, c.text, c.finish_reason) for c in info.value.completion.choices
+    ]
+
+
+def test_a_cut_inside_an_event_of_the_last_unfinished_choice_raises() -> None:
+    """The same cut in the middle of one of choice 1's events: choice 1 is what was cut (not
+    the usage, as after a finish), and the text before it is kept."""
+    acc = ChatAccumulator()
+    acc.feed(
+        choice_chunk(1, "Well, ")
+        + choice_chunk(0, "Yes.", "stop")
+        + b'data: {"choices": [{"index": 1, "delta": {"content": "it dep'
+    )
+    with pytest.raises(IncompleteStreamError, match=r"for choice 1 .*middle of an event") as info:
+        acc.close()
+    assert info.value.completion is not None
+    assert ["Yes.", "Well, "] == [c.text for c in info.value.completion.choices]
+
+
+def test_several_choices_without_done_are_complete_once_each_finished() -> None:
+    """A server that omits [DONE] ends well when every choice has its finish_reason, in
+    whatever order they finish; a choice first seen after the others finished is waited for."""
+    acc = ChatAccumulator()
+    finished = []
+    for event in [
+        choice_chunk(1, "x"),
+        choice_chunk(1, finish="length"),
+        choice_chunk(0, "a", "stop"),
+        choice_chunk(2, "z"),
+        choice_chunk(2, finish="stop"),
+    ]:
+        acc.feed(event)
+        finished.append(acc.finished)
+    acc.close()
+    assert [False, True, True, False, True] == finished
+    assert [("a", "stop"), ("x", "length"), ("z", "stop")] == [
+        (c.text, c.finish_reason) for c in acc.completion.choices
+    ]
+
+
 def test_use_after_close() -> None:
     """Feeding a closed accumulator is a caller bug; closing twice is fine."""
     acc = run(openai_stream(["a"]))
@@ -564,12 +678,14 @@ def test_accumulation_memory_is_linear_in_text() -> None:
 def parallel_calls(draw: st.DrawFn) -> tuple[list[int | None], list[list[dict[str, Any]]]]:
     """Parallel calls, some numbered by the server and some not, as fragment lists (a chunk
     each): every call's first fragment (id, name, "[k"), in any order, then its last ("]"),
-    found by index when it has one, else by id, in any order."""
+    found by index when it has one, else by id, in any order. Or, as some gateways send
+    them, every numbered call at index 0 with its id on every fragment, interleaved."""
     n = draw(st.integers(min_value=1, max_value=5))
     indices = draw(st.lists(st.integers(min_value=0, max_value=6), min_size=n, max_size=n))
     numbered = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    shared = draw(st.booleans())
     index = [
-        i if keep and i not in indices[:k] else None
+        (0 if shared else i) if keep and (shared or i not in indices[:k]) else None
         for k, (i, keep) in enumerate(zip(indices, numbered, strict=True))
     ]
     fragments = []
@@ -577,7 +693,10 @@ def parallel_calls(draw: st.DrawFn) -> tuple[list[int | None], list[list[dict[st
         where = {"id": f"call_{k}"} if index[k] is None else {"index": index[k], "id": f"call_{k}"}
         fragments.append({**where, "function": fn(f"f{k}", f"[{k}")})
     for k in draw(st.permutations(range(n))):
-        where = {"id": f"call_{k}"} if index[k] is None else {"index": index[k]}
+        if index[k] is None:
+            where: dict[str, Any] = {"id": f"call_{k}"}
+        else:
+            where = {"index": index[k], "id": f"call_{k}"} if shared else {"index": index[k]}
         fragments.append({**where, "function": fn(arguments="]")})
     size = draw(st.integers(min_value=1, max_value=3))
     return index, [fragments[i : i + size] for i in range(0, len(fragments), size)]
@@ -612,6 +731,44 @@ def test_any_split_gives_the_same_completion(tokens: list[str], cuts: list[int])
         start = cut
     acc.close()
     assert "".join(tokens) == acc.completion.text
+
+
+@st.composite
+def several_choices(draw: st.DrawFn) -> list[bytes]:
+    """The events of `n` choices streamed together without [DONE] (each its tokens, then its
+    finish chunk), interleaved in any order."""
+    tokens = draw(st.lists(st.lists(st.text(min_size=1, max_size=4), max_size=3), min_size=1))
+    queues = [[(i, t) for t in texts] + [(i, None)] for i, texts in enumerate(tokens)]
+    events = []
+    while any(queues):
+        queue = draw(st.sampled_from([q for q in queues if q]))
+        index, text = queue.pop(0)
+        events.append((index, text))
+    return [choice_chunk(i, t) if t is not None else choice_chunk(i, "", "stop") for i, t in events]
+
+
+@given(several_choices(), st.data())
+def test_several_choices_cut_anywhere_are_complete_only_when_each_seen_finished(
+    events: list[bytes], data: st.DataObject
+) -> None:
+    """Cut after any event, or inside the next one: close() accepts the stream only if every
+    choice that arrived has its finish_reason and no event was cut, and otherwise raises with
+    the text of every choice so far."""
+    kept = data.draw(st.integers(min_value=0, max_value=len(events)), label="events kept")
+    body = b"".join(events[:kept])
+    cut = b""
+    if kept < len(events):
+        cut = events[kept][: data.draw(st.integers(0, len(events[kept]) - 1), label="cut")]
+    expected = run(body, require_end=False).completion
+    acc = ChatAccumulator()
+    acc.feed(body + cut)
+    if expected.choices and all(c.finish_reason for c in expected.choices) and not cut:
+        acc.close()
+        assert expected == acc.completion
+    else:
+        with pytest.raises(IncompleteStreamError) as info:
+            acc.close()
+        assert expected == info.value.completion
 
 
 json_values = st.recursive(

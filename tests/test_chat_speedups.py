@@ -258,6 +258,64 @@ def test_a_crlf_split_across_reads_is_one_line_end() -> None:
     assert [("x", (ContentDelta("x"),), {"choices": [{"delta": {"content": "x"}}]})] == chunks
 
 
+def _choice(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    return event_bytes(
+        json.dumps({**BASE, "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
+    )
+
+
+def _call(call_id: str, arguments: str, name: str | None = None) -> dict[str, Any]:
+    function = {"arguments": arguments} if name is None else {"name": name, "arguments": arguments}
+    return {"tool_calls": [{"index": 0, "id": call_id, "function": function}]}
+
+
+@pytest.mark.parametrize(
+    ("reads", "expected"),
+    [
+        (  # n=2: choice 0 finishes between common chunks (which C takes) and choice 1's
+            [
+                _choice(0, {"role": "assistant", "content": "Ye"}) + _choice(1, {"content": "Wel"}),
+                _choice(0, {"content": "s."}) + _choice(0, {}, "stop"),
+                _choice(1, {"content": "l, it"}) + _choice(1, {"content": " depends"}),
+                b'data: {"choices": [{"index": 1, "de',
+            ],
+            (False, [("Yes.", "stop", []), ("Well, it depends", None, [])]),
+        ),
+        (  # parallel calls at index 0, interleaved, the id on every fragment, then text
+            [
+                _choice(0, {"role": "assistant", "content": "Let me see."}),
+                _choice(0, _call("A", '{"x":', "f")) + _choice(0, _call("B", '{"y":', "g")),
+                _choice(0, _call("A", "1}")) + _choice(0, _call("B", "2}")),
+                _choice(0, {"content": " Done."}) + _choice(0, {}, "tool_calls"),
+            ],
+            (
+                True,
+                [
+                    (
+                        "Let me see. Done.",
+                        "tool_calls",
+                        [("A", "f", '{"x":1}'), ("B", "g", '{"y":2}')],
+                    )
+                ],
+            ),
+        ),
+    ],
+    ids=["one of two choices finished", "interleaved calls at one index"],
+)
+def test_several_choices_and_shared_index_calls_give_what_python_gives(
+    reads: list[bytes], expected: tuple[bool, list[Any]]
+) -> None:
+    """Finish reasons and tool calls (which C leaves to Python) between common chunks (which
+    it takes): the same completion and `finished` either way, and the right ones."""
+    assert_same_as_python(reads)
+    completion, *_, finished = [*outcome(reads, c_feed=True)][-2]
+    choices = [
+        (c.text, c.finish_reason, [(t.id, t.name, t.arguments) for t in c.tool_calls])
+        for c in completion.choices
+    ]
+    assert expected == (finished, choices)
+
+
 @settings(max_examples=200)
 @given(st.lists(st.text(max_size=40).map(lambda t: t.replace("\r", "")), min_size=1, max_size=4))
 def test_any_text_gives_what_python_gives(datas: list[str]) -> None:

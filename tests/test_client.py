@@ -1602,6 +1602,57 @@ async def test_async_a_break_after_the_finish_loses_nothing(kind: str, anyio_bac
     assert ("Hi there", "stop") == (completion.text, completion.finish_reason)
 
 
+def _one_choice_finished_then_break(conn: socket.socket) -> None:
+    """Two choices (`n=2`): choice 0 finishes, then the connection breaks in the middle of
+    choice 1."""
+    conn.sendall(
+        _SSE_HEAD
+        + _chunk(
+            {
+                "choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": "Yes."}},
+                    {"index": 1, "delta": {"role": "assistant", "content": "Well, it "}},
+                ]
+            }
+        )
+        + _chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        + _chunk({"choices": [{"index": 1, "delta": {"content": "depends on"}}]})
+    )
+    conn.shutdown(socket.SHUT_RDWR)
+
+
+_BOTH_CUT = [(0, "Yes.", "stop"), (1, "Well, it depends on", None)]
+
+
+def test_a_break_before_every_choice_finished_is_an_interruption(
+    transport: BaseTransport,
+) -> None:
+    """One choice's finish_reason is not the answer's: the break raises with both choices'
+    text (the answer was returned as complete, choice 1 cut short)."""
+    with _one_connection(_one_choice_finished_then_break) as (url, _):
+        client = holysheep.Client(
+            api_key="k", base_url=url, transport=transport, retry=RetryPolicy.none()
+        )
+        with pytest.raises(holysheep.StreamInterruptedError) as info:
+            client.chat.complete(model="m", messages=MESSAGES, n=2)
+        client.close()
+    assert info.value.completion is not None
+    assert _BOTH_CUT == [(c.index, c.text, c.finish_reason) for c in info.value.completion.choices]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["httpx", "aiohttp"])
+async def test_async_a_break_before_every_choice_finished_is_an_interruption(
+    kind: str, anyio_backend: str
+) -> None:
+    with _one_connection(_one_choice_finished_then_break) as (url, _):
+        async with _async_client(url, kind, anyio_backend) as client:
+            with pytest.raises(holysheep.StreamInterruptedError) as info:
+                await client.chat.complete(model="m", messages=MESSAGES, n=2)
+    assert info.value.completion is not None
+    assert _BOTH_CUT == [(c.index, c.text, c.finish_reason) for c in info.value.completion.choices]
+
+
 # -- an error in the same bytes as chunks before it -------------------------------------------
 
 

@@ -335,6 +335,35 @@ def test_a_resume_that_goes_on_is_not_checked_for_the_completion_id() -> None:
     made.close()
 
 
+def test_a_break_before_every_choice_finished_is_resumed() -> None:
+    """With `n=2`, a drop after choice 0 finished, in the middle of choice 1, is an
+    interruption like any other: resumed, it gives both whole answers (it ended the stream as
+    complete, choice 1 cut short, and nothing was resumed)."""
+
+    def event(i: int, choice: int, delta: dict[str, Any], finish: Any = None) -> bytes:
+        data = {
+            "id": "chatcmpl-A",
+            "object": "chat.completion.chunk",
+            "choices": [{"index": choice, "delta": delta, "finish_reason": finish}],
+        }
+        return f"id: {i}\ndata: {json.dumps(data)}\n\n".encode()
+
+    before = [event(1, 0, {"content": "Yes."}), event(2, 1, {"content": "Well, it "})]
+    before += [event(3, 0, {}, "stop"), event(4, 1, {"content": "depends on"})]
+    after = [event(5, 1, {"content": " the sheep."}), event(6, 1, {}, "stop")]
+    transport = holysheep.transports.MockTransport(
+        [MockResponse(chunks=before, fault="drop"), MockResponse(chunks=after)]
+    )
+    made = holysheep.Client(api_key="k", transport=transport, retry=FAST, on_interrupt="resume")
+    with made.chat.stream(model="m", messages=MESSAGES, n=2) as stream:
+        completion = stream.until_done()
+    made.close()
+    assert [("Yes.", "stop"), ("Well, it depends on the sheep.", "stop")] == [
+        (c.text, c.finish_reason) for c in completion.choices
+    ]
+    assert [None, "4"] == [request.header("last-event-id") for request in transport.requests]
+
+
 def test_a_long_healthy_stream_keeps_its_retry_budget_for_a_resume() -> None:
     """The budget counts failures, not streaming: a drop after longer than `timeout` of good
     streaming is still resumed (it gave up: 'the retry budget would be exceeded')."""
