@@ -226,16 +226,29 @@ class Completion:
     def cost(self) -> Cost | None:
         """What this completion cost at the built-in gateway prices (None: unpriced model).
 
-        From the server's usage when it sent one; otherwise estimated from the text and marked
-        `estimated`. For other prices, call `cost_of(...)` with your own `PriceTable`.
+        From the server's usage when it sent one; otherwise estimated from everything the model
+        wrote (every choice's text, reasoning, refusal and tool calls) and marked `estimated`.
+        A completion does not know its prompt, so an estimate leaves the prompt out; for that,
+        and for other prices, call `cost_of(...)` with `prompt_text` and your own `PriceTable`.
         """
         usage = self.usage
         return cost_of(
             usage.prompt_tokens if usage is not None else None,
             usage.completion_tokens if usage is not None else None,
             self.model or "",
-            completion_text=self.text,
+            completion_text=self.output_text if usage is None else "",
         )
+
+    @property
+    def output_text(self) -> str:
+        """Everything the model wrote, over every choice: what output tokens are billed for
+        (the text alone misses the other choices, reasoning and tool-call arguments)."""
+        parts: list[str] = []
+        for choice in self.choices:
+            parts += (choice.text, choice.reasoning or "", choice.refusal or "")
+            for call in choice.tool_calls:
+                parts += (call.name, call.arguments)
+        return "".join(parts)
 
 
 _EMPTY_CHOICE = Choice(0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from holysheep import ConfigurationError
+from holysheep import Choice, Completion, ConfigurationError, ToolCall
 from holysheep._pricing import (
     PRICES_ENV,
     Price,
@@ -267,3 +267,23 @@ def test_pricing_is_pure() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert "[]" == result.stdout.strip()
+
+
+def test_a_completion_without_usage_is_priced_at_everything_the_model_wrote() -> None:
+    """Only choice 0's text was counted: 400 of 4,400 characters for two choices ($0.0008
+    instead of $0.0088), and nothing for tool-call arguments or reasoning."""
+    call = ToolCall(id="c1", name="lookup", arguments='{"city": "Paris"}' + " " * 383)
+    completion = Completion(
+        choices=(
+            Choice(0, text="a" * 400),
+            Choice(1, text="b" * 3600, reasoning="r" * 400, tool_calls=(call,)),
+        ),
+        model="gpt-4.1",
+    )
+    cost = completion.cost
+    assert cost is not None
+    written = 400 + 3600 + 400 + len("lookup") + 400  # texts, reasoning, the call
+    assert (pytest.approx(estimate_tokens("x" * written) * 8 / 1e6), True) == (
+        cost.usd,
+        cost.estimated,
+    )
