@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import random as _random
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, final
 
@@ -188,6 +189,14 @@ def _base_url(url: str) -> str:
         raise ConfigurationError(
             f"base_url {url!r} needs http:// or https:// (for example https://api.holysheep.ai/v1)"
         )
+    if scheme:
+        try:
+            parts = urllib.parse.urlsplit(base)
+            parts.port  # noqa: B018 - raises ValueError for a port out of range
+        except ValueError as exc:  # also an unclosed IPv6 bracket
+            raise ConfigurationError(f"base_url {url!r} is not a valid URL: {exc}") from None
+        if not parts.hostname:
+            raise ConfigurationError(f"base_url {url!r} has no host")
     return base + sep + query
 
 

@@ -156,10 +156,21 @@ def test_the_base_url_is_read_as_people_write_it(given: str, url: str) -> None:
     assert url == config.call("m", [], {}).start_attempt(0.0).request.url
 
 
-@pytest.mark.parametrize("given", ["api.holysheep.ai/v1", "localhost:8000/v1", "ftp://x/v1"])
-def test_a_base_url_without_http_is_a_clear_error(given: str) -> None:
-    """Without a scheme, a transport reported it as a connection failure, retried."""
-    with pytest.raises(ConfigurationError, match="needs http:// or https://"):
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("api.holysheep.ai/v1", "needs http:// or https://"),
+        ("localhost:8000/v1", "needs http:// or https://"),
+        ("ftp://x/v1", "needs http:// or https://"),
+        ("http://127.0.0.1:99999/v1", "is not a valid URL: Port out of range"),
+        ("http://[::1/v1", "is not a valid URL"),
+        ("https:///v1", "has no host"),
+    ],
+)
+def test_a_base_url_the_clients_cannot_use_is_a_clear_error(given: str, message: str) -> None:
+    """Without a scheme, a transport reported it as a connection failure, retried; a port out
+    of range or an unclosed IPv6 bracket reached httpx, which raised its own exceptions."""
+    with pytest.raises(ConfigurationError, match=message):
         ClientConfig.from_arguments("k", given, None, None, True)
 
 
