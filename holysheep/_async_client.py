@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._call import Attempt, Call, OnInterrupt
+from ._call import Attempt, Call, OnInterrupt, ShownText
 from ._chat import ChatChunk, Completion
 from ._config import ClientConfig
 from ._exceptions import APIConnectionError, HolySheepError, LocalProtocolError
@@ -502,10 +502,15 @@ class AsyncStream:
         self._expired = self._lapsed = self._ending = False
 
     async def text_stream(self) -> AsyncIterator[str]:
-        """Only the content text, piece by piece."""
+        """Only the content text, piece by piece (as `Stream.text_stream`, restarts included)."""
+        shown = ShownText()
         async for chunk in self:
-            if chunk.text:
-                yield chunk.text
+            text = shown.take(chunk)
+            if text is None:
+                await self.aclose()
+                raise shown.diverged(self.completion, self.request_id)
+            if text:
+                yield text
 
     async def until_done(self) -> Completion:
         """Read the stream to its end and return the completion."""

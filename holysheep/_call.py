@@ -447,3 +447,60 @@ def _is_interruption(error: HolySheepError) -> bool:
     if isinstance(error, StreamError) and not isinstance(error, IncompleteStreamError):
         return error.retryable
     return isinstance(error, IncompleteStreamError | APIConnectionError | IdleTimeoutError)
+
+
+@final
+class ShownText:
+    """What `text_stream()` yields for each chunk: its text, and after a `Reset` only the text
+    that goes beyond what was already yielded.
+
+    A plain iterator of text has no way to take back what the caller printed, and restart mode
+    (`on_interrupt="restart"`) starts the answer over: yielding the new answer whole would
+    print its beginning twice. So after a `Reset` the new text is matched against what was
+    shown; while it repeats it, nothing is yielded, and once it goes further, only the rest is.
+    A new answer that says something else cannot be joined to what was shown: `take` returns
+    None, and the caller raises (see `diverged`).
+    """
+
+    __slots__ = ("_at", "_parts", "_shown")
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []  # yielded so far, joined only at a Reset
+        self._shown = ""
+        self._at: int | None = None  # how much of `_shown` the new answer has repeated
+
+    def take(self, chunk: ChatChunk) -> str | None:
+        """The text to yield for `chunk` ("" for none); None if a restarted answer differs
+        from what was yielded."""
+        text = chunk.text
+        if not text:
+            if chunk.deltas and type(chunk.deltas[0]) is Reset:
+                self._shown = "".join(self._parts)
+                self._parts = [self._shown]
+                self._at = 0
+            return ""
+        at = self._at
+        if at is None:
+            self._parts.append(text)
+            return text
+        repeated = self._shown[at : at + len(text)]
+        if not text.startswith(repeated):
+            return None
+        if at + len(text) <= len(self._shown):
+            self._at = at + len(text)
+            return ""
+        rest = text[len(repeated) :]
+        self._parts.append(rest)
+        self._at = None
+        return rest
+
+    def diverged(self, completion: Completion, request_id: str | None) -> StreamInterruptedError:
+        """The error for a restarted answer that differs from the text already yielded."""
+        at = self._at or 0
+        return StreamInterruptedError(
+            "the stream restarted after an interruption, and the new answer differs from the "
+            f"text text_stream() already yielded, from character {at}: iterate the stream's "
+            "chunks and replace what was shown at each Reset, or use on_interrupt='resume'",
+            completion=completion,
+            request_id=request_id,
+        )

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from ._call import Attempt, Call, OnInterrupt
+from ._call import Attempt, Call, OnInterrupt, ShownText
 from ._chat import ChatChunk, Completion
 from ._config import ClientConfig
 from ._exceptions import APIConnectionError, APITimeoutError, HolySheepError, LocalProtocolError
@@ -375,10 +375,19 @@ class Stream:
             self._end_attempt()
 
     def text_stream(self) -> Iterator[str]:
-        """Only the content text, piece by piece (skips chunks without any)."""
+        """Only the content text, piece by piece (skips chunks without any).
+
+        After a restart (`on_interrupt="restart"`) only text beyond what was already yielded
+        comes, since printed text cannot be taken back (see `ShownText`).
+        """
+        shown = ShownText()
         for chunk in self:
-            if chunk.text:
-                yield chunk.text
+            text = shown.take(chunk)
+            if text is None:
+                self.close()
+                raise shown.diverged(self.completion, self.request_id)
+            if text:
+                yield text
 
     def until_done(self) -> Completion:
         """Read the stream to its end and return the completion."""

@@ -29,7 +29,9 @@ from holysheep.transports import (
     AsyncHTTPXTransport,
     HTTPXTransport,
     MockResponse,
+    MockTransport,
     RequestsTransport,
+    sse_body,
 )
 
 MESSAGES = [{"role": "user", "content": "Tell me about sheep."}]
@@ -193,6 +195,60 @@ def test_restart_yields_a_reset_marker_first() -> None:
                     shown = ""  # what a terminal app would do: clear and start over
                 shown += chunk.text
         assert (1, FULL, FULL) == (resets, shown, stream.completion.text)
+
+
+def test_text_stream_after_a_restart_yields_only_what_was_not_shown() -> None:
+    """`text_stream()` dropped the Reset marker (it has no text) and yielded the restarted
+    answer whole: "Sheep are gentle, social Sheep are gentle, social animals...". Printed
+    text cannot be taken back, so the repeated beginning is skipped instead."""
+    with serve() as upstream:
+        upstream.enqueue({"fault": "drop@4"})
+        with client(upstream, on_interrupt="restart").chat.stream(
+            model="m", messages=MESSAGES
+        ) as stream:
+            shown = "".join(stream.text_stream())
+        assert (FULL, FULL, 2) == (shown, stream.completion.text, stream.stats.attempts)
+
+
+@pytest.mark.anyio
+async def test_async_text_stream_after_a_restart_yields_only_what_was_not_shown() -> None:
+    """The same on the async client."""
+    with serve() as upstream:
+        upstream.enqueue({"fault": "drop@4"})
+        async with (
+            holysheep.AsyncClient(
+                api_key="k", base_url=upstream.base_url, retry=FAST, on_interrupt="restart"
+            ) as aclient,
+            aclient.chat.stream(model="m", messages=MESSAGES) as stream,
+        ):
+            shown = "".join([text async for text in stream.text_stream()])
+        assert (FULL, 2) == (shown, stream.stats.attempts)
+
+
+def test_text_stream_refuses_a_restarted_answer_that_differs() -> None:
+    """A restarted answer that says something else cannot follow the text already printed:
+    StreamInterruptedError, with the new answer's partial completion, and nothing yielded
+    twice or spliced."""
+    first = sse_body("Hello ", "wor")[:3]  # the role chunk and two pieces, then a drop
+    transport = MockTransport(
+        [MockResponse(chunks=first, fault="drop"), MockResponse(chunks=sse_body("Goodbye"))]
+    )
+    made = holysheep.Client(
+        api_key="k",
+        base_url="http://mock/v1",
+        transport=transport,
+        retry=FAST,
+        on_interrupt="restart",
+    )
+    shown = []
+    with (
+        made.chat.stream(model="m", messages=MESSAGES) as stream,
+        pytest.raises(StreamInterruptedError, match="differs from the text text_stream"),
+    ):
+        shown.extend(stream.text_stream())
+    assert ["Hello ", "wor"] == shown
+    assert stream.closed
+    made.close()
 
 
 @pytest.mark.parametrize("status", [503, 429])
