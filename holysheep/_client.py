@@ -292,6 +292,15 @@ class Stream:
                 # take over the first one's deadline and reads: refuse it, as the async
                 # client refuses a second task.
                 raise RuntimeError("this stream is already being read (by another iteration)")
+            if self._exhausted and not self._exchange.accumulator.finished:
+                # An earlier iteration ended it early; reading on would look like a normal
+                # end with nothing more, which it is not.
+                raise LocalProtocolError(
+                    "this stream was closed before its end, by close() or by an earlier "
+                    "iteration that stopped early (a `break`, an error, or an iterator dropped "
+                    "after `next()`: a sync stream closes when its iterator goes); what arrived "
+                    "is in `stream.completion`"
+                )
             self._reading = True
         try:
             self.open()

@@ -145,3 +145,28 @@ def test_a_plain_dict_of_mixed_case_headers_is_read() -> None:
         client.chat.complete(model="m", messages=MESSAGES)
     assert 7.0 == info.value.retry_after
     client.close()
+
+
+def test_reading_on_after_an_iteration_stopped_early_is_an_error() -> None:
+    """`next(iter(stream))` then `for chunk in stream`: the first iterator, dropped, closed the
+    stream, and the loop then saw nothing, as if the answer had ended there."""
+    transport = MockTransport([MockResponse(chunks=sse_body("Hel", "lo"))])
+    with (
+        holysheep.Client(api_key="k", base_url="http://mock/v1", transport=transport) as client,
+        client.chat.stream(model="m", messages=MESSAGES) as stream,
+    ):
+        next(iter(stream))
+        with pytest.raises(LocalProtocolError, match="closed before its end"):
+            list(stream)
+    assert "" == stream.completion.text  # the role chunk only: nothing lost unsaid
+
+
+def test_iterating_a_finished_stream_again_gives_nothing_more() -> None:
+    """A stream read to its end is an exhausted iterator, not an error."""
+    transport = MockTransport([MockResponse(chunks=sse_body("Hi"))])
+    with (
+        holysheep.Client(api_key="k", base_url="http://mock/v1", transport=transport) as client,
+        client.chat.stream(model="m", messages=MESSAGES) as stream,
+    ):
+        assert "Hi" == "".join(stream.text_stream())
+        assert [] == list(stream)
