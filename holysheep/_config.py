@@ -105,6 +105,13 @@ class ClientConfig:
             "stream_options": {"include_usage": True},
         }
         body.update(params)
+        brought = sorted(_SDK_OPTIONS.keys() & params.keys())
+        if brought:
+            name = brought[0]
+            raise ConfigurationError(
+                f"{name}= is an option of the openai SDK, not a request field (it would be sent "
+                f"in the JSON body, which the API refuses): {_SDK_OPTIONS[name]}"
+            )
         if body["stream"] is not True:
             raise ConfigurationError(
                 f"stream={body['stream']!r}: holysheep always streams; "
@@ -145,6 +152,15 @@ class ClientConfig:
             call.cost = estimate_cost(body)
             call.prompt_cost = estimate_prompt(body)
         return call
+
+
+# Options of the openai SDK's `create()` that people bring along: every other keyword goes into
+# the JSON body as it is, and these would too, to be refused by the API (or worse, ignored).
+_SDK_OPTIONS = {
+    "extra_body": "pass its keys as keyword arguments, which go into the JSON body",
+    "extra_query": "put the query string in base_url (https://.../v1?key=value)",
+    "max_retries": "pass retry=RetryPolicy(attempts=max_retries + 1)",
+}
 
 
 def _check_header(what: str, value: object) -> None:

@@ -186,6 +186,24 @@ def test_stream_false_is_refused_and_stream_options_keep_usage() -> None:
     assert {"include_usage": True, "continuous_usage": True} == body["stream_options"]
 
 
+@pytest.mark.parametrize(
+    ("option", "hint"),
+    [
+        ("extra_body", "pass its keys as keyword arguments"),
+        ("extra_query", "put the query string in base_url"),
+        ("max_retries", r"retry=RetryPolicy\(attempts=max_retries \+ 1\)"),
+    ],
+)
+def test_openai_sdk_options_are_refused_with_the_holysheep_way(option: str, hint: str) -> None:
+    """Code ported from the openai SDK sent these in the JSON body, which the local upstream
+    accepted and the API refuses: the mistake showed only in production."""
+    config = ClientConfig.from_arguments("k", None, None, None, True)
+    with pytest.raises(
+        ConfigurationError, match=f"{option}= is an option of the openai SDK.*{hint}"
+    ):
+        config.call("m", [], {option: {"seed": 1} if option.startswith("extra") else 2})
+
+
 def test_the_token_reservation_counts_every_choice_and_the_tool_definitions() -> None:
     """`n=4` reserved one choice's `max_tokens`, and 4,000 characters of tool schema nothing:
     the limiter let through what the gateway then refused with 429s."""
