@@ -3,6 +3,7 @@ on the wire must be what `build_request` would have sent, for every kind of http
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import string
 import threading
@@ -237,3 +238,22 @@ def test_closing_the_transport_waits_for_a_request_still_being_sent() -> None:
     listener.close()
     assert ["Hi"] == texts
     assert transport.client.is_closed
+
+
+def test_one_async_client_on_a_second_event_loop_is_a_clear_error() -> None:
+    """A module-level AsyncClient used by two `asyncio.run()` calls failed on the second with
+    httpx's bare "Event loop is closed" (a RuntimeError, not a holysheep error)."""
+    with serve(tokens=3) as upstream:
+        client = holysheep.AsyncClient(api_key="k", base_url=upstream.base_url)
+
+        async def ask() -> str:
+            return (await client.chat.complete(model="m", messages=[])).text
+
+        first = asyncio.new_event_loop()
+        try:
+            assert first.run_until_complete(ask())
+            with pytest.raises(holysheep.ConfigurationError, match=r"one AsyncClient .* per event"):
+                asyncio.run(ask())
+            first.run_until_complete(client.aclose())
+        finally:
+            first.close()
