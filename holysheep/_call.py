@@ -372,7 +372,12 @@ class Call:
         return self.exchange.stats(now, self)
 
     def error_to_raise(self, error: HolySheepError, decision: GiveUp) -> HolySheepError:
-        """The exception the caller sees when we give up."""
+        """The exception the caller sees when we give up, with the call's attempts on it."""
+        failure = self._error_to_raise(error, decision)
+        failure.attempts = self.attempt
+        return failure
+
+    def _error_to_raise(self, error: HolySheepError, decision: GiveUp) -> HolySheepError:
         if isinstance(error, StreamInterruptedError):
             return error
         broken = self._broken

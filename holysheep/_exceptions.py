@@ -73,6 +73,10 @@ class HolySheepError(Exception):
     #: shows chunks must still show these; the clients hand them over before raising.
     chunks: Sequence[ChatChunk] = ()
 
+    #: For an error a client raised when it gave up: how many attempts the call made (shown
+    #: in the message when there was more than one, so a final 503 does not read as the first).
+    attempts: int | None = None
+
     def __init__(
         self,
         message: str,
@@ -93,6 +97,8 @@ class HolySheepError(Exception):
             details.append(f"status={self.status_code}")
         if self.request_id is not None:
             details.append(f"request_id={self.request_id}")
+        if self.attempts is not None and self.attempts > 1:
+            details.append(f"attempts={self.attempts}")
         return details
 
     def __str__(self) -> str:

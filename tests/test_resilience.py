@@ -808,3 +808,15 @@ def test_timeouts_before_content_are_retried() -> None:
         )
         assert FULL == completion.text
         assert 2 == len(upstream.requests)
+
+
+def test_the_final_error_says_how_many_attempts_were_made() -> None:
+    """After three 503s the error read like the first one; it now counts the attempts."""
+    with serve() as upstream:
+        upstream.enqueue(*[{"fault": {"kind": "status", "status": 503}}] * 3)
+        made = client(upstream, retry=attrs.evolve(FAST, attempts=3))
+        with pytest.raises(holysheep.InternalServerError) as info:
+            made.chat.complete(model="m", messages=MESSAGES)
+        made.close()
+    assert 3 == info.value.attempts
+    assert "attempts=3" in str(info.value)
