@@ -250,6 +250,42 @@ class Completion:
                 parts += (call.name, call.arguments)
         return "".join(parts)
 
+    def to_message(self, choice: int = 0) -> dict[str, Any]:
+        """Choice `choice` as the assistant message to append to `messages` for the next turn.
+
+        A tool-calling loop must send the model's calls back ahead of their results, in the
+        shape the API takes: `content` is None beside tool calls and no text (as the API itself
+        answers), a string otherwise; `tool_calls` is left out when there are none; a `refusal`
+        goes back as one. Reasoning stays out: DeepSeek refuses `reasoning_content` in a request.
+        A fresh dict each time, yours to change.
+        """
+        found = self._choice(choice)
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": found.text or (None if found.tool_calls else ""),
+        }
+        if found.refusal is not None:
+            message["refusal"] = found.refusal
+        if found.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": call.type,
+                    "function": {"name": call.name, "arguments": call.arguments},
+                }
+                for call in found.tool_calls
+            ]
+        return message
+
+    def _choice(self, index: int) -> Choice:
+        for choice in self.choices:
+            if choice.index == index:
+                return choice
+        if index == 0 and not self.choices:
+            return _EMPTY_CHOICE  # nothing arrived: an empty answer, as `text` reads ""
+        seen = ", ".join(str(choice.index) for choice in self.choices) or "none"
+        raise IndexError(f"no choice {index} in this completion (choices: {seen})")
+
 
 _EMPTY_CHOICE = Choice(0)
 

@@ -10,8 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import holysheep
 from holysheep import (
     ChatAccumulator,
+    Completion,
     ContentDelta,
     Finished,
     IncompleteStreamError,
@@ -27,6 +29,7 @@ from holysheep import (
     UsageReport,
     is_retryable_error,
 )
+from holysheep.transports import MockResponse, MockTransport, sse_body
 
 
 def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: Any) -> bytes:
@@ -350,6 +353,160 @@ def test_tool_call_deltas_are_typed() -> None:
     acc = ChatAccumulator()
     chunks = acc.feed(tool_stream([{"index": 0, "id": "a", "function": fn("f", "{")}]))
     assert (ToolCallDelta(0, "a", "f", "{"),) == chunks[0].deltas
+
+
+# -- the next turn: Completion.to_message ---------------------------------------------------
+
+
+def test_a_text_answer_becomes_an_assistant_message() -> None:
+    """Plain text comes back as role and content, with no empty `tool_calls`."""
+    message = run(openai_stream(["Hel", "lo"])).completion.to_message()
+    assert {"role": "assistant", "content": "Hello"} == message
+
+
+def test_tool_calls_become_an_assistant_message_without_content() -> None:
+    """Calls and no text: content is None, each call in the API's nested shape, by index."""
+    stream = tool_stream(
+        [
+            {"index": 0, "id": "call_a", "type": "function", "function": fn("get", "")},
+            {"index": 1, "id": "call_b", "type": "function", "function": fn("put", "{}")},
+        ],
+        [{"index": 0, "function": fn(arguments='{"city": "Oslo"}')}],
+    )
+    expected = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_a",
+                "type": "function",
+                "function": {"name": "get", "arguments": '{"city": "Oslo"}'},
+            },
+            {"id": "call_b", "type": "function", "function": {"name": "put", "arguments": "{}"}},
+        ],
+    }
+    assert expected == run(stream).completion.to_message()
+
+
+def test_text_beside_tool_calls_is_kept() -> None:
+    """A model that says something and calls a tool keeps both."""
+    stream = chunk({"content": "Checking."}) + tool_stream(
+        [{"index": 0, "id": "a", "function": fn("f", "{}")}]
+    )
+    message = run(stream).completion.to_message()
+    assert ("Checking.", 1) == (message["content"], len(message["tool_calls"]))
+
+
+def test_an_assistant_message_streamed_back_is_the_same_message() -> None:
+    """The API's assistant message, streamed as fragments of interleaved calls, comes back out."""
+    sent: dict[str, Any] = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}},
+            {"id": "call_2", "type": "function", "function": {"name": "g", "arguments": "[2, 3]"}},
+        ],
+    }
+    calls = sent["tool_calls"]
+    heads = [
+        {
+            "index": i,
+            "id": call["id"],
+            "type": call["type"],
+            "function": fn(call["function"]["name"]),
+        }
+        for i, call in enumerate(calls)
+    ]
+    pieces = [
+        [
+            {"index": i, "function": fn(arguments=call["function"]["arguments"][at : at + 3])}
+            for i, call in enumerate(calls)
+        ]
+        for at in range(0, 9, 3)
+    ]
+    stream = chunk({"role": "assistant", "content": None}) + tool_stream(heads, *pieces)
+    assert sent == run(stream).completion.to_message()
+
+
+def test_a_refusal_goes_back_as_a_refusal() -> None:
+    """A refusal is sent back in its own field, with empty content, as the API accepts it."""
+    stream = chunk({"refusal": "I can't"}) + chunk({"refusal": " help."}, "stop") + DONE
+    expected = {"role": "assistant", "content": "", "refusal": "I can't help."}
+    assert expected == run(stream).completion.to_message()
+
+
+def test_reasoning_is_not_sent_back() -> None:
+    """Reasoning stays out of the message (DeepSeek refuses `reasoning_content` in requests)."""
+    stream = chunk({"reasoning_content": "hmm"}) + chunk({"content": "42"}, "stop") + DONE
+    assert {"role": "assistant", "content": "42"} == run(stream).completion.to_message()
+
+
+def test_to_message_takes_any_choice_by_index() -> None:
+    """With `n` > 1, `choice` picks which answer continues the conversation."""
+    stream = b"".join(
+        [
+            choice_chunk(0, "a", "stop"),
+            choice_chunk(1, "b", "stop"),
+            DONE,
+        ]
+    )
+    completion = run(stream).completion
+    assert ["a", "b"] == [completion.to_message(i)["content"] for i in (0, 1)]
+
+
+def test_to_message_for_a_choice_that_never_came_raises() -> None:
+    """Asking for a choice the stream did not have is a mistake, named with what there is."""
+    completion = run(openai_stream(["a"])).completion
+    with pytest.raises(IndexError, match=r"no choice 2 in this completion \(choices: 0\)"):
+        completion.to_message(2)
+
+
+def test_an_empty_completion_is_an_empty_assistant_message() -> None:
+    """Nothing received (a stream cut before any content) still gives a valid message."""
+    assert {"role": "assistant", "content": ""} == Completion().to_message()
+
+
+def test_each_message_is_a_fresh_dict() -> None:
+    """Changing one returned message changes neither the completion nor the next one."""
+    completion = run(tool_stream([{"index": 0, "id": "a", "function": fn("f", "{}")}])).completion
+    first = completion.to_message()
+    first["tool_calls"][0]["function"]["arguments"] = "changed"
+    assert "{}" == completion.to_message()["tool_calls"][0]["function"]["arguments"]
+
+
+def test_a_tool_loop_sends_the_calls_back_before_their_results() -> None:
+    """Through a client: the next request's history holds the answer as the API wants it."""
+    call = {"index": 0, "id": "call_w", "type": "function", "function": fn("weather", "")}
+    first = tool_stream([call], [{"index": 0, "function": fn(arguments='{"city": "Oslo"}')}])
+    transport = MockTransport(
+        [MockResponse(chunks=[first]), MockResponse(chunks=sse_body("Sunny."))]
+    )
+    client = holysheep.Client(api_key="k", transport=transport)
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "Weather in Oslo?"}]
+    completion = client.chat.complete(model="gpt-4.1", messages=messages)
+    messages.append(completion.to_message())
+    for tool_call in completion.tool_calls:
+        result = {"city": tool_call.parsed_arguments()["city"], "sky": "clear"}
+        messages.append(
+            {"role": "tool", "tool_call_id": tool_call.id, "content": json.dumps(result)}
+        )
+    assert "Sunny." == client.chat.complete(model="gpt-4.1", messages=messages).text
+    sent = json.loads(transport.requests[1].content)["messages"]
+    assert [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_w",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": '{"city": "Oslo"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_w", "content": '{"city": "Oslo", "sky": "clear"}'},
+    ] == sent
 
 
 def test_numeric_fields_are_never_added() -> None:
