@@ -110,7 +110,8 @@ class ClientConfig:
             name = brought[0]
             raise ConfigurationError(
                 f"{name}= is an option of the openai SDK, not a request field (it would be sent "
-                f"in the JSON body, which the API refuses): {_SDK_OPTIONS[name]}"
+                f"in the JSON body, which the API refuses): {_SDK_OPTIONS[name]} (see "
+                "docs/from-openai.md)"
             )
         if body["stream"] is not True:
             raise ConfigurationError(
