@@ -503,6 +503,11 @@ class AsyncStream:
 
     async def text_stream(self) -> AsyncIterator[str]:
         """Only the content text, piece by piece (as `Stream.text_stream`, restarts included)."""
+        if self._call.on_interrupt != "restart":  # no Reset can come: nothing to match
+            async for chunk in self:
+                if chunk.text:
+                    yield chunk.text
+            return
         shown = ShownText()
         async for chunk in self:
             text = shown.take(chunk)

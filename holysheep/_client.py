@@ -389,6 +389,11 @@ class Stream:
         After a restart (`on_interrupt="restart"`) only text beyond what was already yielded
         comes, since printed text cannot be taken back (see `ShownText`).
         """
+        if self._call.on_interrupt != "restart":  # no Reset can come: nothing to match
+            for chunk in self:
+                if chunk.text:
+                    yield chunk.text
+            return
         shown = ShownText()
         for chunk in self:
             text = shown.take(chunk)
