@@ -516,6 +516,8 @@ class AsyncStream:
                 raise shown.diverged(self.completion, self.request_id)
             if text:
                 yield text
+        if shown.repeating() and self._exchange.accumulator.closed:
+            raise shown.diverged(self.completion, self.request_id)
 
     async def until_done(self) -> Completion:
         """Read the stream to its end and return the completion."""

@@ -464,7 +464,8 @@ class ShownText:
     print its beginning twice. So after a `Reset` the new text is matched against what was
     shown; while it repeats it, nothing is yielded, and once it goes further, only the rest is.
     A new answer that says something else cannot be joined to what was shown: `take` returns
-    None, and the caller raises (see `diverged`).
+    None, and the caller raises (see `diverged`); so it does for one that ends while still
+    repeating (see `repeating`).
     """
 
     __slots__ = ("_at", "_parts", "_shown")
@@ -498,6 +499,11 @@ class ShownText:
         self._parts.append(rest)
         self._at = None
         return rest
+
+    def repeating(self) -> bool:
+        """Whether a restarted answer is still repeating what was yielded: one that ends there
+        is shorter than what was shown, which differs from it as much as other words do."""
+        return self._at is not None and self._at < len(self._shown)
 
     def diverged(self, completion: Completion, request_id: str | None) -> StreamInterruptedError:
         """The error for a restarted answer that differs from the text already yielded."""

@@ -753,6 +753,11 @@ class ChatAccumulator:
         return self._usage
 
     @property
+    def closed(self) -> bool:
+        """True once `close()` was called: the body reached its end (cleanly or not)."""
+        return self._closed
+
+    @property
     def finished(self) -> bool:
         """True once the stream said it is done (`[DONE]`, or a `finish_reason` for every choice
         seen so far)."""

@@ -292,7 +292,7 @@ class Stream:
                 # take over the first one's deadline and reads: refuse it, as the async
                 # client refuses a second task.
                 raise RuntimeError("this stream is already being read (by another iteration)")
-            if self._exhausted and not self._exchange.accumulator.finished:
+            if self._exhausted and not self._exchange.accumulator.closed:
                 # An earlier iteration ended it early; reading on would look like a normal
                 # end with nothing more, which it is not.
                 raise LocalProtocolError(
@@ -402,6 +402,8 @@ class Stream:
                 raise shown.diverged(self.completion, self.request_id)
             if text:
                 yield text
+        if shown.repeating() and self._exchange.accumulator.closed:
+            raise shown.diverged(self.completion, self.request_id)
 
     def until_done(self) -> Completion:
         """Read the stream to its end and return the completion."""

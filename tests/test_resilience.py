@@ -251,6 +251,27 @@ def test_text_stream_refuses_a_restarted_answer_that_differs() -> None:
     made.close()
 
 
+def test_text_stream_refuses_a_restarted_answer_shorter_than_what_it_showed() -> None:
+    """A restarted answer that ends while still repeating the text shown left that text on
+    screen, longer than the completion, with no error."""
+    first = sse_body("Sheep are ", "gentle, ", "social ")[:4]
+    transport = MockTransport(
+        [MockResponse(chunks=first, fault="drop"), MockResponse(chunks=sse_body("Sheep are"))]
+    )
+    made = holysheep.Client(
+        api_key="k", base_url="http://mock/v1", transport=transport, retry=FAST,
+        on_interrupt="restart",
+    )  # fmt: skip
+    shown: list[str] = []
+    with (
+        made.chat.stream(model="m", messages=MESSAGES) as stream,
+        pytest.raises(StreamInterruptedError, match="differs from the text text_stream"),
+    ):
+        shown.extend(stream.text_stream())
+    assert ("Sheep are gentle, social ", "Sheep are") == ("".join(shown), stream.completion.text)
+    made.close()
+
+
 @pytest.mark.parametrize("status", [503, 429])
 def test_a_failed_reconnect_is_retried_like_the_drop(status: int) -> None:
     """Resuming, a 503 or 429 on the way back is one more transient failure, retried within

@@ -170,3 +170,18 @@ def test_iterating_a_finished_stream_again_gives_nothing_more() -> None:
     ):
         assert "Hi" == "".join(stream.text_stream())
         assert [] == list(stream)
+
+
+def test_a_stream_that_ended_without_a_finish_can_be_read_again() -> None:
+    """With `require_end=False` a stream may end with neither `[DONE]` nor a finish_reason;
+    reading it again after that end gives nothing more, not a "closed before its end" error."""
+    body = sse_body("Hi")[:2]  # the role chunk and the text; no finish, no [DONE]
+    transport = MockTransport([MockResponse(chunks=body)])
+    with (
+        holysheep.Client(
+            api_key="k", base_url="http://mock/v1", transport=transport, require_end=False
+        ) as client,
+        client.chat.stream(model="m", messages=MESSAGES) as stream,
+    ):
+        assert "Hi" == stream.until_done().text
+        assert ([], "") == (list(stream), "".join(stream.text_stream()))

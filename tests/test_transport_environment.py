@@ -111,3 +111,45 @@ async def test_aiohttp_goes_through_the_proxy_the_environment_names(
             with pytest.raises(holysheep.APIConnectionError):
                 await client.chat.complete(model="m", messages=MESSAGES)
         assert 1 == len(proxy.requests)
+
+
+class _Signer(requests.auth.AuthBase):
+    """A session's own auth, as a gateway that wants signed requests needs."""
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["x-gateway-signature"] = "sig"
+        return request
+
+
+def test_a_users_session_keeps_its_own_auth() -> None:
+    """Keeping ~/.netrc out must not drop the auth of a session passed in."""
+    session = requests.Session()
+    session.auth = _Signer()
+    with serve(tokens=2) as upstream:
+        transport = RequestsTransport(session)
+        with holysheep.Client(api_key="k", base_url=upstream.base_url, transport=transport) as c:
+            c.chat.complete(model="m", messages=MESSAGES)
+        headers = upstream.requests[-1].headers
+    assert ("sig", "Bearer k") == (headers["x-gateway-signature"], headers["authorization"])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "ALL_PROXY"])
+async def test_aiohttp_reads_a_proxy_without_a_scheme_and_all_proxy(
+    variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`HTTP_PROXY=proxy.corp:3128` (no scheme) reached aiohttp as an invalid URL and failed
+    every request; requests and httpx take it as http://. ALL_PROXY counts too."""
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with serve(tokens=2) as proxy:
+        monkeypatch.setenv(variable, proxy.base_url.removesuffix("/v1").removeprefix("http://"))
+        async with holysheep.AsyncClient(
+            api_key="k",
+            base_url="http://gateway.invalid/v1",
+            transport=AiohttpTransport(),
+            retry=holysheep.RetryPolicy.none(),
+        ) as client:
+            assert (await client.chat.complete(model="m", messages=MESSAGES)).text
+        assert 1 == len(proxy.requests)

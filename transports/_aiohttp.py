@@ -219,17 +219,23 @@ class AiohttpTransport(AsyncBaseTransport):
         )
 
     def _proxy_for(self, url: str) -> str | None:
-        """The proxy `HTTP(S)_PROXY` / `NO_PROXY` name for `url`'s origin, read once per origin.
+        """The proxy `HTTP(S)_PROXY` / `ALL_PROXY` / `NO_PROXY` name for `url`'s origin, read
+        once per origin.
 
         What requests and httpx do by default. Not aiohttp's `trust_env=True`: that also looks
         up ~/.netrc on every request (in a worker thread) and refuses a request whose host is
         there, since it carries an `authorization` header of its own.
         """
-        origin = url.split("/", 3)[2] if "://" in url else url
+        # Scheme and host: an https URL may have a proxy of its own.
+        origin = "/".join(url.split("/", 3)[:3])
         if origin not in self._proxies:
             parts = urllib.parse.urlsplit(url)
-            bypass = urllib.request.proxy_bypass(parts.hostname or "")
-            proxy = None if bypass else urllib.request.getproxies().get(parts.scheme)
+            proxy: str | None = None
+            if not urllib.request.proxy_bypass(parts.hostname or ""):
+                proxies = urllib.request.getproxies()
+                proxy = proxies.get(parts.scheme) or proxies.get("all")
+            if proxy and "://" not in proxy:
+                proxy = "http://" + proxy  # `proxy.corp:3128`, as requests and httpx read it
             if len(self._proxies) < 64:
                 self._proxies[origin] = proxy
             return proxy

@@ -74,8 +74,9 @@ class RequestsTransport(BaseTransport):
                     headers=dict(request.headers),
                     # Our `authorization` header as it is: without an `auth` of its own, requests
                     # looks up ~/.netrc for the host on every request and replaces the API key
-                    # with the Basic credentials it finds there.
-                    auth=_as_is,
+                    # with the Basic credentials it finds there. A session's own auth (a
+                    # signer, say) still applies.
+                    auth=session.auth or _as_is,
                 )
             )
             origin = request.url.split("/", 3)[2]
