@@ -341,7 +341,7 @@ def _run_chat(
                 completion = exc.completion or stream.completion
                 # An answer that never started (an error status, a refused connection) is
                 # not known to be billed at all: no estimate for the prompt alone.
-                started = completion.text or completion.usage or completion.tool_calls
+                started = completion.output_text or completion.usage
                 cost = (
                     _cost_for(completion, args.model, prices, prompt_text, stream.stats)
                     if started

@@ -118,10 +118,10 @@ class ClientConfig:
                 f"stream={body['stream']!r}: holysheep always streams; "
                 "client.chat.complete() returns the whole Completion"
             )
-        options = params.get("stream_options")
-        if isinstance(options, Mapping):
-            # Merged, not replaced: other options must not turn usage off unasked.
-            body["stream_options"] = {"include_usage": True, **options}
+        options = params.get("stream_options", {})
+        if isinstance(options, Mapping) or options is None:
+            # Merged, not replaced: other options (or None) must not turn usage off unasked.
+            body["stream_options"] = {"include_usage": True, **(options or {})}
         timeouts = self.timeouts if timeout is None else Timeouts.from_value(timeout)
         if on_interrupt is not None:
             check_on_interrupt(on_interrupt)
@@ -199,22 +199,34 @@ def _base_url(url: str) -> str:
     """
     url = url.strip()
     base, sep, query = url.partition("?")
+    relative = base.startswith("/")
     base = base.rstrip("/")
     base = base.removesuffix("/chat/completions").rstrip("/")
     scheme = base.partition("://")[0].lower() if "://" in base else ""
-    if scheme not in ("http", "https") and not base.startswith("/"):
+    shown = _without_userinfo(url)  # quoted in errors: never a password
+    if scheme not in ("http", "https") and not relative:
         raise ConfigurationError(
-            f"base_url {url!r} needs http:// or https:// (for example https://api.holysheep.ai/v1)"
+            f"base_url {shown!r} needs http:// or https:// (for example "
+            "https://api.holysheep.ai/v1)"
         )
     if scheme:
         try:
             parts = urllib.parse.urlsplit(base)
             parts.port  # noqa: B018 - raises ValueError for a port out of range
         except ValueError as exc:  # also an unclosed IPv6 bracket
-            raise ConfigurationError(f"base_url {url!r} is not a valid URL: {exc}") from None
+            raise ConfigurationError(f"base_url {shown!r} is not a valid URL: {exc}") from None
         if not parts.hostname:
-            raise ConfigurationError(f"base_url {url!r} has no host")
+            raise ConfigurationError(f"base_url {shown!r} has no host")
     return base + sep + query
+
+
+def _without_userinfo(url: str) -> str:
+    """`url` with any `user:password@` before the host masked."""
+    scheme, sep, rest = url.partition("://")
+    host, slash, path = rest.partition("/")
+    if not sep or "@" not in host:
+        return url
+    return f"{scheme}://***@{host.rpartition('@')[2]}{slash}{path}"
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:

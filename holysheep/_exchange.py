@@ -419,10 +419,10 @@ class Exchange:
     ) -> Literal["stream", "read_error_body"]:
         """Record the response head; say whether to stream it or read it as an error."""
         self.status_code = status_code
-        if type(headers) is dict and "content-type" not in headers:
+        if type(headers) is dict and any(not name.islower() for name in headers):
             # A transport's plain dict with the server's spelling (`Content-Type`): the rule
             # is lower-case names, but blaming the server for "(none)" would mislead, and the
-            # request id and Retry-After would be lost with it.
+            # request id and Retry-After would be lost. Names are few: a cheap look.
             headers = {name.lower(): value for name, value in headers.items()}
         self.response_headers = headers
         self.server_request_id = headers.get("x-request-id") or headers.get("request-id")

@@ -146,6 +146,10 @@ def test_whitespace_around_an_api_key_is_not_part_of_it(monkeypatch: pytest.Monk
             "https://gw.example/v1?api-version=2",
             "https://gw.example/v1/chat/completions?api-version=2",
         ),
+        # Relative: joined to the base URL of a transport's own client (httpx's `base_url`).
+        ("/", "/chat/completions"),
+        ("/chat/completions", "/chat/completions"),
+        ("/v1/", "/v1/chat/completions"),
     ],
 )
 def test_the_base_url_is_read_as_people_write_it(given: str, url: str) -> None:
@@ -174,6 +178,14 @@ def test_a_base_url_the_clients_cannot_use_is_a_clear_error(given: str, message:
         ClientConfig.from_arguments("k", given, None, None, True)
 
 
+def test_a_base_url_error_never_quotes_a_password() -> None:
+    """Credentials in the URL are masked in the message, as header values are never quoted."""
+    with pytest.raises(ConfigurationError) as info:
+        ClientConfig.from_arguments("k", "https://user:s3cret@gw:99999/v1", None, None, True)
+    assert "s3cret" not in str(info.value)
+    assert "https://***@gw:99999/v1" in str(info.value)
+
+
 def test_stream_false_is_refused_and_stream_options_keep_usage() -> None:
     """`stream=False` sent a body the API refuses (and the fake upstream answered with JSON,
     reported as a wrong content type); a caller's `stream_options` replaced `include_usage`,
@@ -184,6 +196,10 @@ def test_stream_false_is_refused_and_stream_options_keep_usage() -> None:
     call = config.call("m", [], {"stream": True, "stream_options": {"continuous_usage": True}})
     body = json.loads(call.start_attempt(0.0).request.content)
     assert {"include_usage": True, "continuous_usage": True} == body["stream_options"]
+    none = config.call("m", [], {"stream_options": None})
+    assert {"include_usage": True} == json.loads(none.start_attempt(0.0).request.content)[
+        "stream_options"
+    ]
 
 
 @pytest.mark.parametrize(

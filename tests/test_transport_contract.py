@@ -137,7 +137,8 @@ def test_a_plain_dict_of_mixed_case_headers_is_read() -> None:
     ):
         assert "Hi" == "".join(chunk.text for chunk in stream)
     assert "req-7" == stream.request_id
-    limited = _MixedCaseHeaders(429, {"Content-Type": "application/json", "Retry-After": "7"}, [])
+    # A lower-case content-type does not mean the others are: each one is found.
+    limited = _MixedCaseHeaders(429, {"content-type": "application/json", "Retry-After": "7"}, [])
     client = holysheep.Client(
         api_key="k", base_url="http://mock/v1", transport=limited, retry=RetryPolicy.none()
     )

@@ -3,6 +3,11 @@ from a session the user configured, over real sockets."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +158,82 @@ async def test_aiohttp_reads_a_proxy_without_a_scheme_and_all_proxy(
         ) as client:
             assert (await client.chat.complete(model="m", messages=MESSAGES)).text
         assert 1 == len(proxy.requests)
+
+
+CERTS = Path(__file__).parent / "certs"  # a self-signed certificate for 127.0.0.1
+
+
+@contextlib.contextmanager
+def tls_server(
+    answer: Callable[[ssl.SSLObject, socket.socket], None],
+) -> Iterator[tuple[str, list[bytes]]]:
+    """A one-connection TLS server on 127.0.0.1 with our self-signed certificate: it reads one
+    request, records its first line, then lets `answer` respond. Yields the base URL and the
+    request lines received."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(CERTS / "localhost.pem", CERTS / "localhost-key.pem")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    received: list[bytes] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError), listener.accept()[0] as raw:
+            raw.settimeout(10)
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = context.wrap_bio(incoming, outgoing, server_side=True)
+            data = b""
+            while b"\r\n\r\n" not in data or not data.endswith(b"}"):
+                try:
+                    data += tls.read(65536)
+                    continue
+                except ssl.SSLWantReadError:
+                    pass
+                if outgoing.pending:
+                    raw.sendall(outgoing.read())
+                piece = raw.recv(65536)
+                if not piece:
+                    return
+                incoming.write(piece)
+            received.append(data.split(b"\r\n", 1)[0])
+            answer(tls, raw)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{listener.getsockname()[1]}/v1", received
+    finally:
+        listener.close()
+        thread.join(10)
+
+
+def test_a_refused_certificate_is_a_connect_error() -> None:
+    """A certificate the client does not trust: no request went out, so ConnectError (and a
+    rate limiter gives the attempt's tokens back)."""
+    with tls_server(lambda tls, raw: None) as (url, _):
+        client = holysheep.Client(
+            api_key="k", base_url=url, transport=RequestsTransport(verify=True),
+            retry=holysheep.RetryPolicy.none(),
+        )  # fmt: skip
+        with pytest.raises(holysheep.ConnectError, match="could not connect"):
+            client.chat.complete(model="m", messages=MESSAGES)
+        client.close()
+
+
+def test_a_tls_error_after_the_request_went_out_is_no_connect_error() -> None:
+    """urllib3 calls any TLS error SSLError, one in the middle of the response too: the server
+    had the request, so it must not count as never sent (and cost nothing)."""
+
+    def plaintext(tls: ssl.SSLObject, raw: socket.socket) -> None:
+        raw.sendall(b"HTTP/1.1 200 OK\r\n\r\n")  # not a TLS record: the client's read fails
+
+    with tls_server(plaintext) as (url, received):
+        client = holysheep.Client(
+            api_key="k", base_url=url,
+            transport=RequestsTransport(verify=str(CERTS / "localhost.pem")),
+            retry=holysheep.RetryPolicy.none(),
+        )  # fmt: skip
+        with pytest.raises(holysheep.APIConnectionError) as info:
+            client.chat.complete(model="m", messages=MESSAGES)
+        client.close()
+    assert not isinstance(info.value, holysheep.ConnectError)
+    assert [b"POST /v1/chat/completions HTTP/1.1"] == received

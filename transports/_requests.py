@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -127,14 +128,32 @@ def _never_sent(exc: requests.exceptions.ConnectionError) -> bool:
     """Whether the connection failed before the request went out (refused, DNS, TLS).
 
     requests raises one `ConnectionError` for that and for a connection that broke after the
-    request was sent; urllib3's reason inside tells them apart.
+    request was sent; urllib3's reason inside tells them apart. A TLS error is one only when
+    the certificate was refused: urllib3 reports any TLS error as `SSLError`, one that broke a
+    response the server was already answering too.
     """
-    if isinstance(exc, requests.exceptions.SSLError | requests.exceptions.ProxyError):
-        return True
+    if isinstance(exc, requests.exceptions.ProxyError):
+        return True  # urllib3 wraps only errors before the proxy connection is made
+    if isinstance(exc, requests.exceptions.SSLError):
+        return any(isinstance(cause, ssl.SSLCertVerificationError) for cause in _causes(exc))
     reason = exc.args[0] if exc.args else None
     if isinstance(reason, urllib3.exceptions.MaxRetryError):
         reason = reason.reason
     return isinstance(reason, urllib3.exceptions.NewConnectionError)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and what it wraps: its cause or context, urllib3's `reason`, or its first arg."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        yield item
+        todo += [item.__cause__, item.__context__, getattr(item, "reason", None)]
+        todo += item.args[:1]
 
 
 def _body_and_closer(
