@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Any
 
+import attrs
 import pytest
 
 import holysheep
@@ -163,6 +164,68 @@ def test_zero_tokens_stream_an_empty_completion() -> None:
         ({"messages": []}, '{"text": 5}', None, None, "'text' must be <class 'str'>"),
         ({"messages": []}, '{"fault": {"kind": "bogus"}}', None, None, "'kind' must be in"),
         ({"messages": []}, '{"fault": {"kind": "drop", "after": "x"}}', None, None, "'after'"),
+        ({"messages": [], "n": 0}, None, "n", "integer_below_min_value", ">= 1, but got 0"),
+        ({"messages": [], "n": 9}, None, "n", "integer_above_max_value", "<= 8, but got 9"),
+        ({"messages": [], "n": "2"}, None, "n", "invalid_type", "expected an integer"),
+        ({"messages": [], "tools": {}}, None, "tools", "invalid_type", "expected an array"),
+        ({"messages": [], "tools": []}, None, "tools", "empty_array", "empty array"),
+        ({"messages": [], "tools": [{}]}, None, "tools[0].type", None, "'tools[0].type'"),
+        (
+            {"messages": [], "tools": [{"type": "function"}]},
+            None,
+            "tools[0].function",
+            "missing_required_parameter",
+            "Missing required parameter: 'tools[0].function'.",
+        ),
+        (
+            {"messages": [], "tools": [{"type": "function", "function": {}}]},
+            None,
+            "tools[0].function.name",
+            "missing_required_parameter",
+            "'tools[0].function.name'",
+        ),
+        ({"messages": [], "tool_choice": "auto"}, None, "tool_choice", None, "only allowed when"),
+        (
+            {
+                "messages": [],
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": "always",
+            },
+            None,
+            "tool_choice",
+            "invalid_value",
+            "'none', 'auto', and 'required'",
+        ),
+        (
+            {
+                "messages": [],
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            None,
+            "tool_choice",
+            "invalid_value",
+            "no function named 'g'",
+        ),
+        (
+            {"messages": [{"role": "tool", "tool_call_id": "call_1", "content": "21"}]},
+            None,
+            "messages.[0].role",
+            None,
+            "must be a response to a preceeding message with 'tool_calls'",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1"}]},
+                    {"role": "user", "content": "and?"},
+                ]
+            },
+            None,
+            "messages.[0].role",
+            None,
+            "did not have response messages: call_1",
+        ),
     ],
 )
 def test_bad_requests_get_a_400_in_openai_error_shape(
@@ -362,3 +425,227 @@ def test_upstream_process_that_cannot_start_says_why() -> None:
         " --fault: unknown fault 'no-such-fault'; expected one of drop, stall, status,"
         " inband_error, wrong_content_type, invalid_json"
     ) == str(info.value)
+
+
+# -- n choices and tool calls ----------------------------------------------------------------
+
+STREAM_WITH_USAGE = {"stream": True, "stream_options": {"include_usage": True}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city"],
+        },
+    },
+}
+CLOCK = {"type": "function", "function": {"name": "get_time"}}
+
+
+def rotated(tokens: list[str], by: int) -> str:
+    return "".join(tokens[by:] + tokens[:by])
+
+
+def test_n_choices_stream_interleaved() -> None:
+    """With `n`, each chunk carries one choice: a role chunk per choice, then the choices'
+    tokens in turn, a finish chunk per choice, and one usage chunk counting them all."""
+    with serve(tokens=4) as upstream:
+        body = {"model": "m", "messages": [], "n": 3, **STREAM_WITH_USAGE}
+        _, _, raw = post(upstream.port, body)
+    chunks = [json.loads(d) for d in events(raw)[:-1]]
+    usage = chunks.pop()
+    assert [1] * len(chunks) == [len(c["choices"]) for c in chunks]
+    choices = [c["choices"][0] for c in chunks]
+    kinds = [
+        ("role" if "role" in c["delta"] else "finish" if c["finish_reason"] else "text", c["index"])
+        for c in choices
+    ]
+    assert [
+        *[("role", i) for i in range(3)],
+        *[("text", i) for i in range(3)] * 4,
+        *[("finish", i) for i in range(3)],
+    ] == kinds
+    texts = [
+        "".join(c["delta"].get("content", "") for c in choices if c["index"] == i) for i in range(3)
+    ]
+    tokens = UpstreamConfig(tokens=4).token_list(None)
+    assert [rotated(tokens, i) for i in range(3)] == texts
+    assert ([], 12) == (usage["choices"], usage["usage"]["completion_tokens"])
+
+
+def test_n_choices_through_the_client_and_without_stream() -> None:
+    """`completion.choices` has the n texts (choice i rotates the tokens by i); a non-stream
+    answer has the same choices; `max_tokens` caps each choice."""
+    tokens = UpstreamConfig(tokens=5).token_list(None)
+    with (
+        serve(tokens=5) as upstream,
+        holysheep.Client(api_key="k", base_url=upstream.base_url) as client,
+    ):
+        completion = client.chat.complete(model="m", messages=[], n=2)
+        capped = client.chat.complete(model="m", messages=[], n=2, max_tokens=3)
+        _, _, raw = post(upstream.port, {"model": "m", "messages": [], "n": 2})
+    whole = json.loads(raw)
+    assert [rotated(tokens, 0), rotated(tokens, 1)] == [c.text for c in completion.choices]
+    assert [c.text for c in completion.choices] == [
+        c["message"]["content"] for c in whole["choices"]
+    ]
+    assert (10, 10) == (completion.usage.completion_tokens, whole["usage"]["completion_tokens"])
+    assert ["length", "length"] == [c.finish_reason for c in capped.choices]
+    assert [rotated(tokens[:3], 0), rotated(tokens[:3], 1)] == [c.text for c in capped.choices]
+
+
+@pytest.mark.parametrize(
+    ("extra", "fault", "resumed_from"),
+    [
+        # Two role chunks (ids 0, 1), then 16 interleaved tokens: each attempt takes 5 more,
+        # until the 1 left is served whole.
+        ({"n": 2}, "drop@5", [None, "6", "11", "16"]),
+        # A first chunk (id 0), then 5 argument fragments: 3, a drop, then the 2 left whole.
+        ({"tools": [WEATHER]}, "drop@3", [None, "3"]),
+    ],
+    ids=["n=2", "tool call"],
+)
+def test_a_server_wide_drop_lets_a_resumed_stream_finish_every_choice(
+    extra: dict[str, Any], fault: str, resumed_from: list[str | None]
+) -> None:
+    """A fault counts content events across the interleaved choices (argument fragments for a
+    tool call); resuming with Last-Event-ID after each drop gives every choice whole."""
+    retry = holysheep.RetryPolicy(attempts=5, wait_initial=0.001, wait_jitter=0, wait_max=0.001)
+    with (
+        serve(event_ids=True, tokens=8, completion_id="chatcmpl-pinned") as upstream,
+        holysheep.Client(api_key="k", base_url=upstream.base_url, retry=retry) as client,
+    ):
+        clean = client.chat.complete(model="m", messages=[], **extra)
+        upstream.config = attrs.evolve(upstream.config, fault=fault)
+        with client.chat.stream(model="m", messages=[], on_interrupt="resume", **extra) as stream:
+            completion = stream.until_done()
+        resumed = [r.headers.get("last-event-id") for r in upstream.requests[1:]]
+    assert resumed_from == resumed
+    assert clean.choices == completion.choices
+    if "n" in extra:
+        tokens = UpstreamConfig(tokens=8).token_list(None)
+        assert [rotated(tokens, 0), rotated(tokens, 1)] == [c.text for c in completion.choices]
+        assert ["stop", "stop"] == [c.finish_reason for c in completion.choices]
+    else:
+        assert {"city": "sheep", "unit": "c"} == completion.tool_calls[0].parsed_arguments()
+        assert "tool_calls" == completion.finish_reason
+
+
+def test_tool_call_streams_as_the_api_does() -> None:
+    """A first fragment with the call's index, id, type, name and empty arguments, then the
+    arguments in several fragments, then finish_reason "tool_calls"."""
+    with serve(completion_id="chatcmpl-pinned", created=1764000000) as upstream:
+        body = {"model": "m", "messages": [], "tools": [WEATHER, CLOCK], "stream": True}
+        _, _, raw = post(upstream.port, body)
+        _, _, again = post(upstream.port, body)
+    chunks = [json.loads(d) for d in events(raw)[:-1]]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    first = deltas[0]["tool_calls"][0]
+    assert ("assistant", None, None) == (
+        deltas[0]["role"],
+        deltas[0]["content"],
+        deltas[0]["refusal"],
+    )
+    assert (0, "function", {"name": "get_weather", "arguments": ""}) == (
+        first["index"],
+        first["type"],
+        first["function"],
+    )
+    assert re.fullmatch("call_[0-9a-f]{24}", first["id"])
+    fragments = [d["tool_calls"][0] for d in deltas[1:-1]]
+    assert len(fragments) > 2
+    assert [{"index", "function"}] * len(fragments) == [set(f) for f in fragments]
+    arguments = "".join(f["function"]["arguments"] for f in fragments)
+    assert {"city": "sheep", "unit": "c"} == json.loads(arguments)
+    assert ({}, "tool_calls") == (deltas[-1], chunks[-1]["choices"][0]["finish_reason"])
+    assert raw == again  # the call id is a function of the completion id
+
+
+def test_tool_call_round_trip_through_the_client() -> None:
+    """The first turn calls the tool; the second, carrying the call and its result, gets
+    text; a non-stream answer carries the same call in `message.tool_calls`."""
+    with (
+        serve(tokens=3) as upstream,
+        holysheep.Client(api_key="k", base_url=upstream.base_url) as client,
+    ):
+        messages: list[dict[str, Any]] = [{"role": "user", "content": "Weather in Paris?"}]
+        asked = client.chat.complete(model="m", messages=messages, tools=[WEATHER])
+        call = asked.tool_calls[0]
+        messages += [
+            asked.to_message(),
+            {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'},
+        ]
+        answered = client.chat.complete(model="m", messages=messages, tools=[WEATHER])
+        sent = upstream.requests[-1].body["messages"]
+        _, _, raw = post(upstream.port, {"model": "m", "messages": [], "tools": [WEATHER]})
+    whole = json.loads(raw)["choices"][0]
+    assert ("get_weather", {"city": "sheep", "unit": "c"}, "tool_calls") == (
+        call.name,
+        call.parsed_arguments(),
+        asked.finish_reason,
+    )
+    assert [call.id] == [c["id"] for c in sent[1]["tool_calls"]]
+    assert ("tool", call.id) == (sent[2]["role"], sent[2]["tool_call_id"])
+    assert ("".join(UpstreamConfig(tokens=3).token_list(None)), "stop", ()) == (
+        answered.text,
+        answered.finish_reason,
+        answered.tool_calls,
+    )
+    assert ("tool_calls", None) == (whole["finish_reason"], whole["message"]["content"])
+    assert {"city": "sheep", "unit": "c"} == json.loads(
+        whole["message"]["tool_calls"][0]["function"]["arguments"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "config", "expected"),
+    [
+        ({"tool_choice": "required"}, None, "get_weather"),
+        ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}, None, "get_time"),
+        ({"tool_choice": "none"}, None, None),
+        ({}, '{"tool_calls": false}', None),
+    ],
+)
+def test_tool_choice_picks_the_tool_or_text(
+    extra: dict[str, Any], config: str | None, expected: str | None
+) -> None:
+    """`tool_choice` naming a function calls it; "none", or `tool_calls=False`, gets text."""
+    with (
+        serve(tokens=2) as upstream,
+        holysheep.Client(api_key="k", base_url=upstream.base_url) as client,
+    ):
+        headers = {} if config is None else {"x-mock-config": config}
+        completion = client.chat.complete(
+            model="m", messages=[], tools=[WEATHER, CLOCK], extra_headers=headers, **extra
+        )
+    assert expected == (completion.tool_calls[0].name if completion.tool_calls else None)
+    if expected == "get_time":
+        assert {} == completion.tool_calls[0].parsed_arguments()  # no parameters: `{}`
+    if expected is None:
+        assert "".join(UpstreamConfig(tokens=2).token_list(None)) == completion.text
+
+
+def test_tool_arguments_come_from_the_simple_properties_of_the_schema() -> None:
+    """Fixed values per type (an enum's first), nullable types by their other type; other
+    properties are left out."""
+    properties = {
+        "s": {"type": "string"},
+        "i": {"type": "integer"},
+        "x": {"type": "number"},
+        "b": {"type": "boolean"},
+        "e": {"type": "string", "enum": ["warm", "cold"]},
+        "o": {"type": ["null", "string"]},
+        "nested": {"type": "object", "properties": {"a": {"type": "string"}}},
+        "list": {"type": "array", "items": {"type": "string"}},
+    }
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"properties": properties}}}
+    with (
+        serve() as upstream,
+        holysheep.Client(api_key="k", base_url=upstream.base_url) as client,
+    ):
+        completion = client.chat.complete(model="m", messages=[], tools=[tool])
+    assert {"s": "sheep", "i": 3, "x": 1.5, "b": True, "e": "warm", "o": "sheep"} == (
+        completion.tool_calls[0].parsed_arguments()
+    )

@@ -5,10 +5,17 @@ Theory of operation
 One asyncio server (stdlib only) speaks just enough HTTP/1.1: keep-alive, `Content-Length`
 request bodies, chunked responses. `POST /v1/chat/completions` with `"stream": true` answers
 exactly as the OpenAI API does (a role chunk, one chunk per token, a finish chunk, a usage chunk
-when `stream_options.include_usage` is set, `data: [DONE]`); without it, one `chat.completion`
-object. The tokens are a deterministic function of the configuration, so a stream resumed with
-`Last-Event-ID` has exactly the text of an uninterrupted one; ids, `created` and
-`x-request-id` vary per answer as the real API's do, unless the config pins them.
+when `stream_options.include_usage` is set, `data: [DONE]`; per choice with `n`, and a tool call
+when the request has `tools`); without it, one `chat.completion` object. The tokens are a
+deterministic function of the configuration, so a stream resumed with `Last-Event-ID` has
+exactly the text of an uninterrupted one; ids, `created` and `x-request-id` vary per answer as
+the real API's do, unless the config pins them.
+
+A request is planned before a byte is sent: one `_Planned` per choice (`n` of them), each a
+list of pieces (text tokens, or the argument fragments of one tool call) and a finish reason.
+`_events` lays the plan out as the API streams it, the choices interleaved piece by piece, and
+marks which events are content: faults and `Last-Event-ID` count events in that one list, so
+they mean the same with one choice or eight, and with text or a tool call.
 
 Behaviour is an `UpstreamConfig`: token count and text, time to first token, token rate,
 keep-alive comments, event ids, and one `Fault`. The server's default config can be overridden
@@ -100,7 +107,8 @@ def _optional_positive(_instance: object, attribute: attrs.Attribute[Any], value
 @final
 @attrs.frozen
 class Fault:
-    """Something for the upstream to get wrong, after `after` content events of a response.
+    """Something for the upstream to get wrong, after `after` content events of a response
+    (the tokens of all its choices as they are sent, or the argument fragments of tool calls).
 
     A stream fault fires only if a content event would follow it: a response with `after` or
     fewer content events left is served whole, so resuming after a server-wide fault finishes.
@@ -164,6 +172,10 @@ class UpstreamConfig:
     Like the real API, every answer has its own `chatcmpl-` id, the current time as `created`
     and a server-minted `x-request-id`; `completion_id`, `created` and `echo_request_id` (send
     the client's `X-Request-ID` back) pin them for tests that compare answers byte for byte.
+
+    A request with `tools` is answered with a call to the first (or the one `tool_choice`
+    names), unless `tool_choice` is `"none"`, the last message is a tool result, or
+    `tool_calls=False`; those get text.
     """
 
     tokens: int | None = attrs.field(
@@ -186,6 +198,7 @@ class UpstreamConfig:
         default=None, validator=attrs.validators.optional(_instance_of(int))
     )
     echo_request_id: bool = attrs.field(default=False, validator=_instance_of(bool))
+    tool_calls: bool = attrs.field(default=True, validator=_instance_of(bool))
 
     def merged(self, overrides: Mapping[str, Any] | UpstreamConfig | None) -> UpstreamConfig:
         if overrides is None:
@@ -403,15 +416,8 @@ class MockUpstream:
         max_tokens = body.get("max_tokens")
         if max_tokens is None:
             max_tokens = body.get("max_completion_tokens")
-        tokens = config.token_list(max_tokens)
-        finish = "length" if max_tokens is not None and len(tokens) >= max_tokens else "stop"
         model = str(body.get("model") or "gpt-4.1")
-        prompt_tokens = sum(len(str(m.get("content", "")).split()) + 3 for m in body["messages"])
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": len(tokens),
-            "total_tokens": prompt_tokens + len(tokens),
-        }
+        prompt_tokens = sum(len(str(m.get("content") or "").split()) + 3 for m in body["messages"])
         # What the real API stamps on every answer: its own id, the time it was created. A
         # resumed request (Last-Event-ID) continues an answer, so it must carry that answer's
         # id, which a client checks. The server keeps no state between requests: the id comes
@@ -424,6 +430,13 @@ class MockUpstream:
             completion_id = f"chatcmpl-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
         else:
             completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        plan = _plan(config, body, max_tokens, completion_id)
+        content_events = sum(len(choice.pieces) for choice in plan)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": content_events,
+            "total_tokens": prompt_tokens + content_events,
+        }
         base = {
             "id": completion_id,
             "created": int(time.time()) if config.created is None else config.created,
@@ -432,22 +445,27 @@ class MockUpstream:
         }
         if not body.get("stream"):
             await asyncio.sleep(config.ttft)
-            if fault is not None and len(tokens) > fault.after:
+            if fault is not None and content_events > fault.after:
                 return await self._whole_fault(fault, reader, writer, request_id)
-            message = {"role": "assistant", "content": "".join(tokens), "refusal": None}
             completion = {
                 "id": base["id"],
                 "object": "chat.completion",
                 **base,
                 "choices": [
-                    {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+                    {
+                        "index": index,
+                        "message": choice.message(),
+                        "logprobs": None,
+                        "finish_reason": choice.finish,
+                    }
+                    for index, choice in enumerate(plan)
                 ],
                 "usage": usage,
             }
             await self._send_json(writer, 200, completion, request_id)
             return True
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        events = list(_events(base, tokens, finish, usage if include_usage else None))
+        events = list(_events(base, plan, usage if include_usage else None))
         return await self._stream(config, events, headers, request_id, reader, writer)
 
     async def _stream(
@@ -667,24 +685,160 @@ def _check_body(body: object) -> dict[str, Any]:
                 "invalid_type",
             )
     for name in ("max_tokens", "max_completion_tokens"):
-        value = body.get(name)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool):
+        _check_integer(body, name, 1)
+    _check_integer(body, "n", 1, _MAX_N)
+    _check_tools(body)
+    _check_tool_results(messages)
+    return body
+
+
+# The API takes `n` up to 128; eight choices are plenty to test with, and keep a typo (n=100)
+# from streaming a hundred copies.
+_MAX_N = 8
+
+
+def _check_integer(body: Mapping[str, Any], name: str, low: int, high: int | None = None) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _BadRequest(
+            f"Invalid type for '{name}': expected an integer, but got {_json_type(value)} instead.",
+            name,
+            "invalid_type",
+        )
+    if value < low:
+        raise _BadRequest(
+            f"Invalid '{name}': integer below minimum value. Expected a value >= {low}, but got"
+            f" {value} instead.",
+            name,
+            "integer_below_min_value",
+        )
+    if high is not None and value > high:
+        raise _BadRequest(
+            f"Invalid '{name}': integer above maximum value. Expected a value <= {high}, but got"
+            f" {value} instead.",
+            name,
+            "integer_above_max_value",
+        )
+
+
+def _missing(name: str) -> _BadRequest:
+    return _BadRequest(f"Missing required parameter: '{name}'.", name, "missing_required_parameter")
+
+
+def _check_tools(body: Mapping[str, Any]) -> None:
+    """`tools` is a non-empty array of function tools, each named; `tool_choice` (only with
+    `tools`) is "none", "auto", "required" or names one of them."""
+    tools = body.get("tools")
+    names: list[str] = []
+    if tools is not None:
+        if not isinstance(tools, list):
             raise _BadRequest(
-                f"Invalid type for '{name}': expected an integer, but got {_json_type(value)}"
+                f"Invalid type for 'tools': expected an array, but got {_json_type(tools)}"
                 " instead.",
-                name,
+                "tools",
                 "invalid_type",
             )
-        if value < 1:
+        if not tools:
             raise _BadRequest(
-                f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but got"
-                f" {value} instead.",
-                name,
-                "integer_below_min_value",
+                "Invalid 'tools': empty array. Expected an array with minimum length 1, but got"
+                " an empty array instead.",
+                "tools",
+                "empty_array",
             )
-    return body
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict):
+                raise _BadRequest(
+                    f"Invalid type for 'tools[{i}]': expected an object, but got"
+                    f" {_json_type(tool)} instead.",
+                    f"tools[{i}]",
+                    "invalid_type",
+                )
+            if tool.get("type") != "function":
+                if "type" not in tool:
+                    raise _missing(f"tools[{i}].type")
+                raise _BadRequest(
+                    f"Invalid value: {tool['type']!r}. Supported values are: 'function'.",
+                    f"tools[{i}].type",
+                    "invalid_value",
+                )
+            function = tool.get("function")
+            if not isinstance(function, dict):
+                raise _missing(f"tools[{i}].function")
+            if not isinstance(function.get("name"), str) or not function["name"]:
+                raise _missing(f"tools[{i}].function.name")
+            names.append(function["name"])
+    choice = body.get("tool_choice")
+    if choice is None:
+        return
+    if tools is None:
+        raise _BadRequest(
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are"
+            " specified.",
+            "tool_choice",
+        )
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise _BadRequest(
+                f"Invalid value: {choice!r}. Supported values are: 'none', 'auto', and 'required'.",
+                "tool_choice",
+                "invalid_value",
+            )
+        return
+    if not isinstance(choice, dict):
+        raise _BadRequest(
+            "Invalid type for 'tool_choice': expected one of a string or an object, but got"
+            f" {_json_type(choice)} instead.",
+            "tool_choice",
+            "invalid_type",
+        )
+    function = choice.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise _missing("tool_choice.function.name")
+    if name not in names:
+        raise _BadRequest(
+            f"Invalid value for 'tool_choice': no function named {name!r} in 'tools'.",
+            "tool_choice",
+            "invalid_value",
+        )
+
+
+def _check_tool_results(messages: list[dict[str, Any]]) -> None:
+    """As the API insists: each tool message answers a call of the assistant message before
+    it, and every call is answered before the conversation goes on."""
+    pending: dict[str, None] = {}  # ids of the calls not answered yet, in order
+    asked_at = 0
+    for i, message in enumerate(messages):
+        if message.get("role") == "tool":
+            call_id = str(message.get("tool_call_id"))
+            if call_id not in pending:
+                # "preceeding" [sic]: the API's own words, which clients may match on.
+                raise _BadRequest(
+                    "Invalid parameter: messages with role 'tool' must be a response to a"
+                    " preceeding message with 'tool_calls'.",
+                    f"messages.[{i}].role",
+                )
+            del pending[call_id]
+            continue
+        _check_answered(pending, asked_at)
+        if message.get("role") == "assistant":
+            calls = message.get("tool_calls")
+            calls = calls if isinstance(calls, list) else []
+            pending = {str(c.get("id")): None for c in calls if isinstance(c, dict)}
+            asked_at = i
+    _check_answered(pending, asked_at)
+
+
+def _check_answered(pending: Mapping[str, None], asked_at: int) -> None:
+    if pending:
+        raise _BadRequest(
+            "An assistant message with 'tool_calls' must be followed by tool messages"
+            " responding to each 'tool_call_id'. The following tool_call_ids did not have"
+            f" response messages: {', '.join(pending)}",
+            f"messages.[{asked_at}].role",
+        )
 
 
 def _request_id(config: UpstreamConfig, headers: Mapping[str, str]) -> str:
@@ -698,13 +852,123 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+# Tool-call arguments are streamed this many characters at a time: several fragments for any
+# real object, as the API sends them (a few characters per token), and few enough to read.
+_ARGUMENT_PIECE = 6
+# What a tool call's arguments hold, per JSON-schema type of a property (`enum`: its first).
+_SAMPLE_VALUES: dict[str, Any] = {"string": "sheep", "integer": 3, "number": 1.5, "boolean": True}
+
+
+@final
+@attrs.frozen
+class _Planned:
+    """One choice of an answer: its pieces (text tokens, or the argument fragments of a call to
+    `tool` with id `call_id`), each one content event, and its finish reason."""
+
+    pieces: list[str]
+    finish: str
+    tool: str | None = None
+    call_id: str | None = None
+
+    def message(self) -> dict[str, Any]:
+        """The choice as a non-stream answer's `message`."""
+        if self.tool is None:
+            return {"role": "assistant", "content": "".join(self.pieces), "refusal": None}
+        call = {
+            "id": self.call_id,
+            "type": "function",
+            "function": {"name": self.tool, "arguments": "".join(self.pieces)},
+        }
+        return {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}
+
+
+def _plan(
+    config: UpstreamConfig, body: Mapping[str, Any], max_tokens: int | None, completion_id: str
+) -> list[_Planned]:
+    """The `n` choices of the answer. Text: choice i is the token list rotated by i tokens
+    (choice 0 is the plain list), so every choice is predictable and, given more tokens than
+    choices, distinct. A tool call: the same call in every choice, each with its own id."""
+    n = body.get("n") or 1
+    function = _function_to_call(config, body)
+    if function is None:
+        tokens = config.token_list(max_tokens)
+        finish = "length" if max_tokens is not None and len(tokens) >= max_tokens else "stop"
+        return [_Planned(_rotated(tokens, i), finish) for i in range(n)]
+    arguments = json.dumps(_sample_arguments(function.get("parameters")), separators=(",", ":"))
+    pieces = [arguments[i : i + _ARGUMENT_PIECE] for i in range(0, len(arguments), _ARGUMENT_PIECE)]
+    # Like the API, max_tokens cuts the arguments wherever it falls, JSON or not.
+    capped = pieces if max_tokens is None else pieces[:max_tokens]
+    finish = "length" if len(capped) < len(pieces) else "tool_calls"
+    name = function["name"]
+    return [_Planned(capped, finish, name, _call_id(completion_id, i)) for i in range(n)]
+
+
+def _rotated(tokens: list[str], by: int) -> list[str]:
+    if not tokens:
+        return tokens
+    by %= len(tokens)
+    return tokens[by:] + tokens[:by]
+
+
+def _call_id(completion_id: str, choice: int) -> str:
+    # Derived from the completion's id, so every attempt of one call (the same
+    # Idempotency-Key, hence the same completion id) names its calls alike, and a resumed
+    # stream continues the same call.
+    return f"call_{hashlib.sha256(f'{completion_id}/{choice}'.encode()).hexdigest()[:24]}"
+
+
+def _function_to_call(config: UpstreamConfig, body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The `function` of the tool the answer calls, or None for a text answer.
+
+    The second turn of a tool-calling loop (the last message is a tool's result) is answered
+    with text, whatever `tool_choice` says, so a loop under test ends.
+    """
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    messages = body["messages"]
+    if not tools or not config.tool_calls or choice == "none":
+        return None
+    if messages and messages[-1].get("role") == "tool":
+        return None
+    functions: list[dict[str, Any]] = [tool["function"] for tool in tools]
+    if isinstance(choice, dict):
+        wanted = choice["function"]["name"]
+        return next(function for function in functions if function["name"] == wanted)
+    return functions[0]
+
+
+def _sample_arguments(schema: object) -> dict[str, Any]:
+    """Fixed values for the properties of a simple `parameters` schema: a string, integer,
+    number or boolean property gets `_SAMPLE_VALUES`' (an `enum` its first value); any other
+    property is left out, and a schema without `properties` gives `{}`."""
+    properties = schema.get("properties") if isinstance(schema, dict) else None
+    if not isinstance(properties, dict):
+        return {}
+    arguments: dict[str, Any] = {}
+    for name, spec in properties.items():
+        if not isinstance(spec, dict):
+            continue
+        enum = spec.get("enum")
+        kind = spec.get("type")
+        if isinstance(kind, list):  # ["string", "null"]: an optional string
+            kind = next((k for k in kind if k != "null"), None)
+        if isinstance(enum, list) and enum:
+            arguments[name] = enum[0]
+        elif isinstance(kind, str) and kind in _SAMPLE_VALUES:
+            arguments[name] = _SAMPLE_VALUES[kind]
+    return arguments
+
+
 def _events(
-    base: Mapping[str, Any], tokens: list[str], finish: str, usage: dict[str, int] | None
+    base: Mapping[str, Any], plan: list[_Planned], usage: dict[str, int] | None
 ) -> Iterator[tuple[bool, bytes]]:
     """(is_content, JSON payload) for every event of the stream, in order.
 
-    As the real API does: with `include_usage` (`usage` given) every chunk carries
-    `"usage": null` but the last, which carries the usage and no choices.
+    As the real API does: each chunk carries one choice, with its `index`; every choice has a
+    first chunk (the role, and for a tool call its id, type, name and empty arguments), then
+    the choices' pieces interleaved (piece 0 of each choice, then piece 1, ...), then a finish
+    chunk per choice. With `include_usage` (`usage` given) every chunk carries `"usage": null`
+    but the last, which carries the usage of all choices and no choices.
     """
     head = {"id": base["id"], "object": "chat.completion.chunk", **base}
     tail = {} if usage is None else {"usage": None}
@@ -713,13 +977,30 @@ def _events(
         chunk = {**head, "choices": choices, **tail, **extra}
         return json.dumps(chunk, separators=(",", ":")).encode()
 
-    def choice(delta: dict[str, Any], finish_reason: str | None = None) -> list[Any]:
-        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+    def choice(index: int, delta: dict[str, Any], finish_reason: str | None = None) -> list[Any]:
+        return [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
 
-    yield False, event(choice({"role": "assistant", "content": "", "refusal": None}))
-    for token in tokens:
-        yield True, event(choice({"content": token}))
-    yield False, event(choice({}, finish))
+    for index, planned in enumerate(plan):
+        first: dict[str, Any]
+        if planned.tool is None:
+            first = {"role": "assistant", "content": "", "refusal": None}
+        else:
+            function = {"name": planned.tool, "arguments": ""}
+            call = {"index": 0, "id": planned.call_id, "type": "function", "function": function}
+            first = {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}
+        yield False, event(choice(index, first))
+    for step in range(max((len(planned.pieces) for planned in plan), default=0)):
+        for index, planned in enumerate(plan):
+            if step >= len(planned.pieces):
+                continue
+            piece = planned.pieces[step]
+            if planned.tool is None:
+                delta: dict[str, Any] = {"content": piece}
+            else:
+                delta = {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+            yield True, event(choice(index, delta))
+    for index, planned in enumerate(plan):
+        yield False, event(choice(index, {}, planned.finish))
     if usage is not None:
         yield False, event([], usage=usage)
 
