@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Iterator
 
@@ -571,6 +572,16 @@ def test_c_part_takes_chat_reads_and_leaves_the_rest(implementation: str) -> Non
         assert _speedups.feed(decoder, other) is None
     assert [] == decoder._data
     assert [] == decoder._pending
+
+
+def test_c_part_events_are_the_tuples_python_makes(implementation: str) -> None:
+    """The C part builds events itself: equal, hashed and garbage-collected as Python's."""
+    decoder = SSEDecoder()
+    decoder.feed(b":\n")  # clears the start-of-stream state
+    (event,) = decoder.feed(b"data: x\n\n")
+    python = ServerSentEvent("message", "x", "", None)
+    assert (python, hash(python), True) == (event, hash(event), gc.is_tracked(event))
+    assert (ServerSentEvent, 4) == (type(event), len(event))
 
 
 def test_c_part_reads_a_subclass_by_name(implementation: str) -> None:
