@@ -30,6 +30,16 @@
 #include <string.h>
 #include <structmember.h>
 
+#ifndef Py_ALWAYS_INLINE /* Python.h has it from 3.11 */
+#if defined(__GNUC__) || defined(__clang__)
+#define Py_ALWAYS_INLINE __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define Py_ALWAYS_INLINE __forceinline
+#else
+#define Py_ALWAYS_INLINE
+#endif
+#endif
+
 static PyObject *event_class; /* holysheep.ServerSentEvent, a NamedTuple */
 static PyObject *str_message, *str_empty;
 
@@ -647,8 +657,10 @@ plain_run(const Scan *s, Py_ssize_t i)
 }
 
 /* A string at the cursor (its opening quote): checked, the cursor moved past it. `start` and
-   `end` bound its raw text; `escaped` says whether it holds escapes. */
-static int
+   `end` bound its raw text; `escaped` says whether it holds escapes. A chat event has some 36
+   strings of 4 characters on average: made inline, each saves a call that cost as much as
+   its characters (a tenth of chunk_of). */
+static inline Py_ALWAYS_INLINE int
 string(Scan *s, Py_ssize_t *start, Py_ssize_t *end, int *escaped)
 {
     Py_UCS4 ignored;
