@@ -1078,10 +1078,10 @@ chat_chunk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return chunk_of(args[0], args[1]);
 }
 
-/* One event of a read: its chunk (from `chunk_of`, else `feed_event`) appended to `chunks`
-   unless there is none. -1 with an exception set if `feed_event` raised. */
-static int
-take_event(PyObject *acc, PyObject *event, PyObject *chunks)
+/* The chunk of one event of a read, a new reference: from `chunk_of`, else `feed_event`.
+   None if it has none; NULL with an exception set if `feed_event` raised. */
+static PyObject *
+chunk_for(PyObject *acc, PyObject *event)
 {
     Py_INCREF(event); /* held: `feed_event` runs Python code */
     PyObject *chunk = chunk_of(acc, event);
@@ -1090,6 +1090,15 @@ take_event(PyObject *acc, PyObject *event, PyObject *chunks)
         chunk = PyObject_CallMethodOneArg(acc, str_feed_event, event);
     }
     Py_DECREF(event);
+    return chunk;
+}
+
+/* One event of a read: its chunk appended to `chunks` unless there is none. -1 with an
+   exception set if `feed_event` raised. */
+static int
+take_event(PyObject *acc, PyObject *event, PyObject *chunks)
+{
+    PyObject *chunk = chunk_for(acc, event);
     if (chunk == NULL)
         return -1;
     int rc = chunk == Py_None ? 0 : PyList_Append(chunks, chunk);
@@ -1097,26 +1106,55 @@ take_event(PyObject *acc, PyObject *event, PyObject *chunks)
     return rc;
 }
 
-/* `ChatAccumulator.feed(data)`: the events of the read (decoded by the decoder's C part when
-   it takes the read, else by `decoder.feed`), each made a chunk by `chunk_of` or else by
-   `feed_event`. None, having changed nothing, for anything but a `ChatAccumulator` itself. */
-/* The chunks a read completed before its error go with the error, as `ChatAccumulator.feed`
-   does (`HolySheepError.chunks`): they are accumulated already, and the caller must get them.
-   Only our errors carry them, as in Python: any other exception is a bug, and goes on as it
-   was raised. */
+/* The chunks a read completed before its error, the first `made` of `chunks`, go with the
+   error, as `ChatAccumulator.feed` does (`HolySheepError.chunks`): they are accumulated
+   already, and the caller must get them. Only our errors carry them, as in Python: any other
+   exception is a bug, and goes on as it was raised. What follows them in `chunks` is cut. */
 static void
-attach_chunks(PyObject *chunks)
+attach_chunks(PyObject *chunks, Py_ssize_t made)
 {
-    if (!PyErr_ExceptionMatches(error_class))
+    if (made == 0 || !PyErr_ExceptionMatches(error_class))
         return;
     PyObject *type, *value, *traceback;
     PyErr_Fetch(&type, &value, &traceback);
     PyErr_NormalizeException(&type, &value, &traceback);
-    if (value != NULL && PyObject_SetAttrString(value, "chunks", chunks) < 0)
+    if (PyList_GET_SIZE(chunks) > made && PyList_SetSlice(chunks, made, PY_SSIZE_T_MAX, NULL) < 0)
+        PyErr_Clear(); /* out of memory: the error goes without them */
+    else if (value != NULL && PyObject_SetAttrString(value, "chunks", chunks) < 0)
         PyErr_Clear();
     PyErr_Restore(type, value, traceback);
 }
 
+/* The chunks of the events the decoder's C part decoded, in the list it made for them: each
+   chunk takes the place of the first event not yet replaced (its own, or one that had no
+   chunk), and what is left after the last chunk is cut off. The list is ours alone, made by
+   `feed` for this read: a second list, for the chunks, cost some 280 instructions a read
+   (made, filled and freed), 3% of `ChatAccumulator.feed` for a read of one event. */
+static PyObject *
+chunks_in_place(PyObject *acc, PyObject *events)
+{
+    Py_ssize_t made = 0;
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(events); k++) {
+        PyObject *chunk = chunk_for(acc, PyList_GET_ITEM(events, k));
+        if (chunk == NULL)
+            goto error;
+        if (chunk == Py_None)
+            Py_DECREF(chunk);
+        else
+            PyList_SetItem(events, made++, chunk); /* drops an event done with */
+    }
+    if (made < PyList_GET_SIZE(events) && PyList_SetSlice(events, made, PY_SSIZE_T_MAX, NULL) < 0)
+        goto error;
+    return events;
+error:
+    attach_chunks(events, made);
+    Py_DECREF(events);
+    return NULL;
+}
+
+/* `ChatAccumulator.feed(data)`: the events of the read (decoded by the decoder's C part when
+   it takes the read, else by `decoder.feed`), each made a chunk by `chunk_of` or else by
+   `feed_event`. None, having changed nothing, for anything but a `ChatAccumulator` itself. */
 static PyObject *
 chat_feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1136,9 +1174,9 @@ chat_feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         events = feed(module, decode_args, 2);
         if (events == Py_None)
             Py_CLEAR(events);
-        else if (events == NULL) {
+        else {
             Py_DECREF(decoder);
-            return NULL;
+            return events == NULL ? NULL : chunks_in_place(acc, events);
         }
     }
     if (events == NULL) /* the start of a stream, a CR at the end of the last read, ... */
@@ -1171,8 +1209,8 @@ chat_feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_DECREF(events);
     return chunks;
 error:
-    if (chunks != NULL && PyList_GET_SIZE(chunks) > 0)
-        attach_chunks(chunks);
+    if (chunks != NULL)
+        attach_chunks(chunks, PyList_GET_SIZE(chunks));
     Py_XDECREF(each);
     Py_DECREF(events);
     Py_XDECREF(chunks);

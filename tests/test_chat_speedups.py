@@ -247,6 +247,40 @@ def test_any_events_give_what_python_gives(
     assert_same_as_python([stream[a:b] for a, b in itertools.pairwise(bounds)])
 
 
+def test_events_without_a_chunk_between_chunks_of_one_read_give_what_python_gives() -> None:
+    """Keep-alives and other event types among the chunks of one read, and an error after
+    them: the same chunks, returned or carried by the error (`HolySheepError.chunks`)."""
+    keepalive, ping = b"data: \n\n", b"event: ping\ndata: {}\n\n"
+    first = event_bytes(json.dumps(ROLE))  # the start of a stream is Python's to decode
+    read = b"".join(
+        [
+            keepalive,
+            event_bytes(json.dumps(content("a"))),
+            ping,
+            keepalive,
+            event_bytes(json.dumps(content("b"))),
+            keepalive,
+        ]
+    )
+    assert_same_as_python([first, read, read])
+
+    def carried(c_feed: bool) -> tuple[list[tuple[str, Any]], str]:
+        saved = _chat._c_feed
+        _chat._c_feed = saved if c_feed else None
+        acc = ChatAccumulator()
+        try:
+            acc.feed(first)
+            acc.feed(read + b'data: {"error": {"message": "boom"}}\n\n')
+        except HolySheepError as exc:
+            return [(chunk.text, chunk.deltas) for chunk in exc.chunks], str(exc)
+        finally:
+            _chat._c_feed = saved
+        raise AssertionError("no error")
+
+    assert carried(c_feed=False) == carried(c_feed=True)
+    assert ["a", "b"] == [text for text, _ in carried(c_feed=True)[0]]
+
+
 def test_a_crlf_split_across_reads_is_one_line_end() -> None:
     reads = [
         event_bytes(json.dumps(ROLE)),
