@@ -247,6 +247,40 @@ def test_any_events_give_what_python_gives(
     assert_same_as_python([stream[a:b] for a, b in itertools.pairwise(bounds)])
 
 
+def test_events_without_a_chunk_between_chunks_of_one_read_give_what_python_gives() -> None:
+    """Keep-alives and other event types among the chunks of one read, and an error after
+    them: the same chunks, returned or carried by the error (`HolySheepError.chunks`)."""
+    keepalive, ping = b"data: \n\n", b"event: ping\ndata: {}\n\n"
+    first = event_bytes(json.dumps(ROLE))  # the start of a stream is Python's to decode
+    read = b"".join(
+        [
+            keepalive,
+            event_bytes(json.dumps(content("a"))),
+            ping,
+            keepalive,
+            event_bytes(json.dumps(content("b"))),
+            keepalive,
+        ]
+    )
+    assert_same_as_python([first, read, read])
+
+    def carried(c_feed: bool) -> tuple[list[tuple[str, Any]], str]:
+        saved = _chat._c_feed
+        _chat._c_feed = saved if c_feed else None
+        acc = ChatAccumulator()
+        try:
+            acc.feed(first)
+            acc.feed(read + b'data: {"error": {"message": "boom"}}\n\n')
+        except HolySheepError as exc:
+            return [(chunk.text, chunk.deltas) for chunk in exc.chunks], str(exc)
+        finally:
+            _chat._c_feed = saved
+        raise AssertionError("no error")
+
+    assert carried(c_feed=False) == carried(c_feed=True)
+    assert ["a", "b"] == [text for text, _ in carried(c_feed=True)[0]]
+
+
 def test_a_crlf_split_across_reads_is_one_line_end() -> None:
     reads = [
         event_bytes(json.dumps(ROLE)),
@@ -321,6 +355,77 @@ def test_several_choices_and_shared_index_calls_give_what_python_gives(
 def test_any_text_gives_what_python_gives(datas: list[str]) -> None:
     reads = [event_bytes(json.dumps(ROLE))] + [event_bytes("{" + data) for data in datas]
     assert_same_as_python(reads)
+
+
+@pytest.mark.parametrize(
+    ("data", "taken"),
+    [
+        # 1-byte strings (ASCII and Latin-1) have a scanner loop of their own; 2- and 4-byte ones
+        # the general one: the same events of each kind.
+        (json.dumps(content("café ÿ\x7f µ"), ensure_ascii=False), True),
+        (json.dumps(content("Ā ĀĀ"), ensure_ascii=False), True),
+        (json.dumps(content("🐑 x"), ensure_ascii=False), True),
+        (json.dumps(content('é"\\/\n\x1f'), ensure_ascii=False), True),  # escapes, 1-byte
+        (json.dumps(content('Ā"\\/\n\x1f'), ensure_ascii=False), True),  # escapes, 2-byte
+        ('{"choices":[{"delta":{"content":"é\x1f"}}]}', False),  # a raw control character
+        ('{"choices":[{"delta":{"content":"Ā\x1f"}}]}', False),
+        ('{"choices":[{"delta":{"content":"🐑\x00"}}]}', False),
+        ('{"choices":[{"delta":{"content":"é', False),  # the text ends inside a string
+        ('{"choices":[{"delta":{"content":"é\\', False),  # ... or inside an escape
+        ('{"choices":[{"delta":{"content":"Ā', False),
+        # Keys that almost match are other keys: ignored, or null where Python needs it.
+        (
+            '{"choices":[{"delta":{"content":"x","conten":null,"contentt":null,"Content":null}}]}',
+            True,
+        ),
+        ('{"choices":[{"delta":{"content":"x","conten":"y"}}]}', False),
+        ('{"choices":[{"delta":{"contenÿ":"y","content":"x"}}]}', False),
+        ('{"choices":[{"delta":{"contenĀ":"y","content":"x"}}]}', False),
+        ('{"choices":[{"delta":{"content":"x"},"indexx":1,"inde":"s"}],"choice":1,"usag":2}', True),
+        ('{"choices":[{"delta":{"content":"x"}}],"usage ":{"total_tokens":1}}', True),
+        ('{"choices":[{"delta":{"content":"x"}}],"usagĀ":1}', True),
+        # Whitespace: each of the four JSON allows, anywhere between tokens.
+        ('{ "choices" :\t[\n{ "delta" :{"content" : "w" } ,"index":0 }\r\n] }', True),
+        ('{"choices":[{"delta":{"content":"Ā"}}]}\n ', True),
+        (' {"choices":[{"delta":{"content":"x"}}]}', False),  # left to Python, which takes it
+        ('{"choices":[{"delta":{"content":"x"}}]\x0b}', False),  # a vertical tab is not one
+        ('{"choices":[{"delta":{"content":"x"}}]\xa0}', False),  # nor a no-break space
+    ],
+)
+def test_scanner_edges_give_what_python_gives(data: str, taken: bool) -> None:
+    """Each kind of string, escapes, near-miss keys and whitespace: taken by C where it can
+    be, and always the same chunks and state as Python's."""
+    acc = ChatAccumulator(require_end=False)
+    acc.feed(event_bytes(json.dumps(ROLE)))
+    assert taken == (fast(acc, data) is not None)
+    assert_same_as_python([event_bytes(json.dumps(ROLE)), *[event_bytes(data)] * 2])
+
+
+# Any 1-byte character, the edges of what ends a run of plain characters often.
+_latin1 = st.text(
+    st.one_of(st.characters(max_codepoint=0xFF), st.sampled_from('\x00\x1f "\\\x7f\x80\xff')),
+    max_size=12,
+)
+
+
+def _raw(text: str) -> str:
+    """`text` as a JSON string with only quotes and backslashes escaped: control characters
+    stay raw, which JSON forbids."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(_latin1, _latin1, st.booleans()), min_size=1, max_size=4))
+def test_any_latin1_text_gives_what_python_gives(items: list[tuple[str, str, bool]]) -> None:
+    """1-byte strings (ASCII and Latin-1) have a scanner loop of their own: any such content
+    and key, escaped as JSON escapes them or raw, control characters and all."""
+    datas = [
+        f'{{"choices":[{{"delta":{{"content":{_raw(text)},{_raw(key)}:null}}}}]}}'
+        if raw
+        else json.dumps({"choices": [{"delta": {"content": text, key: None}}]}, ensure_ascii=False)
+        for text, key, raw in items
+    ]
+    assert_same_as_python([event_bytes(json.dumps(ROLE))] + [event_bytes(d) for d in datas])
 
 
 @settings(max_examples=100)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Iterator
 
@@ -571,3 +572,38 @@ def test_c_part_takes_chat_reads_and_leaves_the_rest(implementation: str) -> Non
         assert _speedups.feed(decoder, other) is None
     assert [] == decoder._data
     assert [] == decoder._pending
+
+
+def test_c_part_events_are_the_tuples_python_makes(implementation: str) -> None:
+    """The C part builds events itself: equal, hashed and garbage-collected as Python's."""
+    decoder = SSEDecoder()
+    decoder.feed(b":\n")  # clears the start-of-stream state
+    (event,) = decoder.feed(b"data: x\n\n")
+    python = ServerSentEvent("message", "x", "", None)
+    assert (python, hash(python), True) == (event, hash(event), gc.is_tracked(event))
+    assert (ServerSentEvent, 4) == (type(event), len(event))
+
+
+def test_c_part_reads_a_subclass_by_name(implementation: str) -> None:
+    """An `SSEDecoder` itself is read through its slots; a subclass through its attributes,
+    which may be properties in front of those slots."""
+    if implementation != "C":
+        pytest.skip("about the C part")
+    from holysheep import _speedups
+
+    class Shadowed(SSEDecoder):
+        __slots__ = ()
+
+        @property
+        def max_line_size(self) -> int:
+            return 4
+
+        @max_line_size.setter
+        def max_line_size(self, value: int) -> None:
+            vars(SSEDecoder)["max_line_size"].__set__(self, value)  # the slot's descriptor
+
+    decoder = Shadowed()
+    decoder.feed(b":\n")  # clears the start-of-stream state
+    assert _speedups.feed(decoder, b"data: 1\n\n") is None  # over the property's limit
+    with pytest.raises(RemoteProtocolError, match="max_line_size"):
+        decoder.feed(b"data: 1\n\n")
