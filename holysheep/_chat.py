@@ -256,8 +256,9 @@ class Completion:
         A tool-calling loop must send the model's calls back ahead of their results, in the
         shape the API takes: `content` is None beside tool calls and no text (as the API itself
         answers), a string otherwise; `tool_calls` is left out when there are none; a `refusal`
-        goes back as one. Reasoning stays out: DeepSeek refuses `reasoning_content` in a request.
-        A fresh dict each time, yours to change.
+        goes back as one. Reasoning goes back as `reasoning_content` with tool calls only:
+        DeepSeek's thinking mode answers 400 to a tool loop that drops it, and ignores it on a
+        text turn (where its older API refused it). A fresh dict each time, yours to change.
         """
         found = self._choice(choice)
         message: dict[str, Any] = {
@@ -266,6 +267,8 @@ class Completion:
         }
         if found.refusal is not None:
             message["refusal"] = found.refusal
+        if found.tool_calls and found.reasoning:
+            message["reasoning_content"] = found.reasoning
         if found.tool_calls:
             message["tool_calls"] = [
                 {

@@ -435,10 +435,25 @@ def test_a_refusal_goes_back_as_a_refusal() -> None:
     assert expected == run(stream).completion.to_message()
 
 
-def test_reasoning_is_not_sent_back() -> None:
-    """Reasoning stays out of the message (DeepSeek refuses `reasoning_content` in requests)."""
+def test_reasoning_is_not_sent_back_with_text() -> None:
+    """On a text turn reasoning stays out of the message (DeepSeek ignores it, and refused it
+    before its thinking mode)."""
     stream = chunk({"reasoning_content": "hmm"}) + chunk({"content": "42"}, "stop") + DONE
     assert {"role": "assistant", "content": "42"} == run(stream).completion.to_message()
+
+
+def test_reasoning_goes_back_beside_tool_calls() -> None:
+    """DeepSeek's thinking mode answers 400 to a tool loop whose assistant message drops the
+    reasoning that led to the calls."""
+    call = {"index": 0, "id": "call_1", "type": "function"}
+    call["function"] = {"name": "weather", "arguments": "{}"}
+    stream = (
+        chunk({"reasoning_content": "Need the weather."})
+        + chunk({"tool_calls": [call]}, "tool_calls")
+        + DONE
+    )
+    message = run(stream).completion.to_message()
+    assert ("Need the weather.", None) == (message["reasoning_content"], message["content"])
 
 
 def test_to_message_takes_any_choice_by_index() -> None:

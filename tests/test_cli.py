@@ -334,6 +334,24 @@ def test_mock_errors_are_one_line_without_a_traceback() -> None:
     assert "Traceback" not in bad_port.stderr + bad_fault.stderr + busy.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ttft", "-1"], "argument --ttft: must be 0 or more, not -1"),
+        (["--tokens-per-s", "0"], "argument --tokens-per-s: must be more than 0, not 0"),
+        (["--keepalive", "0"], "argument --keepalive: must be more than 0, not 0"),
+        (["--ttft", "nan"], "argument --ttft: expected a finite number, not nan"),
+    ],
+)
+def test_mock_times_and_rates_out_of_range_are_usage_errors(args: list[str], message: str) -> None:
+    """They printed a 25-line traceback and exited 1, where the docs promise one line and 2."""
+    result = run("mock", *args)
+    assert (2, f"holysheep mock: error: {message}") == (
+        result.returncode,
+        result.stderr.splitlines()[-1],
+    )
+
+
 # -- cost --------------------------------------------------------------------------------------
 
 

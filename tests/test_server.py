@@ -186,6 +186,24 @@ def test_zero_tokens_stream_an_empty_completion() -> None:
         ),
         ({"messages": [], "tool_choice": "auto"}, None, "tool_choice", None, "only allowed when"),
         (
+            {"messages": [], "stream_options": True},
+            None,
+            "stream_options",
+            "invalid_type",
+            "object",
+        ),
+        (
+            {
+                "messages": [],
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "mcp"},
+            },
+            None,
+            "tool_choice.type",
+            "invalid_value",
+            "'function', 'custom' and 'allowed_tools'",
+        ),
+        (
             {
                 "messages": [],
                 "tools": [{"type": "function", "function": {"name": "f"}}],
@@ -442,6 +460,7 @@ WEATHER = {
     },
 }
 CLOCK = {"type": "function", "function": {"name": "get_time"}}
+FREEFORM = {"type": "custom", "custom": {"name": "sh"}}  # a custom (free-form input) tool
 
 
 def rotated(tokens: list[str], by: int) -> str:
@@ -606,21 +625,44 @@ def test_tool_call_round_trip_through_the_client() -> None:
         ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}, None, "get_time"),
         ({"tool_choice": "none"}, None, None),
         ({}, '{"tool_calls": false}', None),
+        (
+            {
+                "tool_choice": {
+                    "type": "allowed_tools",
+                    "allowed_tools": {
+                        "mode": "required",
+                        "tools": [{"type": "function", "function": {"name": "get_time"}}],
+                    },
+                }
+            },
+            None,
+            "get_time",
+        ),
+        (
+            {"tools": [FREEFORM], "tool_choice": {"type": "custom", "custom": {"name": "sh"}}},
+            None,
+            None,
+        ),
     ],
 )
 def test_tool_choice_picks_the_tool_or_text(
     extra: dict[str, Any], config: str | None, expected: str | None
 ) -> None:
-    """`tool_choice` naming a function calls it; "none", or `tool_calls=False`, gets text."""
+    """`tool_choice` naming a function (or allowing some) calls it; "none", a custom tool (never
+    called: the upstream makes function calls only), or `tool_calls=False`, gets text. A call
+    the request named finishes as "stop", as on the API; one the model chose, "tool_calls"."""
     with (
         serve(tokens=2) as upstream,
         holysheep.Client(api_key="k", base_url=upstream.base_url) as client,
     ):
         headers = {} if config is None else {"x-mock-config": config}
-        completion = client.chat.complete(
-            model="m", messages=[], tools=[WEATHER, CLOCK], extra_headers=headers, **extra
-        )
+        extra = {"tools": [WEATHER, CLOCK], **extra}
+        completion = client.chat.complete(model="m", messages=[], extra_headers=headers, **extra)
     assert expected == (completion.tool_calls[0].name if completion.tool_calls else None)
+    choice = extra.get("tool_choice")
+    named = isinstance(choice, dict) and choice["type"] == "function"
+    if expected is not None:
+        assert ("stop" if named else "tool_calls") == completion.finish_reason
     if expected == "get_time":
         assert {} == completion.tool_calls[0].parsed_arguments()  # no parameters: `{}`
     if expected is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import signal
 import sys
@@ -33,6 +34,32 @@ def _count(text: str) -> int:
     return count
 
 
+def _seconds(text: str) -> float:
+    """A time of 0 or more (`--ttft`)."""
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    """A rate or interval above 0 (`--tokens-per-s`, `--keepalive`)."""
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, not {text}")
+    return value
+
+
 def _fault(text: str) -> Fault:
     # argparse reports a ValueError from a type function as "invalid _fault value"; an
     # ArgumentTypeError keeps Fault.parse's message, which lists the valid faults.
@@ -48,12 +75,12 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
         description="An OpenAI-compatible upstream on 127.0.0.1 for tests, demos and benchmarks.",
     )
     parser.add_argument("--port", type=_port, default=0, help="0 picks a free port (default)")
-    parser.add_argument("--ttft", type=float, default=0.0, help="seconds before the first token")
+    parser.add_argument("--ttft", type=_seconds, default=0.0, help="seconds before the first token")
     parser.add_argument(
-        "--tokens-per-s", type=float, default=None, help="token rate (default: max)"
+        "--tokens-per-s", type=_positive, default=None, help="token rate (default: max)"
     )
     parser.add_argument("--tokens", type=_count, default=None, help="tokens per completion")
-    parser.add_argument("--keepalive", type=float, default=None, help="keep-alive interval (s)")
+    parser.add_argument("--keepalive", type=_positive, default=None, help="keep-alive interval (s)")
     parser.add_argument("--event-ids", action="store_true", help="number events (for resume)")
     parser.add_argument("--fault", type=_fault, default=None, help='e.g. "drop@5"')
     return parser.parse_args(argv)

@@ -687,6 +687,14 @@ def _check_body(body: object) -> dict[str, Any]:
     for name in ("max_tokens", "max_completion_tokens"):
         _check_integer(body, name, 1)
     _check_integer(body, "n", 1, _MAX_N)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise _BadRequest(
+            f"Invalid type for 'stream_options': expected an object, but got"
+            f" {_json_type(options)} instead.",
+            "stream_options",
+            "invalid_type",
+        )
     _check_tools(body)
     _check_tool_results(messages)
     return body
@@ -728,8 +736,9 @@ def _missing(name: str) -> _BadRequest:
 
 
 def _check_tools(body: Mapping[str, Any]) -> None:
-    """`tools` is a non-empty array of function tools, each named; `tool_choice` (only with
-    `tools`) is "none", "auto", "required" or names one of them."""
+    """`tools` is a non-empty array of function (or custom) tools, each named; `tool_choice`
+    (only with `tools`) is "none", "auto", "required", names one of them, or lists the allowed
+    ones (`allowed_tools`). Only function tools are ever called (see `_function_to_call`)."""
     tools = body.get("tools")
     names: list[str] = []
     if tools is not None:
@@ -755,11 +764,18 @@ def _check_tools(body: Mapping[str, Any]) -> None:
                     f"tools[{i}]",
                     "invalid_type",
                 )
+            if tool.get("type") == "custom":
+                custom = tool.get("custom")
+                if not isinstance(custom, dict) or not isinstance(custom.get("name"), str):
+                    raise _missing(f"tools[{i}].custom.name")
+                names.append(custom["name"])
+                continue
             if tool.get("type") != "function":
                 if "type" not in tool:
                     raise _missing(f"tools[{i}].type")
                 raise _BadRequest(
-                    f"Invalid value: {tool['type']!r}. Supported values are: 'function'.",
+                    f"Invalid value: {tool['type']!r}. Supported values are: 'function' and"
+                    " 'custom'.",
                     f"tools[{i}].type",
                     "invalid_value",
                 )
@@ -793,10 +809,23 @@ def _check_tools(body: Mapping[str, Any]) -> None:
             "tool_choice",
             "invalid_type",
         )
-    function = choice.get("function")
+    kind = choice.get("type", "function")
+    if kind == "allowed_tools":
+        allowed = choice.get("allowed_tools")
+        if not isinstance(allowed, dict) or not isinstance(allowed.get("tools"), list):
+            raise _missing("tool_choice.allowed_tools.tools")
+        return
+    if kind not in ("function", "custom"):
+        raise _BadRequest(
+            f"Invalid value: {kind!r}. Supported values are: 'function', 'custom' and"
+            " 'allowed_tools'.",
+            "tool_choice.type",
+            "invalid_value",
+        )
+    function = choice.get(kind)
     name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str):
-        raise _missing("tool_choice.function.name")
+        raise _missing(f"tool_choice.{kind}.name")
     if name not in names:
         raise _BadRequest(
             f"Invalid value for 'tool_choice': no function named {name!r} in 'tools'.",
@@ -898,7 +927,13 @@ def _plan(
     pieces = [arguments[i : i + _ARGUMENT_PIECE] for i in range(0, len(arguments), _ARGUMENT_PIECE)]
     # Like the API, max_tokens cuts the arguments wherever it falls, JSON or not.
     capped = pieces if max_tokens is None else pieces[:max_tokens]
-    finish = "length" if len(capped) < len(pieces) else "tool_calls"
+    # A call the request named (`tool_choice` naming the function) finishes as "stop" on the
+    # API, one the model chose (auto, required) as "tool_calls".
+    named = isinstance(body.get("tool_choice"), dict) and body["tool_choice"].get("type") in (
+        None,
+        "function",
+    )
+    finish = "length" if len(capped) < len(pieces) else "stop" if named else "tool_calls"
     name = function["name"]
     return [_Planned(capped, finish, name, _call_id(completion_id, i)) for i in range(n)]
 
@@ -930,11 +965,21 @@ def _function_to_call(config: UpstreamConfig, body: Mapping[str, Any]) -> dict[s
         return None
     if messages and messages[-1].get("role") == "tool":
         return None
-    functions: list[dict[str, Any]] = [tool["function"] for tool in tools]
-    if isinstance(choice, dict):
+    # Custom tools (free-form input) are accepted but never called: the answer is text.
+    functions = [tool["function"] for tool in tools if tool.get("type") == "function"]
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        allowed = {
+            entry["function"].get("name")
+            for entry in choice["allowed_tools"]["tools"]
+            if isinstance(entry, dict) and isinstance(entry.get("function"), dict)
+        }
+        functions = [function for function in functions if function["name"] in allowed]
+    elif isinstance(choice, dict):
+        if choice.get("type", "function") != "function":
+            return None
         wanted = choice["function"]["name"]
-        return next(function for function in functions if function["name"] == wanted)
-    return functions[0]
+        functions = [function for function in functions if function["name"] == wanted]
+    return functions[0] if functions else None
 
 
 def _sample_arguments(schema: object) -> dict[str, Any]:
