@@ -670,31 +670,16 @@ def _check_body(body: object) -> dict[str, Any]:
         raise _BadRequest("the body must be a JSON object with messages")
     messages = body["messages"]
     if not isinstance(messages, list):
-        raise _BadRequest(
-            f"Invalid type for 'messages': expected an array, but got {_json_type(messages)}"
-            " instead.",
-            "messages",
-            "invalid_type",
-        )
+        raise _wrong_type("messages", "an array", messages)
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise _BadRequest(
-                f"Invalid type for 'messages[{i}]': expected an object, but got"
-                f" {_json_type(message)} instead.",
-                f"messages[{i}]",
-                "invalid_type",
-            )
+            raise _wrong_type(f"messages[{i}]", "an object", message)
     for name in ("max_tokens", "max_completion_tokens"):
         _check_integer(body, name, 1)
     _check_integer(body, "n", 1, _MAX_N)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
-        raise _BadRequest(
-            f"Invalid type for 'stream_options': expected an object, but got"
-            f" {_json_type(options)} instead.",
-            "stream_options",
-            "invalid_type",
-        )
+        raise _wrong_type("stream_options", "an object", options)
     _check_tools(body)
     _check_tool_results(messages)
     return body
@@ -710,11 +695,7 @@ def _check_integer(body: Mapping[str, Any], name: str, low: int, high: int | Non
     if value is None:
         return
     if not isinstance(value, int) or isinstance(value, bool):
-        raise _BadRequest(
-            f"Invalid type for '{name}': expected an integer, but got {_json_type(value)} instead.",
-            name,
-            "invalid_type",
-        )
+        raise _wrong_type(name, "an integer", value)
     if value < low:
         raise _BadRequest(
             f"Invalid '{name}': integer below minimum value. Expected a value >= {low}, but got"
@@ -731,6 +712,14 @@ def _check_integer(body: Mapping[str, Any], name: str, low: int, high: int | Non
         )
 
 
+def _wrong_type(name: str, expected: str, value: object) -> _BadRequest:
+    return _BadRequest(
+        f"Invalid type for '{name}': expected {expected}, but got {_json_type(value)} instead.",
+        name,
+        "invalid_type",
+    )
+
+
 def _missing(name: str) -> _BadRequest:
     return _BadRequest(f"Missing required parameter: '{name}'.", name, "missing_required_parameter")
 
@@ -743,12 +732,7 @@ def _check_tools(body: Mapping[str, Any]) -> None:
     names: list[str] = []
     if tools is not None:
         if not isinstance(tools, list):
-            raise _BadRequest(
-                f"Invalid type for 'tools': expected an array, but got {_json_type(tools)}"
-                " instead.",
-                "tools",
-                "invalid_type",
-            )
+            raise _wrong_type("tools", "an array", tools)
         if not tools:
             raise _BadRequest(
                 "Invalid 'tools': empty array. Expected an array with minimum length 1, but got"
@@ -758,12 +742,7 @@ def _check_tools(body: Mapping[str, Any]) -> None:
             )
         for i, tool in enumerate(tools):
             if not isinstance(tool, dict):
-                raise _BadRequest(
-                    f"Invalid type for 'tools[{i}]': expected an object, but got"
-                    f" {_json_type(tool)} instead.",
-                    f"tools[{i}]",
-                    "invalid_type",
-                )
+                raise _wrong_type(f"tools[{i}]", "an object", tool)
             if tool.get("type") == "custom":
                 custom = tool.get("custom")
                 if not isinstance(custom, dict) or not isinstance(custom.get("name"), str):
@@ -803,12 +782,7 @@ def _check_tools(body: Mapping[str, Any]) -> None:
             )
         return
     if not isinstance(choice, dict):
-        raise _BadRequest(
-            "Invalid type for 'tool_choice': expected one of a string or an object, but got"
-            f" {_json_type(choice)} instead.",
-            "tool_choice",
-            "invalid_type",
-        )
+        raise _wrong_type("tool_choice", "one of a string or an object", choice)
     kind = choice.get("type", "function")
     if kind == "allowed_tools":
         allowed = choice.get("allowed_tools")
