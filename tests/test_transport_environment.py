@@ -85,6 +85,16 @@ def test_a_closed_requests_transport_sends_nothing() -> None:
         assert [] == upstream.requests
 
 
+def via_gateway() -> holysheep.AsyncClient:
+    """A client on AiohttpTransport for a host that does not resolve: only a proxy reaches."""
+    return holysheep.AsyncClient(
+        api_key="k",
+        base_url="http://gateway.invalid/v1",
+        transport=AiohttpTransport(),
+        retry=holysheep.RetryPolicy.none(),
+    )
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_aiohttp_goes_through_the_proxy_the_environment_names(
@@ -97,22 +107,12 @@ async def test_aiohttp_goes_through_the_proxy_the_environment_names(
         monkeypatch.setenv("HTTP_PROXY", proxy.base_url.removesuffix("/v1"))
         monkeypatch.delenv("NO_PROXY", raising=False)
         monkeypatch.delenv("no_proxy", raising=False)
-        async with holysheep.AsyncClient(
-            api_key="k",
-            base_url="http://gateway.invalid/v1",
-            transport=AiohttpTransport(),
-            retry=holysheep.RetryPolicy.none(),
-        ) as client:
+        async with via_gateway() as client:
             completion = await client.chat.complete(model="m", messages=MESSAGES)
             assert completion.text
             assert 1 == len(proxy.requests)
             monkeypatch.setenv("NO_PROXY", "gateway.invalid")
-        async with holysheep.AsyncClient(
-            api_key="k",
-            base_url="http://gateway.invalid/v1",
-            transport=AiohttpTransport(),
-            retry=holysheep.RetryPolicy.none(),
-        ) as client:
+        async with via_gateway() as client:
             with pytest.raises(holysheep.APIConnectionError):
                 await client.chat.complete(model="m", messages=MESSAGES)
         assert 1 == len(proxy.requests)
@@ -150,12 +150,7 @@ async def test_aiohttp_reads_a_proxy_without_a_scheme_and_all_proxy(
         monkeypatch.delenv(name, raising=False)
     with serve(tokens=2) as proxy:
         monkeypatch.setenv(variable, proxy.base_url.removesuffix("/v1").removeprefix("http://"))
-        async with holysheep.AsyncClient(
-            api_key="k",
-            base_url="http://gateway.invalid/v1",
-            transport=AiohttpTransport(),
-            retry=holysheep.RetryPolicy.none(),
-        ) as client:
+        async with via_gateway() as client:
             assert (await client.chat.complete(model="m", messages=MESSAGES)).text
         assert 1 == len(proxy.requests)
 
