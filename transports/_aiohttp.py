@@ -55,7 +55,7 @@ from holysheep._exceptions import (
     LocalProtocolError,
 )
 from holysheep._exchange import Request, Timeouts
-from holysheep.transports._base import AsyncBaseTransport, AsyncResponse
+from holysheep.transports._base import AsyncBaseTransport, AsyncResponse, same_loop
 
 __all__ = ["AiohttpTransport"]
 
@@ -195,7 +195,7 @@ class AiohttpTransport(AsyncBaseTransport):
         self.keepalive_timeout = keepalive_timeout
         self.verify = verify
         self._proxies: dict[str, str | None] = {}  # per origin, see `_proxy_for`
-        self._loop: asyncio.AbstractEventLoop | None = None  # our session's, see `send`
+        self._loop: object = None  # the event loop our own session belongs to (`same_loop`)
 
     @property
     def session(self) -> aiohttp.ClientSession | None:
@@ -248,14 +248,8 @@ class AiohttpTransport(AsyncBaseTransport):
             if self._closed:
                 raise LocalProtocolError("AiohttpTransport is closed: cannot send another request")
             session = self._session = self._new_session()
-            self._loop = asyncio.get_running_loop()
-        elif self._loop is not None and self._loop is not asyncio.get_running_loop():
-            # aiohttp binds a session to its loop for good; on another it fails with "Event
-            # loop is closed" or worse. Common with one client shared by two `asyncio.run()`s.
-            raise ConfigurationError(
-                "AiohttpTransport was first used on another event loop, and its aiohttp session "
-                "is bound to that one: make one AsyncClient (and transport) per event loop"
-            )
+        if self._owns_session:
+            self._loop = same_loop(self._loop, asyncio.get_running_loop(), "AiohttpTransport")
         try:
             response = await session.request(
                 request.method,

@@ -29,6 +29,7 @@ from typing import final
 
 import attrs
 
+from holysheep._exceptions import ConfigurationError
 from holysheep._exchange import Request
 
 __all__ = ["AsyncBaseTransport", "AsyncResponse", "BaseTransport", "Request", "Response"]
@@ -36,6 +37,22 @@ __all__ = ["AsyncBaseTransport", "AsyncResponse", "BaseTransport", "Request", "R
 
 def _noop() -> None:
     pass
+
+
+def same_loop(first: object, current: object, transport: str) -> object:
+    """The event loop a transport's own pool belongs to: `current` the first time (`first` is
+    None), and a clear error on any other loop after that.
+
+    Connections (an httpx pool, an aiohttp session) stay bound to the loop that made them; on
+    another they fail with a bare "Event loop is closed" (a module-level client used by two
+    `asyncio.run()` calls, typically).
+    """
+    if first is not None and current is not first:
+        raise ConfigurationError(
+            f"{transport} was first used on another event loop, and its connections belong to "
+            "that one: make one AsyncClient (and transport) per event loop"
+        )
+    return current
 
 
 async def _anoop() -> None:

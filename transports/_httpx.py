@@ -14,13 +14,18 @@ import httpx
 
 from holysheep._exceptions import (
     APIConnectionError,
-    ConfigurationError,
     ConnectError,
     ConnectTimeoutError,
     LocalProtocolError,
 )
 from holysheep._exchange import Request, Timeouts
-from holysheep.transports._base import AsyncBaseTransport, AsyncResponse, BaseTransport, Response
+from holysheep.transports._base import (
+    AsyncBaseTransport,
+    AsyncResponse,
+    BaseTransport,
+    Response,
+    same_loop,
+)
 
 __all__ = ["AsyncHTTPXTransport", "HTTPXTransport", "default_limits"]
 
@@ -235,13 +240,14 @@ class AsyncHTTPXTransport(AsyncBaseTransport):
             limits=default_limits(max_connections), verify=verify
         )
         self._urls: dict[str, httpx.URL] = {}  # parsed request URLs, see `_build`
-        self._loop: object = None  # the event loop our pool's connections belong to
+        self._loop: object = None  # the event loop our own pool belongs to (`same_loop`)
 
     async def send(self, request: Request) -> AsyncResponse:
         if self.client.is_closed:  # httpx would raise a RuntimeError of its own
             raise LocalProtocolError("AsyncHTTPXTransport is closed: cannot send another request")
         if self._owns_client:
-            self._check_loop()
+            loop = anyio.lowlevel.current_token().native_token  # asyncio's loop, or trio's
+            self._loop = same_loop(self._loop, loop, "AsyncHTTPXTransport")
         built = _build(self.client, request, self._urls)
         try:
             response = await self.client.send(built, stream=True)
@@ -258,19 +264,6 @@ class AsyncHTTPXTransport(AsyncBaseTransport):
     async def aclose(self) -> None:
         if self._owns_client:
             await self.client.aclose()
-
-    def _check_loop(self) -> None:
-        """Refuse a second event loop: the pool's connections belong to the first one, and
-        httpx fails on them with a bare "Event loop is closed" (a module-level client used by
-        two `asyncio.run()` calls, typically)."""
-        loop = anyio.lowlevel.current_token().native_token
-        if self._loop is None:
-            self._loop = loop
-        elif loop is not self._loop:
-            raise ConfigurationError(
-                "AsyncHTTPXTransport was first used on another event loop, and its connection "
-                "pool belongs to that one: make one AsyncClient (and transport) per event loop"
-            )
 
 
 async def _aiter_raw(response: httpx.Response) -> AsyncIterator[bytes]:
