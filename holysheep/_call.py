@@ -480,7 +480,7 @@ class ShownText:
         from what was yielded."""
         text = chunk.text
         if not text:
-            if chunk.deltas and type(chunk.deltas[0]) is Reset:
+            if chunk.reset is not None:
                 self._shown = "".join(self._parts)
                 self._parts = [self._shown]
                 self._at = 0
