@@ -42,7 +42,6 @@ from ._exceptions import (
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
-    ConfigurationError,
     ConflictError,
     ConnectError,
     ConnectTimeoutError,
@@ -61,6 +60,7 @@ from ._exceptions import (
     UnprocessableEntityError,
 )
 from ._pricing import estimate_tokens
+from ._validate import positive_or_none
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -102,17 +102,7 @@ _STATUS_ERRORS: dict[int, type[APIStatusError]] = {
 }
 
 
-def _check_limit(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    """None, or a positive finite number of seconds: NaN would silently disable a limit (every
-    comparison with it is false), and zero or less would fire before anything is sent."""
-    if value is None:
-        return
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf"):
-        return
-    raise ConfigurationError(
-        f"Timeouts: {attribute.name} must be None (no limit) or a positive finite number of "
-        f"seconds, got {value!r}"
-    )
+_check_limit = positive_or_none("Timeouts", " of seconds")
 
 
 @final

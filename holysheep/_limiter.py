@@ -72,6 +72,7 @@ from typing import TypeAlias, final
 import attrs
 
 from ._exceptions import ConfigurationError, LocalProtocolError
+from ._validate import positive_or_none
 
 __all__ = ["Admission", "Admit", "RateLimiter", "Ticket", "TicketState", "Wait"]
 
@@ -143,17 +144,7 @@ class Wait:
 Admission: TypeAlias = Admit | Wait
 
 
-def _optional_positive(
-    _instance: object, attribute: attrs.Attribute[float | None], value: float | None
-) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigurationError(f"RateLimiter: {attribute.name} must be a number, got {value!r}")
-    if not 0 < value < math.inf:
-        raise ConfigurationError(
-            f"RateLimiter: {attribute.name} must be positive and finite, got {value!r}"
-        )
+_optional_positive = positive_or_none("RateLimiter")
 
 
 def _optional_count(
