@@ -50,12 +50,16 @@ except ImportError as exc:  # pragma: no cover - the dev environment has aiohttp
 from holysheep._exceptions import (
     APIConnectionError,
     ConfigurationError,
-    ConnectError,
-    ConnectTimeoutError,
     LocalProtocolError,
 )
 from holysheep._exchange import Request, Timeouts
-from holysheep.transports._base import AsyncBaseTransport, AsyncResponse, same_loop
+from holysheep.transports._base import (
+    AsyncBaseTransport,
+    AsyncResponse,
+    connect_error,
+    connect_timeout,
+    same_loop,
+)
 
 __all__ = ["AiohttpTransport"]
 
@@ -83,14 +87,9 @@ def _client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
 
 def _translate(exc: BaseException, request: Request) -> Exception:
     if isinstance(exc, _CONNECT_TIMEOUT):
-        limit = request.timeouts.connect or 0.0
-        return ConnectTimeoutError(
-            f"connect timeout: no connection to {request.url} within {limit:g} s",
-            limit=limit,
-            elapsed=limit,
-        )
+        return connect_timeout(request)
     if isinstance(exc, aiohttp.ClientConnectorError):  # refused, DNS, TLS: nothing was sent
-        return ConnectError(f"could not connect to {request.url}: {exc!r}")
+        return connect_error(request, repr(exc))
     return APIConnectionError(f"could not reach {request.url}: {exc!r}")
 
 

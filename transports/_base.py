@@ -29,7 +29,7 @@ from typing import final
 
 import attrs
 
-from holysheep._exceptions import ConfigurationError
+from holysheep._exceptions import ConfigurationError, ConnectError, ConnectTimeoutError
 from holysheep._exchange import Request
 
 __all__ = ["AsyncBaseTransport", "AsyncResponse", "BaseTransport", "Request", "Response"]
@@ -37,6 +37,21 @@ __all__ = ["AsyncBaseTransport", "AsyncResponse", "BaseTransport", "Request", "R
 
 def _noop() -> None:
     pass
+
+
+def connect_timeout(request: Request) -> ConnectTimeoutError:
+    """No connection within `request.timeouts.connect`, in the words every transport uses."""
+    limit = request.timeouts.connect or 0.0
+    return ConnectTimeoutError(
+        f"connect timeout: no connection to {request.url} within {limit:g} s",
+        limit=limit,
+        elapsed=limit,
+    )
+
+
+def connect_error(request: Request, detail: str) -> ConnectError:
+    """No connection made (refused, DNS, a refused certificate): the request was never sent."""
+    return ConnectError(f"could not connect to {request.url}: {detail}")
 
 
 def same_loop(first: object, current: object, transport: str) -> object:

@@ -14,8 +14,6 @@ import httpx
 
 from holysheep._exceptions import (
     APIConnectionError,
-    ConnectError,
-    ConnectTimeoutError,
     LocalProtocolError,
 )
 from holysheep._exchange import Request, Timeouts
@@ -24,6 +22,8 @@ from holysheep.transports._base import (
     AsyncResponse,
     BaseTransport,
     Response,
+    connect_error,
+    connect_timeout,
     same_loop,
 )
 
@@ -111,14 +111,9 @@ def _body_timeout(built: httpx.Request, request: Request) -> None:
 
 def _translate(exc: httpx.HTTPError, request: Request) -> Exception:
     if isinstance(exc, httpx.ConnectTimeout):
-        limit = request.timeouts.connect or 0.0
-        return ConnectTimeoutError(
-            f"connect timeout: no connection to {request.url} within {limit:g} s",
-            limit=limit,
-            elapsed=limit,
-        )
+        return connect_timeout(request)
     if isinstance(exc, httpx.ConnectError):  # refused, DNS, TLS: nothing was sent
-        return ConnectError(f"could not connect to {request.url}: {exc!r}")
+        return connect_error(request, repr(exc))
     return APIConnectionError(f"could not reach {request.url}: {exc!r}")
 
 

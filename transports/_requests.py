@@ -14,12 +14,10 @@ import urllib3
 
 from holysheep._exceptions import (
     APIConnectionError,
-    ConnectError,
-    ConnectTimeoutError,
     LocalProtocolError,
 )
 from holysheep._exchange import Request
-from holysheep.transports._base import BaseTransport, Response
+from holysheep.transports._base import BaseTransport, Response, connect_error, connect_timeout
 
 __all__ = ["RequestsTransport"]
 
@@ -91,17 +89,12 @@ class RequestsTransport(BaseTransport):
                 prepared, timeout=(t.connect, t.head_timeout()), allow_redirects=False, **settings
             )
         except requests.exceptions.ConnectTimeout as exc:
-            limit = t.connect or 0.0
-            raise ConnectTimeoutError(
-                f"connect timeout: no connection to {request.url} within {limit:g} s",
-                limit=limit,
-                elapsed=limit,
-            ) from exc
+            raise connect_timeout(request) from exc
         except requests.exceptions.ReadTimeout as exc:
             raise APIConnectionError(f"no response head from {request.url}: {exc}") from exc
         except requests.exceptions.ConnectionError as exc:
             if _never_sent(exc):
-                raise ConnectError(f"could not connect to {request.url}: {exc}") from exc
+                raise connect_error(request, str(exc)) from exc
             raise APIConnectionError(f"could not reach {request.url}: {exc}") from exc
         except requests.exceptions.RequestException as exc:
             raise APIConnectionError(f"could not reach {request.url}: {exc}") from exc
