@@ -135,14 +135,19 @@ def test_chat_json_prints_one_object() -> None:
     assert report["error"] is None
 
 
-def test_chat_json_keeps_the_partial_answer_when_the_stream_fails() -> None:
-    """--json prints nothing while streaming, so on an error mid-answer the object is where the
-    text that did arrive goes: printed with the error, and the error line still on stderr."""
-    with serve(fault="inband_error@3", tokens_per_s=2000) as upstream:
-        result = run(
+def chat_json_against(fault: str) -> subprocess.CompletedProcess[str]:
+    """`holysheep chat hi --json` against the embedded upstream injecting `fault`."""
+    with serve(fault=fault, tokens_per_s=2000) as upstream:
+        return run(
             "chat", "hi", "--json", "--base-url", upstream.base_url,
             env=clean_env(HOLYSHEEP_API_KEY="k"),
         )  # fmt: skip
+
+
+def test_chat_json_keeps_the_partial_answer_when_the_stream_fails() -> None:
+    """--json prints nothing while streaming, so on an error mid-answer the object is where the
+    text that did arrive goes: printed with the error, and the error line still on stderr."""
+    result = chat_json_against("inband_error@3")
 
     assert 1 == result.returncode
     report = json.loads(result.stdout)
@@ -158,11 +163,7 @@ def test_chat_json_keeps_the_partial_answer_when_the_stream_fails() -> None:
 
 def test_chat_json_reports_an_error_status_without_a_cost() -> None:
     """An error status: the object says which, with no text and no cost (nothing was billed)."""
-    with serve(fault="status=401") as upstream:
-        result = run(
-            "chat", "hi", "--json", "--base-url", upstream.base_url,
-            env=clean_env(HOLYSHEEP_API_KEY="bad"),
-        )  # fmt: skip
+    result = chat_json_against("status=401")
 
     assert 1 == result.returncode
     report = json.loads(result.stdout)
