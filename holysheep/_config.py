@@ -105,9 +105,8 @@ class ClientConfig:
             "stream_options": {"include_usage": True},
         }
         body.update(params)
-        brought = sorted(_SDK_OPTIONS.keys() & params.keys())
-        if brought:
-            name = brought[0]
+        if not _SDK_OPTIONS.keys().isdisjoint(params):  # the usual call builds no set
+            name = min(_SDK_OPTIONS.keys() & params.keys())
             raise ConfigurationError(
                 f"{name}= is an option of the openai SDK, not a request field (it would be sent "
                 f"in the JSON body, which the API refuses): {_SDK_OPTIONS[name]} (see "
@@ -118,8 +117,8 @@ class ClientConfig:
                 f"stream={body['stream']!r}: holysheep always streams; "
                 "client.chat.complete() returns the whole Completion"
             )
-        options = params.get("stream_options", {})
-        if isinstance(options, Mapping) or options is None:
+        options = params.get("stream_options")
+        if options is None or isinstance(options, Mapping):
             # Merged, not replaced: other options (or None) must not turn usage off unasked.
             body["stream_options"] = {"include_usage": True, **(options or {})}
         timeouts = self.timeouts if timeout is None else Timeouts.from_value(timeout)
