@@ -589,6 +589,10 @@ class ChatAccumulator:
 
     `require_end=False` accepts a stream that ends without `[DONE]` or a `finish_reason`
     (some self-hosted servers); by default that raises `IncompleteStreamError`.
+
+    `choices` is how many the request asked for (`n`). Without `[DONE]`, a stream is complete
+    only once that many choices finished: a gateway that streams the choices one after another
+    and breaks between two would otherwise pass for a complete answer with fewer choices.
     """
 
     # Slots: no per-instance dict; one is open per stream, thousands at a time.
@@ -601,6 +605,7 @@ class ChatAccumulator:
         "_last_data",
         "_loads",
         "_usage",
+        "choices",
         "chunk_count",
         "decoder",
         "done",
@@ -613,8 +618,11 @@ class ChatAccumulator:
         require_end: bool = True,
         decoder: SSEDecoder | None = None,
         json_loads: Callable[[str], Any] | None = None,
+        choices: int = 1,
     ) -> None:
         self.require_end = require_end
+        #: The choices the request asked for (`n`), each of which must finish (see above).
+        self.choices = choices
         self.decoder = decoder if decoder is not None else SSEDecoder()
         #: True once `data: [DONE]` arrived.
         self.done = False
@@ -695,11 +703,15 @@ class ChatAccumulator:
         if self.require_end and not self.done:
             states = self._states()
             unfinished = sorted(i for i, state in states.items() if state.finish_reason is None)
-            if unfinished or not states:
+            unstarted = self.choices - len(states)
+            if unfinished or not states or unstarted > 0:
+                if unfinished or not states:
+                    cut = "and without a finish_reason" + _for_choices(unfinished, len(states))
+                    cut += _not_started(unstarted, self.choices, ", and ")
+                else:  # every choice that came finished: others never came
+                    cut = _not_started(unstarted, self.choices, "and ")
                 raise IncompleteStreamError(
-                    "stream ended without [DONE] and without a finish_reason"
-                    + _for_choices(unfinished, len(states))
-                    + self._truncation_note(),
+                    "stream ended without [DONE] " + cut + self._truncation_note(),
                     completion=self.completion,
                 )
             if self.decoder.truncated:
@@ -762,12 +774,16 @@ class ChatAccumulator:
 
     @property
     def finished(self) -> bool:
-        """True once the stream said it is done (`[DONE]`, or a `finish_reason` for every choice
-        seen so far)."""
+        """True once the stream said it is done (`[DONE]`, or a `finish_reason` for each of the
+        `choices` asked for)."""
         if self.done:
             return True
         states = self._states()
-        return bool(states) and all(state.finish_reason is not None for state in states.values())
+        return (
+            len(states) >= self.choices
+            and bool(states)
+            and all(state.finish_reason is not None for state in states.values())
+        )
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -920,6 +936,13 @@ class ChatAccumulator:
 
 def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _not_started(unstarted: int, asked: int, joint: str) -> str:
+    # The choices asked for (`n`) of which not one event came.
+    if unstarted <= 0 or unstarted == asked:
+        return ""
+    return f"{joint}{unstarted} of the {asked} choices asked for (n) never started"
 
 
 def _for_choices(unfinished: list[int], seen: int) -> str:

@@ -135,7 +135,9 @@ class ClientConfig:
         idempotency_key = _header(extra, "idempotency-key") or new_idempotency_key()
         # Encoded once and only the bytes kept: every attempt sends the same body, and the
         # dict (with its copy of the message list) would be held for the stream's whole life.
-        make_exchange = _Exchanges(self, url, encode_body(body), timeouts, extra, request_id)
+        make_exchange = _Exchanges(
+            self, url, encode_body(body), timeouts, extra, request_id, choices_asked(body)
+        )
         call = Call(
             make_exchange,
             policy=retry or self.retry,
@@ -249,8 +251,8 @@ def _chat_url(base_url: str) -> str:
 class _Exchanges:
     """Builds each attempt's `Exchange` for one request.
 
-    An object with slots rather than a closure: a closure over these six names is a function
-    and six cells, held for the stream's whole life, thousands of streams at a time.
+    An object with slots rather than a closure: a closure over these seven names is a function
+    and seven cells, held for the stream's whole life, thousands of streams at a time.
     """
 
     config: ClientConfig
@@ -259,6 +261,7 @@ class _Exchanges:
     timeouts: Timeouts
     extra: Mapping[str, str]
     request_id: str
+    choices: int
 
     def __call__(
         self, attempt_headers: Mapping[str, str], accumulator: ChatAccumulator | None
@@ -273,6 +276,7 @@ class _Exchanges:
             request_id=self.request_id,
             require_end=config.require_end,
             accumulator=accumulator,
+            choices=self.choices,
         )
 
 
@@ -281,9 +285,13 @@ def estimate_cost(body: Mapping[str, Any]) -> int:
     token) plus `max_tokens` for each of the `n` choices; reconciled with the real usage when
     the stream ends."""
     limit = body.get("max_tokens") or body.get("max_completion_tokens") or 0
+    return estimate_prompt(body) + (limit * choices_asked(body) if isinstance(limit, int) else 0)
+
+
+def choices_asked(body: Mapping[str, Any]) -> int:
+    """The choices the request asks for: `n`, when it is a number the API takes."""
     n = body.get("n")
-    choices = n if isinstance(n, int) and n > 1 else 1
-    return estimate_prompt(body) + (limit * choices if isinstance(limit, int) else 0)
+    return n if type(n) is int and n > 1 else 1
 
 
 # Request fields the model reads as part of its prompt, besides the messages.

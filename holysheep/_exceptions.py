@@ -107,7 +107,8 @@ class HolySheepError(Exception):
         if details:
             text += f" ({', '.join(details)})"
         if self.completion is not None:
-            text += f" [partial completion kept: {len(self.completion.text)} chars]"
+            # Every choice, reasoning and tool call: a cut tool call kept has no text at all.
+            text += f" [partial completion kept: {len(self.completion.output_text)} chars]"
         return text
 
 

@@ -332,6 +332,7 @@ class Exchange:
         request_id: str | None = None,
         require_end: bool = True,
         accumulator: ChatAccumulator | None = None,
+        choices: int = 1,
     ) -> None:
         # `body` may come encoded already: a retrying caller encodes it once for all attempts.
         fixed = _fixed_headers(api_key)
@@ -350,7 +351,7 @@ class Exchange:
             timeouts,
         )
         self.timeouts = timeouts
-        self.accumulator = accumulator or ChatAccumulator(require_end=require_end)
+        self.accumulator = accumulator or ChatAccumulator(require_end=require_end, choices=choices)
         #: Event ids this exchange received, when tracking them for a resume.
         self._ids: set[str] | None = None  # a set once tracking starts
         self._skip_ids: frozenset[str] | None = None

@@ -808,6 +808,47 @@ def test_several_choices_without_done_are_complete_once_each_finished() -> None:
     ]
 
 
+def test_choices_asked_for_that_never_started_keep_the_stream_unfinished() -> None:
+    """`n=3` from a gateway that streams the choices one after another: a body ending after
+    choices 0 and 1 finished, before choice 2 began, is cut short (it was taken for a complete
+    answer with two choices), and the error says how many never came."""
+    acc = ChatAccumulator(choices=3)
+    finished = []
+    for event in [choice_chunk(0, "a"), choice_chunk(0, finish="stop"), choice_chunk(1, "b")]:
+        acc.feed(event)
+        finished.append(acc.finished)
+    acc.feed(choice_chunk(1, finish="stop"))
+    assert [False, False, False, False] == [*finished, acc.finished]
+    with pytest.raises(IncompleteStreamError, match="1 of the 3 choices asked for") as info:
+        acc.close()
+    assert info.value.completion is not None
+    assert ["a", "b"] == [c.text for c in info.value.completion.choices]
+    assert "[partial completion kept: 2 chars]" in str(info.value)  # both choices counted
+
+
+def test_choices_asked_for_all_finished_without_done_end_well() -> None:
+    """Once each of the `n` choices finished, a body without [DONE] ends well, as for one."""
+    acc = ChatAccumulator(choices=2)
+    acc.feed(choice_chunk(1, "x", "stop"))
+    assert not acc.finished
+    acc.feed(choice_chunk(0, "y", "length"))
+    assert acc.finished
+    assert [] == acc.close()
+    assert [("y", "length"), ("x", "stop")] == [
+        (c.text, c.finish_reason) for c in acc.completion.choices
+    ]
+
+
+def test_choices_never_started_are_named_beside_an_unfinished_one() -> None:
+    acc = ChatAccumulator(choices=4)
+    acc.feed(choice_chunk(0, "a", "stop") + choice_chunk(1, "b"))
+    with pytest.raises(
+        IncompleteStreamError,
+        match=r"without a finish_reason for choice 1, and 2 of the 4 choices asked for \(n\)",
+    ):
+        acc.close()
+
+
 def test_use_after_close() -> None:
     """Feeding a closed accumulator is a caller bug; closing twice is fine."""
     acc = run(openai_stream(["a"]))
@@ -924,17 +965,20 @@ def test_several_choices_cut_anywhere_are_complete_only_when_each_seen_finished(
     events: list[bytes], data: st.DataObject
 ) -> None:
     """Cut after any event, or inside the next one: close() accepts the stream only if every
-    choice that arrived has its finish_reason and no event was cut, and otherwise raises with
-    the text of every choice so far."""
+    choice that arrived has its finish_reason, as many arrived as were asked for (`n`), and no
+    event was cut; otherwise it raises with the text of every choice so far."""
     kept = data.draw(st.integers(min_value=0, max_value=len(events)), label="events kept")
     body = b"".join(events[:kept])
     cut = b""
     if kept < len(events):
         cut = events[kept][: data.draw(st.integers(0, len(events[kept]) - 1), label="cut")]
     expected = run(body, require_end=False).completion
-    acc = ChatAccumulator()
+    asked = data.draw(st.integers(1, len(events)), label="n asked for")
+    acc = ChatAccumulator(choices=asked)
     acc.feed(body + cut)
-    if expected.choices and all(c.finish_reason for c in expected.choices) and not cut:
+    every = len(expected.choices) >= asked
+    assert acc.finished == (every and all(c.finish_reason for c in expected.choices))
+    if every and expected.choices and all(c.finish_reason for c in expected.choices) and not cut:
         acc.close()
         assert expected == acc.completion
     else:

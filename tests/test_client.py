@@ -1653,6 +1653,48 @@ async def test_async_a_break_before_every_choice_finished_is_an_interruption(
     assert _BOTH_CUT == [(c.index, c.text, c.finish_reason) for c in info.value.completion.choices]
 
 
+def _two_of_three_choices_then_break(conn: socket.socket) -> None:
+    """`n=3` from a gateway that streams the choices one after another: choices 0 and 1
+    finish, then the connection ends before choice 2 began."""
+    conn.sendall(
+        _SSE_HEAD
+        + _chunk({"choices": [{"index": 0, "delta": {"content": "Yes."}}]})
+        + _chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        + _chunk({"choices": [{"index": 1, "delta": {"content": "No."}}]})
+        + _chunk({"choices": [{"index": 1, "delta": {}, "finish_reason": "stop"}]})
+    )
+    conn.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_break_before_every_choice_asked_for_began_is_an_interruption(
+    transport: BaseTransport,
+) -> None:
+    """Two finished choices of the three asked for are not the answer: the break raises,
+    keeping both (they were returned as the complete answer, choice 2 silently missing)."""
+    with _one_connection(_two_of_three_choices_then_break) as (url, _):
+        client = holysheep.Client(
+            api_key="k", base_url=url, transport=transport, retry=RetryPolicy.none()
+        )
+        with pytest.raises(holysheep.StreamInterruptedError, match=r"kept: 7 chars") as info:
+            client.chat.complete(model="m", messages=MESSAGES, n=3)
+        client.close()
+    assert info.value.completion is not None
+    assert ["Yes.", "No."] == [c.text for c in info.value.completion.choices]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["httpx", "aiohttp"])
+async def test_async_a_break_before_every_choice_asked_for_began_is_an_interruption(
+    kind: str, anyio_backend: str
+) -> None:
+    with _one_connection(_two_of_three_choices_then_break) as (url, _):
+        async with _async_client(url, kind, anyio_backend) as client:
+            with pytest.raises(holysheep.StreamInterruptedError, match=r"kept: 7 chars") as info:
+                await client.chat.complete(model="m", messages=MESSAGES, n=3)
+    assert info.value.completion is not None
+    assert ["Yes.", "No."] == [c.text for c in info.value.completion.choices]
+
+
 # -- an error in the same bytes as chunks before it -------------------------------------------
 
 
