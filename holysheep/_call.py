@@ -333,7 +333,12 @@ class Call:
         else:
             logger.info("holysheep gives up after attempt %d: %s", self.attempt, decision.reason)
         for hook in self._hooks:
-            hook(record)
+            try:
+                hook(record)
+            except Exception:
+                # As an observer's: a failing metrics hook must not fail the request, nor
+                # replace its error (and the partial completion on it) with its own.
+                logger.exception("holysheep hook %r failed", hook)
         if isinstance(decision, Retry) and self._observers:
             notify(self._observers, "on_retry", self.info, record)
         return decision

@@ -623,6 +623,31 @@ def test_every_retry_is_logged_and_hooked(caplog: pytest.LogCaptureFixture) -> N
     assert any("attempt 1 failed" in record.getMessage() for record in caplog.records)
 
 
+def test_a_hook_that_raises_is_logged_and_changes_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hook's own bug is logged, as an observer's is: the retry still happens and the
+    answer comes, and when the call gives up the caller gets the request's error with its
+    partial completion (the hook's exception used to replace the request's outcome)."""
+    seen: list[Attempt] = []
+
+    def broken(attempt: Attempt) -> None:
+        seen.append(attempt)
+        raise ValueError("metrics backend down")
+
+    with serve() as upstream, caplog.at_level(logging.ERROR, logger="holysheep"):
+        upstream.enqueue({"fault": {"kind": "status", "status": 503}})
+        completion = client(upstream, hooks=[broken]).chat.complete(model="m", messages=MESSAGES)
+        with serve(fault="drop@6") as dropping:
+            with pytest.raises(StreamInterruptedError) as info:
+                client(dropping, hooks=[broken]).chat.complete(model="m", messages=MESSAGES)
+    assert completion.text
+    assert 2 == len(seen)
+    assert info.value.completion is not None and first(6) == info.value.completion.text
+    failed = [r for r in caplog.records if "hook" in r.getMessage() and "failed" in r.getMessage()]
+    assert 2 == len(failed) and "metrics backend down" in (failed[0].exc_text or "")
+
+
 def test_limiter_caps_concurrency_across_threads() -> None:
     """max_concurrent=3 holds for 12 threads streaming at once; the queue time is on stats."""
     limiter = RateLimiter(max_concurrent=3)
