@@ -638,14 +638,15 @@ def test_a_hook_that_raises_is_logged_and_changes_nothing(
     with serve() as upstream, caplog.at_level(logging.ERROR, logger="holysheep"):
         upstream.enqueue({"fault": {"kind": "status", "status": 503}})
         completion = client(upstream, hooks=[broken]).chat.complete(model="m", messages=MESSAGES)
-        with serve(fault="drop@6") as dropping:
-            with pytest.raises(StreamInterruptedError) as info:
-                client(dropping, hooks=[broken]).chat.complete(model="m", messages=MESSAGES)
+        with serve(fault="drop@6") as dropping, pytest.raises(StreamInterruptedError) as info:
+            client(dropping, hooks=[broken]).chat.complete(model="m", messages=MESSAGES)
     assert completion.text
     assert 2 == len(seen)
-    assert info.value.completion is not None and first(6) == info.value.completion.text
+    assert info.value.completion is not None
+    assert first(6) == info.value.completion.text
     failed = [r for r in caplog.records if "hook" in r.getMessage() and "failed" in r.getMessage()]
-    assert 2 == len(failed) and "metrics backend down" in (failed[0].exc_text or "")
+    assert 2 == len(failed)
+    assert "metrics backend down" in (failed[0].exc_text or "")
 
 
 def test_limiter_caps_concurrency_across_threads() -> None:
