@@ -189,7 +189,7 @@ def test_a_browser_leaving_mid_answer_closes_the_upstream_stream_at_once() -> No
 def test_a_browser_leaving_before_the_first_token_closes_the_upstream_stream() -> None:
     """With nothing to send, the relay finds the browser gone at its next keep-alive."""
     with (
-        serve(tokens=5, ttft=10, keepalive_interval=0.05) as upstream,
+        serve(tokens=5, ttft=10) as upstream,
         client_for(upstream) as client,
         sync_relay(client, keepalive=0.1) as port,
     ):
