@@ -322,6 +322,34 @@ def test_a_server_wide_drop_lets_a_resumed_stream_finish() -> None:
     assert ("stop", [None, "5"]) == (stream.completion.finish_reason, resumed_from)
 
 
+@pytest.mark.parametrize(
+    ("pace", "events_first"),
+    [({"ttft": 5.0}, 0), ({"tokens_per_s": 0.2}, 2)],
+    ids=["first-token", "next-token"],
+)
+def test_a_client_leaving_while_the_server_waits_is_seen_when_it_leaves(
+    pace: dict[str, float], events_first: int
+) -> None:
+    """A client that closes its connection while the server waits (for the first token, or
+    between slow tokens) is a disconnect at once, as a gateway sees it: not one or two waits
+    later, so `wait_for_disconnect()` tells a client that left at once from one that left late.
+    It reads all it was sent first (the role chunk and a token, or nothing), so it closes with a
+    FIN, which the server used to notice only at its second write after it."""
+    body = {"model": "m", "messages": [], "stream": True}
+    with serve(tokens=5, **pace) as upstream:
+        connection = http.client.HTTPConnection("127.0.0.1", upstream.port, timeout=5)
+        connection.request("POST", "/v1/chat/completions", body=json.dumps(body))
+        with connection.getresponse() as response:
+            received = b""
+            while received.count(b"data: ") < events_first:
+                received += response.read1(65536)
+        connection.close()
+        left = time.monotonic()
+        assert upstream.wait_for_disconnect(timeout=2)
+        assert time.monotonic() - left < 1
+        assert 1 == upstream.disconnects
+
+
 def test_request_id_is_minted_or_echoed_on_request() -> None:
     """The server mints its own x-request-id, as the API does, whatever the client sent; with
     `echo_request_id` (server-wide or per request) the client's comes back."""

@@ -76,6 +76,14 @@ _REASONS = {
 # Request heads beyond this are refused; real clients send a few hundred bytes.
 _MAX_HEAD = 64 * 1024
 _MAX_BODY = 16 * 1024 * 1024
+# How often a wait (the first token's, or between paced tokens) looks whether the client has
+# left. A client that closes cleanly (a FIN: it had read everything sent) is otherwise found
+# out only by the second write after its close, one or two waits later, so `disconnects`
+# counted a client that left during a long `ttft` or between slow tokens late, or not before
+# a test gave up waiting; a gateway sees the close when it comes (as Go's net/http cancels a
+# request's context at the client's EOF). 50 ms is far below what a test waits for, and
+# wakes a waiting stream at most 20 times a second.
+_LEAVE_CHECK = 0.05
 
 
 # Validators: a bad value in `X-Mock-Config` or `enqueue()` is refused where it is given (the
@@ -494,7 +502,7 @@ class MockUpstream:
         content_sent = 0
         try:
             if start == 0 and config.ttft:
-                await self._wait(config.ttft, config.keepalive_interval, writer)
+                await self._wait(config.ttft, config.keepalive_interval, reader, writer)
             for index in range(start, len(events)):
                 is_content, payload = events[index]
                 if fault is not None and is_content and content_sent >= fault.after:
@@ -507,7 +515,7 @@ class MockUpstream:
                 writer.write(_chunk(event))
                 content_sent += is_content
                 if is_content and interval:
-                    await self._wait(interval, config.keepalive_interval, writer)
+                    await self._wait(interval, config.keepalive_interval, reader, writer)
                 elif writer.transport.get_write_buffer_size() > 65536:
                     await writer.drain()
             writer.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
@@ -518,21 +526,32 @@ class MockUpstream:
             return False
 
     async def _wait(
-        self, seconds: float, keepalive: float | None, writer: asyncio.StreamWriter
+        self,
+        seconds: float,
+        keepalive: float | None,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
     ) -> None:
-        """Sleep, sending keep-alive comments; a client that left shows up as ConnectionError."""
-        deadline = time.monotonic() + seconds
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            step = min(remaining, keepalive) if keepalive else remaining
-            await writer.drain()
-            await asyncio.sleep(step)
-            if keepalive and deadline - time.monotonic() > 0:
-                writer.write(_chunk(b": keep-alive\n\n"))
-            if writer.transport.is_closing():
+        """Sleep, sending keep-alive comments; a client that left (closed its side, or the
+        connection broke) shows up as ConnectionError within `_LEAVE_CHECK`.
+
+        HTTP clients do not half-close a connection they still read a response from, so the
+        end of the client's side (EOF, with nothing unread) means it has gone, as a gateway
+        takes it.
+        """
+        now = time.monotonic()
+        deadline = now + seconds
+        next_keepalive = now + keepalive if keepalive else deadline
+        await writer.drain()
+        while now < deadline:
+            await asyncio.sleep(min(deadline, next_keepalive, now + _LEAVE_CHECK) - now)
+            if reader.at_eof() or writer.transport.is_closing():
                 raise ConnectionResetError("client went away")
+            now = time.monotonic()
+            if keepalive and next_keepalive <= now < deadline:
+                writer.write(_chunk(b": keep-alive\n\n"))
+                next_keepalive = now + keepalive
+                await writer.drain()
         await writer.drain()
 
     async def _fault(
