@@ -81,9 +81,11 @@ _MAX_BODY = 16 * 1024 * 1024
 # out only by the second write after its close, one or two waits later, so `disconnects`
 # counted a client that left during a long `ttft` or between slow tokens late, or not before
 # a test gave up waiting; a gateway sees the close when it comes (as Go's net/http cancels a
-# request's context at the client's EOF). 50 ms is far below what a test waits for, and
-# wakes a waiting stream at most 20 times a second.
+# request's context at the client's EOF). 50 ms is far below what a test waits for. Waits of
+# up to `_LEAVE_WHOLE` are not cut up, only checked at their end: at 10 tokens a second over
+# thousands of streams (the concurrency benchmark) every wake-up counts.
 _LEAVE_CHECK = 0.05
+_LEAVE_WHOLE = 0.25
 
 
 # Validators: a bad value in `X-Mock-Config` or `enqueue()` is refused where it is given (the
@@ -533,7 +535,8 @@ class MockUpstream:
         writer: asyncio.StreamWriter,
     ) -> None:
         """Sleep, sending keep-alive comments; a client that left (closed its side, or the
-        connection broke) shows up as ConnectionError within `_LEAVE_CHECK`.
+        connection broke) shows up as ConnectionError within `_LEAVE_CHECK` (or at the end of
+        a short wait).
 
         HTTP clients do not half-close a connection they still read a response from, so the
         end of the client's side (EOF, with nothing unread) means it has gone, as a gateway
@@ -542,9 +545,10 @@ class MockUpstream:
         now = time.monotonic()
         deadline = now + seconds
         next_keepalive = now + keepalive if keepalive else deadline
+        check = _LEAVE_CHECK if seconds > _LEAVE_WHOLE else seconds
         await writer.drain()
         while now < deadline:
-            await asyncio.sleep(min(deadline, next_keepalive, now + _LEAVE_CHECK) - now)
+            await asyncio.sleep(min(deadline, next_keepalive, now + check) - now)
             if reader.at_eof() or writer.transport.is_closing():
                 raise ConnectionResetError("client went away")
             now = time.monotonic()
