@@ -508,8 +508,17 @@ class AsyncStream:
                 if chunk.text:
                     yield chunk.text
             return
-        shown = ShownText()
-        async for chunk in self:
+        shown = ShownText(self._call)
+        while True:
+            try:
+                chunk = await self.__anext__()
+            except StopAsyncIteration:
+                break
+            except HolySheepError as exc:
+                failure = shown.failed(exc)
+                if failure is exc:
+                    raise
+                raise failure from exc
             text = shown.take(chunk)
             if text is None:
                 await self.aclose()

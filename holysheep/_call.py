@@ -125,6 +125,7 @@ class Call:
         "policy",
         "prompt_cost",
         "queued",
+        "replaced",
     )
 
     def __init__(
@@ -177,6 +178,9 @@ class Call:
         self._resume_from: str | None = None
         self._seen_ids: frozenset[str] = _NO_IDS
         self._pending_reset: Reset | None = None
+        #: At the last `Reset`: the completion as it stood when the stream broke, which the
+        #: caller is asked to clear (`text_stream()` cannot, see `ShownText`).
+        self.replaced: Completion | None = None
         #: What the failed attempts measured, for the stream's stats (see `earlier`).
         self._earlier = _NOTHING_EARLIER
 
@@ -252,6 +256,7 @@ class Call:
         """The `Reset` marker the driver must hand the caller before the next attempt."""
         reset, self._pending_reset = self._pending_reset, None
         if reset is not None:
+            self.replaced = self._broken
             self._broken = None  # the caller clears what it showed: that text is gone
         return reset
 
@@ -470,15 +475,18 @@ class ShownText:
     shown; while it repeats it, nothing is yielded, and once it goes further, only the rest is.
     A new answer that says something else cannot be joined to what was shown: `take` returns
     None, and the caller raises (see `diverged`); so it does for one that ends while still
-    repeating (see `repeating`).
+    repeating (see `repeating`). One that fails while still repeating fails as the restart
+    it is part of: see `failed`.
     """
 
-    __slots__ = ("_at", "_parts", "_shown")
+    __slots__ = ("_at", "_call", "_parts", "_shown", "_shown_completion")
 
-    def __init__(self) -> None:
+    def __init__(self, call: Call | None = None) -> None:
+        self._call = call  # for the completion each `Reset` replaces
         self._parts: list[str] = []  # yielded so far, joined only at a Reset
         self._shown = ""
         self._at: int | None = None  # how much of `_shown` the new answer has repeated
+        self._shown_completion: Completion | None = None  # the one whose text is `_shown`
 
     def take(self, chunk: ChatChunk) -> str | None:
         """The text to yield for `chunk` ("" for none); None if a restarted answer differs
@@ -489,6 +497,11 @@ class ShownText:
                 self._shown = "".join(self._parts)
                 self._parts = [self._shown]
                 self._at = 0
+                replaced = self._call.replaced if self._call is not None else None
+                # The broken attempt's completion has all that was yielded, unless it broke
+                # while still repeating an earlier one: that one's text is still what shows.
+                if replaced is not None and len(replaced.text) >= len(self._shown):
+                    self._shown_completion = replaced
             return ""
         at = self._at
         if at is None:
@@ -509,6 +522,28 @@ class ShownText:
         """Whether a restarted answer is still repeating what was yielded: one that ends there
         is shorter than what was shown, which differs from it as much as other words do."""
         return self._at is not None and self._at < len(self._shown)
+
+    def failed(self, error: HolySheepError) -> HolySheepError:
+        """The error to raise for `error`, which ended the stream.
+
+        While a restarted answer still repeats what was yielded, the restart has not caught
+        up: the caller has more text than the new attempt's completion, and cannot be told to
+        clear it. So the stream fails as a restart that failed (see `Call`): a
+        `StreamInterruptedError` carrying the completion that was yielded, `error` its cause.
+        """
+        shown = self._shown_completion
+        if shown is None or not self.repeating():
+            return error
+        failure = StreamInterruptedError(
+            "the stream was interrupted after content was delivered: the restart failed "
+            f"before the new answer caught up with the text text_stream() yielded: {error.message}",
+            completion=shown,
+            request_id=error.request_id,
+            status_code=error.status_code,
+            usage=shown.usage,
+        )
+        failure.attempts = error.attempts
+        return failure
 
     def diverged(self, completion: Completion, request_id: str | None) -> StreamInterruptedError:
         """The error for a restarted answer that differs from the text already yielded."""

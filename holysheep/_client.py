@@ -394,8 +394,18 @@ class Stream:
                 if chunk.text:
                     yield chunk.text
             return
-        shown = ShownText()
-        for chunk in self:
+        shown = ShownText(self._call)
+        chunks = iter(self)
+        while True:
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                break
+            except HolySheepError as exc:
+                failure = shown.failed(exc)
+                if failure is exc:
+                    raise
+                raise failure from exc
             text = shown.take(chunk)
             if text is None:
                 self.close()

@@ -588,6 +588,10 @@ class Exchange:
         broke = isinstance(error, APIConnectionError | IncompleteStreamError)
         if not broke or not self.accumulator.finished:
             return False
+        if self.accumulator.closed:
+            # The body did end, and `on_eof` found an event cut in the middle (`error`): that
+            # is the verdict. Closing again would return quietly, and pass the cut stream.
+            return False
         try:
             self.on_eof(now)
         except HolySheepError:

@@ -32,6 +32,7 @@ from holysheep import (
     RemoteProtocolError,
     RetryPolicy,
     StreamError,
+    StreamInterruptedError,
     Timeouts,
     TotalTimeoutError,
     UnexpectedContentTypeError,
@@ -1600,6 +1601,42 @@ async def test_async_a_break_after_the_finish_loses_nothing(kind: str, anyio_bac
         async with _async_client(url, kind, anyio_backend, retry=RetryPolicy.none()) as client:
             completion = await client.chat.complete(model="m", messages=MESSAGES)
     assert ("Hi there", "stop") == (completion.text, completion.finish_reason)
+
+
+def _finish_then_half_an_event() -> MockResponse:
+    """Content, the finish, then the first bytes of the next event (the usage) and a clean
+    end of the body."""
+    events = sse_body("Hi", " there")
+    return MockResponse(chunks=[*events[:4], b'data: {"choices": [], "usage": {"prompt_'])
+
+
+def test_a_body_that_ends_inside_an_event_after_the_finish_is_incomplete() -> None:
+    """chat.md: a stream cut inside an event after the finish is incomplete, at a clean end
+    of the body as at a break. The clients took it as complete when the body ended there:
+    the accumulator's `close()` raised, and asking again whether the answer was complete
+    closed it a second time, which returns quietly."""
+    client = holysheep.Client(
+        api_key="k",
+        transport=MockTransport([_finish_then_half_an_event()]),
+        retry=RetryPolicy.none(),
+    )
+    with pytest.raises(StreamInterruptedError, match="middle of an event") as info:
+        client.chat.complete(model="m", messages=MESSAGES)
+    client.close()
+    assert info.value.completion is not None
+    assert ("Hi there", "stop") == (info.value.completion.text, info.value.completion.finish_reason)
+
+
+@pytest.mark.anyio
+async def test_async_a_body_that_ends_inside_an_event_after_the_finish_is_incomplete() -> None:
+    transport = AsyncMockTransport([_finish_then_half_an_event()])
+    async with holysheep.AsyncClient(
+        api_key="k", transport=transport, retry=RetryPolicy.none()
+    ) as client:
+        with pytest.raises(StreamInterruptedError, match="middle of an event") as info:
+            await client.chat.complete(model="m", messages=MESSAGES)
+    assert info.value.completion is not None
+    assert "Hi there" == info.value.completion.text
 
 
 def _one_choice_finished_then_break(conn: socket.socket) -> None:

@@ -7,6 +7,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -27,6 +28,7 @@ from holysheep.testing import MockUpstream, UpstreamConfig, serve
 from holysheep.transports import (
     AiohttpTransport,
     AsyncHTTPXTransport,
+    AsyncMockTransport,
     HTTPXTransport,
     MockResponse,
     MockTransport,
@@ -270,6 +272,72 @@ def test_text_stream_refuses_a_restarted_answer_shorter_than_what_it_showed() ->
         shown.extend(stream.text_stream())
     assert ("Sheep are gentle, social ", "Sheep are") == ("".join(shown), stream.completion.text)
     made.close()
+
+
+SHEEP = sse_body("Sheep ", "are ", "gentle")
+# The first attempt shows "Sheep are " and drops; the restarted one drops after "Sheep ", or
+# before any content.
+SHOWN_THEN_SHORTER = {"Sheep ": SHEEP[:2], "": SHEEP[:1]}
+
+
+def restarted_twice(again: list[bytes]) -> list[MockResponse]:
+    return [MockResponse(chunks=SHEEP[:3], fault="drop"), MockResponse(chunks=again, fault="drop")]
+
+
+@pytest.mark.parametrize("again", SHOWN_THEN_SHORTER.values(), ids=SHOWN_THEN_SHORTER.keys())
+def test_text_stream_failing_while_a_restart_repeats_keeps_the_text_it_yielded(
+    again: list[bytes],
+) -> None:
+    """`text_stream()` yielded "Sheep are ", the stream restarted, and the new attempt broke
+    before getting that far. The error carried the new attempt's text ("Sheep " or nothing:
+    less than the caller printed) and, with nothing new delivered, was an
+    IncompleteStreamError, as if no content had reached the caller. It is the restart that
+    failed: StreamInterruptedError, with the completion that was yielded."""
+    made = holysheep.Client(
+        api_key="k",
+        transport=MockTransport(restarted_twice(again)),
+        retry=attrs.evolve(FAST, attempts=2),
+        on_interrupt="restart",
+    )
+    shown: list[str] = []
+    with (
+        pytest.raises(StreamInterruptedError, match="caught up") as info,
+        made.chat.stream(model="m", messages=MESSAGES) as stream,
+    ):
+        shown.extend(stream.text_stream())
+    made.close()
+    assert info.value.completion is not None
+    assert ("Sheep are ", "Sheep are ", 2) == (
+        "".join(shown),
+        info.value.completion.text,
+        info.value.attempts,
+    )
+
+
+async def collect(texts: AsyncIterator[str], into: list[str]) -> None:
+    async for text in texts:
+        into.append(text)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("again", SHOWN_THEN_SHORTER.values(), ids=SHOWN_THEN_SHORTER.keys())
+async def test_async_text_stream_failing_while_a_restart_repeats_keeps_the_text_it_yielded(
+    again: list[bytes],
+) -> None:
+    shown: list[str] = []
+    async with (
+        holysheep.AsyncClient(
+            api_key="k",
+            transport=AsyncMockTransport(restarted_twice(again)),
+            retry=attrs.evolve(FAST, attempts=2),
+            on_interrupt="restart",
+        ) as made,
+        made.chat.stream(model="m", messages=MESSAGES) as stream,
+    ):
+        with pytest.raises(StreamInterruptedError, match="caught up") as info:
+            await collect(stream.text_stream(), shown)
+    assert info.value.completion is not None
+    assert ("Sheep are ", "Sheep are ") == ("".join(shown), info.value.completion.text)
 
 
 @pytest.mark.parametrize("status", [503, 429])
