@@ -582,10 +582,16 @@ class Exchange:
         `[DONE]` came, or a `finish_reason` did with no event cut in the middle, which is what
         a clean end of the body at the same point would be accepted for. The driver then ends
         the stream as at the end of the body; the usage chunk may be missing, as it may then.
+
+        A stall there is the same: once every choice finished, the model has said all it will,
+        and a gateway that never sends the usage or `[DONE]` must not turn the whole answer into
+        an `IdleTimeoutError` (or `TotalTimeoutError`) for what it left out.
         """
         if self.done_at is not None:
             return True
-        broke = isinstance(error, APIConnectionError | IncompleteStreamError)
+        broke = isinstance(
+            error, APIConnectionError | IncompleteStreamError | IdleTimeoutError | TotalTimeoutError
+        )
         if not broke or not self.accumulator.finished:
             return False
         if self.accumulator.closed:

@@ -1732,6 +1732,74 @@ async def test_async_a_break_before_every_choice_asked_for_began_is_an_interrupt
     assert ["Yes.", "No."] == [c.text for c in info.value.completion.choices]
 
 
+def _finish_then_stall(conn: socket.socket) -> None:
+    """The answer and its finish_reason, then neither usage nor [DONE]: only keep-alive
+    comments (which are no content, so `idle` runs on), until the client leaves."""
+    conn.sendall(
+        _SSE_HEAD
+        + _chunk({"choices": [{"index": 0, "delta": {"content": "All said."}}]})
+        + _chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    )
+    comment = b": keep-alive\n\n"
+    for _ in range(60):
+        time.sleep(0.05)
+        conn.sendall(b"%x\r\n%s\r\n" % (len(comment), comment))
+
+
+def test_a_stall_after_the_finish_ends_the_stream_complete(transport: BaseTransport) -> None:
+    """Every choice finished, then the gateway sends no usage and no [DONE]: when `idle`
+    runs out the answer is complete (it was an IdleTimeoutError holding the whole answer),
+    as at a break in the same place, and the connection is closed."""
+    with _one_connection(_finish_then_stall) as (url, left):
+        client = holysheep.Client(
+            api_key="k",
+            base_url=url,
+            transport=transport,
+            retry=RetryPolicy.none(),
+            timeout=Timeouts(idle=0.2),
+        )
+        with client.chat.stream(model="m", messages=MESSAGES) as stream:
+            texts = [chunk.text for chunk in stream]
+        assert left.wait(2)
+        client.close()
+    assert ("All said.", "stop", None) == (
+        "".join(texts),
+        stream.completion.finish_reason,
+        stream.completion.usage,
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["httpx", "aiohttp"])
+async def test_async_a_stall_after_the_finish_ends_the_stream_complete(
+    kind: str, anyio_backend: str
+) -> None:
+    with _one_connection(_finish_then_stall) as (url, left):
+        async with _async_client(url, kind, anyio_backend, timeout=Timeouts(idle=0.2)) as client:
+            completion = await client.chat.complete(model="m", messages=MESSAGES)
+        assert await anyio.to_thread.run_sync(left.wait, 2)
+    assert ("All said.", "stop") == (completion.text, completion.finish_reason)
+
+
+def test_a_stall_after_the_finish_of_one_choice_of_two_is_a_timeout() -> None:
+    """The rule needs every choice asked for finished: with `n=2` and one finished, a stall is
+    the IdleTimeoutError it is, with the text kept."""
+
+    def one_of_two(conn: socket.socket) -> None:
+        conn.sendall(
+            _SSE_HEAD + _chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        )
+        time.sleep(1)
+
+    with _one_connection(one_of_two) as (url, _):
+        client = holysheep.Client(
+            api_key="k", base_url=url, retry=RetryPolicy.none(), timeout=Timeouts(idle=0.2)
+        )
+        with pytest.raises(holysheep.IdleTimeoutError):
+            client.chat.complete(model="m", messages=MESSAGES, n=2)
+        client.close()
+
+
 # -- an error in the same bytes as chunks before it -------------------------------------------
 
 

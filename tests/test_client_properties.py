@@ -306,8 +306,8 @@ def expect(world: World) -> Expected:
       attempt), or restarted (a `Reset`, once the new attempt is open; the attempts count
       from the first). Reconnecting fails for good as StreamInterruptedError with the text
       shown.
-    - A break or early end after the finish, with no event cut in the middle, is a complete
-      answer; after `[DONE]` anything goes (chat.md, timeouts.md).
+    - A break, an early end or a stall after the finish, with no event cut in the middle, is
+      a complete answer; after `[DONE]` anything goes (chat.md, timeouts.md).
     """
     answer, events = world.answer, world.answer.events()
     mode, ids = world.mode, world.ids
@@ -364,6 +364,8 @@ def expect(world: World) -> Expected:
                 finish = len(events) - 2
                 if end in ("fault", "eof"):
                     finished_ok = finish in accumulated and not step.partial
+                elif end == "stall":  # the stall brings no half event (see `_body`)
+                    finished_ok = finish in accumulated
                 error_seen = not (
                     end in ERRORS and world.replay and ids and step.k > 0 and sent[-1] in skip
                 )
