@@ -648,7 +648,7 @@ class ChatAccumulator:
     def feed(self, data: bytes) -> list[ChatChunk]:
         """Take the next bytes of the response body; return the chunks they complete."""
         if _c_feed is not None:
-            # The same loop in C (_speedups.c), with the common chunk made there too; None,
+            # The same loop in C (_speedups.c), with the common chunks made there too; None,
             # having changed nothing, for a subclass (which may override what it calls).
             done = _c_feed(self, data)
             if done is not None:
@@ -953,8 +953,8 @@ def _for_choices(unfinished: list[int], seen: int) -> str:
 
 
 # The C part of `feed` (`chat_feed` in _speedups.c), where the SSE decoder's is in use (built,
-# and not turned off with HOLYSHEEP_NO_EXTENSIONS=1). It builds the same objects as `_chunk` and
-# `add_text`, so it is told their classes and the block size.
+# and not turned off with HOLYSHEEP_NO_EXTENSIONS=1). It builds the same objects as `_chunk`,
+# `add_text` and `Usage.from_dict`, so it is told their classes and the block size.
 _c_feed: Callable[[ChatAccumulator, bytes], list[ChatChunk] | None] | None = None
 if _sse._c_feed is not None:  # built, and not turned off
     from . import _speedups
@@ -965,6 +965,9 @@ if _sse._c_feed is not None:  # built, and not turned off
             _ChoiceState,
             ChatChunk,
             ContentDelta,
+            Finished,
+            UsageReport,
+            Usage,
             _ParsedLater,
             SSEDecoder,
             HolySheepError,

@@ -501,15 +501,19 @@ done:
     return result;
 }
 
-/* -- The chat chunk's common case ---------------------------------------------------------------
+/* -- The chat chunk's common cases -------------------------------------------------------------
  *
  * `ChatAccumulator.feed()` (holysheep/_chat.py) calls `chat_chunk(accumulator, event)` for each
- * event first. It takes the event when it is the shape most of a chat stream is: a JSON object
- * whose `choices` holds one choice, of index 0, with a `delta` carrying a non-empty `content`
- * string (and perhaps a `role` string, and other fields that are null), no `finish_reason`, no
- * `usage` and no `error`. It then does what `ChatAccumulator._chunk` does for it and returns the
- * `ChatChunk`. For anything else it returns None *before changing any state*, and the Python
- * code handles the event: errors, other shapes and their checks live in one place only.
+ * event first. It takes the event when it is one of the shapes a plain chat stream is made of:
+ * a JSON object whose `choices` is empty (the usage chunk) or holds one choice, of index 0,
+ * whose `delta` has a `content` and a `role` that are strings or null (other delta fields
+ * null) and whose `finish_reason` is a string or null; a `usage` that is null or an object of
+ * the values `usage_object` builds; no `error`. So the first (role) chunk, the content chunks,
+ * the finish chunk and the usage chunk, which `_chunk` took some 10 µs each to make in Python,
+ * a third of what a short stream costs. It then does what `ChatAccumulator._chunk` does for it
+ * and returns the `ChatChunk`. For anything else it returns None *before changing any state*,
+ * and the Python code handles the event: errors, other shapes and their checks live in one
+ * place only.
  *
  * Why this is the same as the Python path:
  * - the scanner accepts a subset of JSON (RFC 8259) that orjson and the json module both parse
@@ -517,22 +521,45 @@ done:
  *   with an exponent over two digits or over 15 characters, nesting deeper than 64, a key with
  *   an escape, a key we read given twice, a surrogate, trailing text) it leaves the event to
  *   Python, which parses it and decides, or raises;
- * - the text of `content` is the JSON string decoded, as either parser decodes it;
+ * - the strings it reads (`content`, `role`, `finish_reason`) are the JSON strings decoded, as
+ *   either parser decodes them, and the `usage` object is built as they build it;
  * - fields the Python path reads are checked to have the values for which it does exactly this
- *   (`index` absent or 0, `finish_reason` and `usage` absent or null, no `message`, the other
- *   delta fields null); every other field Python ignores, and so does this;
+ *   (`index` absent or 0, no `message`, the other delta fields null); every other field Python
+ *   ignores, and so does this. An empty string is no content, role or finish_reason to `_chunk`
+ *   (it tests their truth), and `{}` no usage;
  * - only a `ChatAccumulator` itself (not a subclass, which may override what it does), with
- *   choice 0 already seen, the default JSON parser, and neither closed nor failed, is handled.
+ *   the default JSON parser, and neither closed nor failed, is handled.
  */
 
 /* The classes and the slot offsets we read and write, from `setup_chat()`. */
 static PyTypeObject *acc_class, *chunk_class, *delta_class, *later_class, *choice_class;
+static PyTypeObject *finished_class, *report_class, *usage_class;
 static PyObject *error_class; /* HolySheepError: only it carries `chunks` */
 static PyObject *default_loads, *str_feed_event, *str_feed, *zero, *one;
+/* The keys of OpenAI's and Anthropic's usage objects, interned by PyInit__speedups: a usage
+   object's dict takes these (as orjson takes the keys it caches), which spares making, hashing
+   and comparing a new string for each, a third of building it. The first five are those
+   `Usage.from_dict` reads. */
+static const char *const usage_key_text[] = {
+    "prompt_tokens", "completion_tokens", "total_tokens", "input_tokens", "output_tokens",
+    "prompt_tokens_details", "completion_tokens_details", "cached_tokens", "audio_tokens",
+    "reasoning_tokens", "accepted_prediction_tokens", "rejected_prediction_tokens",
+};
+#define USAGE_KEYS (sizeof(usage_key_text) / sizeof(usage_key_text[0]))
+static PyObject *usage_key[USAGE_KEYS];
+static Py_ssize_t usage_key_size[USAGE_KEYS];
+#define str_prompt_tokens (usage_key[0])
+#define str_completion_tokens (usage_key[1])
+#define str_total_tokens (usage_key[2])
+#define str_input_tokens (usage_key[3])
+#define str_output_tokens (usage_key[4])
 static Py_ssize_t block_size; /* `_BLOCK` in _chat.py */
-static Py_ssize_t acc_closed, acc_error, acc_loads, acc_choice0, acc_last, acc_count, acc_decoder;
+static Py_ssize_t acc_closed, acc_error, acc_loads, acc_choice0, acc_first, acc_last, acc_count;
+static Py_ssize_t acc_usage, acc_decoder;
 static Py_ssize_t chunk_text, chunk_deltas, chunk_raw, chunk_event, delta_text, delta_choice;
 static Py_ssize_t later_data, later_loads, later_parsed, choice_role, choice_text, choice_blocks;
+static Py_ssize_t choice_finish, finished_reason, finished_choice, report_usage;
+static Py_ssize_t usage_prompt, usage_completion, usage_total, usage_raw;
 
 typedef struct {
     int kind;
@@ -849,28 +876,38 @@ members(Scan *s, Member member, void *state)
 }
 
 typedef struct {
-    Py_ssize_t content_start, content_end, role_start, role_end;
-    int content_escaped, role_escaped, has_content, has_role, has_delta, has_index, has_finish;
-    int has_choices, has_usage;
+    Py_ssize_t content_start, content_end, role_start, role_end, finish_start, finish_end;
+    Py_ssize_t usage_at; /* where the `usage` object starts */
+    int content_escaped, role_escaped, finish_escaped;
+    /* 0: absent; 1: given (null, for a field read with `string_or_null`); 2: given a string
+       (`usage`: an object) */
+    int has_content, has_role, has_delta, has_index, has_finish, has_choices, has_usage;
+    int choices; /* how many: 0 or 1 */
 } Shape;
+
+/* A field that is a string or null, given once: for a string, `*given` is 2 and [start, end)
+   bounds its raw text. */
+static int
+string_or_null(Scan *s, int *given, Py_ssize_t *start, Py_ssize_t *end, int *escaped)
+{
+    if ((*given)++)
+        return 0;
+    if (peek(s) != '"')
+        return null(s);
+    *given = 2;
+    return string(s, start, end, escaped);
+}
 
 static int
 delta_member(Scan *s, Py_ssize_t start, Py_ssize_t end, void *state)
 {
     Shape *shape = state;
-    if (key_is(s, start, end, "content")) {
-        if (shape->has_content++)
-            return 0;
-        return string(s, &shape->content_start, &shape->content_end, &shape->content_escaped);
-    }
-    if (key_is(s, start, end, "role")) {
-        if (shape->has_role++)
-            return 0;
-        if (peek(s) != '"')
-            return null(s);
-        shape->has_role = 2;
-        return string(s, &shape->role_start, &shape->role_end, &shape->role_escaped);
-    }
+    if (key_is(s, start, end, "content"))
+        return string_or_null(s, &shape->has_content, &shape->content_start,
+                              &shape->content_end, &shape->content_escaped);
+    if (key_is(s, start, end, "role"))
+        return string_or_null(s, &shape->has_role, &shape->role_start, &shape->role_end,
+                              &shape->role_escaped);
     return null(s); /* refusal, reasoning, tool calls, anything else: only when null */
 }
 
@@ -890,11 +927,9 @@ choice_member(Scan *s, Py_ssize_t start, Py_ssize_t end, void *state)
             return 0;
         return members(s, delta_member, shape);
     }
-    if (key_is(s, start, end, "finish_reason")) {
-        if (shape->has_finish++)
-            return 0;
-        return null(s);
-    }
+    if (key_is(s, start, end, "finish_reason"))
+        return string_or_null(s, &shape->has_finish, &shape->finish_start, &shape->finish_end,
+                              &shape->finish_escaped);
     if (key_is(s, start, end, "message"))
         return 0;
     return skip_value(s, 2);
@@ -905,14 +940,21 @@ top_member(Scan *s, Py_ssize_t start, Py_ssize_t end, void *state)
 {
     Shape *shape = state;
     if (key_is(s, start, end, "choices")) {
-        if (shape->has_choices++ || !eat(s, '[') || !members(s, choice_member, shape))
+        if (shape->has_choices++ || !eat(s, '['))
             return 0;
-        return eat(s, ']'); /* exactly one choice */
+        if (eat(s, ']'))
+            return 1; /* none: the usage chunk */
+        shape->choices = 1;
+        return members(s, choice_member, shape) && eat(s, ']'); /* one at most */
     }
     if (key_is(s, start, end, "usage")) {
         if (shape->has_usage++)
             return 0;
-        return null(s);
+        if (peek(s) != '{')
+            return null(s);
+        shape->has_usage = 2;
+        shape->usage_at = s->i; /* checked here, built by `usage_object` once all is read */
+        return skip_value(s, 1);
     }
     if (key_is(s, start, end, "error"))
         return 0;
@@ -970,6 +1012,167 @@ new_instance(PyTypeObject *cls)
     return cls->tp_alloc(cls, 0);
 }
 
+/* -- The usage object: `Usage.from_dict` in C --------------------------------------------------
+ *
+ * `Usage.raw` is the `usage` object parsed: we build it as both parsers build it, for the values
+ * they build alike and a usage object holds (objects, integers, strings, true, false, null),
+ * and leave anything else to Python (an array, a float, an integer of more than 15 digits, a
+ * key given twice, deep nesting). OpenAI's is two levels deep: the counts and their
+ * `prompt_tokens_details` and `completion_tokens_details`. Each builder returns 1 with the
+ * value in `*out`, 0 to leave the event to Python, or -1 with an exception set. */
+
+/* OpenAI's usage object nests two deep; one nested deeper than this is left to Python (which
+   bounds the recursion here too). */
+#define USAGE_DEPTH 4
+
+static int usage_object(Scan *s, PyObject *data, int depth, PyObject **out);
+
+static int
+constant(Scan *s, const char *word, PyObject *value, PyObject **out)
+{
+    if (!literal(s, word))
+        return 0;
+    *out = Py_NewRef(value);
+    return 1;
+}
+
+static int
+usage_value(Scan *s, PyObject *data, int depth, PyObject **out)
+{
+    Py_ssize_t start, end;
+    int escaped;
+    skip_ws(s);
+    switch (peek(s)) {
+    case '{':
+        return usage_object(s, data, depth + 1, out);
+    case '"':
+        if (!string(s, &start, &end, &escaped))
+            return 0;
+        *out = string_text(s, data, start, end, escaped);
+        return *out == NULL ? -1 : 1;
+    case 'n':
+        return constant(s, "null", Py_None, out);
+    case 't':
+        return constant(s, "true", Py_True, out);
+    case 'f':
+        return constant(s, "false", Py_False, out);
+    default: {
+        int negative = peek(s) == '-';
+        s->i += negative;
+        Py_UCS4 first = peek(s), next;
+        start = s->i;
+        int n = digits(s);
+        next = peek(s);
+        /* An integer of 15 digits fits a long long, and each parser makes an int of it. */
+        if (n == 0 || n > 15 || (first == '0' && n > 1) || next == '.' || next == 'e' ||
+            next == 'E')
+            return 0;
+        long long value = 0;
+        for (Py_ssize_t k = start; k < s->i; k++)
+            value = value * 10 + (long long)(PyUnicode_READ(s->kind, s->buf, k) - '0');
+        *out = PyLong_FromLongLong(negative ? -value : value);
+        return *out == NULL ? -1 : 1;
+    }
+    }
+}
+
+static int
+usage_object(Scan *s, PyObject *data, int depth, PyObject **out)
+{
+    Py_ssize_t start, end;
+    int escaped, rc = 0;
+    PyObject *dict, *key = NULL, *value = NULL;
+    if (depth > USAGE_DEPTH || !eat(s, '{'))
+        return 0;
+    if ((dict = PyDict_New()) == NULL)
+        return -1;
+    if (eat(s, '}'))
+        goto built;
+    do {
+        skip_ws(s);
+        if (!string(s, &start, &end, &escaped) || !eat(s, ':'))
+            goto done;
+        key = NULL;
+        for (size_t k = 0; k < USAGE_KEYS && !escaped && key == NULL; k++)
+            if (end - start == usage_key_size[k] && key_is(s, start, end, usage_key_text[k]))
+                key = Py_NewRef(usage_key[k]);
+        if (key == NULL && (key = string_text(s, data, start, end, escaped)) == NULL) {
+            rc = -1;
+            goto done;
+        }
+        if ((rc = usage_value(s, data, depth, &value)) <= 0)
+            goto done;
+        Py_ssize_t size = PyDict_GET_SIZE(dict);
+        if (PyDict_SetItem(dict, key, value) < 0) {
+            rc = -1;
+            goto done;
+        }
+        rc = 0;
+        if (PyDict_GET_SIZE(dict) == size)
+            goto done; /* a key given twice */
+        Py_CLEAR(key);
+        Py_CLEAR(value);
+    } while (eat(s, ','));
+    if (!eat(s, '}'))
+        goto done;
+built:
+    *out = dict;
+    return 1;
+done:
+    Py_XDECREF(key);
+    Py_XDECREF(value);
+    Py_DECREF(dict);
+    return rc;
+}
+
+/* One of `raw`'s counts, borrowed: `raw.get(name, otherwise)`. Its keys are exact str, whose
+   comparison cannot fail. */
+static PyObject *
+count_of(PyObject *raw, PyObject *name, PyObject *otherwise)
+{
+    PyObject *value = PyDict_GetItemWithError(raw, name);
+    return value != NULL ? value : otherwise;
+}
+
+static inline PyObject *
+int_or_none(PyObject *value)
+{
+    return PyLong_Check(value) ? value : Py_None; /* `isinstance(value, int)`: a bool is one */
+}
+
+/* `Usage.from_dict(raw)`, for the dict `usage_object` built. */
+static PyObject *
+usage_from(PyObject *raw)
+{
+    PyObject *prompt = count_of(raw, str_prompt_tokens, count_of(raw, str_input_tokens, Py_None));
+    PyObject *completion =
+        count_of(raw, str_completion_tokens, count_of(raw, str_output_tokens, Py_None));
+    PyObject *total = count_of(raw, str_total_tokens, Py_None), *sum = NULL, *usage;
+    if (total == Py_None && PyLong_Check(prompt) && PyLong_Check(completion)) {
+        total = sum = PyNumber_Add(prompt, completion);
+        if (sum == NULL)
+            return NULL;
+    }
+    usage = new_instance(usage_class);
+    if (usage != NULL) {
+        slot_set(usage, usage_prompt, int_or_none(prompt));
+        slot_set(usage, usage_completion, int_or_none(completion));
+        slot_set(usage, usage_total, int_or_none(total));
+        slot_set(usage, usage_raw, raw);
+    }
+    Py_XDECREF(sum);
+    return usage;
+}
+
+/* Whether `choice` is a `_ChoiceState` whose text `add_text` can take. */
+static int
+plain_choice(PyObject *choice)
+{
+    PyObject *parts = SLOT(choice, choice_text), *blocks = SLOT(choice, choice_blocks);
+    return Py_TYPE(choice) == choice_class && parts != NULL && PyList_CheckExact(parts) &&
+           blocks != NULL && PyLong_CheckExact(blocks);
+}
+
 /* The chunk of `event`, a new reference; None (a new reference) to leave it to Python. */
 static PyObject *
 chunk_of(PyObject *acc, PyObject *event)
@@ -981,12 +1184,8 @@ chunk_of(PyObject *acc, PyObject *event)
     PyObject *choice0 = SLOT(acc, acc_choice0), *count = SLOT(acc, acc_count);
     if (SLOT(acc, acc_closed) != Py_False || SLOT(acc, acc_error) != Py_None ||
         SLOT(acc, acc_loads) != default_loads || count == NULL || !PyLong_CheckExact(count) ||
-        choice0 == NULL || Py_TYPE(choice0) != choice_class || !PyUnicode_CheckExact(data) ||
+        choice0 == NULL || SLOT(acc, acc_first) == NULL || !PyUnicode_CheckExact(data) ||
         !PyUnicode_CheckExact(type))
-        Py_RETURN_NONE;
-    PyObject *parts = SLOT(choice0, choice_text), *blocks = SLOT(choice0, choice_blocks);
-    if (parts == NULL || !PyList_CheckExact(parts) || blocks == NULL ||
-        !PyLong_CheckExact(blocks))
         Py_RETURN_NONE;
     if (type != str_message && PyUnicode_Compare(type, str_message) != 0)
         Py_RETURN_NONE;
@@ -1000,72 +1199,128 @@ chunk_of(PyObject *acc, PyObject *event)
     if (peek(&s) != '{' || !members(&s, top_member, &shape))
         Py_RETURN_NONE;
     skip_ws(&s);
-    if (s.i != s.n || !shape.has_choices || !shape.has_delta || !shape.has_content ||
-        shape.content_end == shape.content_start)
+    if (s.i != s.n || (shape.choices && choice0 != Py_None && !plain_choice(choice0)))
         Py_RETURN_NONE;
+    /* What `_chunk` acts on: a non-empty content, role or finish_reason, a non-empty usage. */
+    int has_text = shape.has_content == 2 && shape.content_end > shape.content_start;
+    int has_role = shape.has_role == 2 && shape.role_end > shape.role_start;
+    int has_finish = shape.has_finish == 2 && shape.finish_end > shape.finish_start;
 
-    /* Allocating may run the garbage collector, and any finalizer with it: what we use of the
-       accumulator is held here, so that such code cannot free it under us. */
-    PyObject *text = NULL, *role = NULL, *chunk = NULL, *delta = NULL, *deltas = NULL;
-    PyObject *later = NULL, *next = NULL;
+    /* Everything is made before any state changes: the usage object may yet be Python's, and
+       allocating may run the garbage collector, and any finalizer with it (what we use of the
+       accumulator is held here, so that such code cannot free it under us). */
+    PyObject *text = NULL, *role = NULL, *finish = NULL, *raw_usage = NULL, *usage = NULL;
+    PyObject *state = NULL, *next = NULL, *delta = NULL, *finished = NULL, *report = NULL;
+    PyObject *deltas = NULL, *later = NULL, *chunk = NULL, *result = NULL;
     Py_INCREF(choice0);
     Py_INCREF(count);
-    text = string_text(&s, data, shape.content_start, shape.content_end, shape.content_escaped);
-    if (text == NULL)
-        goto error;
-    if (shape.has_role == 2 && shape.role_end > shape.role_start) {
-        role = string_text(&s, data, shape.role_start, shape.role_end, shape.role_escaped);
-        if (role == NULL)
-            goto error;
+    if (has_text && (text = string_text(&s, data, shape.content_start, shape.content_end,
+                                        shape.content_escaped)) == NULL)
+        goto done;
+    if (has_role && (role = string_text(&s, data, shape.role_start, shape.role_end,
+                                        shape.role_escaped)) == NULL)
+        goto done;
+    if (has_finish && (finish = string_text(&s, data, shape.finish_start, shape.finish_end,
+                                            shape.finish_escaped)) == NULL)
+        goto done;
+    if (shape.has_usage == 2) {
+        Scan at = s;
+        at.i = shape.usage_at;
+        int rc = usage_object(&at, data, 1, &raw_usage);
+        if (rc <= 0) {
+            result = rc < 0 ? NULL : Py_NewRef(Py_None);
+            goto done;
+        }
+        /* `{}` is no usage to Python (it is falsy), as null is */
+        if (PyDict_GET_SIZE(raw_usage) > 0 && (usage = usage_from(raw_usage)) == NULL)
+            goto done;
     }
-    next = PyNumber_Add(count, one);
-    if (next == NULL)
-        goto error;
-    /* Everything is read: from here on, state changes as `_chunk` changes it, in its order. */
-    slot_set(acc, acc_count, next);
-    slot_set(acc, acc_last, data); /* `_first_data` was set with choice 0, by Python */
-    if (add_text(choice0, text) < 0)
-        goto error;
-    if (role != NULL)
-        slot_set(choice0, choice_role, role);
+    if (shape.choices) {
+        /* `_ChoiceState(0)`, called: a class of attrs, whose defaults live in Python. The
+           first chunk of a stream makes it: once per stream, and it costs 1/10 of `_chunk`. */
+        state = choice0 != Py_None ? Py_NewRef(choice0)
+                                   : PyObject_CallOneArg((PyObject *)choice_class, zero);
+        if (state == NULL)
+            goto done;
+        if (!plain_choice(state)) {
+            result = Py_NewRef(Py_None); /* not reached: our class makes a plain one */
+            goto done;
+        }
+    }
+    if ((next = PyNumber_Add(count, one)) == NULL)
+        goto done;
 
-    delta = new_instance(delta_class);
+    PyObject *items[3];
+    Py_ssize_t made = 0;
+    if (has_text) {
+        if ((delta = new_instance(delta_class)) == NULL)
+            goto done;
+        slot_set(delta, delta_text, text);
+        slot_set(delta, delta_choice, zero);
+        items[made++] = delta;
+    }
+    if (has_finish) {
+        if ((finished = new_instance(finished_class)) == NULL)
+            goto done;
+        slot_set(finished, finished_reason, finish);
+        slot_set(finished, finished_choice, zero);
+        items[made++] = finished;
+    }
+    if (usage != NULL) {
+        if ((report = new_instance(report_class)) == NULL)
+            goto done;
+        slot_set(report, report_usage, usage);
+        items[made++] = report;
+    }
+    if ((deltas = PyTuple_New(made)) == NULL)
+        goto done;
+    for (Py_ssize_t k = 0; k < made; k++)
+        PyTuple_SET_ITEM(deltas, k, Py_NewRef(items[k]));
     later = new_instance(later_class);
     chunk = new_instance(chunk_class);
-    if (delta == NULL || later == NULL || chunk == NULL)
-        goto error;
-    slot_set(delta, delta_text, text);
-    slot_set(delta, delta_choice, zero);
-    deltas = PyTuple_Pack(1, delta);
-    if (deltas == NULL)
-        goto error;
+    if (later == NULL || chunk == NULL)
+        goto done;
     slot_set(later, later_data, data);
     slot_set(later, later_loads, default_loads);
     slot_set(later, later_parsed, Py_None);
-    slot_set(chunk, chunk_text, text);
+    slot_set(chunk, chunk_text, has_text ? text : str_empty);
     slot_set(chunk, chunk_deltas, deltas);
     slot_set(chunk, chunk_raw, later);
     slot_set(chunk, chunk_event, event);
-    Py_DECREF(choice0);
-    Py_DECREF(count);
-    Py_DECREF(text);
-    Py_XDECREF(role);
-    Py_DECREF(next);
-    Py_DECREF(delta);
-    Py_DECREF(deltas);
-    Py_DECREF(later);
-    return chunk;
-error:
+
+    /* Everything is made: from here on, state changes as `_chunk` changes it, in its order. */
+    slot_set(acc, acc_count, next);
+    if (SLOT(acc, acc_first) == Py_None)
+        slot_set(acc, acc_first, data);
+    slot_set(acc, acc_last, data);
+    if (state != NULL && state != choice0)
+        slot_set(acc, acc_choice0, state);
+    if (has_text && add_text(state, text) < 0)
+        goto done;
+    if (has_role)
+        slot_set(state, choice_role, role);
+    if (has_finish)
+        slot_set(state, choice_finish, finish);
+    if (usage != NULL)
+        slot_set(acc, acc_usage, usage);
+    result = Py_NewRef(chunk);
+done:
     Py_DECREF(choice0);
     Py_DECREF(count);
     Py_XDECREF(text);
     Py_XDECREF(role);
+    Py_XDECREF(finish);
+    Py_XDECREF(raw_usage);
+    Py_XDECREF(usage);
+    Py_XDECREF(state);
     Py_XDECREF(next);
     Py_XDECREF(delta);
+    Py_XDECREF(finished);
+    Py_XDECREF(report);
     Py_XDECREF(deltas);
     Py_XDECREF(later);
     Py_XDECREF(chunk);
-    return NULL;
+    return result;
 }
 
 static PyObject *
@@ -1250,25 +1505,28 @@ object_slots(PyTypeObject *cls)
 static PyObject *
 setup_chat(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 9) {
+    if (nargs != 12) {
         PyErr_SetString(PyExc_TypeError,
                         "setup_chat(ChatAccumulator, _ChoiceState, ChatChunk, ContentDelta, "
-                        "_ParsedLater, SSEDecoder, HolySheepError, loads, block)");
+                        "Finished, UsageReport, Usage, _ParsedLater, SSEDecoder, HolySheepError, "
+                        "loads, block)");
         return NULL;
     }
-    for (Py_ssize_t k = 0; k < 6; k++)
+    for (Py_ssize_t k = 0; k < 9; k++)
         if (!PyType_Check(args[k])) {
-            PyErr_SetString(PyExc_TypeError, "setup_chat() takes six classes first");
+            PyErr_SetString(PyExc_TypeError, "setup_chat() takes nine classes first");
             return NULL;
         }
-    if (!PyExceptionClass_Check(args[6])) {
-        PyErr_SetString(PyExc_TypeError, "setup_chat() takes an exception class seventh");
+    if (!PyExceptionClass_Check(args[9])) {
+        PyErr_SetString(PyExc_TypeError, "setup_chat() takes an exception class tenth");
         return NULL;
     }
     PyTypeObject *acc = (PyTypeObject *)args[0], *choice = (PyTypeObject *)args[1],
                  *chunk = (PyTypeObject *)args[2], *delta = (PyTypeObject *)args[3],
-                 *later = (PyTypeObject *)args[4], *decoder = (PyTypeObject *)args[5];
-    Py_ssize_t block = PyLong_AsSsize_t(args[8]);
+                 *finished = (PyTypeObject *)args[4], *report = (PyTypeObject *)args[5],
+                 *usage = (PyTypeObject *)args[6], *later = (PyTypeObject *)args[7],
+                 *decoder = (PyTypeObject *)args[8];
+    Py_ssize_t block = PyLong_AsSsize_t(args[11]);
     if (block < 1) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_ValueError, "setup_chat(): block must be positive");
@@ -1283,12 +1541,22 @@ setup_chat(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         {&acc_error, acc, "_error"},
         {&acc_loads, acc, "_loads"},
         {&acc_choice0, acc, "_choice0"},
+        {&acc_first, acc, "_first_data"},
         {&acc_last, acc, "_last_data"},
         {&acc_count, acc, "chunk_count"},
+        {&acc_usage, acc, "_usage"},
         {&acc_decoder, acc, "decoder"},
         {&choice_role, choice, "role"},
         {&choice_text, choice, "text"},
         {&choice_blocks, choice, "blocks"},
+        {&choice_finish, choice, "finish_reason"},
+        {&finished_reason, finished, "reason"},
+        {&finished_choice, finished, "choice"},
+        {&report_usage, report, "usage"},
+        {&usage_prompt, usage, "prompt_tokens"},
+        {&usage_completion, usage, "completion_tokens"},
+        {&usage_total, usage, "total_tokens"},
+        {&usage_raw, usage, "raw"},
         {&chunk_text, chunk, "text"},
         {&chunk_deltas, chunk, "deltas"},
         {&chunk_raw, chunk, "raw"},
@@ -1314,9 +1582,10 @@ setup_chat(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     /* The classes built here must have no slot but those set above: one more would be left
        empty, where `_chunk` sets it. */
-    if (object_slots(chunk) != 4 || object_slots(delta) != 2 || object_slots(later) != 3) {
-        PyErr_SetString(PyExc_TypeError,
-                        "setup_chat(): ChatChunk, ContentDelta or _ParsedLater has new slots");
+    if (object_slots(chunk) != 4 || object_slots(delta) != 2 || object_slots(later) != 3 ||
+        object_slots(finished) != 2 || object_slots(report) != 1 || object_slots(usage) != 4) {
+        PyErr_SetString(PyExc_TypeError, "setup_chat(): ChatChunk, ContentDelta, Finished, "
+                                         "UsageReport, Usage or _ParsedLater has new slots");
         return NULL;
     }
     chat_ready = 0; /* nothing is taken while the offsets change */
@@ -1337,9 +1606,12 @@ setup_chat(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_XSETREF(chunk_class, (PyTypeObject *)Py_NewRef(chunk));
     Py_XSETREF(delta_class, (PyTypeObject *)Py_NewRef(delta));
     Py_XSETREF(later_class, (PyTypeObject *)Py_NewRef(later));
+    Py_XSETREF(finished_class, (PyTypeObject *)Py_NewRef(finished));
+    Py_XSETREF(report_class, (PyTypeObject *)Py_NewRef(report));
+    Py_XSETREF(usage_class, (PyTypeObject *)Py_NewRef(usage));
     Py_XSETREF(decoder_class, (PyTypeObject *)Py_NewRef(decoder));
-    Py_XSETREF(error_class, Py_NewRef(args[6]));
-    Py_XSETREF(default_loads, Py_NewRef(args[7]));
+    Py_XSETREF(error_class, Py_NewRef(args[9]));
+    Py_XSETREF(default_loads, Py_NewRef(args[10]));
     block_size = block;
     chat_ready = 1;
     Py_RETURN_NONE;
@@ -1365,8 +1637,9 @@ static PyMethodDef methods[] = {
     {"chat_feed", (PyCFunction)(void (*)(void))chat_feed, METH_FASTCALL,
      "chat_feed(accumulator, data): the chunks of a read, or None for Python."},
     {"setup_chat", (PyCFunction)(void (*)(void))setup_chat, METH_FASTCALL,
-     "setup_chat(ChatAccumulator, _ChoiceState, ChatChunk, ContentDelta, _ParsedLater, "
-     "SSEDecoder, HolySheepError, loads, block): the classes and values chat_chunk uses."},
+     "setup_chat(ChatAccumulator, _ChoiceState, ChatChunk, ContentDelta, Finished, "
+     "UsageReport, Usage, _ParsedLater, SSEDecoder, HolySheepError, loads, block): the "
+     "classes and values chat_chunk uses."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1388,6 +1661,12 @@ PyInit__speedups(void)
         {&str_message, "message"},
         {&str_empty, ""},
     };
+    for (size_t k = 0; k < USAGE_KEYS; k++) {
+        usage_key_size[k] = (Py_ssize_t)strlen(usage_key_text[k]);
+        if (usage_key[k] == NULL &&
+            (usage_key[k] = PyUnicode_InternFromString(usage_key_text[k])) == NULL)
+            return NULL;
+    }
     for (int c = 0; c < 0x20; c++)
         ends_run[c] = 1;
     ends_run['"'] = ends_run['\\'] = 1;

@@ -1,5 +1,7 @@
 """The C part of `ChatAccumulator.feed` (`chat_chunk` in _speedups.c) must do exactly what the
-Python path does: same chunks, same state, same errors, for any event, valid or not."""
+Python path does: same chunks, same state, same errors, for any event, valid or not. It makes
+the chunks of a plain stream (the role chunk, content, the finish chunk, the usage chunk);
+anything else it leaves to Python."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from holysheep import _chat
-from holysheep._chat import ChatAccumulator, ContentDelta
+from holysheep._chat import ChatAccumulator, ChatChunk, ContentDelta, Finished, UsageReport
 from holysheep._exceptions import HolySheepError
 from holysheep._sse import ServerSentEvent
 
@@ -38,6 +40,59 @@ def event_bytes(data: str) -> bytes:
 def content(text: str, **delta: Any) -> dict[str, Any]:
     choice = {"index": 0, "delta": {"content": text, **delta}, "logprobs": None}
     return {**BASE, "choices": [choice | {"finish_reason": None}]}
+
+
+def finish(reason: Any) -> dict[str, Any]:
+    """The finish chunk, as OpenAI sends it with `include_usage`."""
+    choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}
+    return {**BASE, "choices": [choice], "usage": None}
+
+
+def usage(counts: Any) -> dict[str, Any]:
+    """The usage chunk: no choices."""
+    return {**BASE, "choices": [], "usage": counts}
+
+
+# What OpenAI's API reports, details and all.
+OPENAI_USAGE = {
+    "prompt_tokens": 9,
+    "completion_tokens": 5,
+    "total_tokens": 14,
+    "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+    "completion_tokens_details": {
+        "reasoning_tokens": 0,
+        "audio_tokens": 0,
+        "accepted_prediction_tokens": 0,
+        "rejected_prediction_tokens": 0,
+    },
+}
+
+
+def state(acc: ChatAccumulator) -> tuple[Any, ...]:
+    """Everything `_chunk` may change, read without changing it (`completion` joins the text).
+    `repr` tells True from 1 and 1.0 and shows key order, which `==` does not; `Usage.raw` is
+    not part of a `Usage`'s equality or repr."""
+    choice = acc._choice0
+    return (
+        acc.chunk_count,
+        acc._first_data,
+        acc._last_data,
+        acc.done,
+        None
+        if choice is None
+        else (type(choice), [*choice.text], choice.blocks, choice.role, choice.finish_reason),
+        acc._choices,
+        repr(acc._usage),
+        None if acc._usage is None else repr(acc._usage.raw),
+    )
+
+
+def seen(chunk: ChatChunk | None) -> Any:
+    """A chunk as these tests compare it: its class, values and their types, usage's raw dict."""
+    if chunk is None:
+        return None
+    raws = [repr(delta.usage.raw) for delta in chunk.deltas if isinstance(delta, UsageReport)]
+    return type(chunk), chunk.text, repr(chunk.deltas), raws, type(chunk.raw), dict(chunk.raw)
 
 
 @pytest.fixture
@@ -79,16 +134,38 @@ def test_the_common_chunk_is_taken(accumulator: ChatAccumulator, data: str) -> N
 @pytest.mark.parametrize(
     "data",
     [
-        json.dumps(content("")),  # nothing to add
-        json.dumps({**content("x"), "usage": {"total_tokens": 1}}),
         json.dumps({**content("x"), "error": None}),
         json.dumps({"choices": [{"index": 1, "delta": {"content": "x"}}]}),
-        json.dumps({"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": "stop"}]}),
         json.dumps({"choices": [{"delta": {"content": "x"}, "message": {"content": "y"}}]}),
         json.dumps({"choices": [{"delta": {"content": "x", "refusal": "no"}}]}),
         json.dumps({"choices": [{"delta": {"content": "x"}}, {"delta": {"content": "y"}}]}),
         json.dumps({"choices": [{"delta": {"content": 5}}]}),
-        json.dumps({"choices": []}),
+        json.dumps({"choices": [{"delta": {"role": 5}}]}),
+        json.dumps({"choices": [{"delta": None, "finish_reason": "stop"}]}),
+        json.dumps({"choices": None}),
+        # finish reasons that are not strings
+        json.dumps(finish(1)),
+        json.dumps(finish(True)),
+        json.dumps(finish({"type": "stop"})),
+        json.dumps(finish(["stop"])),
+        '{"choices":[{"delta":{},"finish_reason":"stop","finish_reason":null}]}',
+        # usage values the C part does not build, and usage that is no object
+        json.dumps(usage({"prompt_tokens": 1.0})),
+        json.dumps(usage({"prompt_tokens": 1, "cost": 0.25})),
+        '{"choices":[],"usage":{"prompt_tokens":1e3}}',
+        json.dumps(usage({"prompt_tokens": 1234567890123456})),  # 16 digits
+        json.dumps(usage({"prompt_tokens": -(10**20)})),
+        json.dumps(usage({"prompt_tokens": [1]})),
+        json.dumps(usage({"a": {"b": {"c": {"d": {}}}}})),  # nested five deep
+        '{"choices":[],"usage":{"total_tokens":1,"total_tokens":2}}',
+        '{"choices":[],"usage":{"total_tokens":1,"total_\\u0074okens":2}}',
+        '{"choices":[],"usage":{"total_tokens":01}}',
+        '{"choices":[],"usage":{"total_tokens":"\\ud800"}}',
+        '{"choices":[],"usage":{"total_tokens":1},"usage":null}',
+        json.dumps(usage(5)),
+        json.dumps(usage("x")),
+        json.dumps(usage([])),
+        json.dumps(usage(True)),
         '{"choices":[{"index":0,"delta":{"content":"x","content":"y"}}]}',  # a key given twice
         '{"choices":[{"index":0,"delta":{"content":"x"}}],"choices":[]}',
         '{"choices":[{"index":-0,"delta":{"content":"x"}}]}',
@@ -106,14 +183,110 @@ def test_the_common_chunk_is_taken(accumulator: ChatAccumulator, data: str) -> N
     ],
 )
 def test_anything_else_is_left_untouched(accumulator: ChatAccumulator, data: str) -> None:
-    before = (accumulator.chunk_count, accumulator._last_data, accumulator.completion)
+    before = state(accumulator), accumulator.completion
     assert fast(accumulator, data) is None
-    assert before == (accumulator.chunk_count, accumulator._last_data, accumulator.completion)
+    assert before == (state(accumulator), accumulator.completion)
+
+
+@pytest.mark.parametrize("role_first", [True, False])
+@pytest.mark.parametrize(
+    "data",
+    [
+        json.dumps(ROLE),
+        json.dumps({**content("", role="assistant", refusal=None), "usage": None}),
+        json.dumps(content("")),  # nothing to add
+        json.dumps(content("x", role="")),
+        json.dumps({"choices": [{"delta": {"role": "assistant"}}]}),
+        json.dumps({"choices": [{"delta": {"content": None, "role": None}}]}),
+        json.dumps({"choices": [{"index": 0}]}),  # no delta
+        json.dumps({"choices": []}),
+        json.dumps(BASE),  # no choices at all
+        json.dumps(finish("stop")),
+        json.dumps(finish("length")),
+        json.dumps(finish("")),  # no reason: nothing finishes
+        json.dumps(finish(None)),
+        json.dumps(finish('not one we know, "é" 🐑')),
+        json.dumps(finish('not one we know, "é" 🐑'), ensure_ascii=False),
+        json.dumps(finish("stop"), indent=2),
+        json.dumps(
+            {"choices": [{"delta": {"content": "x", "role": "r"}, "finish_reason": "stop"}]}
+        ),
+        json.dumps({**finish("stop"), "usage": {"total_tokens": 1}}),
+        json.dumps({**content("x"), "usage": {"total_tokens": 1}}),
+        json.dumps(usage(OPENAI_USAGE)),
+        json.dumps(usage(OPENAI_USAGE), indent="\t", separators=(" , ", " : ")),
+        json.dumps(usage({"input_tokens": 3, "output_tokens": 4})),  # Anthropic's names
+        json.dumps(usage({"prompt_tokens": None, "input_tokens": 3, "output_tokens": 4})),
+        json.dumps(usage({"prompt_tokens": 3, "completion_tokens": None, "total_tokens": None})),
+        json.dumps(usage({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": None})),
+        json.dumps(usage({"prompt_tokens": True, "completion_tokens": 2})),  # bools are ints
+        json.dumps(usage({"prompt_tokens": False, "completion_tokens": True, "total_tokens": 0})),
+        json.dumps(usage({"prompt_tokens": -1, "completion_tokens": 0})),
+        json.dumps(usage({"prompt_tokens": 999999999999999, "completion_tokens": 999999999999999})),
+        json.dumps(usage({"prompt_tokens": -99999999999999, "total_tokens": "14"})),
+        json.dumps(usage({"prompt_tokens": "9", "completion_tokens": "x\u00e9\n"})),
+        '{"choices":[],"usage":{"prompt_tokens":-0,"completion_tokens":0}}',
+        '{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"pr\\u006fmpt":3}}',
+        json.dumps(usage({"details": {"a": {"b": {}}}, "total_tokens": 2})),  # four deep
+        json.dumps(usage({})),  # no usage to Python: it is falsy
+        json.dumps(usage(None)),
+    ],
+)
+def test_the_other_chunks_of_a_plain_stream_are_taken(data: str, role_first: bool) -> None:
+    """The role, finish and usage chunks (and what they may carry), first or not: made by
+    C, the same chunk and state as Python's `feed_event` makes."""
+    ours, reference = ChatAccumulator(), ChatAccumulator()
+    if role_first:
+        for acc in (ours, reference):
+            acc.feed_event(ServerSentEvent(data=json.dumps(ROLE)))
+    chunk = fast(ours, data)
+    assert chunk is not None
+    assert (seen(reference.feed_event(ServerSentEvent(data=data))), state(reference)) == (
+        seen(chunk),
+        state(ours),
+    )
+
+
+def test_a_plain_stream_goes_to_python_only_for_done(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The events of the local upstream's stream with `include_usage` (and OpenAI's usage,
+    with its details) are all made in C but `[DONE]`, and end as Python ends them."""
+    from holysheep.testing._server import _events, _Planned
+
+    to_python: list[str] = []
+    feed_event = ChatAccumulator.feed_event
+
+    def recorded(self: ChatAccumulator, event: ServerSentEvent) -> ChatChunk | None:
+        to_python.append(event.data)
+        return feed_event(self, event)
+
+    base = {"id": "chatcmpl-1", "created": 1764000000, "model": "m", "system_fingerprint": "fp"}
+    plan = [_Planned(["Hel", "lo", " there", ",", " sheep"], "stop")]
+    counts = {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
+    for counts_sent in (counts, OPENAI_USAGE):
+        reads = [event_bytes(data.decode()) for _, data in _events(base, plan, counts_sent)]
+        reads.append(b"data: [DONE]\n\n")
+        assert 9 == len(reads)
+        assert_same_as_python(reads)
+        to_python.clear()
+        acc = ChatAccumulator()
+        with monkeypatch.context() as patch:
+            patch.setattr(ChatAccumulator, "feed_event", recorded)
+            for data in reads:
+                acc.feed(data)
+        acc.close()
+        completion = acc.completion
+        assert (["[DONE]"], "Hello there, sheep", "stop", "assistant", 14, counts_sent) == (
+            to_python,
+            completion.text,
+            completion.finish_reason,
+            completion.role,
+            completion.usage and completion.usage.total_tokens,
+            completion.usage and completion.usage.raw,
+        )
 
 
 def test_only_a_plain_open_accumulator_is_handled() -> None:
     data = json.dumps(content("x"))
-    assert fast(ChatAccumulator(), data) is None  # choice 0 not seen yet
 
     class Mine(ChatAccumulator):
         pass
@@ -178,9 +351,90 @@ def _chunk(draw: st.DrawFn) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if v is not _ABSENT}
 
 
+_count = st.one_of(
+    st.integers(0, 10**6),
+    st.integers(-(10**16), 10**16),  # 15 digits and under C builds, over them Python
+    st.integers(-(10**20), 10**20),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    _text,
+)
+_usage_key = st.one_of(
+    st.sampled_from(
+        ["prompt_tokens", "completion_tokens", "total_tokens", "input_tokens", "output_tokens"]
+    ),
+    _text,
+)
+_any_usage = st.dictionaries(
+    _usage_key,
+    st.recursive(
+        _count,
+        lambda inner: st.one_of(
+            st.dictionaries(_usage_key, inner, max_size=3), st.lists(inner, max_size=2)
+        ),
+        max_leaves=8,
+    ),
+    max_size=6,
+)
+_plain_usage = st.fixed_dictionaries(
+    {
+        "prompt_tokens": st.integers(0, 10**6),
+        "completion_tokens": st.integers(0, 10**6),
+        "total_tokens": st.integers(0, 2 * 10**6),
+    },
+    optional={
+        "prompt_tokens_details": st.dictionaries(_usage_key, st.integers(0, 9), max_size=2),
+        "completion_tokens_details": st.dictionaries(_usage_key, st.integers(0, 9), max_size=4),
+    },
+)
+
+
 @st.composite
-def _event_data(draw: st.DrawFn) -> str:
-    obj = draw(_chunk())
+def _end_chunk(draw: st.DrawFn) -> dict[str, Any]:
+    """The other chunks of a plain stream (the role chunk, the finish chunk, the usage chunk),
+    with now and then something that makes them another."""
+    kind = draw(st.sampled_from(["role", "finish", "usage"]))
+    delta: dict[str, Any] = {}
+    finish_reason: Any = None
+    if kind == "role":
+        delta = {
+            "role": draw(_often("assistant", "", None, 5, "model", _ABSENT)),
+            "content": draw(_often("", None, _ABSENT, "x", 0)),
+            "refusal": draw(_often(None, _ABSENT, "no")),
+        }
+    elif kind == "finish":
+        delta = draw(_often({}, _ABSENT, {"content": None}, {"content": "x"}))
+        finish_reason = draw(
+            st.one_of(
+                _often("stop", "length", "tool_calls", "", None, 1, True, {}, ["stop"]),
+                _text,
+            )
+        )
+    if delta is not _ABSENT:
+        delta = {k: v for k, v in delta.items() if v is not _ABSENT}
+    choice = {
+        "index": draw(_often(0, _ABSENT, 1)),
+        "delta": delta,
+        "logprobs": None,
+        "finish_reason": finish_reason,
+    }
+    choice = {k: v for k, v in choice.items() if v is not _ABSENT}
+    if kind == "usage":
+        choices = draw(_often([], _ABSENT, [choice]))
+        counts = draw(
+            st.one_of(_plain_usage, _any_usage, _often(OPENAI_USAGE, {}, None, 5, [], "x"))
+        )
+    else:
+        choices = [choice]
+        counts = draw(_often(None, _ABSENT, {"total_tokens": 3}))
+    obj = {**draw(_often(BASE, {})), "choices": choices, "usage": counts}
+    return {k: v for k, v in obj.items() if v is not _ABSENT}
+
+
+@st.composite
+def _event_data(draw: st.DrawFn, chunks: st.SearchStrategy[dict[str, Any]] | None = None) -> str:
+    obj = draw(chunks if chunks is not None else st.one_of(_chunk(), _end_chunk()))
     text = json.dumps(
         obj,
         ensure_ascii=draw(st.booleans()),
@@ -204,7 +458,7 @@ def _event_data(draw: st.DrawFn) -> str:
 
 def outcome(reads: list[bytes], c_feed: bool) -> Iterator[Any]:
     """What feeding `reads` gives, with or without the C part: chunks or the error, and the
-    accumulator's state after."""
+    accumulator's state after each read and at the end."""
     saved = _chat._c_feed
     _chat._c_feed = saved if c_feed else None
     try:
@@ -213,11 +467,11 @@ def outcome(reads: list[bytes], c_feed: bool) -> Iterator[Any]:
             try:
                 chunks = acc.feed(data)
             except HolySheepError as exc:
-                yield type(exc).__name__, str(exc)
+                yield type(exc).__name__, str(exc), [seen(c) for c in exc.chunks], state(acc)
                 break
-            yield [(c.text, c.deltas, dict(c.raw)) for c in chunks]
-        state = acc._choice0  # before `completion`, which joins the text
-        yield None if state is None else ([*state.text], state.blocks, state.role)
+            yield [seen(c) for c in chunks], state(acc)
+        choice0 = acc._choice0  # before `completion`, which joins the text
+        yield None if choice0 is None else ([*choice0.text], choice0.blocks, choice0.role)
         yield acc.completion, acc.chunk_count, acc.usage, acc.done, acc.finished
         yield acc._first_data, acc._last_data
     finally:
@@ -288,8 +542,9 @@ def test_a_crlf_split_across_reads_is_one_line_end() -> None:
         b'\ndata: {"content":"x"}}]}\r\n\r\n',
     ]
     assert_same_as_python(reads)
-    chunks = [*outcome(reads, c_feed=True)][2]
-    assert [("x", (ContentDelta("x"),), {"choices": [{"delta": {"content": "x"}}]})] == chunks
+    chunks, _ = [*outcome(reads, c_feed=True)][2]
+    expected = ("x", repr((ContentDelta("x"),)), {"choices": [{"delta": {"content": "x"}}]})
+    assert [expected] == [(text, deltas, raw) for _, text, deltas, _, _, raw in chunks]
 
 
 def _choice(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -348,6 +603,23 @@ def test_several_choices_and_shared_index_calls_give_what_python_gives(
         for c in completion.choices
     ]
     assert expected == (finished, choices)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(_event_data(_end_chunk()), min_size=1, max_size=4),
+    st.lists(_event_data(_chunk()), max_size=3),
+    _often(True, False),
+)
+def test_the_ends_of_streams_give_what_python_gives(
+    ends: list[str], contents: list[str], role_first: bool
+) -> None:
+    """Role, finish and usage chunks, odd ones among them (numbers of every kind, bools,
+    strings, nested details, finish reasons of any text or type, escapes, whitespace), after
+    some content, one read each: the same chunks, and the same state after every one."""
+    datas = [json.dumps(ROLE)] if role_first else []
+    reads = [event_bytes(data) for data in [*datas, *contents, *ends]]
+    assert_same_as_python(reads)
 
 
 @settings(max_examples=200)
@@ -446,27 +718,47 @@ def test_setup_refuses_classes_it_would_build_wrong_and_keeps_what_it_had(
     and the C part goes on with the classes it was given before."""
     from holysheep import _speedups
 
-    class Wider:
+    classes = {
+        "ChatAccumulator": ChatAccumulator,
+        "_ChoiceState": _chat._ChoiceState,
+        "ChatChunk": ChatChunk,
+        "ContentDelta": ContentDelta,
+        "Finished": Finished,
+        "UsageReport": UsageReport,
+        "Usage": _chat.Usage,
+        "_ParsedLater": _chat._ParsedLater,
+        "SSEDecoder": _chat.SSEDecoder,
+    }
+
+    def setup(**instead: type) -> None:
+        given = {**classes, **instead}
+        _speedups.setup_chat(*given.values(), HolySheepError, _chat._loads, _chat._BLOCK)
+
+    class WiderChunk:
         __slots__ = ("deltas", "event", "raw", "text", "trace")
 
-    class Narrower:
+    class NarrowerChunk:
         __slots__ = ("deltas", "raw", "text")
 
-    for chunk_class in (Wider, Narrower):
+    class WiderUsage:
+        __slots__ = ("completion_tokens", "cost", "prompt_tokens", "raw", "total_tokens")
+
+    class NarrowerFinished:
+        __slots__ = ("reason",)
+
+    setup()  # the classes it has: taken
+    for name, wrong in [
+        ("ChatChunk", WiderChunk),
+        ("ChatChunk", NarrowerChunk),
+        ("Usage", WiderUsage),
+        ("Finished", NarrowerFinished),
+    ]:
         with pytest.raises(TypeError):
-            _speedups.setup_chat(
-                ChatAccumulator,
-                _chat._ChoiceState,
-                chunk_class,
-                ContentDelta,
-                _chat._ParsedLater,
-                _chat.SSEDecoder,
-                HolySheepError,
-                _chat._loads,
-                _chat._BLOCK,
-            )
+            setup(**{name: wrong})
     chunk = fast(accumulator, json.dumps(content("still")))
     assert (_chat.ChatChunk, "still") == (type(chunk), chunk.text)
+    chunk = fast(accumulator, json.dumps(usage({"total_tokens": 2})))
+    assert (UsageReport(_chat.Usage(None, None, 2)),) == chunk.deltas
 
 
 def test_a_decoder_of_the_callers_own_is_used() -> None:
