@@ -60,6 +60,7 @@ from ._exceptions import (
     UnprocessableEntityError,
 )
 from ._pricing import estimate_tokens
+from ._sse import ServerSentEvent
 from ._validate import positive_or_none
 from ._version import __version__
 
@@ -531,7 +532,7 @@ class Exchange:
                     else:
                         self._expect_id = None  # the server went on after Last-Event-ID
                 if event.id:
-                    if event.id in skip:
+                    if event.id in skip and not _ends_stream(event):
                         continue  # delivered before the resume: never twice
                     seen.add(event.id)
                 chunk = self.accumulator.feed_event(event)
@@ -758,3 +759,22 @@ class Exchange:
             retries=tuple(call.history) if call is not None else (),
             queued=call.queued if call is not None else 0.0,
         )
+
+
+def _ends_stream(event: ServerSentEvent) -> bool:
+    """Whether `event` is an in-band error or `[DONE]`: never a replay of something delivered.
+
+    An event without an `id:` line takes the last one (WHATWG), so the error a server sends
+    right after replaying delivered events carries a delivered id; skipped with them, a final
+    error (a content filter, say) would become an early end, and be retried.
+    """
+    data = event.data
+    if event.event == "error" or data == "[DONE]":
+        return True
+    if '"error"' not in data:  # no chunk has it: nothing to parse for the replayed ones
+        return False
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(parsed, dict) and parsed.get("error") is not None

@@ -1821,6 +1821,42 @@ def _events_then_error() -> tuple[list[bytes], bytes]:
     return events, b'data: {"error": {"message": "Overloaded", "type": "overloaded_error"}}\n\n'
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        b'data: {"error": {"message": "Flagged by the content filter", "type": "content_filter"}}'
+        b"\n\n",
+        b'event: error\ndata: {"message": "Flagged by the content filter"}\n\n',
+    ],
+    ids=["data", "event"],
+)
+def test_an_error_after_a_replay_is_not_skipped_as_replayed(error: bytes) -> None:
+    """A server that ignores Last-Event-ID replays what was delivered, then sends a final
+    error without an `id:` line, so it carries the last replayed id (WHATWG). It is the
+    server's answer, not a replay: it is raised (it was skipped with the replay, and the
+    early end that was left was resumed as a dropped link until the attempts ran out)."""
+    events, _ = _events_then_error()
+    seen: list[str | None] = []
+
+    def answer(request: Any) -> MockResponse:
+        seen.append(request.header("last-event-id"))
+        if len(seen) == 1:
+            return MockResponse(chunks=events[:3], fault="reset")
+        return MockResponse(chunks=[*events[:3], error])  # from the start again
+
+    client = holysheep.Client(
+        api_key="k",
+        transport=MockTransport(answer),
+        retry=RetryPolicy(wait_initial=0.01, wait_jitter=0),
+        on_interrupt="resume",
+    )
+    with pytest.raises(StreamError, match="content filter") as info:
+        client.chat.complete(model="m", messages=MESSAGES)
+    assert [None, "2"] == seen
+    assert info.value.completion is not None
+    assert "Hello world" == info.value.completion.text
+
+
 def _error_in_the_read_of_world() -> Callable[[Any], MockResponse]:
     """A mock server whose first answer has " world" and an in-band error in one read, and
     which resumes from the `Last-Event-ID` it is sent."""
