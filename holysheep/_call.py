@@ -497,7 +497,11 @@ class ShownText:
                 self._shown = "".join(self._parts)
                 self._parts = [self._shown]
                 self._at = 0
-                replaced = self._call.replaced if self._call is not None else None
+                call = self._call
+                replaced = None
+                if call is not None:
+                    # Taken, not kept on the call for the rest of the stream.
+                    replaced, call.replaced = call.replaced, None
                 # The broken attempt's completion has all that was yielded, unless it broke
                 # while still repeating an earlier one: that one's text is still what shows.
                 if replaced is not None and len(replaced.text) >= len(self._shown):
@@ -528,22 +532,28 @@ class ShownText:
 
         While a restarted answer still repeats what was yielded, the restart has not caught
         up: the caller has more text than the new attempt's completion, and cannot be told to
-        clear it. So the stream fails as a restart that failed (see `Call`): a
-        `StreamInterruptedError` carrying the completion that was yielded, `error` its cause.
+        clear it. So `error` carries the completion that was yielded instead, keeping its type
+        (a final `StreamError` stays one, a timeout stays a timeout); a bare end of the stream,
+        an `IncompleteStreamError`, is the `StreamInterruptedError` it is once text was shown.
         """
         shown = self._shown_completion
         if shown is None or not self.repeating():
             return error
-        failure = StreamInterruptedError(
-            "the stream was interrupted after content was delivered: the restart failed "
-            f"before the new answer caught up with the text text_stream() yielded: {error.message}",
-            completion=shown,
-            request_id=error.request_id,
-            status_code=error.status_code,
-            usage=shown.usage,
-        )
-        failure.attempts = error.attempts
-        return failure
+        if type(error) is IncompleteStreamError:
+            failure = StreamInterruptedError(
+                "the stream was interrupted after content was delivered: the restart failed "
+                f"before the new answer caught up with what text_stream() yielded: {error.message}",
+                completion=shown,
+                request_id=error.request_id,
+                status_code=error.status_code,
+                usage=shown.usage,
+            )
+            failure.attempts = error.attempts
+            return failure
+        error.completion = shown
+        if isinstance(error, StreamInterruptedError):
+            error.usage = shown.usage
+        return error
 
     def diverged(self, completion: Completion, request_id: str | None) -> StreamInterruptedError:
         """The error for a restarted answer that differs from the text already yielded."""

@@ -620,6 +620,8 @@ class ChatAccumulator:
         json_loads: Callable[[str], Any] | None = None,
         choices: int = 1,
     ) -> None:
+        if type(choices) is not int or choices < 1:
+            raise ValueError(f"choices must be a positive int (the request's n), not {choices!r}")
         self.require_end = require_end
         #: The choices the request asked for (`n`), each of which must finish (see above).
         self.choices = choices

@@ -839,6 +839,12 @@ def test_choices_asked_for_all_finished_without_done_end_well() -> None:
     ]
 
 
+@pytest.mark.parametrize("bad", [0, -1, "2", 2.0, True, None])
+def test_choices_must_be_a_positive_int(bad: object) -> None:
+    with pytest.raises(ValueError, match="choices must be a positive int"):
+        ChatAccumulator(choices=bad)  # type: ignore[arg-type]
+
+
 def test_choices_never_started_are_named_beside_an_unfinished_one() -> None:
     acc = ChatAccumulator(choices=4)
     acc.feed(choice_chunk(0, "a", "stop") + choice_chunk(1, "b"))

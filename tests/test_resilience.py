@@ -21,6 +21,7 @@ from holysheep import (
     ConnectError,
     RateLimiter,
     RetryPolicy,
+    StreamError,
     StreamInterruptedError,
     Timeouts,
 )
@@ -301,7 +302,7 @@ def test_text_stream_failing_while_a_restart_repeats_keeps_the_text_it_yielded(
     )
     shown: list[str] = []
     with (
-        pytest.raises(StreamInterruptedError, match="caught up") as info,
+        pytest.raises(StreamInterruptedError) as info,
         made.chat.stream(model="m", messages=MESSAGES) as stream,
     ):
         shown.extend(stream.text_stream())
@@ -312,6 +313,36 @@ def test_text_stream_failing_while_a_restart_repeats_keeps_the_text_it_yielded(
         info.value.completion.text,
         info.value.attempts,
     )
+    # Said once: an error that was a StreamInterruptedError already is not wrapped again.
+    assert 1 == str(info.value).count("interrupted after content was delivered")
+
+
+def test_text_stream_keeps_a_final_error_type_while_a_restart_repeats() -> None:
+    """A final in-band error while the restarted answer still repeats what was yielded stays
+    the StreamError it is (type and code kept, as when reading chunks), carrying the
+    completion that was yielded."""
+    refused = b'data: {"error": {"message": "Flagged", "type": "content_filter"}}\n\n'
+    made = holysheep.Client(
+        api_key="k",
+        transport=MockTransport(
+            [
+                MockResponse(chunks=SHEEP[:3], fault="drop"),
+                MockResponse(chunks=[*SHEEP[:2], refused]),
+            ]
+        ),
+        retry=attrs.evolve(FAST, attempts=2),
+        on_interrupt="restart",
+    )
+    shown: list[str] = []
+    with (
+        pytest.raises(StreamError) as info,
+        made.chat.stream(model="m", messages=MESSAGES) as stream,
+    ):
+        shown.extend(stream.text_stream())
+    made.close()
+    assert (StreamError, "content_filter") == (type(info.value), info.value.type)
+    assert info.value.completion is not None
+    assert ("Sheep are ", "Sheep are ") == ("".join(shown), info.value.completion.text)
 
 
 async def collect(texts: AsyncIterator[str], into: list[str]) -> None:
@@ -334,10 +365,11 @@ async def test_async_text_stream_failing_while_a_restart_repeats_keeps_the_text_
         ) as made,
         made.chat.stream(model="m", messages=MESSAGES) as stream,
     ):
-        with pytest.raises(StreamInterruptedError, match="caught up") as info:
+        with pytest.raises(StreamInterruptedError) as info:
             await collect(stream.text_stream(), shown)
     assert info.value.completion is not None
     assert ("Sheep are ", "Sheep are ") == ("".join(shown), info.value.completion.text)
+    assert 1 == str(info.value).count("interrupted after content was delivered")
 
 
 @pytest.mark.parametrize("status", [503, 429])
