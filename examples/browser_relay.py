@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import json
 import queue
+import select
+import socket
 import sys
 import threading
+import time
 import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,6 +37,10 @@ MAX_TOKENS = 400
 # before a retry): proxies and load balancers cut a response idle for 60 s by default (nginx's
 # proxy_read_timeout, an AWS ALB's idle timeout), and browsers ignore comments.
 KEEPALIVE = 15.0
+# How often a quiet relay looks whether the browser left. A closed tab sends a FIN, which only
+# a read sees: a write after it still succeeds (the browser answers it with a reset), so
+# waiting for a failed write would keep the upstream running for two keep-alives.
+LEAVE_CHECK = 0.5
 
 
 def sse(event: str, payload: dict[str, Any]) -> bytes:
@@ -76,6 +83,17 @@ def pump(stream: holysheep.Stream, events: queue.SimpleQueue[bytes | None]) -> N
         events.put(None)  # the end, whatever happened
 
 
+def gone(connection: socket.socket) -> bool:
+    """Whether the browser closed the connection: it sends nothing after its request, so a
+    connection with something to read has reached its end (or was reset)."""
+    if not select.select([connection], [], [], 0)[0]:
+        return False
+    try:
+        return connection.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
 class RelayHandler(BaseHTTPRequestHandler):
     server: RelayServer
 
@@ -94,12 +112,18 @@ class RelayHandler(BaseHTTPRequestHandler):
         try:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
             messages = body["messages"]
+            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                raise TypeError(messages)
         except (ValueError, TypeError, KeyError):
             self.send_error(400, 'expected a JSON body {"messages": [...]}')
             return
         self.relay(messages)
 
     def relay(self, messages: list[dict[str, Any]]) -> None:
+        # Made before the head goes, so a request the client refuses is still an HTTP error.
+        stream = self.server.client.chat.stream(
+            model=MODEL, messages=messages, max_tokens=MAX_TOKENS
+        )
         # Always 200 and an event stream: an EventSource cannot read an error response's body,
         # so failures, the upstream's status included, come as an `error` event.
         self.send_response(200)
@@ -107,22 +131,26 @@ class RelayHandler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("X-Accel-Buffering", "no")  # nginx: pass every event on at once
         self.end_headers()  # the head goes now: the browser's EventSource opens
-        stream = self.server.client.chat.stream(
-            model=MODEL, messages=messages, max_tokens=MAX_TOKENS
-        )
         events: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         threading.Thread(target=pump, args=(stream, events), daemon=True).start()
+        keepalive = self.server.keepalive
+        quiet_since = time.monotonic()
         try:
             while True:
                 try:
-                    event = events.get(timeout=self.server.keepalive)
+                    event = events.get(timeout=min(keepalive, LEAVE_CHECK))
                 except queue.Empty:
+                    if gone(self.connection):
+                        break
+                    if time.monotonic() - quiet_since < keepalive:
+                        continue
                     event = b": keep-alive\n\n"
                 if event is None:
                     break
                 self.wfile.write(event)  # unbuffered (wbufsize = 0): on the wire now
+                quiet_since = time.monotonic()
         except OSError:
-            pass  # the browser left: BrokenPipeError, ConnectionResetError
+            pass  # the browser left mid-answer: BrokenPipeError, ConnectionResetError
         finally:
             stream.close()  # at once: the gateway bills tokens until it sees us leave
 

@@ -30,6 +30,7 @@ from holysheep.transports import AiohttpTransport
 MODEL = "gpt-4.1"  # the relay chooses the model and the budget, never the browser
 MAX_TOKENS = 400
 KEEPALIVE = 15.0  # seconds without an event before a comment line (see browser_relay.py)
+LEAVE_CHECK = 0.5  # how often a quiet relay looks whether the browser left (ditto)
 CLIENT = web.AppKey("client", holysheep.AsyncClient)
 KEEPALIVE_AFTER = web.AppKey("keepalive", float)
 
@@ -78,6 +79,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if request.method == "POST":  # fetch(): a whole conversation, as JSON
         try:
             messages = (await request.json())["messages"]
+            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                raise TypeError(messages)
         except (ValueError, TypeError, KeyError):
             raise web.HTTPBadRequest(text='expected a JSON body {"messages": [...]}') from None
     else:  # EventSource can only GET: the question is in the query
@@ -95,15 +98,24 @@ async def chat(request: web.Request) -> web.StreamResponse:
     stream = request.app[CLIENT].chat.stream(model=MODEL, messages=messages, max_tokens=MAX_TOKENS)
     events: asyncio.Queue[bytes | None] = asyncio.Queue()
     reader = asyncio.create_task(pump(stream, events))
+    keepalive = request.app[KEEPALIVE_AFTER]
+    loop = asyncio.get_running_loop()
+    quiet_since = loop.time()
     try:
         while True:
             try:
-                event = await asyncio.wait_for(events.get(), request.app[KEEPALIVE_AFTER])
+                event = await asyncio.wait_for(events.get(), min(keepalive, LEAVE_CHECK))
             except asyncio.TimeoutError:
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    break  # the browser left while nothing was written (see browser_relay.py)
+                if loop.time() - quiet_since < keepalive:
+                    continue
                 event = b": keep-alive\n\n"
             if event is None:
                 break
             await response.write(event)  # one chunk each, on the wire now
+            quiet_since = loop.time()
     except ConnectionError:
         pass  # the browser left: aiohttp cannot write to its closed connection
     finally:

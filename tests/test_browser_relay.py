@@ -18,6 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -187,17 +189,21 @@ def test_a_browser_leaving_mid_answer_closes_the_upstream_stream_at_once() -> No
 
 
 def test_a_browser_leaving_before_the_first_token_closes_the_upstream_stream() -> None:
-    """With nothing to send, the relay finds the browser gone at its next keep-alive."""
+    """With nothing to send, the relay finds the browser gone within `LEAVE_CHECK`, well before
+    its next keep-alive: a write after the browser's FIN still succeeds, so waiting for a
+    failed write kept the upstream stream (and its bill) running for two keep-alives."""
     with (
-        serve(tokens=5, ttft=10) as upstream,
+        serve(tokens=5, ttft=30) as upstream,
         client_for(upstream) as client,
-        sync_relay(client, keepalive=0.1) as port,
+        sync_relay(client, keepalive=5) as port,
     ):
         with browse(port) as response:
             assert 200 == response.status
             while len(upstream.requests) < 1:
                 time.sleep(0.01)
-        assert upstream.wait_for_disconnect(timeout=1.5)
+        left = time.monotonic()
+        assert upstream.wait_for_disconnect(timeout=3)
+        assert time.monotonic() - left < 1.5  # LEAVE_CHECK is 0.5 s; a keep-alive 5 s
 
 
 # -- the upstream fails ------------------------------------------------------------------------
@@ -339,6 +345,43 @@ async def test_the_aiohttp_relay_closes_the_upstream_stream_when_the_browser_lea
             left = time.monotonic()
             assert await anyio.to_thread.run_sync(upstream.wait_for_disconnect, 2.0)
             assert time.monotonic() - left < 1
+
+
+@pytest.mark.anyio
+async def test_the_aiohttp_relay_sees_a_browser_leave_before_the_first_token() -> None:
+    """As the sync relay: well before the next keep-alive."""
+    pytest.importorskip("aiohttp")
+
+    def ask_then_leave(port: int) -> None:
+        with browse(port) as response:
+            assert 200 == response.status
+            while len(upstream.requests) < 1:
+                time.sleep(0.01)
+
+    with serve(tokens=5, ttft=30) as upstream:
+        async with aiohttp_relay(upstream, keepalive=5) as port:
+            await anyio.to_thread.run_sync(ask_then_leave, port)
+            left = time.monotonic()
+            assert await anyio.to_thread.run_sync(upstream.wait_for_disconnect, 3.0)
+            assert time.monotonic() - left < 1.5
+
+
+def test_a_post_whose_messages_are_not_a_list_is_refused_before_the_stream() -> None:
+    """A 400, not a 200 with an empty body: the stream is made before the head goes."""
+    with (
+        serve(tokens=5) as upstream,
+        client_for(upstream) as client,
+        sync_relay(client) as port,
+    ):
+        for body in [{"messages": 5}, {"messages": None}, {"messages": ["hi"]}]:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/chat", data=json.dumps(body).encode(), method="POST"
+            )
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(request, timeout=5)
+            info.value.close()
+            assert 400 == info.value.code
+        assert [] == upstream.requests
 
 
 # -- the examples and the page -----------------------------------------------------------------
