@@ -52,13 +52,7 @@ async def pump(stream: holysheep.AsyncStream, events: asyncio.Queue[bytes | None
         completion, usage = stream.completion, stream.completion.usage
         done = {
             "finish_reason": completion.finish_reason,
-            "usage": None
-            if usage is None
-            else {
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "total_tokens": usage.total_tokens,
-            },
+            "usage": None if usage is None else usage.to_dict(),
             "request_id": stream.request_id,
         }
         events.put_nowait(sse("done", done))

@@ -131,6 +131,15 @@ class Usage:
     total_tokens: int | None = None
     raw: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
 
+    def to_dict(self) -> dict[str, int | None]:
+        """The three counts under the OpenAI names, for JSON (a log line, a relay's event);
+        `raw` has whatever else the server sent. A fresh dict each time."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Usage:
         """Read OpenAI names, falling back to Anthropic's `input_tokens`/`output_tokens`."""

@@ -429,13 +429,7 @@ def _chat_json(
     return {
         "text": completion.text,
         "model": completion.model or model,
-        "usage": None
-        if usage is None
-        else {
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens,
-        },
+        "usage": None if usage is None else usage.to_dict(),
         "finish_reason": completion.finish_reason,
         "stats": {
             "ttft_s": stats.ttft,

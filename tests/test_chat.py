@@ -855,6 +855,18 @@ def test_choices_never_started_are_named_beside_an_unfinished_one() -> None:
         acc.close()
 
 
+def test_usage_to_dict_has_the_openai_names_whatever_the_server_used() -> None:
+    """Anthropic's names are read as OpenAI's (the total computed), and come out as OpenAI's;
+    details stay on `raw`, and each call gives a dict of the caller's own."""
+    usage = Usage.from_dict({"input_tokens": 3, "output_tokens": 4, "cache_read_input_tokens": 2})
+    assert {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7} == usage.to_dict()
+    usage.to_dict()["prompt_tokens"] = 0
+    assert 3 == usage.to_dict()["prompt_tokens"]
+    assert {"prompt_tokens": None, "completion_tokens": None, "total_tokens": None} == (
+        Usage().to_dict()
+    )
+
+
 def test_use_after_close() -> None:
     """Feeding a closed accumulator is a caller bug; closing twice is fine."""
     acc = run(openai_stream(["a"]))
