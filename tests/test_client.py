@@ -885,6 +885,48 @@ async def test_async_idle_deadline_sooner_than_ttft_applies_after_first_content(
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize(
+    "timeouts",
+    [
+        Timeouts(),
+        Timeouts(connect=None, ttft=0.4, idle=30),
+        Timeouts(connect=30, ttft=None, idle=0.4, total=None),
+        Timeouts(connect=None, ttft=None, idle=None, total=0.4),
+        Timeouts(connect=0.4, ttft=30, idle=None, total=None),
+    ],
+)
+async def test_the_timer_armed_at_the_send_is_due_by_the_deadline_after_the_head(
+    upstream: MockUpstream, timeouts: Timeouts
+) -> None:
+    """On asyncio the head does not re-arm the deadline timer: the one armed before the send
+    must already be due no later than the next deadline (or idle from now) once it came."""
+    import asyncio
+
+    from holysheep import _async_client
+
+    loop = asyncio.get_running_loop()
+    before = loop.time()
+    assert before <= _async_client._now() <= loop.time()  # the clock read without loop.time()
+    client = holysheep.AsyncClient(
+        api_key="k", base_url=upstream.base_url, timeout=timeouts, retry=RetryPolicy.none()
+    )
+    async with (
+        client,
+        client.chat.stream(model="m", messages=MESSAGES, extra_headers=config(ttft=0.2)) as stream,
+    ):
+        exchange = stream._exchange
+        assert 200 == exchange.status_code
+        assert not exchange.progressed
+        due = exchange.deadline()
+        limits = [due[0]] if due is not None else []
+        if timeouts.idle is not None:
+            limits.append(loop.time() + timeouts.idle)
+        assert stream._timer_due <= min(limits, default=float("inf"))
+        assert EXPECTED == (await stream.until_done()).text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_deadline_leaves_the_reading_task_uncancelled(upstream: MockUpstream) -> None:
     """On asyncio a deadline cancels the blocked read and takes the cancellation back: the
     task is not left marked as cancelled (which an enclosing `asyncio.timeout` or task group
