@@ -367,6 +367,25 @@ def _instant_client(script: Any = None) -> holysheep.Client:
     )
 
 
+def test_the_stop_event_is_made_only_for_a_wait_and_set_if_closed_first() -> None:
+    """A stream that never waits (for the rate limiter or a retry) makes no Event; one made
+    after `close()` is set already, so a wait that starts then ends at once."""
+    client = holysheep.Client(
+        api_key="k",
+        base_url="http://h/v1",
+        transport=MockTransport(lambda request: MockResponse(chunks=sse_body("Hi"))),
+    )
+    with client.chat.stream(model="m", messages=MESSAGES) as stream:
+        assert "Hi" == "".join(chunk.text for chunk in stream)
+    assert stream._stop is None
+    late = client.chat.stream(model="m", messages=MESSAGES)
+    late.close()
+    started = time.monotonic()
+    late._stop_event().wait(5)
+    assert time.monotonic() - started < 1
+    client.close()
+
+
 def test_short_streams_do_not_wake_the_watchdog_each_time() -> None:
     """Streams that end before the watchdog thread runs leave it asleep, not woken per stream."""
     client = _instant_client()
