@@ -44,6 +44,13 @@ _NO_CHUNKS: list[ChatChunk] = []  # shared, never mutated
 # Closing a connection is local work; if it takes longer, something is wrong and we move on.
 _CLOSE_TIMEOUT = 5.0
 
+# asyncio's own loops (`BaseEventLoop` and its subclasses) tell the time with this method,
+# which returns `time.monotonic()`: the clock is read directly when a loop's class has not
+# replaced it (uvloop's is its own, and asked), a Python frame less for each of the dozen clock
+# reads of a stream. A test in `tests/test_client.py` checks the two clocks agree.
+_BASE_TIME = asyncio.BaseEventLoop.time
+_monotonic = time.monotonic
+
 
 class AsyncClient:
     """Streams chat completions with `await`, on asyncio or trio.
@@ -227,7 +234,8 @@ class AsyncStream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._call.left(_now(), exc)
+        if exc is not None:  # `left` looks at nothing else: no clock read for a clean exit
+            self._call.left(_now(), exc)
         await self.aclose()
 
     async def open(self) -> None:
@@ -250,7 +258,9 @@ class AsyncStream:
     async def aclose(self) -> None:
         """Close the connection; the server sees the client leave."""
         self.close()
-        await self._end_attempt()
+        if self._response is not None or self._ticket is not None or self._timer is not None:
+            await self._end_attempt()
+        # else: the attempt ended already (a stream read to its end): nothing to give back
 
     def close(self) -> None:
         """Stop the stream from another task: a pending read or wait ends at once, quietly.
@@ -261,8 +271,9 @@ class AsyncStream:
             return
         self._closed = True
         if self._call.exchange is not None:
-            self._call.exchange.finish(_now())
-            self._call.ended(_now())
+            now = _now()
+            self._call.exchange.finish(now)
+            self._call.ended(now)
         if self._scope is not None:
             self._scope.cancel()
         self._cancel_read()
@@ -310,7 +321,7 @@ class AsyncStream:
                         # one coroutine frame less, for each of thousands of open streams.
                         loop = asyncio.get_running_loop()  # once per read: its clock and task
                         if self._lapsed:
-                            self._resume(loop.time())
+                            self._resume(_now())
                         if self._expired:
                             raise self._timeout_or(None)
                         self._reader = reader = asyncio.current_task(loop)
@@ -341,7 +352,10 @@ class AsyncStream:
                             chunks = await self._at_eof(body)
                         else:
                             # (None too: `on_data` says the transport broke its contract)
-                            chunks = self._received(data, loop.time()) if data != b"" else []
+                            now = (
+                                _monotonic() if type(loop).time is _BASE_TIME else loop.time()
+                            )  # `loop.time()`: see `_BASE_TIME`
+                            chunks = self._received(data, now) if data != b"" else []
                 except HolySheepError as exc:
                     if self._exchange.complete_at_break(exc, _now()):
                         await self._complete()  # see `Exchange.complete_at_break`
@@ -408,8 +422,9 @@ class AsyncStream:
 
     async def _at_eof(self, body: AsyncIterator[bytes]) -> list[ChatChunk]:
         self._read_to_end = body
-        self._exchange.on_eof(_now())
-        await self._finish()
+        now = _now()
+        self._exchange.on_eof(now)
+        await self._finish(now)
         return []
 
     async def _deadline_passed(self) -> list[ChatChunk]:
@@ -430,8 +445,9 @@ class AsyncStream:
 
     # -- the asyncio deadline timer ----------------------------------------------------------
 
-    def _arm(self) -> None:
-        """Make sure the timer fires no later than the exchange's next deadline.
+    def _arm(self, now: float | None = None) -> None:
+        """Make sure the timer fires no later than the exchange's next deadline (`now`: the
+        clock, when the caller has just read it).
 
         Before the first content the deadline is `ttft`, but the first content will swap it
         for `idle`, which may come sooner; arming no later than `idle` from now covers that
@@ -442,7 +458,7 @@ class AsyncStream:
         at = math.inf if due is None else due[0]
         idle = exchange.timeouts.idle
         if idle is not None and not exchange.progressed:
-            at = min(at, _now() + idle)
+            at = min(at, (_now() if now is None else now) + idle)
         if at < self._timer_due:  # never for math.inf: no deadline, no timer
             if self._timer is not None:
                 self._timer.cancel()
@@ -561,9 +577,11 @@ class AsyncStream:
             if self._ticket is None:
                 return  # closed while queued
         self._call.sending()
-        exchange.start(_now())
-        if _on_asyncio():
-            response = self._response = await self._send_timed(exchange)
+        now = _now()
+        exchange.start(now)
+        timed = _on_asyncio()
+        if timed:
+            response = self._response = await self._send_timed(exchange, now)
         else:
             with self._deadline_scope() as scope:
                 try:
@@ -583,11 +601,14 @@ class AsyncStream:
         if action == "read_error_body":
             raise exchange.error_for_body(await self._read_error_body(response))
         self._body = response.stream
-        self._timed = _on_asyncio()
-        if self._timed:
-            self._arm()
+        # No `_arm()` here: `_send_timed` armed the timer for the deadline before the head,
+        # and none after it comes sooner (the ttft clock runs from the same send, or later
+        # after a resume; `total` stays; idle-before-content counts from the head, later than
+        # from the send). So the timer is due early enough already, and arming would only cost
+        # a `deadline()` for every stream.
+        self._timed = timed
 
-    async def _send_timed(self, exchange: Exchange) -> AsyncResponse | None:
+    async def _send_timed(self, exchange: Exchange, now: float) -> AsyncResponse | None:
         """asyncio: send, bounded by the deadline timer like a read; None if it was cut short.
 
         Not an anyio cancel scope: entering one gives the task anyio state that lives as long
@@ -595,7 +616,7 @@ class AsyncStream:
         """
         if self._closed:
             return None
-        self._arm()
+        self._arm(now)
         self._reader = reader = asyncio.current_task()
         try:
             response = await self._transport.send(exchange.request)
@@ -639,10 +660,10 @@ class AsyncStream:
             # it has (`close()` reported the end), as a close during a read does.
             self._exhausted = True
 
-    async def _finish(self) -> None:
+    async def _finish(self, now: float | None = None) -> None:
         self._exhausted = True
         await self._end_attempt()
-        self._call.ended(_now())
+        self._call.ended(_now() if now is None else now)
 
     async def _end_attempt(self) -> None:
         self._disarm()
@@ -721,9 +742,11 @@ def _now() -> float:
     """anyio's clock: on asyncio the loop's time, read without anyio's backend lookup (which
     costs more than the rest of a read's bookkeeping)."""
     try:
-        return asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
     except RuntimeError:  # trio
         return anyio.current_time()
+    # `loop.time()`, without its frame for asyncio's own loops (see `_BASE_TIME`).
+    return _monotonic() if type(loop).time is _BASE_TIME else loop.time()
 
 
 def _on_asyncio() -> bool:

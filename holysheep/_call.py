@@ -22,6 +22,7 @@ with `delivered()`. Every attempt, its reason and its wait is kept in `history`.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 from collections.abc import Callable, Mapping
 from typing import Literal, final
@@ -92,6 +93,8 @@ class Earlier:
 
 
 _NOTHING_EARLIER = Earlier()  # shared: most calls have one attempt
+# `chunk.deltas`, as a C function: `delivered` looks at every chunk until one has a delta.
+_DELTAS = operator.attrgetter("deltas")
 
 
 class Call:
@@ -263,7 +266,7 @@ class Call:
     def delivered(self, chunks: list[ChatChunk], now: float) -> None:
         """The driver handed these chunks to the caller (read at `now`)."""
         if not self._delivered:
-            self._delivered = any(chunk.deltas for chunk in chunks)
+            self._delivered = any(map(_DELTAS, chunks))  # any chunk with a delta
         if not self._first_token and self.exchange is not None and self.exchange.progressed:
             self._first_token = True
             if self._observers:

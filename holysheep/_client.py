@@ -189,7 +189,10 @@ class Stream:
         self._response: Response | None = None
         self._body: Iterator[bytes] | None = None
         self._lock = threading.Lock()
-        self._stop = threading.Event()  # set by close(): ends waits and reads
+        # Set by close(): ends a wait for the rate limiter or a retry. Made when one starts
+        # (`_stop_event`): most streams never wait, and an Event (a Condition and a lock
+        # inside, and set() taking them) cost some 15,000 instructions per stream.
+        self._stop: threading.Event | None = None
         self._closed = False
         self._expired = False
         self._expiry: APITimeoutError | None = None  # what the watchdog found, see `_expire`
@@ -265,7 +268,9 @@ class Stream:
                 return
             self._closed = True
             sending = self._sending
-        self._stop.set()
+            stop = self._stop  # under the lock: see `_stop_event`
+        if stop is not None:
+            stop.set()
         if sending:
             # The request is still going out, or its head still coming, in another thread,
             # which cannot be cut short. It ends the attempt when `send` returns, and only then
@@ -440,7 +445,7 @@ class Stream:
         self._expired = False
         if self._gate is not None:
             waited = _clock()
-            self._ticket = self._gate.acquire(self._call.cost, self._stop.is_set)
+            self._ticket = self._gate.acquire(self._call.cost, self._stop_event().is_set)
             self._call.queued += _clock() - waited
             if self._ticket is None:
                 return  # closed while queued
@@ -490,7 +495,7 @@ class Stream:
             if failure is error:
                 raise error
             raise failure from error
-        self._stop.wait(decision.delay)
+        self._stop_event().wait(decision.delay)
         # Closed while waiting to retry: the caller stopped the stream, which ends quietly
         # with what it has (`close()` reported the end), as a close during a read does.
 
@@ -505,6 +510,17 @@ class Stream:
         finally:  # as in the async client: a close that raises must not keep the ticket
             if ticket is not None and self._gate is not None:
                 self._gate.release(ticket, self._call.tokens_used(self._exchange))
+
+    def _stop_event(self) -> threading.Event:
+        """The event `close()` sets, made on first use, and set already if `close()` came
+        first. Both look at the other's flag under `_lock`, so one of them always sets it."""
+        with self._lock:
+            stop = self._stop
+            if stop is None:
+                stop = self._stop = threading.Event()
+                if self._closed:
+                    stop.set()
+        return stop
 
     def _timeout_or(self, exc: HolySheepError | None) -> HolySheepError:
         now = _clock()

@@ -15,10 +15,10 @@ from typing import Any, final
 
 import attrs
 
-from ._call import Attempt, Call, OnInterrupt, check_on_interrupt, new_idempotency_key
+from ._call import Attempt, Call, OnInterrupt, check_on_interrupt
 from ._chat import ChatAccumulator
 from ._exceptions import ConfigurationError
-from ._exchange import Exchange, Timeouts, encode_body, new_request_id
+from ._exchange import Exchange, Timeouts, encode_body, new_request_ids
 from ._observe import Observer, RequestInfo
 from ._retry import RetryPolicy
 
@@ -129,10 +129,14 @@ class ClientConfig:
                 _check_header(f"header {name!r}", value)
         extra = {**self.headers, **headers} if headers else self.headers
         # An `X-Request-ID` among the headers is the request id, as in `Exchange`.
-        request_id = request_id or _header(extra, "x-request-id") or new_request_id()
-        url = _chat_url(self.base_url)
+        request_id = request_id or _header(extra, "x-request-id")
         # The caller's own key, if it set one, so a gateway can deduplicate across processes.
-        idempotency_key = _header(extra, "idempotency-key") or new_idempotency_key()
+        idempotency_key = _header(extra, "idempotency-key")
+        if not request_id or not idempotency_key:
+            new_id, new_key = new_request_ids()  # both from one read of the OS's randomness
+            request_id = request_id or new_id
+            idempotency_key = idempotency_key or new_key
+        url = _chat_url(self.base_url)
         # Encoded once and only the bytes kept: every attempt sends the same body, and the
         # dict (with its copy of the message list) would be held for the stream's whole life.
         make_exchange = _Exchanges(

@@ -68,11 +68,16 @@ enum {
     D_EVENT_RETRY,
     D_LAST_EVENT_ID,
     D_SPECIAL,
+    D_AT_START,
+    D_SKIP_LF,
+    D_CLOSED,
+    D_FAILED,
     D_COUNT
 };
 static const char *const decoder_attr_text[D_COUNT] = {
     "_pending",   "_pending_size", "_data",       "_fields",       "_id_buffer",    "max_line_size",
-    "max_event_size", "_event_type", "_event_retry", "last_event_id", "_special",
+    "max_event_size", "_event_type", "_event_retry", "last_event_id", "_special",  "_at_start",
+    "_skip_lf",       "closed",      "_failed",
 };
 static PyObject *decoder_attr[D_COUNT]; /* the names, interned */
 static Py_ssize_t decoder_slot[D_COUNT];
@@ -1407,6 +1412,32 @@ error:
     return NULL;
 }
 
+/* The first read of a stream, for a plain decoder (`SSEDecoder` itself) whose `_special` is
+   True: 1 if it is an ordinary one, and then the decoder is left as `_special_start` leaves it
+   (`_at_start` and `_special` False) for `feed` to take the read; 0, having changed nothing,
+   for Python to handle. Ordinary: the decoder is at the start of the stream and only there
+   (not closed, not failed, no CR ending the last read, nothing held back), and the read's
+   first byte is not 0xEF, so it cannot begin a byte order mark (EF BB BF), which is all
+   `_strip_bom` looks for. Through Python, the first read of every stream cost some 7,000
+   instructions (three Python calls) just to learn that. */
+static int
+plain_start(PyObject *decoder, PyObject *data)
+{
+    if (!PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) == 0 ||
+        (unsigned char)PyBytes_AS_STRING(data)[0] == 0xEF)
+        return 0;
+    PyObject *pending = SLOT(decoder, decoder_slot[D_PENDING]);
+    if (SLOT(decoder, decoder_slot[D_AT_START]) != Py_True ||
+        SLOT(decoder, decoder_slot[D_SKIP_LF]) != Py_False ||
+        SLOT(decoder, decoder_slot[D_CLOSED]) != Py_False ||
+        SLOT(decoder, decoder_slot[D_FAILED]) != Py_None || pending == NULL ||
+        !PyList_CheckExact(pending) || PyList_GET_SIZE(pending) != 0)
+        return 0;
+    slot_set(decoder, decoder_slot[D_AT_START], Py_False);
+    slot_set(decoder, decoder_slot[D_SPECIAL], Py_False);
+    return 1;
+}
+
 /* `ChatAccumulator.feed(data)`: the events of the read (decoded by the decoder's C part when
    it takes the read, else by `decoder.feed`), each made a chunk by `chunk_of` or else by
    `feed_event`. None, having changed nothing, for anything but a `ChatAccumulator` itself. */
@@ -1424,7 +1455,9 @@ chat_feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (decoder == NULL)
         Py_RETURN_NONE;
     Py_INCREF(decoder); /* held: decoding may run code that replaces it */
-    if (Py_TYPE(decoder) == decoder_class && SLOT(decoder, decoder_slot[D_SPECIAL]) == Py_False) {
+    if (Py_TYPE(decoder) == decoder_class &&
+        (SLOT(decoder, decoder_slot[D_SPECIAL]) == Py_False ||
+         (SLOT(decoder, decoder_slot[D_SPECIAL]) == Py_True && plain_start(decoder, args[1])))) {
         PyObject *decode_args[2] = {decoder, args[1]};
         events = feed(module, decode_args, 2);
         if (events == Py_None)
@@ -1434,7 +1467,7 @@ chat_feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return events == NULL ? NULL : chunks_in_place(acc, events);
         }
     }
-    if (events == NULL) /* the start of a stream, a CR at the end of the last read, ... */
+    if (events == NULL) /* a byte order mark, a CR at the end of the last read, ... */
         events = PyObject_CallMethodOneArg(decoder, str_feed, args[1]);
     Py_DECREF(decoder);
     if (events == NULL)

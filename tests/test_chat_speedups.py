@@ -505,7 +505,7 @@ def test_events_without_a_chunk_between_chunks_of_one_read_give_what_python_give
     """Keep-alives and other event types among the chunks of one read, and an error after
     them: the same chunks, returned or carried by the error (`HolySheepError.chunks`)."""
     keepalive, ping = b"data: \n\n", b"event: ping\ndata: {}\n\n"
-    first = event_bytes(json.dumps(ROLE))  # the start of a stream is Python's to decode
+    first = event_bytes(json.dumps(ROLE))
     read = b"".join(
         [
             keepalive,
@@ -533,6 +533,81 @@ def test_events_without_a_chunk_between_chunks_of_one_read_give_what_python_give
 
     assert carried(c_feed=False) == carried(c_feed=True)
     assert ["a", "b"] == [text for text, _ in carried(c_feed=True)[0]]
+
+
+def decoder_state(acc: ChatAccumulator) -> tuple[Any, ...]:
+    d = acc.decoder
+    return (
+        d._at_start,
+        d._special,
+        d._skip_lf,
+        d.closed,
+        [*d._pending],
+        d._pending_size,
+        [*d._data],
+        d.last_event_id,
+    )
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        [event_bytes(json.dumps(ROLE))],
+        [b"\xef\xbb\xbf" + event_bytes(json.dumps(ROLE))],  # a byte order mark, whole
+        [b"\xef", b"\xbb\xbf" + event_bytes(json.dumps(ROLE))],  # split
+        [b"\xef\xbb\xbf", event_bytes(json.dumps(ROLE))],  # alone
+        [b"\xef\xbb" + event_bytes(json.dumps(ROLE))],  # no mark: its first two bytes
+        [b"data", b": {}\n\n"],  # the first read holds no line end
+        [b"\r", b"\ndata: {}\n\n"],  # a CR ending the first read
+        [b"\n", event_bytes(json.dumps(ROLE))],
+        [b": hi\n\n", event_bytes(json.dumps(ROLE))],
+    ],
+)
+def test_the_first_reads_of_a_stream_give_what_python_gives(reads: list[bytes]) -> None:
+    """The same chunks and the same decoder state after each read: the C part takes the first
+    read of a stream itself unless it may hold (part of) a byte order mark."""
+
+    def run(c_feed: bool) -> list[Any]:
+        saved = _chat._c_feed
+        _chat._c_feed = saved if c_feed else None
+        try:
+            acc = ChatAccumulator(require_end=False)
+            return [([seen(c) for c in acc.feed(data)], decoder_state(acc)) for data in reads]
+        finally:
+            _chat._c_feed = saved
+
+    assert run(c_feed=False) == run(c_feed=True)
+
+
+def test_the_first_read_of_a_plain_stream_skips_the_python_decoder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`SSEDecoder.feed` runs for no read of a plain stream, the first included (through it,
+    the first read cost three Python calls per stream to look for a byte order mark); it
+    still runs for one that may start with a mark, and for a closed decoder, which raises."""
+    from holysheep._exceptions import LocalProtocolError
+    from holysheep._sse import SSEDecoder
+
+    called: list[bytes] = []
+    feed = SSEDecoder.feed
+
+    def recorded(self: SSEDecoder, data: bytes) -> list[ServerSentEvent]:
+        called.append(data)
+        return feed(self, data)
+
+    monkeypatch.setattr(SSEDecoder, "feed", recorded)
+    acc = ChatAccumulator()
+    assert [] == acc.feed(b"\n")  # nothing but a blank line: all taken in C, at the start
+    assert "Hello" == acc.feed(event_bytes(json.dumps(content("Hello"))))[0].text
+    assert [] == called
+    marked = ChatAccumulator()
+    assert "Hi" == marked.feed(b"\xef\xbb\xbf" + event_bytes(json.dumps(content("Hi"))))[0].text
+    assert 1 == len(called)
+    closed = ChatAccumulator(require_end=False)
+    closed.decoder.close()
+    with pytest.raises(LocalProtocolError):
+        closed.feed(event_bytes(json.dumps(content("x"))))
+    assert 2 == len(called)
 
 
 def test_a_crlf_split_across_reads_is_one_line_end() -> None:

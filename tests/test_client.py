@@ -367,6 +367,25 @@ def _instant_client(script: Any = None) -> holysheep.Client:
     )
 
 
+def test_the_stop_event_is_made_only_for_a_wait_and_set_if_closed_first() -> None:
+    """A stream that never waits (for the rate limiter or a retry) makes no Event; one made
+    after `close()` is set already, so a wait that starts then ends at once."""
+    client = holysheep.Client(
+        api_key="k",
+        base_url="http://h/v1",
+        transport=MockTransport(lambda request: MockResponse(chunks=sse_body("Hi"))),
+    )
+    with client.chat.stream(model="m", messages=MESSAGES) as stream:
+        assert "Hi" == "".join(chunk.text for chunk in stream)
+    assert stream._stop is None
+    late = client.chat.stream(model="m", messages=MESSAGES)
+    late.close()
+    started = time.monotonic()
+    late._stop_event().wait(5)
+    assert time.monotonic() - started < 1
+    client.close()
+
+
 def test_short_streams_do_not_wake_the_watchdog_each_time() -> None:
     """Streams that end before the watchdog thread runs leave it asleep, not woken per stream."""
     client = _instant_client()
@@ -881,6 +900,48 @@ async def test_async_idle_deadline_sooner_than_ttft_applies_after_first_content(
         assert anyio.current_time() - started < 5
         assert info.value.completion is not None
         assert "".join(UpstreamConfig().token_list(2)) == info.value.completion.text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize(
+    "timeouts",
+    [
+        Timeouts(),
+        Timeouts(connect=None, ttft=0.4, idle=30),
+        Timeouts(connect=30, ttft=None, idle=0.4, total=None),
+        Timeouts(connect=None, ttft=None, idle=None, total=0.4),
+        Timeouts(connect=0.4, ttft=30, idle=None, total=None),
+    ],
+)
+async def test_the_timer_armed_at_the_send_is_due_by_the_deadline_after_the_head(
+    upstream: MockUpstream, timeouts: Timeouts
+) -> None:
+    """On asyncio the head does not re-arm the deadline timer: the one armed before the send
+    must already be due no later than the next deadline (or idle from now) once it came."""
+    import asyncio
+
+    from holysheep import _async_client
+
+    loop = asyncio.get_running_loop()
+    before = loop.time()
+    assert before <= _async_client._now() <= loop.time()  # the clock read without loop.time()
+    client = holysheep.AsyncClient(
+        api_key="k", base_url=upstream.base_url, timeout=timeouts, retry=RetryPolicy.none()
+    )
+    async with (
+        client,
+        client.chat.stream(model="m", messages=MESSAGES, extra_headers=config(ttft=0.2)) as stream,
+    ):
+        exchange = stream._exchange
+        assert 200 == exchange.status_code
+        assert not exchange.progressed
+        due = exchange.deadline()
+        limits = [due[0]] if due is not None else []
+        if timeouts.idle is not None:
+            limits.append(loop.time() + timeouts.idle)
+        assert stream._timer_due <= min(limits, default=float("inf"))
+        assert EXPECTED == (await stream.until_done()).text
 
 
 @pytest.mark.anyio

@@ -84,6 +84,42 @@ def test_config_passes_params_through_and_asks_for_usage() -> None:
     assert {"include_usage": False} == body["stream_options"]
 
 
+@pytest.mark.parametrize(
+    ("request_id", "headers"),
+    [
+        (None, None),
+        ("mine", None),
+        (None, {"Idempotency-Key": "key-1"}),
+        ("mine", {"idempotency-key": "key-1"}),
+    ],
+)
+def test_each_request_gets_random_ids_unless_given(
+    request_id: str | None, headers: dict[str, str] | None
+) -> None:
+    """Both ids are 128 random bits (32 hex digits) where the caller set none, new for every
+    request and different from each other; the ones the caller gives are kept."""
+    config = ClientConfig.from_arguments("k", "http://h/v1", None, None, True)
+    seen = set()
+    for _ in range(50):
+        call = config.call("m", [], {}, request_id=request_id, headers=headers)
+        request = call.start_attempt(0.0).request
+        sent_id, key = request.header("x-request-id"), request.header("idempotency-key")
+        assert (sent_id, key) == (call.exchange and call.exchange.request_id, call.idempotency_key)
+        if request_id:
+            assert request_id == sent_id
+        if headers:
+            assert "key-1" == key
+        for value, prefix, given_one in ((sent_id, "hs-", request_id), (key, "hs-idem-", headers)):
+            assert value is not None
+            if not given_one:
+                assert value.startswith(prefix)
+                digits = value.removeprefix(prefix)
+                assert 32 == len(digits)
+                int(digits, 16)
+                assert digits not in seen
+                seen.add(digits)
+
+
 def test_missing_api_key_names_the_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
     """No key anywhere is a clear error at construction."""
     monkeypatch.delenv("HOLYSHEEP_API_KEY", raising=False)
