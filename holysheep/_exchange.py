@@ -289,6 +289,14 @@ def _fixed_headers(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return _CONSTANT_HEADERS
 
 
+@functools.lru_cache(maxsize=256)
+def _lower(name: str) -> str:
+    """`name.lower()`, one string object per header name for all requests: `lower()` makes a
+    new string every time, even of a lower-case name, and each request holds its names for
+    as long as its stream is open (`idempotency-key` alone: 64 bytes per open stream)."""
+    return name.lower()
+
+
 def new_request_id() -> str:
     return f"hs-{os.urandom(16).hex()}"  # what uuid4().hex carries, without the object
 
@@ -346,7 +354,7 @@ class Exchange:
     ) -> None:
         # `body` may come encoded already: a retrying caller encodes it once for all attempts.
         fixed = _fixed_headers(api_key)
-        given = {name.lower(): value for name, value in headers.items()} if headers else {}
+        given = {_lower(name): value for name, value in headers.items()} if headers else {}
         if not given.keys().isdisjoint(_FIXED_NAMES):  # the caller overrides one of ours
             fixed = tuple(pair for pair in fixed if pair[0] not in given)
         # An `X-Request-ID` header the caller set is the request id, unless `request_id` says
