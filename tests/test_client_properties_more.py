@@ -60,11 +60,13 @@ from holysheep import (
     RetryPolicy,
     StreamError,
     StreamInterruptedError,
+    Ticket,
     Timeouts,
     ToolCallDelta,
     TotalTimeoutError,
     UsageReport,
 )
+from holysheep._gate import gate_for
 from holysheep.transports import (
     AsyncMockTransport,
     AsyncResponse,
@@ -79,10 +81,11 @@ NO_WAIT = RetryPolicy(wait_initial=0, wait_max=0, wait_jitter=0)
 KEEP_ALIVE = b": keep-alive\n\n"
 # The short timeouts of a world whose hang a timeout ends. Everything else in such a world is
 # instant (a scripted response, no waits between attempts), so a read takes microseconds to
-# these tenths of a second; and a hang lasts until the connection is closed, so the timeout
-# that ends it is the only real wait.
-SHORT = 0.1  # ttft and idle
-TOTAL = 0.2
+# these quarter seconds (and the caller's own time between chunks does not count, see
+# timeouts.md); a hang lasts until the connection is closed, so the timeout that ends it is
+# the only real wait.
+SHORT = 0.25  # ttft and idle
+TOTAL = 0.5  # for the whole call: every attempt before the hang too
 # A hang no timeout ends (a caller closes it, or a bug leaves it): how long before the test
 # gives up on it, far beyond anything expected.
 HANG_LIMIT = 30.0
@@ -729,7 +732,7 @@ def worlds(draw: st.DrawFn) -> World:
     modes: list[Mode] = ["raise", "resume", "resume", "restart"]
     mode = rnd.choice(modes)
     attempts = rnd.choice([1, 2, 3, 4, 4])
-    timers: list[Timer | None] = [None, None, None, "short", "total", "close", "close"]
+    timers: list[Timer | None] = [None, None, None, None, "short", "total", "close", "close"]
     timer = rnd.choice(timers)
     closers: list[Literal["close", "cancel"]] = ["close", "cancel"]
     closer = rnd.choice(closers)
@@ -778,18 +781,29 @@ class Observed:
     attempts: int | None = None  # stream.stats.attempts
     error: HolySheepError | None = None
     limiter: tuple[int, int] = (0, 0)  # in flight, waiting: at the end
+    settled: list[int | None] = attrs.Factory(list)  # each attempt's tokens, as it ended
     cancelled: bool = False
 
 
-def client_options(world: World) -> dict[str, Any]:
+def client_options(world: World, seen: Observed) -> dict[str, Any]:
+    # Shared by the attempts, and by nothing else: it must get every ticket back, each settled
+    # at what its attempt used (resilience.md), which its gate is asked to do: recorded.
+    limiter = RateLimiter(max_concurrent=1, tokens_per_minute=10**9)
+    gate = gate_for(limiter)
+    release = gate.release
+
+    def settle(ticket: Ticket, tokens: int | None) -> None:
+        seen.settled.append(tokens)
+        release(ticket, tokens)
+
+    gate.release = settle  # type: ignore[method-assign]
     return {
         "api_key": "k",
         "base_url": "http://mock/v1",
         "retry": attrs.evolve(NO_WAIT, attempts=world.attempts),
         "on_interrupt": world.mode,
         "timeout": world.timeouts(),
-        # Shared by the attempts, and by nothing else: it must give every ticket back.
-        "limiter": RateLimiter(max_concurrent=1, tokens_per_minute=10**9),
+        "limiter": limiter,
     }
 
 
@@ -797,7 +811,7 @@ def run_sync(world: World, consume: Consume) -> tuple[Observed, Upstream]:
     hanging = threading.Event()
     upstream = Upstream(world, hanging.set)
     seen = Observed()
-    options = client_options(world)
+    options = client_options(world, seen)
     client = holysheep.Client(transport=RecordingTransport(upstream), **options)
     params: dict[str, Any] = {"model": "m", "messages": MESSAGES, "n": world.answer.n}
     over = False
@@ -846,7 +860,7 @@ async def run_async(world: World, consume: Consume) -> tuple[Observed, Upstream]
     hanging = anyio.Event()
     upstream = Upstream(world, hanging.set)
     seen = Observed()
-    options = client_options(world)
+    options = client_options(world, seen)
     params: dict[str, Any] = {"model": "m", "messages": MESSAGES, "n": world.answer.n}
     transport = AsyncRecordingTransport(upstream)
     async with holysheep.AsyncClient(transport=transport, **options) as client:
@@ -912,6 +926,14 @@ def check(world: World, consume: Consume, seen: Observed, upstream: Upstream) ->
     keys = {request.header("idempotency-key") for request in upstream.requests}
     assert all(upstream.closed), f"responses left open: {upstream.closed}"
     assert (0, 0) == seen.limiter, "the rate limiter still holds tickets (in flight, waiting)"
+    # A refused request costs nothing: an error status, or no connection made (the request
+    # never left); an answered one, its usage or an estimate (resilience.md).
+    assert len(sent) == len(seen.settled)
+    for attempt, tokens in enumerate(seen.settled, 1):
+        if world.step(attempt).kind in ("status", "refuse"):
+            assert 0 == tokens, f"attempt {attempt} was refused, and charged {tokens} tokens"
+        else:
+            assert tokens is not None, f"attempt {attempt} was answered, and not settled"
     assert 1 == len(keys)
     assert list(expected.last_event_ids) == sent
     if seen.attempts is not None:
