@@ -1000,6 +1000,17 @@ EXAMPLES = {
         4,
         None,
     ),
+    # Choice 1 first, cut before choice 0 began: the partial completion's text is choice 0's.
+    "choice 0 not begun": World(
+        _answer(*_one("No.", 1), *_one("Yes."), n=2),
+        (Step("cut", k=2),),
+        True,
+        False,
+        False,
+        "raise",
+        1,
+        None,
+    ),
     # Parallel tool calls, interleaved, cut inside an event in the arguments; restarted.
     "tool calls": World(
         _answer(
