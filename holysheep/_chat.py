@@ -205,7 +205,16 @@ class Completion:
 
     @property
     def _first(self) -> Choice:
-        return self.choices[0] if self.choices else _EMPTY_CHOICE
+        # Choice 0, listed first (by index) once it began. A stream cut before it began (`n` >
+        # 1, another choice first) has only others: their text is not choice 0's, which no
+        # chunk's `text` showed.
+        choices = self.choices
+        if choices and choices[0].index == 0:
+            return choices[0]
+        for choice in choices:  # a gateway's negative index sorts first
+            if choice.index == 0:
+                return choice
+        return _EMPTY_CHOICE
 
     @property
     def text(self) -> str:

@@ -93,6 +93,10 @@ _TIMEOUT_ERRORS: dict[str, type[APITimeoutError]] = {
     "total": TotalTimeoutError,
 }
 
+# The timeouts that end a stream which stalled (see `Exchange.complete_at_break`): not
+# `connect`, which comes before any body.
+_STALLS = FirstTokenTimeoutError | IdleTimeoutError | TotalTimeoutError
+
 _STATUS_ERRORS: dict[int, type[APIStatusError]] = {
     400: BadRequestError,
     401: AuthenticationError,
@@ -615,13 +619,15 @@ class Exchange:
 
         A stall there is the same: once every choice finished, the model has said all it will,
         and a gateway that never sends the usage or `[DONE]` must not turn the whole answer into
-        an `IdleTimeoutError` (or `TotalTimeoutError`) for what it left out.
+        an `IdleTimeoutError` (or `TotalTimeoutError`) for what it left out. A resumed stream
+        that brings nothing new after the finish stalls on `ttft` (its clock runs until this
+        attempt's first content): a `FirstTokenTimeoutError` there is that stall too. (Before
+        the finish it is not: the accumulation must be finished, and on a fresh attempt it
+        cannot be before content came.)
         """
         if self.done_at is not None:
             return True
-        broke = isinstance(
-            error, APIConnectionError | IncompleteStreamError | IdleTimeoutError | TotalTimeoutError
-        )
+        broke = isinstance(error, APIConnectionError | IncompleteStreamError | _STALLS)
         if not broke or not self.accumulator.finished:
             return False
         if self.accumulator.closed:

@@ -145,6 +145,26 @@ def test_choices_are_listed_by_index_whatever_order_they_arrive_in() -> None:
     assert "x" == completion.text
 
 
+def test_a_partial_completion_before_choice_0_began_reads_choice_0() -> None:
+    """chat.md: `text`, `finish_reason` and friends read choice 0. A stream cut before choice
+    0 began (`n=2`, choice 1 first) read choice 1 instead: the error's completion said "y",
+    text no chunk's `text` (choice 0's) ever showed."""
+    acc = ChatAccumulator(choices=2)
+    body = chunk(choices=[{"index": 1, "delta": {"content": "y"}, "finish_reason": "stop"}])
+    assert [""] == [c.text for c in acc.feed(body)]
+    with pytest.raises(IncompleteStreamError) as info:
+        acc.close()
+    completion = info.value.completion
+    assert completion is not None
+    assert ("", None, None, ()) == (
+        completion.text,
+        completion.role,
+        completion.finish_reason,
+        completion.tool_calls,
+    )
+    assert [(1, "y")] == [(c.index, c.text) for c in completion.choices]
+
+
 def test_reasoning_and_refusal_are_kept_apart_from_text() -> None:
     """DeepSeek-style reasoning and refusals do not leak into `text`."""
     acc = ChatAccumulator()

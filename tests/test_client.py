@@ -1861,6 +1861,47 @@ def test_a_stall_after_the_finish_of_one_choice_of_two_is_a_timeout() -> None:
         client.close()
 
 
+def _finished_then_overloaded_then_silence() -> list[MockResponse]:
+    """The answer and its finish, then an in-band overloaded error instead of `[DONE]`
+    (resumed); the resumed stream brings nothing new, only keep-alive comments."""
+    events = [b"id: %d\n" % n + event for n, event in enumerate(sse_body("All said.")[:3], 1)]
+    overloaded = b'event: error\ndata: {"error": {"type": "overloaded_error"}}\n\n'
+    silence = MockResponse(chunks=[b": keep-alive\n\n"] * 40, delay=0.05)
+    return [MockResponse(chunks=[*events, overloaded]), silence]
+
+
+def _resuming(**options: Any) -> dict[str, Any]:
+    policy = RetryPolicy(attempts=2, wait_initial=0, wait_max=0, wait_jitter=0)
+    return {"api_key": "k", "retry": policy, "on_interrupt": "resume", **options}
+
+
+def test_a_stall_on_resuming_a_finished_answer_ends_it_complete() -> None:
+    """chat.md: after a finish_reason for every choice, a stall ends the stream complete, as a
+    break does. On a resumed stream that brings nothing new the clock that runs out is `ttft`,
+    not `idle`: it raised a StreamInterruptedError ("the resume failed") holding the whole
+    answer, where a break at the same point ended it complete."""
+    transport = MockTransport(_finished_then_overloaded_then_silence())
+    client = holysheep.Client(transport=transport, **_resuming(timeout=Timeouts(ttft=0.2)))
+    with client.chat.stream(model="m", messages=MESSAGES) as stream:
+        texts = [chunk.text for chunk in stream]
+    client.close()
+    assert ("All said.", "stop", 2) == (
+        "".join(texts),
+        stream.completion.finish_reason,
+        stream.stats.attempts,
+    )
+    assert "3" == transport.requests[1].header("last-event-id")
+
+
+@pytest.mark.anyio
+async def test_async_a_stall_on_resuming_a_finished_answer_ends_it_complete() -> None:
+    transport = AsyncMockTransport(_finished_then_overloaded_then_silence())
+    options = _resuming(timeout=Timeouts(ttft=0.2))
+    async with holysheep.AsyncClient(transport=transport, **options) as client:
+        completion = await client.chat.complete(model="m", messages=MESSAGES)
+    assert ("All said.", "stop") == (completion.text, completion.finish_reason)
+
+
 # -- an error in the same bytes as chunks before it -------------------------------------------
 
 
