@@ -25,6 +25,7 @@ from typing import Any, Literal
 import anyio
 import attrs
 import pytest
+from _scripted import ERRORS, KEEP_ALIVE, MESSAGES, NO_WAIT, split
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
@@ -37,7 +38,6 @@ from holysheep import (
     InternalServerError,
     RateLimitError,
     ReasoningDelta,
-    RetryPolicy,
     StreamError,
     StreamInterruptedError,
     Timeouts,
@@ -51,15 +51,11 @@ from holysheep.transports import (
     Response,
 )
 
-MESSAGES = [{"role": "user", "content": "Count sheep."}]
 COMPLETION_ID = "chatcmpl-prop"
-# No waits between attempts: the policy's backoff is zero and a 429 asks for 0 s.
-NO_WAIT = RetryPolicy(wait_initial=0, wait_max=0, wait_jitter=0)
 # A stall: the first read comes after STALL s, the next one STALL s later, and `idle` fires
 # in between. Wide margins (a busy machine must not turn a read into a timeout), few stalls.
 STALL = 0.25
 IDLE = 0.05
-KEEP_ALIVE = b": keep-alive\n\n"
 
 Mode = Literal["raise", "resume", "restart"]
 End = Literal["fault", "eof", "stall", "error", "fatal"]
@@ -159,23 +155,6 @@ class World:
 def encode(world: World, index: int, data: str) -> bytes:
     head = f"id: {index + 1}\n" if world.ids else ""
     return f"{head}data: {data}\n\n".encode()
-
-
-def split(body: bytes, sizes: tuple[int, ...]) -> list[bytes]:
-    if not sizes:
-        return [body] if body else []
-    reads, at, n = [], 0, 0
-    while at < len(body):
-        size = sizes[n % len(sizes)]
-        reads.append(body[at : at + size])
-        at, n = at + size, n + 1
-    return reads
-
-
-ERRORS: dict[str, dict[str, str]] = {
-    "error": {"type": "overloaded_error", "message": "busy, try again"},
-    "fatal": {"type": "invalid_request_error", "message": "no such thing"},
-}
 
 
 class Upstream:

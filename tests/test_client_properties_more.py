@@ -37,6 +37,7 @@ from typing import Any, Literal
 import anyio
 import attrs
 import pytest
+from _scripted import ERRORS, KEEP_ALIVE, MESSAGES, NO_WAIT, split
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
@@ -57,7 +58,6 @@ from holysheep import (
     RateLimitError,
     ReasoningDelta,
     RemoteProtocolError,
-    RetryPolicy,
     StreamError,
     StreamInterruptedError,
     Ticket,
@@ -76,9 +76,6 @@ from holysheep.transports import (
     Response,
 )
 
-MESSAGES = [{"role": "user", "content": "Count sheep."}]
-NO_WAIT = RetryPolicy(wait_initial=0, wait_max=0, wait_jitter=0)
-KEEP_ALIVE = b": keep-alive\n\n"
 # The short timeouts of a world whose hang a timeout ends. Everything else in such a world is
 # instant (a scripted response, no waits between attempts), so a read takes microseconds to
 # these quarter seconds (and the caller's own time between chunks does not count, see
@@ -343,23 +340,6 @@ class World:
         if self.timer == "total":
             return Timeouts(ttft=5, idle=60, total=TOTAL)
         return Timeouts(ttft=5, idle=60)
-
-
-def split(body: bytes, sizes: tuple[int, ...]) -> list[bytes]:
-    if not sizes:
-        return [body] if body else []
-    reads, at, n = [], 0, 0
-    while at < len(body):
-        size = sizes[n % len(sizes)]
-        reads.append(body[at : at + size])
-        at, n = at + size, n + 1
-    return reads
-
-
-ERRORS: dict[str, dict[str, str]] = {
-    "error": {"type": "overloaded_error", "message": "busy, try again"},
-    "fatal": {"type": "invalid_request_error", "message": "no such thing"},
-}
 
 
 class Upstream:

@@ -1,0 +1,28 @@
+"""What the two end-to-end property tests (`test_client_properties*.py`) share: the request,
+a retry policy that never waits, and how a scripted body is cut into reads."""
+
+from __future__ import annotations
+
+from holysheep import RetryPolicy
+
+MESSAGES = [{"role": "user", "content": "Count sheep."}]
+# No waits between attempts: the policy's backoff is zero and a 429 asks for 0 s.
+NO_WAIT = RetryPolicy(wait_initial=0, wait_max=0, wait_jitter=0)
+KEEP_ALIVE = b": keep-alive\n\n"
+# The in-band errors a script may end a stream with: one retryable, one final.
+ERRORS: dict[str, dict[str, str]] = {
+    "error": {"type": "overloaded_error", "message": "busy, try again"},
+    "fatal": {"type": "invalid_request_error", "message": "no such thing"},
+}
+
+
+def split(body: bytes, sizes: tuple[int, ...]) -> list[bytes]:
+    """`body` as reads of `sizes` bytes, cycled; () is one read (none for an empty body)."""
+    if not sizes:
+        return [body] if body else []
+    reads, at, n = [], 0, 0
+    while at < len(body):
+        size = sizes[n % len(sizes)]
+        reads.append(body[at : at + size])
+        at, n = at + size, n + 1
+    return reads
