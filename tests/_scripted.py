@@ -3,7 +3,10 @@ a retry policy that never waits, and how a scripted body is cut into reads."""
 
 from __future__ import annotations
 
+import json
+
 from holysheep import RetryPolicy
+from holysheep.transports import MockResponse
 
 MESSAGES = [{"role": "user", "content": "Count sheep."}]
 # No waits between attempts: the policy's backoff is zero and a 429 asks for 0 s.
@@ -26,3 +29,15 @@ def split(body: bytes, sizes: tuple[int, ...]) -> list[bytes]:
         reads.append(body[at : at + size])
         at, n = at + size, n + 1
     return reads
+
+
+def status_response(status: int, headers: dict[str, str]) -> MockResponse:
+    """An error status as the API answers it: a JSON error body (`invalid_request_error` for
+    a 400), and `Retry-After: 0` on a 429 so that no test waits."""
+    headers = {**headers, "content-type": "application/json"}
+    if status == 429:
+        headers["retry-after"] = "0"
+    error = {"message": f"status {status}", "type": "server_error"}
+    if status == 400:
+        error["type"] = "invalid_request_error"
+    return MockResponse(status, chunks=[json.dumps({"error": error}).encode()], headers=headers)

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import anyio
 import attrs
 import pytest
-from _scripted import ERRORS, KEEP_ALIVE, MESSAGES, NO_WAIT, split
+from _scripted import ERRORS, KEEP_ALIVE, MESSAGES, NO_WAIT, split, status_response
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
@@ -364,14 +364,7 @@ class Upstream:
             raise ConnectError("connection refused (scripted)")
         request_id = {"x-request-id": f"srv-{attempt}"}
         if step.kind == "status":
-            headers = {**request_id, "content-type": "application/json"}
-            if step.status == 429:
-                headers["retry-after"] = "0"
-            error = {"message": f"status {step.status}", "type": "server_error"}
-            if step.status == 400:
-                error["type"] = "invalid_request_error"
-            body = json.dumps({"error": error}).encode()
-            return MockResponse(step.status, chunks=[body], headers=headers)
+            return status_response(step.status, request_id)
         start = world.start(request.header("last-event-id"))
         cid = world.completion_id(attempt)
         served = list(range(start, len(world.answer.parts)))
