@@ -221,7 +221,8 @@ class Stream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._call.left(_clock(), exc)
+        if exc is not None:  # `left` looks at nothing else, as in the async twin
+            self._call.left(_clock(), exc)
         self.close()
         if self._away or not self._reading:
             # Nobody is in a read: this thread may close (see `close`); a thread that is
