@@ -143,17 +143,17 @@ class Usage:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Usage:
         """Read OpenAI names, falling back to Anthropic's `input_tokens`/`output_tokens`."""
-        prompt = raw.get("prompt_tokens", raw.get("input_tokens"))
-        completion = raw.get("completion_tokens", raw.get("output_tokens"))
-        total = raw.get("total_tokens")
-        if total is None and isinstance(prompt, int) and isinstance(completion, int):
+        prompt = _count(raw.get("prompt_tokens", raw.get("input_tokens")))
+        completion = _count(raw.get("completion_tokens", raw.get("output_tokens")))
+        total = _count(raw.get("total_tokens"))
+        if total is None and prompt is not None and completion is not None:
             total = prompt + completion
-        return cls(
-            prompt if isinstance(prompt, int) else None,
-            completion if isinstance(completion, int) else None,
-            total if isinstance(total, int) else None,
-            raw,
-        )
+        return cls(prompt, completion, total, raw)
+
+
+def _count(value: object) -> int | None:
+    # JSON `true` decodes to a bool, which Python counts as the int 1: no token count.
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 @final

@@ -1142,27 +1142,29 @@ count_of(PyObject *raw, PyObject *name, PyObject *otherwise)
 static inline PyObject *
 int_or_none(PyObject *value)
 {
-    return PyLong_Check(value) ? value : Py_None; /* `isinstance(value, int)`: a bool is one */
+    /* `_count(value)`: an int, and not a bool (JSON `true` is no token count) */
+    return PyLong_Check(value) && !PyBool_Check(value) ? value : Py_None;
 }
 
 /* `Usage.from_dict(raw)`, for the dict `usage_object` built. */
 static PyObject *
 usage_from(PyObject *raw)
 {
-    PyObject *prompt = count_of(raw, str_prompt_tokens, count_of(raw, str_input_tokens, Py_None));
+    PyObject *prompt = int_or_none(
+        count_of(raw, str_prompt_tokens, count_of(raw, str_input_tokens, Py_None)));
     PyObject *completion =
-        count_of(raw, str_completion_tokens, count_of(raw, str_output_tokens, Py_None));
-    PyObject *total = count_of(raw, str_total_tokens, Py_None), *sum = NULL, *usage;
-    if (total == Py_None && PyLong_Check(prompt) && PyLong_Check(completion)) {
+        int_or_none(count_of(raw, str_completion_tokens, count_of(raw, str_output_tokens, Py_None)));
+    PyObject *total = int_or_none(count_of(raw, str_total_tokens, Py_None)), *sum = NULL, *usage;
+    if (total == Py_None && prompt != Py_None && completion != Py_None) {
         total = sum = PyNumber_Add(prompt, completion);
         if (sum == NULL)
             return NULL;
     }
     usage = new_instance(usage_class);
     if (usage != NULL) {
-        slot_set(usage, usage_prompt, int_or_none(prompt));
-        slot_set(usage, usage_completion, int_or_none(completion));
-        slot_set(usage, usage_total, int_or_none(total));
+        slot_set(usage, usage_prompt, prompt);
+        slot_set(usage, usage_completion, completion);
+        slot_set(usage, usage_total, total);
         slot_set(usage, usage_raw, raw);
     }
     Py_XDECREF(sum);

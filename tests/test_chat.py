@@ -556,6 +556,22 @@ def test_anthropic_usage_names_are_understood() -> None:
     assert Usage(3, 4, 7) == Usage.from_dict({"input_tokens": 3, "output_tokens": 4})
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"prompt_tokens": True, "completion_tokens": 2, "total_tokens": 3}, Usage(None, 2, 3)),
+        ({"prompt_tokens": 3, "completion_tokens": False}, Usage(3, None, None)),
+        ({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": True}, Usage(3, 4, 7)),
+        ({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": "7"}, Usage(3, 4, 7)),
+    ],
+)
+def test_a_count_that_is_no_integer_is_unknown(raw: dict[str, object], expected: Usage) -> None:
+    """JSON `true` is no count of 1, and a total that is no count is the sum of the two."""
+    assert expected == Usage.from_dict(raw)
+    streamed = chunk({"content": "a"}, "stop") + chunk(None, choices=[], usage=raw)
+    assert expected == run(streamed + DONE).completion.usage
+
+
 # -- errors -------------------------------------------------------------------------------------
 
 

@@ -219,7 +219,7 @@ def test_anything_else_is_left_untouched(accumulator: ChatAccumulator, data: str
         json.dumps(usage({"prompt_tokens": None, "input_tokens": 3, "output_tokens": 4})),
         json.dumps(usage({"prompt_tokens": 3, "completion_tokens": None, "total_tokens": None})),
         json.dumps(usage({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": None})),
-        json.dumps(usage({"prompt_tokens": True, "completion_tokens": 2})),  # bools are ints
+        json.dumps(usage({"prompt_tokens": True, "completion_tokens": 2})),  # bools: no counts
         json.dumps(usage({"prompt_tokens": False, "completion_tokens": True, "total_tokens": 0})),
         json.dumps(usage({"prompt_tokens": -1, "completion_tokens": 0})),
         json.dumps(usage({"prompt_tokens": 999999999999999, "completion_tokens": 999999999999999})),
