@@ -156,7 +156,11 @@ class AsyncChat:
         messages: Iterable[Mapping[str, Any]],
         **params: Any,
     ) -> Completion:
-        """Stream a completion to the end and return it."""
+        """Stream a completion to the end and return it; an interrupted stream starts over
+        (as the sync `Chat.complete` says)."""
+        params["on_interrupt"] = self._client._config.complete_on_interrupt(
+            params.get("on_interrupt")
+        )
         async with self.stream(model=model, messages=messages, **params) as stream:
             return await stream.until_done()
 

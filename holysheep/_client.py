@@ -149,7 +149,15 @@ class Chat:
         **params: Any,
     ) -> Completion:
         """Stream a completion to the end and return it (the stream protects against timeouts
-        a single long response cannot)."""
+        a single long response cannot).
+
+        An interruption after content starts over (`on_interrupt="restart"`), unless the call
+        or the client says "resume", or the call says "raise": the caller sees no text before
+        this returns, so none would be repeated to it.
+        """
+        params["on_interrupt"] = self._client._config.complete_on_interrupt(
+            params.get("on_interrupt")
+        )
         with self.stream(model=model, messages=messages, **params) as stream:
             return stream.until_done()
 

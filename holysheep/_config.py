@@ -79,6 +79,17 @@ class ClientConfig:
             tuple(observers),
         )
 
+    def complete_on_interrupt(self, given: OnInterrupt | None) -> OnInterrupt:
+        """How `complete()` meets an interruption: the one given to it, else start over.
+
+        Nobody sees `complete()`'s text before it returns, so starting over repeats nothing
+        to anyone, where a stream's caller may have printed it already (hence "raise" there).
+        A client set to "resume" resumes (fewer tokens billed twice).
+        """
+        if given is not None:
+            return given
+        return "resume" if self.on_interrupt == "resume" else "restart"
+
     def call(
         self,
         model: str,

@@ -183,6 +183,54 @@ def test_resume_without_event_ids_raises_rather_than_guessing() -> None:
             client(upstream, on_interrupt="resume").chat.complete(model="m", messages=MESSAGES)
 
 
+def test_complete_starts_over_after_an_interruption() -> None:
+    """`complete()` shows no text before it returns, so a drop after content is retried from
+    the start rather than raised: it used to raise `StreamInterruptedError` ("a retry would
+    repeat it") with the client's default `on_interrupt="raise"`."""
+    with serve() as upstream:
+        upstream.enqueue({"fault": "drop@4"})
+        completion = client(upstream).chat.complete(model="m", messages=MESSAGES)
+        assert (FULL, "stop", 2) == (
+            completion.text,
+            completion.finish_reason,
+            len(upstream.requests),
+        )
+
+
+def test_complete_resumes_when_the_client_says_resume() -> None:
+    """A client set to resume keeps that for `complete()`: only the rest is asked for."""
+    with serve(event_ids=True) as upstream:
+        upstream.enqueue({"fault": "drop@7"})
+        completion = client(upstream, on_interrupt="resume").chat.complete(
+            model="m", messages=MESSAGES
+        )
+        assert (FULL, "7") == (completion.text, upstream.requests[1].headers["last-event-id"])
+
+
+def test_complete_raises_on_an_interruption_when_the_call_says_raise() -> None:
+    """`on_interrupt="raise"` given to `complete()` itself is honoured, with the partial text."""
+    with serve() as upstream:
+        upstream.enqueue({"fault": "drop@4"})
+        with pytest.raises(StreamInterruptedError) as caught:
+            client(upstream).chat.complete(model="m", messages=MESSAGES, on_interrupt="raise")
+        assert (first(4), 1) == (caught.value.completion.text, len(upstream.requests))
+
+
+@pytest.mark.anyio
+async def test_async_complete_starts_over_after_an_interruption() -> None:
+    """The same on the async client."""
+    with serve() as upstream:
+        upstream.enqueue({"fault": "drop@4"})
+        async with holysheep.AsyncClient(
+            api_key="k", base_url=upstream.base_url, retry=FAST
+        ) as aclient:
+            completion = await aclient.chat.complete(model="m", messages=MESSAGES)
+            assert (FULL, 2) == (completion.text, len(upstream.requests))
+            upstream.enqueue({"fault": "drop@4"})
+            with pytest.raises(StreamInterruptedError):
+                await aclient.chat.complete(model="m", messages=MESSAGES, on_interrupt="raise")
+
+
 def test_restart_yields_a_reset_marker_first() -> None:
     """`on_interrupt="restart"`: a Reset chunk, then the whole completion again."""
     with serve() as upstream:
@@ -739,7 +787,9 @@ def test_a_hook_that_raises_is_logged_and_changes_nothing(
         upstream.enqueue({"fault": {"kind": "status", "status": 503}})
         completion = client(upstream, hooks=[broken]).chat.complete(model="m", messages=MESSAGES)
         with serve(fault="drop@6") as dropping, pytest.raises(StreamInterruptedError) as info:
-            client(dropping, hooks=[broken]).chat.complete(model="m", messages=MESSAGES)
+            client(dropping, hooks=[broken]).chat.complete(
+                model="m", messages=MESSAGES, on_interrupt="raise"
+            )
     assert completion.text
     assert 2 == len(seen)
     assert info.value.completion is not None
