@@ -701,7 +701,7 @@ class AsyncStream:
 
     def _timeout_or(self, exc: HolySheepError | None) -> HolySheepError:
         now = _now()
-        timeout = self._exchange.timeout_error(now)
+        timeout = self._exchange.timeout_error(now, exc)
         if timeout is not None:
             return timeout
         if exc is None:  # pragma: no cover - scopes only expire at a due deadline

@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 from ._call import Attempt, Call, OnInterrupt, ShownText
 from ._chat import ChatChunk, Completion
 from ._config import ClientConfig
-from ._exceptions import APIConnectionError, APITimeoutError, HolySheepError, LocalProtocolError
+from ._exceptions import (
+    APIConnectionError,
+    APITimeoutError,
+    ConnectTimeoutError,
+    HolySheepError,
+    LocalProtocolError,
+)
 from ._exchange import MAX_ERROR_BODY, Exchange, StreamStats, Timeouts
 from ._gate import Gate, gate_for
 from ._limiter import RateLimiter, Ticket
@@ -533,7 +539,10 @@ class Stream:
 
     def _timeout_or(self, exc: HolySheepError | None) -> HolySheepError:
         now = _clock()
-        timeout = self._expiry if self._expired else self._exchange.timeout_error(now)
+        if self._expired and not isinstance(exc, ConnectTimeoutError):
+            timeout = self._expiry
+        else:  # the transport's own connect timeout says more than the watchdog knew
+            timeout = self._exchange.timeout_error(now, exc)
         if timeout is not None:
             return timeout
         if exc is None:  # pragma: no cover - the watchdog only expires streams that are due

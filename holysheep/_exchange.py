@@ -728,8 +728,14 @@ class Exchange:
             since = self._resumed
         return since
 
-    def timeout_error(self, now: float) -> APITimeoutError | None:
-        """The typed error for the timeout that has fired by `now`, or None."""
+    def timeout_error(
+        self, now: float, cause: HolySheepError | None = None
+    ) -> APITimeoutError | None:
+        """The typed error for the timeout that has fired by `now`, or None.
+
+        `cause`: what the transport raised when it gave up, if it did; a `ConnectTimeoutError`
+        of its own says no connection was made, which "no response head" would not.
+        """
         due = self.deadline()
         if due is None or now < due[0] or due[1] == "done":
             return None
@@ -737,11 +743,14 @@ class Exchange:
         limit = getattr(self.timeouts, kind)
         since = self._waiting_since(kind)
         what = {
-            "connect": "no response head",
+            # Whether a connection was made is the transport's to know (`cause`).
+            "connect": "no connection or response head",
             "ttft": "no first token",
             "idle": "no new content",
             "total": "the stream did not finish",
         }[kind]
+        if kind == "connect" and isinstance(cause, ConnectTimeoutError):
+            what = f"no connection to {self.request.url}"
         partial = self.accumulator.completion if self.events else None
         return _TIMEOUT_ERRORS[kind](
             f"{kind} timeout: {what} within {limit:g} s (waited {now - since:.2f} s)",

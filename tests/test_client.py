@@ -39,13 +39,17 @@ from holysheep import (
 )
 from holysheep.testing import MockUpstream, UpstreamConfig, serve
 from holysheep.transports import (
+    AsyncBaseTransport,
     AsyncHTTPXTransport,
     AsyncMockTransport,
+    AsyncResponse,
     BaseTransport,
     HTTPXTransport,
     MockResponse,
     MockTransport,
+    Request,
     RequestsTransport,
+    Response,
     sse_body,
 )
 
@@ -1394,10 +1398,65 @@ def test_connect_bounds_the_wait_for_the_response_head(
         timeout=Timeouts(connect=0.3, ttft=5),
     )
     started = time.monotonic()
-    with pytest.raises(holysheep.ConnectTimeoutError, match="no response head"):
+    with pytest.raises(holysheep.ConnectTimeoutError, match="no connection or response head"):
         client.chat.complete(model="m", messages=MESSAGES)
     assert time.monotonic() - started < 2
     client.close()
+
+
+class NeverConnects(BaseTransport):
+    """A transport whose connect times out, as its library would tell it."""
+
+    def send(self, request: Request) -> Response:
+        limit = request.timeouts.connect or 0
+        time.sleep(limit)
+        raise holysheep.ConnectTimeoutError("no connection", limit=limit, elapsed=limit)
+
+
+class AsyncNeverConnects(AsyncBaseTransport):
+    """One that never gives up on its own: the client's deadline cuts it short."""
+
+    async def send(self, request: Request) -> AsyncResponse:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+NO_CONNECTION = (
+    r"^connect timeout: no connection to http://127\.0\.0\.1:9/v1/chat/completions within 0\.2 s"
+)
+
+
+def test_a_connect_timeout_says_no_connection_was_made() -> None:
+    """When the transport's own connect timeout fired, the error says so: "no response head"
+    suggested the server took the request and never answered."""
+    client = holysheep.Client(
+        api_key="k",
+        base_url="http://127.0.0.1:9/v1",
+        transport=NeverConnects(),
+        retry=RetryPolicy.none(),
+        timeout=Timeouts(connect=0.2),
+    )
+    with pytest.raises(holysheep.ConnectTimeoutError, match=NO_CONNECTION) as caught:
+        client.chat.complete(model="m", messages=MESSAGES)
+    assert ("connect", 0.2) == (caught.value.timeout, caught.value.limit)
+    assert caught.value.request_id is not None
+
+
+@pytest.mark.anyio
+async def test_async_a_connect_timeout_cut_by_the_client_claims_no_connection() -> None:
+    """The client's own deadline cannot tell whether a connection was made, and says so."""
+    async with holysheep.AsyncClient(
+        api_key="k",
+        base_url="http://127.0.0.1:9/v1",
+        transport=AsyncNeverConnects(),
+        retry=RetryPolicy.none(),
+        timeout=Timeouts(connect=0.2),
+    ) as client:
+        with pytest.raises(holysheep.ConnectTimeoutError) as caught:
+            await client.chat.complete(model="m", messages=MESSAGES)
+        assert str(caught.value).startswith(
+            "connect timeout: no connection or response head within 0.2 s"
+        )
 
 
 def urllib3_example() -> BaseTransport:
@@ -1418,7 +1477,7 @@ def test_the_urllib3_example_bounds_the_wait_for_the_response_head(silent_server
         timeout=Timeouts(connect=0.3, ttft=1, idle=1, total=1),
     )
     started = time.monotonic()
-    with pytest.raises(holysheep.ConnectTimeoutError, match="no response head"):
+    with pytest.raises(holysheep.ConnectTimeoutError, match="no connection or response head"):
         client.chat.complete(model="m", messages=MESSAGES)
     assert time.monotonic() - started < 2
     client.close()
