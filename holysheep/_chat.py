@@ -33,6 +33,7 @@ import attrs
 
 from . import _sse
 from ._exceptions import (
+    ConfigurationError,
     HolySheepError,
     IncompleteStreamError,
     LocalProtocolError,
@@ -639,7 +640,9 @@ class ChatAccumulator:
         choices: int = 1,
     ) -> None:
         if type(choices) is not int or choices < 1:
-            raise ValueError(f"choices must be a positive int (the request's n), not {choices!r}")
+            raise ConfigurationError(
+                f"choices must be a positive int (the request's n), not {choices!r}"
+            )
         self.require_end = require_end
         #: The choices the request asked for (`n`), each of which must finish (see above).
         self.choices = choices

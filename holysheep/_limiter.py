@@ -160,12 +160,12 @@ def _optional_count(
 
 def _check_amount(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0 tokens, got {value!r}")
+        raise ConfigurationError(f"{name} must be an integer >= 0 tokens, got {value!r}")
 
 
 def _check_time(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{name} must be a time in seconds, got {value!r}")
+        raise ConfigurationError(f"{name} must be a time in seconds, got {value!r}")
 
 
 _CONFIG = attrs.setters.frozen  # limits are fixed at construction; the state is private

@@ -92,7 +92,7 @@ def _non_negative(instance: object, attribute: attrs.Attribute[float], value: fl
     # bool is an int to Python, but `input = true` in a price file is a mistake, not $1.
     ok = isinstance(value, int | float) and not isinstance(value, bool)
     if not (ok and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{attribute.name} must be a finite number >= 0, got {value!r}")
+        raise ConfigurationError(f"{attribute.name} must be a finite number >= 0, got {value!r}")
 
 
 @final
@@ -315,7 +315,9 @@ def parse_token_count(text: str) -> int:
     """`500M` -> 500_000_000: a count with an optional K, M or B suffix (decimal, 1.5B)."""
     match = _COUNT.match(text.replace("_", "").replace(",", ""))
     if match is None:
-        raise ValueError(f"expected a token count such as 500M, 1.5B or 20000, got {text!r}")
+        raise ConfigurationError(
+            f"expected a token count such as 500M, 1.5B or 20000, got {text!r}"
+        )
     number, suffix = match.groups()
     return round(float(number) * _SUFFIXES[suffix.upper()])
 
@@ -358,9 +360,9 @@ def monthly_roi(
     Raises `LookupError` when the gateway has no price for `model`.
     """
     if tokens_per_month < 0:
-        raise ValueError(f"tokens_per_month must be >= 0, got {tokens_per_month}")
+        raise ConfigurationError(f"tokens_per_month must be >= 0, got {tokens_per_month}")
     if not 0 <= output_share <= 1:
-        raise ValueError(f"output_share must be between 0 and 1, got {output_share}")
+        raise ConfigurationError(f"output_share must be between 0 and 1, got {output_share}")
     table = table if table is not None else PriceTable.default()
     key = normalize_model(model)
     if table.lookup(key) is None:

@@ -45,7 +45,7 @@ import json
 import os
 from typing import Any, NamedTuple, final
 
-from ._exceptions import LocalProtocolError, RemoteProtocolError
+from ._exceptions import ConfigurationError, LocalProtocolError, RemoteProtocolError
 
 try:  # the common case in C (_speedups.c); built when the installing machine has a compiler
     from . import _speedups
@@ -198,7 +198,7 @@ class SSEDecoder:
         max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
     ) -> None:
         if max_line_size < 1 or max_event_size < 1:
-            raise ValueError("max_line_size and max_event_size must be positive")
+            raise ConfigurationError("max_line_size and max_event_size must be positive")
         self.max_line_size = max_line_size
         self.max_event_size = max_event_size
         #: The last event ID string (WHATWG): send it back as `Last-Event-ID` to resume.
