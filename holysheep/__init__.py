@@ -53,7 +53,7 @@ from ._exceptions import (
     UnprocessableEntityError,
 )
 from ._exchange import Exchange, Request, StreamStats, Timeouts
-from ._limiter import Admit, RateLimiter, Ticket, Wait
+from ._limiter import Admission, Admit, RateLimiter, Ticket, TicketState, Wait
 from ._observe import Observer, RequestInfo
 from ._pricing import Cost, Price, PriceTable, RoiRow, cost_of, estimate_tokens, monthly_roi
 from ._retry import Classification, GiveUp, Retry, RetryDecision, RetryPolicy, classify
@@ -93,6 +93,7 @@ __all__ = [
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",
+    "Admission",
     "Admit",
     "AsyncClient",
     "AsyncStream",
@@ -148,6 +149,7 @@ __all__ = [
     "StreamInterruptedError",
     "StreamStats",
     "Ticket",
+    "TicketState",
     "Timeouts",
     "ToolCall",
     "ToolCallDelta",

@@ -483,3 +483,17 @@ def test_limiter_reads_no_clock() -> None:
         )
     }
     assert set() == imported & {"time", "random", "anyio", "asyncio", "socket", "threading"}
+
+
+def test_ticket_states_are_public() -> None:
+    """`ticket.state` can be compared without a private import: `holysheep.TicketState`."""
+    import holysheep
+
+    limiter = holysheep.RateLimiter(max_concurrent=1)
+    first, second = limiter.enqueue(1, 0.0), limiter.enqueue(1, 0.0)
+    decisions: list[holysheep.Admission] = [limiter.poll(first, 0.0), limiter.poll(second, 0.0)]
+    assert isinstance(decisions[0], holysheep.Admit)
+    assert (holysheep.TicketState.ADMITTED, holysheep.TicketState.WAITING) == (
+        first.state,
+        second.state,
+    )
