@@ -136,8 +136,9 @@ _tuple = tuple.__new__
 
 
 # HOLYSHEEP_NO_EXTENSIONS=1 runs the pure Python decoder even when the C part is built (the
-# tests run both; so does bench/sse_decode.py).
-_c_feed = None if _speedups is None or os.environ.get("HOLYSHEEP_NO_EXTENSIONS") else _speedups.feed
+# tests run both; so does bench/sse_decode.py). "0" and "" leave it on, as they read.
+_NO_EXTENSIONS = os.environ.get("HOLYSHEEP_NO_EXTENSIONS", "").strip() not in ("", "0")
+_c_feed = None if _speedups is None or _NO_EXTENSIONS else _speedups.feed
 if _speedups is not None:
     _speedups.setup(ServerSentEvent)
 

@@ -71,13 +71,33 @@ COMPILER = any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
 @pytest.mark.skipif(
     not COMPILER, reason="no C compiler here: the pure Python decoder is all there is"
 )
-@pytest.mark.skipif(bool(os.environ.get("HOLYSHEEP_NO_EXTENSIONS")), reason="turned off")
+@pytest.mark.skipif(
+    os.environ.get("HOLYSHEEP_NO_EXTENSIONS", "").strip() not in ("", "0"), reason="turned off"
+)
 def test_the_c_part_is_built_where_there_is_a_compiler() -> None:
     """An optional build that failed would go unnoticed: on a machine with a compiler it is in."""
     from holysheep import _chat, _sse
 
     assert _sse._c_feed is not None
     assert _chat._c_feed is not None
+
+
+@pytest.mark.skipif(not COMPILER, reason="no C compiler here: there is no C part to turn off")
+@pytest.mark.parametrize(("value", "off"), [("1", True), ("yes", True), ("0", False), ("", False)])
+def test_holysheep_no_extensions_turns_the_c_part_off(
+    tmp_path: Path, value: str, off: bool
+) -> None:
+    """`HOLYSHEEP_NO_EXTENSIONS=1` turns the C part off; `=0` leaves it on (it turned it off)."""
+    code = (
+        "import holysheep._sse as s, holysheep._chat as c\n"
+        "print(s._c_feed is None, c._c_feed is None)"
+    )
+    env = {**os.environ, "HOLYSHEEP_NO_EXTENSIONS": value}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert (0, f"{off} {off}\n") == (result.returncode, result.stdout), result.stderr
 
 
 def test_holysheep_works_without_the_c_part(tmp_path: Path) -> None:
