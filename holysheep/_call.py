@@ -388,6 +388,8 @@ class Call:
         """The exception the caller sees when we give up, with the call's attempts on it."""
         failure = self._error_to_raise(error, decision)
         failure.attempts = self.attempt
+        if failure is error and decision.cut_short is not None:
+            failure.not_retried = decision.cut_short  # an interruption's message says it
         return failure
 
     def _error_to_raise(self, error: HolySheepError, decision: GiveUp) -> HolySheepError:
@@ -440,11 +442,11 @@ def _within_total(
     left = sent + total - now
     if decision.delay < left:
         return decision
-    return GiveUp(
+    why = (
         f"the total timeout of {total:g} s would pass during the {decision.delay:.2f} s wait "
-        f"({max(left, 0.0):.2f} s left)",
-        decision.pause,
+        f"({max(left, 0.0):.2f} s left)"
     )
+    return GiveUp(why, decision.pause, why)
 
 
 def check_on_interrupt(value: object) -> None:

@@ -77,6 +77,10 @@ class HolySheepError(Exception):
     #: in the message when there was more than one, so a final 503 does not read as the first).
     attempts: int | None = None
 
+    #: For an error a client gave up on though its kind is retried: the limit that stopped
+    #: the retry (a Retry-After past `max_retry_after`, the retry budget, the total timeout).
+    not_retried: str | None = None
+
     def __init__(
         self,
         message: str,
@@ -99,6 +103,8 @@ class HolySheepError(Exception):
             details.append(f"request_id={self.request_id}")
         if self.attempts is not None and self.attempts > 1:
             details.append(f"attempts={self.attempts}")
+        if self.not_retried is not None:
+            details.append(f"not retried: {self.not_retried}")
         return details
 
     def __str__(self) -> str:

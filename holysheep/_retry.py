@@ -114,11 +114,15 @@ class GiveUp:
 
     `pause` is set when the error is a 429 naming a wait: this request stops, but the account
     is still throttled, so a shared rate limiter should hold the others back that long
-    (capped at `max_retry_after`).
+    (capped at `max_retry_after`). `cut_short` is set when the error was one to retry and a
+    limit other than the attempt count stopped it (a Retry-After past `max_retry_after`, the
+    retry budget, the total timeout): the error's message says which, as the reason would
+    otherwise be only in logs and hooks.
     """
 
     reason: str
     pause: float | None = None
+    cut_short: str | None = None
 
 
 RetryDecision: TypeAlias = Retry | GiveUp
@@ -377,11 +381,11 @@ class RetryPolicy:
             source = f"the server's Retry-After of {delay:g} s"
             if delay > self.max_retry_after:
                 if self.on_long_retry_after == "raise":
-                    return GiveUp(
-                        f"{what}: the server asked to wait {delay:g} s, longer than "
-                        f"max_retry_after of {self.max_retry_after:g} s",
-                        pause,
+                    why = (
+                        f"the server asked to wait {delay:g} s, longer than "
+                        f"max_retry_after of {self.max_retry_after:g} s"
                     )
+                    return GiveUp(f"{what}: {why}", pause, why)
                 delay = self.max_retry_after
                 source += " capped at max_retry_after"
         elif (hint := _seconds(retry_delay_hint)) is not None:
@@ -395,11 +399,11 @@ class RetryPolicy:
             source = "exponential backoff"
 
         if self.timeout is not None and elapsed + delay > self.timeout:
-            return GiveUp(
-                f"{what}: the retry budget of {self.timeout:g} s would be exceeded "
-                f"({elapsed:.2f} s elapsed + {delay:.2f} s wait)",
-                pause,
+            why = (
+                f"the retry budget of {self.timeout:g} s would be exceeded "
+                f"({elapsed:.2f} s elapsed + {delay:.2f} s wait)"
             )
+            return GiveUp(f"{what}: {why}", pause, why)
         return Retry(
             delay,
             f"{verdict.reason}; attempt {attempt + 1} of {self.attempts} in {delay:.2f} s "

@@ -19,7 +19,9 @@ from holysheep import (
     Attempt,
     BadRequestError,
     ConnectError,
+    InternalServerError,
     RateLimiter,
+    RateLimitError,
     RetryPolicy,
     StreamError,
     StreamInterruptedError,
@@ -1017,3 +1019,42 @@ def test_the_final_error_says_how_many_attempts_were_made() -> None:
         made.close()
     assert 3 == info.value.attempts
     assert "attempts=3" in str(info.value)
+
+
+def test_an_error_cut_short_by_a_limit_says_which() -> None:
+    """A 429 whose Retry-After is past `max_retry_after`, and a 503 whose wait would pass the
+    retry budget, are raised at once: the message said neither why nor that it could have been
+    retried (only the log and the hooks did)."""
+    with serve() as upstream:
+        upstream.enqueue({"fault": {"kind": "status", "status": 429, "retry_after": 120}})
+        with pytest.raises(RateLimitError) as long_wait:
+            client(upstream).chat.complete(model="m", messages=MESSAGES)
+        upstream.enqueue({"fault": {"kind": "status", "status": 503, "retry_after": 2}})
+        with pytest.raises(InternalServerError) as budget:
+            client(upstream, retry=attrs.evolve(FAST, timeout=1.0)).chat.complete(
+                model="m", messages=MESSAGES
+            )
+        upstream.enqueue(*[{"fault": {"kind": "status", "status": 503}}] * 4)
+        with pytest.raises(InternalServerError) as used_up:
+            client(upstream).chat.complete(model="m", messages=MESSAGES)
+    why = "the server asked to wait 120 s, longer than max_retry_after of 60 s"
+    assert (why, 1) == (long_wait.value.not_retried, long_wait.value.attempts)
+    assert str(long_wait.value).endswith(f", not retried: {why})")
+    assert budget.value.not_retried is not None
+    assert budget.value.not_retried.startswith("the retry budget of 1 s would be exceeded")
+    assert f"not retried: {budget.value.not_retried})" in str(budget.value)
+    # The attempts running out is no limit cutting the retries short: `attempts=4` says it.
+    assert (None, 4) == (used_up.value.not_retried, used_up.value.attempts)
+    assert "not retried" not in str(used_up.value)
+
+
+def test_a_retry_the_total_timeout_would_cut_says_so() -> None:
+    """A wait that would run past `total` is not made, and the error says that was the limit."""
+    with serve() as upstream:
+        upstream.enqueue({"fault": {"kind": "status", "status": 503, "retry_after": 1}})
+        with pytest.raises(InternalServerError) as info:
+            client(upstream, timeout=Timeouts(total=0.5)).chat.complete(
+                model="m", messages=MESSAGES
+            )
+    assert info.value.not_retried is not None
+    assert info.value.not_retried.startswith("the total timeout of 0.5 s would pass")
