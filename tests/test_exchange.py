@@ -17,6 +17,7 @@ from holysheep import (
     APIStatusError,
     AuthenticationError,
     BadRequestError,
+    Client,
     ConfigurationError,
     ConflictError,
     Exchange,
@@ -37,7 +38,7 @@ from holysheep import (
 )
 from holysheep._config import ClientConfig
 from holysheep._exchange import parse_retry_after
-from holysheep.transports import sse_body
+from holysheep.transports import MockResponse, MockTransport, sse_body
 
 SSE = {"content-type": "text/event-stream; charset=utf-8", "x-request-id": "req_server"}
 
@@ -164,6 +165,15 @@ def test_a_header_value_http_cannot_carry_fails_at_construction(
         ClientConfig.from_arguments("k", None, None, {"x-n": value}, True)  # type: ignore[dict-item]
 
 
+def test_a_tab_inside_a_header_value_is_sent_as_it_is() -> None:
+    """HTTP allows a tab between the visible characters of a value (RFC 9110 5.5): it is not
+    refused like a control character, and reaches the server unchanged."""
+    transport = MockTransport([MockResponse(chunks=sse_body("ok"))])
+    client = Client(api_key="k", transport=transport, headers={"x-note": "a\tb"})
+    assert "ok" == client.chat.complete(model="m", messages=[]).text
+    assert "a\tb" == transport.requests[0].header("x-note")
+
+
 def test_whitespace_around_an_api_key_is_not_part_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """A key read from a secrets file keeps its newline, which was sent (and quoted in the
     error) or refused deep in a transport; a key inside still fails, unquoted."""
@@ -240,6 +250,16 @@ def test_stream_false_is_refused_and_stream_options_keep_usage() -> None:
     assert {"include_usage": True} == json.loads(none.start_attempt(0.0).request.content)[
         "stream_options"
     ]
+
+
+def test_stream_options_that_are_not_an_object_are_sent_for_the_server_to_judge() -> None:
+    """Only an object can take `include_usage`; anything else is the caller's, sent as
+    given (the API refuses it with a 400 naming the field), not silently replaced."""
+    transport = MockTransport([MockResponse(chunks=sse_body("ok"))])
+    Client(api_key="k", transport=transport).chat.complete(
+        model="m", messages=[], stream_options=["include_usage"]
+    )
+    assert ["include_usage"] == json.loads(transport.requests[0].content)["stream_options"]
 
 
 @pytest.mark.parametrize(
