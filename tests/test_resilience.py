@@ -512,6 +512,61 @@ def test_a_resume_that_goes_on_is_not_checked_for_the_completion_id() -> None:
     made.close()
 
 
+def test_a_resume_drops_replayed_events_even_when_the_request_id_was_read_first() -> None:
+    """Reading `stream.request_id` before the stream is sent prepares its first attempt; in
+    resume mode that attempt must record its event ids too, or a server that replays the
+    events already delivered has them shown twice."""
+    words = ["The ", "cat ", "sat."]
+    events = [_chunk(i, "chatcmpl-A", {"content": w}) for i, w in enumerate(words, 1)]
+    end = [_chunk(4, "chatcmpl-A", {}, "stop"), b"data: [DONE]\n\n"]
+    transport = holysheep.transports.MockTransport(
+        [MockResponse(chunks=events[:2], fault="drop"), MockResponse(chunks=events + end)]
+    )
+    made = holysheep.Client(api_key="k", transport=transport, retry=FAST, on_interrupt="resume")
+    stream = made.chat.stream(model="m", messages=MESSAGES)
+    request_id = stream.request_id
+    with stream:
+        shown = "".join(chunk.text for chunk in stream)
+    made.close()
+    assert ("The cat sat.", "The cat sat.") == (shown, stream.completion.text)
+    assert [request_id, request_id] == [r.header("x-request-id") for r in transport.requests]
+    assert "2" == transport.requests[1].header("last-event-id")
+
+
+class _RaisesInterrupted(holysheep.transports.MockTransport):
+    """A transport (one relaying another holysheep stream, say) that reports the break as
+    `StreamInterruptedError` itself, after the chunks."""
+
+    def __init__(self, error: StreamInterruptedError) -> None:
+        super().__init__([MockResponse(chunks=sse_body("Hello", " there")[:2])])
+        self.error = error
+
+    def send(self, request: holysheep.Request) -> holysheep.transports.Response:
+        response = super().send(request)
+        error = self.error
+
+        def body() -> Any:
+            yield from response.stream
+            raise error
+
+        return attrs.evolve(response, stream=body())
+
+
+def test_a_stream_interrupted_error_from_the_transport_reaches_the_caller_unwrapped() -> None:
+    """It already says the stream broke after content came: the caller gets that very error,
+    not another `StreamInterruptedError` wrapped around it."""
+    error = StreamInterruptedError("the relay lost its upstream")
+    made = holysheep.Client(api_key="k", transport=_RaisesInterrupted(error), retry=FAST)
+    shown: list[str] = []
+    with (
+        pytest.raises(StreamInterruptedError) as info,
+        made.chat.stream(model="m", messages=MESSAGES) as stream,
+    ):
+        shown.extend(chunk.text for chunk in stream)
+    made.close()
+    assert ("Hello", error) == ("".join(shown), info.value)  # exceptions compare by identity
+
+
 def test_a_break_before_every_choice_finished_is_resumed() -> None:
     """With `n=2`, a drop after choice 0 finished, in the middle of choice 1, is an
     interruption like any other: resumed, it gives both whole answers (it ended the stream as
@@ -884,6 +939,18 @@ def test_the_total_timeout_ends_the_call_and_is_not_retried() -> None:
             )
         assert time.monotonic() - started < 0.9
         assert 1 == len(upstream.requests)
+
+
+def test_without_a_total_timeout_failures_are_retried_as_the_policy_says() -> None:
+    """`Timeouts(total=None)` puts no bound on the call: a 503 is retried, and the second
+    attempt's request carries no total either."""
+    transport = MockTransport([MockResponse(status_code=503), MockResponse(chunks=sse_body("ok"))])
+    made = holysheep.Client(
+        api_key="k", transport=transport, retry=FAST, timeout=Timeouts(total=None)
+    )
+    assert "ok" == made.chat.complete(model="m", messages=MESSAGES).text
+    made.close()
+    assert [None, None] == [request.timeouts.total for request in transport.requests]
 
 
 def test_the_total_timeout_counts_from_the_first_attempt_across_resumes() -> None:
