@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -17,9 +18,12 @@ from holysheep import (
     APIStatusError,
     AuthenticationError,
     BadRequestError,
+    Call,
+    ChatAccumulator,
     Client,
     ConfigurationError,
     ConflictError,
+    ConnectError,
     Exchange,
     FirstTokenTimeoutError,
     IdleTimeoutError,
@@ -29,6 +33,8 @@ from holysheep import (
     PermissionDeniedError,
     RateLimitError,
     RemoteProtocolError,
+    Retry,
+    RetryPolicy,
     StreamError,
     Timeouts,
     TotalTimeoutError,
@@ -123,6 +129,50 @@ def test_each_request_gets_random_ids_unless_given(
                 int(digits, 16)
                 assert digits not in seen
                 seen.add(digits)
+
+
+def make_call(**options: Any) -> Call:
+    def make_exchange(headers: Mapping[str, str], accumulator: ChatAccumulator | None) -> Exchange:
+        return Exchange(
+            url="http://127.0.0.1:1/v1/chat/completions",
+            api_key="k",
+            body={"model": "m", "messages": []},
+            timeouts=Timeouts(),
+            headers=headers,
+            accumulator=accumulator,
+        )
+
+    return Call(make_exchange, policy=RetryPolicy(), random=lambda: 0.0, **options)
+
+
+def test_a_call_made_without_an_idempotency_key_sends_one_of_its_own_on_every_attempt() -> None:
+    """`Call` used directly: a generated key (128 random bits), the same on each attempt, so
+    a gateway can tell the retry from a new request; a key given is used as it is."""
+    call = make_call()
+    first = call.start_attempt(0.0)
+    assert isinstance(call.failed(ConnectError("refused"), 0.1, None), Retry)
+    second = call.start_attempt(1.0)
+    key = call.idempotency_key
+    assert (key, key) == (
+        first.request.header("idempotency-key"),
+        second.request.header("idempotency-key"),
+    )
+    assert (8 + 32, True) == (len(key), key.startswith("hs-idem-"))
+    assert key != make_call().idempotency_key
+    assert "mine" == make_call(idempotency_key="mine").idempotency_key
+
+
+def test_peek_is_the_exchange_the_first_attempt_uses_and_then_the_current_one() -> None:
+    """Reading before the stream is sent costs no attempt; afterwards it reads the attempt
+    under way."""
+    call = make_call()
+    before = call.peek()
+    assert (0, before) == (call.attempt, call.peek())
+    assert before is call.start_attempt(0.0)
+    call.failed(ConnectError("refused"), 0.1, None)
+    second = call.start_attempt(1.0)
+    assert (2, second) == (call.attempt, call.peek())
+    assert second is not before
 
 
 def test_missing_api_key_names_the_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
