@@ -29,6 +29,7 @@ from holysheep import (
     IdleTimeoutError,
     IncompleteStreamError,
     InternalServerError,
+    LocalProtocolError,
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
@@ -173,6 +174,16 @@ def test_peek_is_the_exchange_the_first_attempt_uses_and_then_the_current_one() 
     second = call.start_attempt(1.0)
     assert (2, second) == (call.attempt, call.peek())
     assert second is not before
+
+
+def test_reporting_a_failure_before_any_attempt_is_the_callers_mistake() -> None:
+    """`failed()` says how an attempt ended: before `start_attempt()` there is none, which is
+    a `LocalProtocolError` naming the fix (it was a ValueError from deep in the policy)."""
+    fresh, peeked = make_call(), make_call()
+    peeked.peek()
+    for call in (fresh, peeked):
+        with pytest.raises(LocalProtocolError, match=r"call start_attempt\(\) first"):
+            call.failed(ConnectError("refused"), 0.0, None)
 
 
 def test_missing_api_key_names_the_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
