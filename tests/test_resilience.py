@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import _thread
 import json
 import logging
+import signal
 import socket
 import threading
 import time
@@ -852,6 +854,64 @@ async def test_limiter_caps_concurrency_across_tasks() -> None:
                 for _ in range(8):
                     tg.start_soon(one)
     assert (2, 0) == (peak, limiter.in_flight)
+
+
+def _queued_behind_a_held_slot() -> tuple[RateLimiter, MockTransport, holysheep.Client]:
+    limiter = RateLimiter(max_concurrent=1)
+    transport = MockTransport(lambda request: MockResponse(chunks=sse_body("ok")))
+    made = holysheep.Client(api_key="k", transport=transport, limiter=limiter, retry=FAST)
+    return limiter, transport, made
+
+
+def test_closing_a_stream_queued_in_the_limiter_takes_it_out_of_the_queue() -> None:
+    """`close()` from another thread while `open()` waits for a slot: `open()` returns
+    without sending, and the stream's place in the queue is given up."""
+    limiter, transport, made = _queued_behind_a_held_slot()
+    holder = made.chat.stream(model="m", messages=MESSAGES)
+    holder.open()
+    queued = made.chat.stream(model="m", messages=MESSAGES)
+    opener = threading.Thread(target=queued.open)
+    opener.start()
+    deadline = time.monotonic() + 3.0
+    while not limiter.waiting and time.monotonic() < deadline:
+        time.sleep(0.01)
+    queued.close()
+    opener.join(3.0)
+    assert (False, 0, 1, 1) == (
+        opener.is_alive(),
+        limiter.waiting,
+        limiter.in_flight,
+        len(transport.requests),
+    )
+    holder.close()
+    made.close()
+
+
+def test_ctrl_c_while_queued_in_the_limiter_takes_the_stream_out_of_the_queue() -> None:
+    """KeyboardInterrupt in a thread waiting for a slot: its ticket leaves the queue, so the
+    next caller is not stuck behind it for good once the slot comes free."""
+    limiter, transport, made = _queued_behind_a_held_slot()
+    holder = made.chat.stream(model="m", messages=MESSAGES)
+    holder.open()
+    queued = made.chat.stream(model="m", messages=MESSAGES)
+    # Python's own Ctrl-C handler: pytest started in the background by a non-interactive
+    # shell inherits SIGINT ignored, and the interrupt would never land. Should it not land
+    # anyway, a close ends the wait, so the test fails instead of hanging.
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    rescue = threading.Timer(5.0, queued.close)
+    rescue.start()
+    try:
+        threading.Timer(0.2, _thread.interrupt_main).start()
+        with pytest.raises(KeyboardInterrupt):
+            queued.open()
+    finally:
+        rescue.cancel()
+        signal.signal(signal.SIGINT, handler)
+    assert (0, 1) == (limiter.waiting, limiter.in_flight)
+    holder.close()
+    assert "ok" == made.chat.complete(model="m", messages=MESSAGES).text
+    made.close()
+    assert (0, 2) == (limiter.in_flight, len(transport.requests))
 
 
 class _CloseFails(holysheep.transports.MockTransport):
