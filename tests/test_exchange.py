@@ -477,6 +477,21 @@ def test_an_error_body_whose_error_is_a_string_quotes_that_string() -> None:
     )
 
 
+@pytest.mark.parametrize("body", [b'{"error": null}', b'{"error": 42}', b'{"error": ["no"]}'])
+def test_an_error_body_whose_error_is_no_object_or_string_is_quoted_as_it_came(
+    body: bytes,
+) -> None:
+    """No message to pick out: the body itself is the message, and the parsed JSON is kept."""
+    exchange = make()
+    exchange.on_headers(500, {}, 0.0)
+    exc = exchange.error_for_body(body)
+    assert (f"HTTP 500 from http://127.0.0.1:1/v1/chat/completions: {body.decode()}", None) == (
+        exc.message,
+        exc.type,
+    )
+    assert json.loads(body) == exc.body
+
+
 def test_non_json_error_body_is_quoted() -> None:
     """A plain-text or HTML error body is shown as it is, truncated."""
     exchange = make()
