@@ -36,6 +36,7 @@ from ._exceptions import (
     HolySheepError,
     IdleTimeoutError,
     IncompleteStreamError,
+    LocalProtocolError,
     StreamError,
     StreamInterruptedError,
 )
@@ -280,24 +281,28 @@ class Call:
     def failed(self, error: HolySheepError, now: float, wall_clock: float | None) -> Retry | GiveUp:
         """What to do about `error`, which ended the current attempt."""
         exchange = self.exchange
-        progressed = exchange is not None and exchange.progressed
-        if exchange is not None:
-            self._earlier = self._earlier.add(exchange)
-            if progressed or self._budget_from is None:
-                # Content came since the last failure (or this is the first): a new run of
-                # failures, with the whole budget. The time in the queue before is not ours.
-                started = exchange.started
-                self._budget_from = now if progressed or started is None else started
-                if progressed and self.on_interrupt == "resume":
-                    # Resumed progress is kept, so each run gets every attempt; a restart
-                    # starts over and would loop on a server that always drops.
-                    self._run_start = self.attempt - 1
-        elapsed = now - (self._budget_from if self._budget_from is not None else now)
+        if exchange is None or self.attempt < 1:
+            raise LocalProtocolError(
+                "Call.failed() reports how an attempt ended, and none was started: "
+                "call start_attempt() first"
+            )
+        progressed = exchange.progressed
+        self._earlier = self._earlier.add(exchange)
+        if progressed or self._budget_from is None:
+            # Content came since the last failure (or this is the first): a new run of
+            # failures, with the whole budget. The time in the queue before is not ours.
+            started = exchange.started
+            self._budget_from = now if progressed or started is None else started
+            if progressed and self.on_interrupt == "resume":
+                # Resumed progress is kept, so each run gets every attempt; a restart
+                # starts over and would loop on a server that always drops.
+                self._run_start = self.attempt - 1
+        elapsed = now - self._budget_from
         if progressed:
             self._broken = None  # the reconnection worked: this is a new interruption
         reconnecting = self._broken is not None
         hint = None
-        if exchange is not None and exchange.accumulator.decoder.retry is not None:
+        if exchange.accumulator.decoder.retry is not None:
             # Any number of digits is a valid `retry:`; a day is far past any wait we honour.
             hint = min(exchange.accumulator.decoder.retry, _A_DAY_MS) / 1000
         # Reconnecting after an interruption, any failure is part of it: a 503 or a timeout on
@@ -317,10 +322,10 @@ class Call:
                 wall_clock=wall_clock,
                 retry_delay_hint=hint,
             )
-        if isinstance(decision, Retry) and exchange is not None:
+        if isinstance(decision, Retry):
             decision = _within_total(decision, exchange, self._earlier.sent, now)
         if isinstance(decision, Retry) and interrupted:
-            if self._broken is None and exchange is not None:
+            if self._broken is None:
                 self._broken = exchange.completion
             if self.on_interrupt == "resume":
                 self._resume_from = self._last_event_id()

@@ -604,7 +604,9 @@ class Exchange:
     def _identify(self, exc: HolySheepError) -> None:
         """Fill in what the accumulator cannot know: the status, the request id and, once
         chunks were delivered, the partial completion."""
-        if exc.request_id is None:
+        # No accumulator error carries a request id today; one that did (a server's own, from
+        # an in-band error) would be the more precise one, so it is kept.
+        if exc.request_id is None:  # pragma: no branch - a guard, see above
             exc.request_id = self.server_request_id or self.request_id
         if exc.status_code is None:
             exc.status_code = self.status_code

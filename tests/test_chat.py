@@ -165,6 +165,20 @@ def test_a_partial_completion_before_choice_0_began_reads_choice_0() -> None:
     assert [(1, "y")] == [(c.index, c.text) for c in completion.choices]
 
 
+def test_a_negative_choice_index_listed_first_does_not_hide_choice_0() -> None:
+    """A gateway's choice -1 sorts before choice 0; `text` and `finish_reason` still read 0."""
+    stream = b"".join(
+        [
+            chunk(choices=[{"index": -1, "delta": {"content": "minus"}, "finish_reason": "stop"}]),
+            chunk(choices=[{"index": 0, "delta": {"content": "zero"}, "finish_reason": "length"}]),
+            DONE,
+        ]
+    )
+    completion = run(stream).completion
+    assert [-1, 0] == [c.index for c in completion.choices]
+    assert ("zero", "length") == (completion.text, completion.finish_reason)
+
+
 def test_reasoning_and_refusal_are_kept_apart_from_text() -> None:
     """DeepSeek-style reasoning and refusals do not leak into `text`."""
     acc = ChatAccumulator()
@@ -285,6 +299,28 @@ def test_a_new_call_without_index_takes_an_unused_index() -> None:
     assert [("a", "f", '{"x":1}', 1), ("b", "g", "{}", 2)] == [
         (c.id, c.name, c.arguments, c.index) for c in calls
     ]
+
+
+def test_tool_call_fragments_that_are_not_objects_are_skipped() -> None:
+    """A string or a number among `tool_calls` is no fragment: the calls around it merge."""
+    stream = tool_stream(
+        [{"index": 0, "id": "a", "function": fn("f", "{")}, "junk", 7],
+        [None, {"index": 0, "function": fn(arguments="}")}],
+    )
+    calls = run(stream).completion.tool_calls
+    assert [("a", "f", "{}")] == [(c.id, c.name, c.arguments) for c in calls]
+
+
+def test_a_tool_call_fragment_without_a_function_object_keeps_its_id_and_type() -> None:
+    """No `function` (or one that is not an object) adds no name or arguments, but the call
+    still exists with its id and type, and later fragments complete it."""
+    stream = tool_stream(
+        [{"index": 0, "id": "a", "type": "custom"}],
+        [{"index": 0, "function": "not an object"}],
+        [{"index": 0, "function": fn("f", "{}")}],
+    )
+    calls = run(stream).completion.tool_calls
+    assert [("a", "custom", "f", "{}")] == [(c.id, c.type, c.name, c.arguments) for c in calls]
 
 
 def test_fragments_without_index_or_id_continue_the_latest_call() -> None:
@@ -1115,3 +1151,10 @@ def test_raw_is_the_chunk_json_parsed_when_read() -> None:
     assert len(expected) == len(first.raw)
     assert "x_extra" in first.raw
     assert ("chatcmpl-1", "gpt-4.1") == (first.id, first.model)
+
+
+def test_raw_reads_like_the_parsed_json_in_a_repr() -> None:
+    """`repr(chunk.raw)` is that of the parsed dict, not of a lazy wrapper hiding it."""
+    acc = ChatAccumulator()
+    (first,) = acc.feed(chunk({"content": "Hi"}))
+    assert repr(json.loads(chunk({"content": "Hi"})[6:])) == repr(first.raw)

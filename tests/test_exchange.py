@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -13,27 +14,38 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from holysheep import (
+    APIConnectionError,
     APIStatusError,
     AuthenticationError,
     BadRequestError,
+    Call,
+    ChatAccumulator,
+    Client,
     ConfigurationError,
     ConflictError,
+    ConnectError,
     Exchange,
     FirstTokenTimeoutError,
     IdleTimeoutError,
     IncompleteStreamError,
     InternalServerError,
+    LocalProtocolError,
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
+    RemoteProtocolError,
+    Retry,
+    RetryPolicy,
+    StreamError,
     Timeouts,
     TotalTimeoutError,
     UnexpectedContentTypeError,
     UnprocessableEntityError,
+    _exchange,
 )
 from holysheep._config import ClientConfig
 from holysheep._exchange import parse_retry_after
-from holysheep.transports import sse_body
+from holysheep.transports import MockResponse, MockTransport, sse_body
 
 SSE = {"content-type": "text/event-stream; charset=utf-8", "x-request-id": "req_server"}
 
@@ -120,6 +132,60 @@ def test_each_request_gets_random_ids_unless_given(
                 seen.add(digits)
 
 
+def make_call(**options: Any) -> Call:
+    def make_exchange(headers: Mapping[str, str], accumulator: ChatAccumulator | None) -> Exchange:
+        return Exchange(
+            url="http://127.0.0.1:1/v1/chat/completions",
+            api_key="k",
+            body={"model": "m", "messages": []},
+            timeouts=Timeouts(),
+            headers=headers,
+            accumulator=accumulator,
+        )
+
+    return Call(make_exchange, policy=RetryPolicy(), random=lambda: 0.0, **options)
+
+
+def test_a_call_made_without_an_idempotency_key_sends_one_of_its_own_on_every_attempt() -> None:
+    """`Call` used directly: a generated key (128 random bits), the same on each attempt, so
+    a gateway can tell the retry from a new request; a key given is used as it is."""
+    call = make_call()
+    first = call.start_attempt(0.0)
+    assert isinstance(call.failed(ConnectError("refused"), 0.1, None), Retry)
+    second = call.start_attempt(1.0)
+    key = call.idempotency_key
+    assert (key, key) == (
+        first.request.header("idempotency-key"),
+        second.request.header("idempotency-key"),
+    )
+    assert (8 + 32, True) == (len(key), key.startswith("hs-idem-"))
+    assert key != make_call().idempotency_key
+    assert "mine" == make_call(idempotency_key="mine").idempotency_key
+
+
+def test_peek_is_the_exchange_the_first_attempt_uses_and_then_the_current_one() -> None:
+    """Reading before the stream is sent costs no attempt; afterwards it reads the attempt
+    under way."""
+    call = make_call()
+    before = call.peek()
+    assert (0, before) == (call.attempt, call.peek())
+    assert before is call.start_attempt(0.0)
+    call.failed(ConnectError("refused"), 0.1, None)
+    second = call.start_attempt(1.0)
+    assert (2, second) == (call.attempt, call.peek())
+    assert second is not before
+
+
+def test_reporting_a_failure_before_any_attempt_is_the_callers_mistake() -> None:
+    """`failed()` says how an attempt ended: before `start_attempt()` there is none, which is
+    a `LocalProtocolError` naming the fix (it was a ValueError from deep in the policy)."""
+    fresh, peeked = make_call(), make_call()
+    peeked.peek()
+    for call in (fresh, peeked):
+        with pytest.raises(LocalProtocolError, match=r"call start_attempt\(\) first"):
+            call.failed(ConnectError("refused"), 0.0, None)
+
+
 def test_missing_api_key_names_the_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
     """No key anywhere is a clear error at construction."""
     monkeypatch.delenv("HOLYSHEEP_API_KEY", raising=False)
@@ -158,6 +224,15 @@ def test_a_header_value_http_cannot_carry_fails_at_construction(
     transport, which called it a connection failure, retried it 4 times, and quoted it."""
     with pytest.raises(ConfigurationError, match=message):
         ClientConfig.from_arguments("k", None, None, {"x-n": value}, True)  # type: ignore[dict-item]
+
+
+def test_a_tab_inside_a_header_value_is_sent_as_it_is() -> None:
+    """HTTP allows a tab between the visible characters of a value (RFC 9110 5.5): it is not
+    refused like a control character, and reaches the server unchanged."""
+    transport = MockTransport([MockResponse(chunks=sse_body("ok"))])
+    client = Client(api_key="k", transport=transport, headers={"x-note": "a\tb"})
+    assert "ok" == client.chat.complete(model="m", messages=[]).text
+    assert "a\tb" == transport.requests[0].header("x-note")
 
 
 def test_whitespace_around_an_api_key_is_not_part_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -238,6 +313,16 @@ def test_stream_false_is_refused_and_stream_options_keep_usage() -> None:
     ]
 
 
+def test_stream_options_that_are_not_an_object_are_sent_for_the_server_to_judge() -> None:
+    """Only an object can take `include_usage`; anything else is the caller's, sent as
+    given (the API refuses it with a 400 naming the field), not silently replaced."""
+    transport = MockTransport([MockResponse(chunks=sse_body("ok"))])
+    Client(api_key="k", transport=transport).chat.complete(
+        model="m", messages=[], stream_options=["include_usage"]
+    )
+    assert ["include_usage"] == json.loads(transport.requests[0].content)["stream_options"]
+
+
 @pytest.mark.parametrize(
     ("option", "hint"),
     [
@@ -280,6 +365,17 @@ def test_env_vars_configure_key_and_url(monkeypatch: pytest.MonkeyPatch) -> None
         "http://127.0.0.1:9/v1"
         == ClientConfig.from_arguments(None, None, None, None, True).base_url
     )
+
+
+def test_without_an_api_key_no_authorization_header_is_sent() -> None:
+    """A gateway that needs no key (a local server) gets no `Authorization: Bearer` at all."""
+    exchange = Exchange(
+        url="http://127.0.0.1:1/v1/chat/completions",
+        api_key=None,
+        body={"model": "m", "messages": []},
+        timeouts=Timeouts(),
+    )
+    assert [] == [value for name, value in exchange.request.headers if name == "authorization"]
 
 
 def test_a_clean_stream_accumulates_and_measures() -> None:
@@ -367,6 +463,33 @@ def test_rate_limit_error_carries_retry_after() -> None:
     exc = exchange.error_for_body(b"")
     assert isinstance(exc, RateLimitError)
     assert (7.0, "(empty body)") == (exc.retry_after, exc.message.split(": ", 1)[1])
+
+
+def test_an_error_body_whose_error_is_a_string_quotes_that_string() -> None:
+    """`{"error": "..."}` (some gateways' shape): the string is the message, with no type."""
+    exchange = make()
+    exchange.on_headers(403, {}, 0.0)
+    exc = exchange.error_for_body(b'{"error": "key disabled"}')
+    assert isinstance(exc, PermissionDeniedError)
+    assert ("HTTP 403 from http://127.0.0.1:1/v1/chat/completions: key disabled", None) == (
+        exc.message,
+        exc.type,
+    )
+
+
+@pytest.mark.parametrize("body", [b'{"error": null}', b'{"error": 42}', b'{"error": ["no"]}'])
+def test_an_error_body_whose_error_is_no_object_or_string_is_quoted_as_it_came(
+    body: bytes,
+) -> None:
+    """No message to pick out: the body itself is the message, and the parsed JSON is kept."""
+    exchange = make()
+    exchange.on_headers(500, {}, 0.0)
+    exc = exchange.error_for_body(body)
+    assert (f"HTTP 500 from http://127.0.0.1:1/v1/chat/completions: {body.decode()}", None) == (
+        exc.message,
+        exc.type,
+    )
+    assert json.loads(body) == exc.body
 
 
 def test_non_json_error_body_is_quoted() -> None:
@@ -489,6 +612,100 @@ def test_total_timeout_error() -> None:
     exchange.on_headers(200, SSE, 0.0)
     exchange.on_data(b"".join(sse_body("a")[:2]), 0.9)
     assert isinstance(exchange.timeout_error(1.0), TotalTimeoutError)
+
+
+def test_a_stream_without_content_has_no_rate_and_says_so() -> None:
+    """No first token yet: no `ttft` and no tokens/s, shown as "-" in the summary."""
+    exchange = make()
+    exchange.start(0.0)
+    exchange.on_headers(200, SSE, 0.1)
+    stats = exchange.stats(0.5)
+    assert (None, None) == (stats.ttft, stats.tokens_per_s)
+    expected = "ttft - | ~0 tokens in 0.50 s | - tokens/s | 0 events, 0 bytes | attempts 1"
+    assert f"{expected} | request req_server" == stats.summary()
+
+
+def test_a_timeout_from_value_sets_connect_ttft_and_idle_but_not_total() -> None:
+    """`timeout=5` bounds each wait, not the whole stream: `total` keeps its default."""
+    assert Timeouts(connect=5, ttft=5, idle=5, total=1800) == Timeouts.from_value(5)
+
+
+def test_a_later_attempt_may_wait_for_its_head_only_what_is_left_of_total() -> None:
+    """`total` counts from the first attempt's send; without a `total` the request's
+    timeouts are left as they are."""
+    bounded = make(Timeouts(total=100))
+    bounded.continues(0.0)
+    bounded.start(30.0)
+    unbounded = make(Timeouts(total=None))
+    unbounded.continues(0.0)
+    unbounded.start(30.0)
+    assert (70.0, Timeouts(total=None)) == (
+        bounded.request.timeouts.total,
+        unbounded.request.timeouts,
+    )
+
+
+def test_a_read_that_fails_after_a_deadline_passed_is_that_timeout() -> None:
+    """The read broke, but the first token was already overdue: the caller learns about the
+    timeout (what went wrong first), not about a cut stream."""
+    exchange = make(Timeouts(ttft=5))
+    exchange.start(0.0)
+    exchange.on_headers(200, SSE, 0.1)
+    exc = exchange.interrupted(ConnectionResetError("reset by peer"), 6.0)
+    assert isinstance(exc, FirstTokenTimeoutError)
+    assert (5, 6.0) == (exc.limit, exc.elapsed)
+
+
+def test_a_break_inside_the_event_after_the_finish_is_not_a_complete_answer() -> None:
+    """The finish came, then the connection broke in the middle of the next event (the usage,
+    likely): that is a cut stream, as the same end of the body would be."""
+    exchange = make()
+    exchange.start(0.0)
+    exchange.on_headers(200, SSE, 0.1)
+    finished = b"".join(sse_body("Hi")[:3])  # role, "Hi", the finish; no usage, no [DONE]
+    exchange.on_data(finished + b'data: {"usage": {"prompt_', 0.2)
+    assert not exchange.complete_at_break(APIConnectionError("reset"), 0.3)
+    clean = make()
+    clean.start(0.0)
+    clean.on_headers(200, SSE, 0.1)
+    clean.on_data(finished, 0.2)
+    assert clean.complete_at_break(APIConnectionError("reset"), 0.3)
+
+
+def test_an_in_band_error_keeps_its_own_numeric_code_as_its_status() -> None:
+    """An error event with `"code": 529` reports 529, not the 200 the stream started with;
+    the request id is the server's."""
+    exchange = make()
+    exchange.start(0.0)
+    exchange.on_headers(200, SSE, 0.1)
+    body = b'data: {"error": {"message": "overloaded", "code": 529}}\n\n'
+    with pytest.raises(StreamError) as info:
+        exchange.on_data(body, 0.2)
+    assert (529, "req_server") == (info.value.status_code, info.value.request_id)
+
+
+def test_a_resume_replaying_only_a_non_chunk_is_not_checked_for_the_completion_id() -> None:
+    """A replayed `[DONE]` under a delivered id carries no completion id to compare: the
+    stream ends, as it says."""
+    exchange = make()
+    exchange.track_event_ids(skip=frozenset({"1", "2"}), expect_id="chatcmpl-A")
+    exchange.start(0.0)
+    exchange.on_headers(200, SSE, 0.1)
+    assert [] == exchange.on_data(b"id: 2\ndata: [DONE]\n\n", 0.2)
+    assert exchange.accumulator.done
+
+
+def test_a_replayed_event_that_only_mentions_error_is_dropped_as_a_replay() -> None:
+    """An event under a delivered id whose data says "error" but is no JSON is no in-band
+    error: it is skipped like the other replays (under a new id, it is a protocol error)."""
+    exchange = make()
+    exchange.track_event_ids(skip=frozenset({"1"}))
+    exchange.start(0.0)
+    exchange.on_headers(200, SSE, 0.1)
+    replay = b'id: 1\ndata: {"error" oops\n\n'
+    assert [] == exchange.on_data(replay, 0.2)
+    with pytest.raises(RemoteProtocolError):
+        exchange.on_data(replay.replace(b"id: 1", b"id: 2"), 0.3)
 
 
 def test_interrupted_read_becomes_incomplete_stream_with_partial() -> None:
@@ -625,3 +842,11 @@ def test_body_is_compact_utf8_json_whichever_encoder() -> None:
     assert {"seed": 2**70, "logit_bias": {"50256": -100}}.items() <= json.loads(
         odd.request.content
     ).items()
+
+
+def test_without_orjson_the_body_is_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """orjson is optional (the `speedups` extra): without it the stdlib sends the same body."""
+    body = {"messages": [{"role": "user", "content": "Schäfchen 🐑"}], "temperature": 0.25}
+    with_orjson = make(**body).request.content
+    monkeypatch.setattr(_exchange, "_orjson_dumps", None)
+    assert with_orjson == make(**body).request.content

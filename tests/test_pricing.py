@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from holysheep import Choice, Completion, ConfigurationError, ToolCall
+from holysheep import Choice, Completion, ConfigurationError, ToolCall, _pricing
 from holysheep._pricing import (
     PRICES_ENV,
     Price,
@@ -118,6 +118,15 @@ def test_price_rejects_nonsense(bad: float) -> None:
         Price(bad, 1.0)
 
 
+def test_a_price_is_blended_when_input_and_output_cost_the_same() -> None:
+    """`is_blended` tells a one-figure price (shown once) from a split one."""
+    assert (True, True, False) == (
+        Price.blended(8.0).is_blended,
+        Price(2.0, 2.0).is_blended,
+        Price(2.0, 8.0).is_blended,
+    )
+
+
 def test_from_toml_overrides_the_defaults(tmp_path: Path) -> None:
     """A file's models replace the built-in ones; the others stay; one side applies to both."""
     path = tmp_path / "prices.toml"
@@ -176,6 +185,19 @@ def test_from_toml_missing_file(tmp_path: Path) -> None:
     """A missing file is a ConfigurationError too, not an OSError from deep inside."""
     with pytest.raises(ConfigurationError, match="cannot read prices from"):
         PriceTable.from_toml(tmp_path / "nope.toml")
+
+
+def test_from_toml_without_a_toml_reader_says_what_is_needed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Python 3.10 without `tomli` the file cannot be read: a ConfigurationError naming the
+    file and the fix, not an ImportError from deep inside."""
+    path = tmp_path / "prices.toml"
+    path.write_text('[gateway]\n"a" = 1\n')
+    monkeypatch.setattr(_pricing, "_toml_loads", None)
+    with pytest.raises(ConfigurationError) as info:
+        PriceTable.from_toml(path)
+    assert f"cannot read {path}: reading TOML needs Python 3.11+ or `tomli`" == str(info.value)
 
 
 def test_from_environment(tmp_path: Path) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import _thread
 import json
 import logging
+import signal
 import socket
 import threading
 import time
@@ -562,6 +564,61 @@ def test_a_resume_that_goes_on_is_not_checked_for_the_completion_id() -> None:
     made.close()
 
 
+def test_a_resume_drops_replayed_events_even_when_the_request_id_was_read_first() -> None:
+    """Reading `stream.request_id` before the stream is sent prepares its first attempt; in
+    resume mode that attempt must record its event ids too, or a server that replays the
+    events already delivered has them shown twice."""
+    words = ["The ", "cat ", "sat."]
+    events = [_chunk(i, "chatcmpl-A", {"content": w}) for i, w in enumerate(words, 1)]
+    end = [_chunk(4, "chatcmpl-A", {}, "stop"), b"data: [DONE]\n\n"]
+    transport = holysheep.transports.MockTransport(
+        [MockResponse(chunks=events[:2], fault="drop"), MockResponse(chunks=events + end)]
+    )
+    made = holysheep.Client(api_key="k", transport=transport, retry=FAST, on_interrupt="resume")
+    stream = made.chat.stream(model="m", messages=MESSAGES)
+    request_id = stream.request_id
+    with stream:
+        shown = "".join(chunk.text for chunk in stream)
+    made.close()
+    assert ("The cat sat.", "The cat sat.") == (shown, stream.completion.text)
+    assert [request_id, request_id] == [r.header("x-request-id") for r in transport.requests]
+    assert "2" == transport.requests[1].header("last-event-id")
+
+
+class _RaisesInterrupted(holysheep.transports.MockTransport):
+    """A transport (one relaying another holysheep stream, say) that reports the break as
+    `StreamInterruptedError` itself, after the chunks."""
+
+    def __init__(self, error: StreamInterruptedError) -> None:
+        super().__init__([MockResponse(chunks=sse_body("Hello", " there")[:2])])
+        self.error = error
+
+    def send(self, request: holysheep.Request) -> holysheep.transports.Response:
+        response = super().send(request)
+        error = self.error
+
+        def body() -> Any:
+            yield from response.stream
+            raise error
+
+        return attrs.evolve(response, stream=body())
+
+
+def test_a_stream_interrupted_error_from_the_transport_reaches_the_caller_unwrapped() -> None:
+    """It already says the stream broke after content came: the caller gets that very error,
+    not another `StreamInterruptedError` wrapped around it."""
+    error = StreamInterruptedError("the relay lost its upstream")
+    made = holysheep.Client(api_key="k", transport=_RaisesInterrupted(error), retry=FAST)
+    shown: list[str] = []
+    with (
+        pytest.raises(StreamInterruptedError) as info,
+        made.chat.stream(model="m", messages=MESSAGES) as stream,
+    ):
+        shown.extend(chunk.text for chunk in stream)
+    made.close()
+    assert ("Hello", error) == ("".join(shown), info.value)  # exceptions compare by identity
+
+
 def test_a_break_before_every_choice_finished_is_resumed() -> None:
     """With `n=2`, a drop after choice 0 finished, in the middle of choice 1, is an
     interruption like any other: resumed, it gives both whole answers (it ended the stream as
@@ -851,6 +908,64 @@ async def test_limiter_caps_concurrency_across_tasks() -> None:
     assert (2, 0) == (peak, limiter.in_flight)
 
 
+def _queued_behind_a_held_slot() -> tuple[RateLimiter, MockTransport, holysheep.Client]:
+    limiter = RateLimiter(max_concurrent=1)
+    transport = MockTransport(lambda request: MockResponse(chunks=sse_body("ok")))
+    made = holysheep.Client(api_key="k", transport=transport, limiter=limiter, retry=FAST)
+    return limiter, transport, made
+
+
+def test_closing_a_stream_queued_in_the_limiter_takes_it_out_of_the_queue() -> None:
+    """`close()` from another thread while `open()` waits for a slot: `open()` returns
+    without sending, and the stream's place in the queue is given up."""
+    limiter, transport, made = _queued_behind_a_held_slot()
+    holder = made.chat.stream(model="m", messages=MESSAGES)
+    holder.open()
+    queued = made.chat.stream(model="m", messages=MESSAGES)
+    opener = threading.Thread(target=queued.open)
+    opener.start()
+    deadline = time.monotonic() + 3.0
+    while not limiter.waiting and time.monotonic() < deadline:
+        time.sleep(0.01)
+    queued.close()
+    opener.join(3.0)
+    assert (False, 0, 1, 1) == (
+        opener.is_alive(),
+        limiter.waiting,
+        limiter.in_flight,
+        len(transport.requests),
+    )
+    holder.close()
+    made.close()
+
+
+def test_ctrl_c_while_queued_in_the_limiter_takes_the_stream_out_of_the_queue() -> None:
+    """KeyboardInterrupt in a thread waiting for a slot: its ticket leaves the queue, so the
+    next caller is not stuck behind it for good once the slot comes free."""
+    limiter, transport, made = _queued_behind_a_held_slot()
+    holder = made.chat.stream(model="m", messages=MESSAGES)
+    holder.open()
+    queued = made.chat.stream(model="m", messages=MESSAGES)
+    # Python's own Ctrl-C handler: pytest started in the background by a non-interactive
+    # shell inherits SIGINT ignored, and the interrupt would never land. Should it not land
+    # anyway, a close ends the wait, so the test fails instead of hanging.
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    rescue = threading.Timer(5.0, queued.close)
+    rescue.start()
+    try:
+        threading.Timer(0.2, _thread.interrupt_main).start()
+        with pytest.raises(KeyboardInterrupt):
+            queued.open()
+    finally:
+        rescue.cancel()
+        signal.signal(signal.SIGINT, handler)
+    assert (0, 1) == (limiter.waiting, limiter.in_flight)
+    holder.close()
+    assert "ok" == made.chat.complete(model="m", messages=MESSAGES).text
+    made.close()
+    assert (0, 2) == (limiter.in_flight, len(transport.requests))
+
+
 class _CloseFails(holysheep.transports.MockTransport):
     """A transport whose responses raise when closed."""
 
@@ -936,6 +1051,18 @@ def test_the_total_timeout_ends_the_call_and_is_not_retried() -> None:
             )
         assert time.monotonic() - started < 0.9
         assert 1 == len(upstream.requests)
+
+
+def test_without_a_total_timeout_failures_are_retried_as_the_policy_says() -> None:
+    """`Timeouts(total=None)` puts no bound on the call: a 503 is retried, and the second
+    attempt's request carries no total either."""
+    transport = MockTransport([MockResponse(status_code=503), MockResponse(chunks=sse_body("ok"))])
+    made = holysheep.Client(
+        api_key="k", transport=transport, retry=FAST, timeout=Timeouts(total=None)
+    )
+    assert "ok" == made.chat.complete(model="m", messages=MESSAGES).text
+    made.close()
+    assert [None, None] == [request.timeouts.total for request in transport.requests]
 
 
 def test_the_total_timeout_counts_from_the_first_attempt_across_resumes() -> None:

@@ -262,6 +262,25 @@ def test_event_limit_counts_the_data_as_delivered() -> None:
         SSEDecoder(max_event_size=4).feed(b"data: ab\ndata: cd\n\n")
 
 
+@pytest.mark.parametrize(
+    "read",
+    [
+        b"data: a\n\ndata: 123456\n\ndata: b\n\n",  # in the middle of the read
+        b"data: a\n\ndata: 123456\n\n",  # the read's last event
+        b"data: 123456\n\n",  # the read's only event
+    ],
+)
+def test_an_oversize_event_among_many_in_one_read_is_refused(read: bytes) -> None:
+    """A read of many one-line events is cut apart on a fast path: each event on it is held
+    to max_event_size as one read per event would be, wherever in the read it sits."""
+    decoder = SSEDecoder(max_event_size=5)
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.feed(read)
+    assert "SSE event exceeds max_event_size (5): 6 characters of data without a blank line" == (
+        str(info.value)
+    )
+
+
 def test_limits_must_be_positive() -> None:
     """A zero limit is a configuration mistake."""
     with pytest.raises(ValueError, match="positive"):
