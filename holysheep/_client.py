@@ -334,10 +334,12 @@ class Stream:
                     self._after_failure(failure)
                     self.open()
                     # Only once the new attempt is open: if it fails for good, the caller keeps
-                    # what it showed, and the error carries it.
-                    reset = self._call.take_reset()
-                    if reset is not None and self._body is not None:
-                        yield ChatChunk.for_reset(reset)
+                    # what it showed, and the error carries it; if the caller closed the stream
+                    # meanwhile, the completion still is what it showed.
+                    if self._body is not None:
+                        reset = self._call.take_reset()
+                        if reset is not None:
+                            yield ChatChunk.for_reset(reset)
         except BaseException as exc:
             self._call.left(_clock(), exc)
             raise
@@ -430,7 +432,7 @@ class Stream:
     @property
     def completion(self) -> Completion:
         """Everything accumulated so far (complete once the stream ended cleanly)."""
-        return self._exchange.completion
+        return self._call.completion(self._exchange)
 
     @property
     def stats(self) -> StreamStats:
