@@ -241,6 +241,12 @@ class Stream:
                 try:
                     self._open_attempt(exchange)
                 except HolySheepError as exc:
+                    # `closed`, not `_closed`, which the loop's test narrows for mypy: another
+                    # thread may have set it while the request was sent (a send cannot be cut
+                    # short, see `close`). The caller stopped the stream, and hears of no
+                    # failure after that, as in a read.
+                    if self.closed and not self._expired:
+                        break
                     self._after_failure(exc)  # waits to retry, or raises (reported already)
             except BaseException as exc:
                 # Ctrl-C or a transport's bug while queued, sending, reading an error body or

@@ -1,7 +1,8 @@
-"""A stream the caller closes while the client waits without reading: before a retry.
+"""A stream the caller closes while the client waits without reading: in a send, or before a
+retry.
 
 Found by the property tests (`test_client_properties_more.py`); here in their smallest form,
-the close made from inside the wait (a hook), with no thread."""
+the close made from inside the wait (a hook, a transport), with no thread."""
 
 from __future__ import annotations
 
@@ -9,11 +10,20 @@ import pytest
 from _scripted import MESSAGES, NO_WAIT
 
 import holysheep
-from holysheep import Attempt, Completion, Observer, RequestInfo, StreamStats
+from holysheep import (
+    Attempt,
+    Completion,
+    ConnectError,
+    Observer,
+    RequestInfo,
+    RetryPolicy,
+    StreamStats,
+)
 from holysheep.transports import (
     AsyncMockTransport,
     MockResponse,
     MockTransport,
+    Request,
     sse_body,
 )
 
@@ -71,3 +81,22 @@ async def test_closing_while_a_restart_waits_keeps_the_answer_shown_async() -> N
         async with stream:
             shown = "".join([chunk.text async for chunk in stream])
     assert ("Hello", "Hello") == (shown, stream.completion.text)
+
+
+def test_closing_in_a_send_that_then_fails_is_quiet() -> None:
+    """A sync send cannot be cut short: closed meanwhile, the stream ends quietly when the send
+    fails, even with no retry left, as a stream closed in a read does."""
+    stream: holysheep.Stream | None = None
+
+    def refuse(request: Request) -> MockResponse:
+        assert stream is not None
+        stream.close()  # as another thread would, while the request goes out
+        raise ConnectError("connection refused")
+
+    with holysheep.Client(
+        api_key="k", transport=MockTransport(refuse), retry=RetryPolicy.none()
+    ) as client:
+        stream = client.chat.stream(model="m", messages=MESSAGES)
+        with stream:
+            assert [] == list(stream)
+    assert stream.closed
