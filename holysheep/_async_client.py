@@ -366,12 +366,9 @@ class AsyncStream:
                         continue
                     await self._after_failure(exc)
                     await self.open()
-                    reset = self._call.take_reset()
-                    chunks = (
-                        [ChatChunk.for_reset(reset)]
-                        if reset is not None and self._body is not None
-                        else []
-                    )
+                    # Only once the new attempt is open (see `Stream.__iter__`).
+                    reset = self._call.take_reset() if self._body is not None else None
+                    chunks = [ChatChunk.for_reset(reset)] if reset is not None else []
                 if chunks:
                     if len(chunks) > 1:
                         self._pending = chunks
@@ -556,7 +553,7 @@ class AsyncStream:
 
     @property
     def completion(self) -> Completion:
-        return self._exchange.completion
+        return self._call.completion(self._exchange)
 
     @property
     def stats(self) -> StreamStats:

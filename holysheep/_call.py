@@ -256,8 +256,21 @@ class Call:
         self._charged += used
         return used
 
+    def completion(self, exchange: Exchange) -> Completion:
+        """What the caller has of the answer, `exchange` being the current attempt's.
+
+        Until a restart's new attempt is open, no `Reset` has told the caller to clear what it
+        showed: that is still the broken attempt's answer, not the new attempt's nothing (a
+        caller closing the stream then keeps what arrived).
+        """
+        broken = self._broken
+        if broken is not None and self._pending_reset is not None:
+            return broken
+        return exchange.completion
+
     def take_reset(self) -> Reset | None:
-        """The `Reset` marker the driver must hand the caller before the next attempt."""
+        """The `Reset` marker the driver must hand the caller before the next attempt, once
+        that attempt is open."""
         reset, self._pending_reset = self._pending_reset, None
         if reset is not None:
             self.replaced = self._broken
@@ -374,7 +387,7 @@ class Call:
             stats = self._stats(now)
             if error is None:
                 assert self.exchange is not None
-                notify(self._observers, "on_end", self.info, self.exchange.completion, stats)
+                notify(self._observers, "on_end", self.info, self.completion(self.exchange), stats)
             else:
                 notify(self._observers, "on_error", self.info, error, stats)
 

@@ -255,6 +255,12 @@ class Stream:
                 try:
                     self._open_attempt(exchange)
                 except HolySheepError as exc:
+                    # `closed`, not `_closed`, which the loop's test narrows for mypy: another
+                    # thread may have set it while the request was sent (a send cannot be cut
+                    # short, see `close`). The caller stopped the stream, and hears of no
+                    # failure after that, as in a read.
+                    if self.closed and not self._expired:
+                        break
                     self._after_failure(exc)  # waits to retry, or raises (reported already)
             except BaseException as exc:
                 # Ctrl-C or a transport's bug while queued, sending, reading an error body or
@@ -348,10 +354,12 @@ class Stream:
                     self._after_failure(failure)
                     self.open()
                     # Only once the new attempt is open: if it fails for good, the caller keeps
-                    # what it showed, and the error carries it.
-                    reset = self._call.take_reset()
-                    if reset is not None and self._body is not None:
-                        yield ChatChunk.for_reset(reset)
+                    # what it showed, and the error carries it; if the caller closed the stream
+                    # meanwhile, the completion still is what it showed.
+                    if self._body is not None:
+                        reset = self._call.take_reset()
+                        if reset is not None:
+                            yield ChatChunk.for_reset(reset)
         except BaseException as exc:
             self._call.left(_clock(), exc)
             raise
@@ -444,7 +452,7 @@ class Stream:
     @property
     def completion(self) -> Completion:
         """Everything accumulated so far (complete once the stream ended cleanly)."""
-        return self._exchange.completion
+        return self._call.completion(self._exchange)
 
     @property
     def stats(self) -> StreamStats:
