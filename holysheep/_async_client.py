@@ -68,7 +68,7 @@ class AsyncClient:
         headers: Mapping[str, str] | None = None,
         require_end: bool = True,
         retry: RetryPolicy | None = None,
-        on_interrupt: OnInterrupt = "raise",
+        on_interrupt: OnInterrupt | None = None,
         limiter: RateLimiter | None = None,
         hooks: Iterable[Callable[[Attempt], None]] = (),
         observers: Iterable[Observer] = (),
@@ -156,12 +156,11 @@ class AsyncChat:
         messages: Iterable[Mapping[str, Any]],
         **params: Any,
     ) -> Completion:
-        """Stream a completion to the end and return it; an interrupted stream starts over
-        (as the sync `Chat.complete` says)."""
-        params["on_interrupt"] = self._client._config.complete_on_interrupt(
-            params.get("on_interrupt")
-        )
-        async with self.stream(model=model, messages=messages, **params) as stream:
+        """Stream a completion to the end and return it; left to the default `on_interrupt`, a
+        broken connection or a stall after content starts over (see `Call.completing`)."""
+        stream = self.stream(model=model, messages=messages, **params)
+        stream._call.completing()
+        async with stream:
             return await stream.until_done()
 
 

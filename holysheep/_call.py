@@ -13,7 +13,10 @@ wall_clock)` what to do. The answer is one of:
   transparent; after, it happens only as the caller chose with `on_interrupt`:
   `"resume"` reconnects with `Last-Event-ID` and continues after the last event seen (events
   seen twice are dropped by id); `"restart"` starts over, and the driver first hands the caller
-  a `Reset` marker (`Retry.reset` is true) so it can clear what it printed.
+  a `Reset` marker (`Retry.reset` is true) so it can clear what it printed. Left to the
+  default (None), the mode is "raise", unless `completing()` says nobody sees the text before
+  the end (`complete()`): then a broken connection or a stall starts over, but a body the
+  server ended too early does not, since the same server would end the next one the same way.
 
 Content "delivered" means a chunk with a delta was handed to the caller; the drivers report it
 with `delivered()`. Every attempt, its reason and its wait is kept in `history`.
@@ -107,6 +110,7 @@ class Call:
         "_broken",
         "_budget_from",
         "_charged",
+        "_chosen",
         "_delivered",
         "_earlier",
         "_first_token",
@@ -116,6 +120,7 @@ class Call:
         "_pending_reset",
         "_random",
         "_reported",
+        "_restart_early_ends",
         "_resume_from",
         "_run_start",
         "_seen_ids",
@@ -137,17 +142,20 @@ class Call:
         make_exchange: ExchangeFactory,
         *,
         policy: RetryPolicy,
-        on_interrupt: OnInterrupt = "raise",
+        on_interrupt: OnInterrupt | None = None,
         random: Callable[[], float],
         hooks: tuple[Hook, ...] = (),
         observers: tuple[Observer, ...] = (),
         info: RequestInfo | None = None,
         idempotency_key: str | None = None,
     ) -> None:
-        check_on_interrupt(on_interrupt)
+        if on_interrupt is not None:
+            check_on_interrupt(on_interrupt)
         self._make_exchange = make_exchange
         self.policy = policy
-        self.on_interrupt = on_interrupt
+        self.on_interrupt: OnInterrupt = on_interrupt or "raise"
+        self._chosen = on_interrupt is not None  # else `completing()` may choose
+        self._restart_early_ends = True
         self._random = random
         self._hooks = hooks
         self._observers = observers
@@ -291,6 +299,15 @@ class Call:
         """What the attempts before the current one measured (all zero for the first)."""
         return self._earlier
 
+    def completing(self) -> None:
+        """Nobody sees this call's text before it ends (`complete()` reads it): unless a mode
+        was chosen, an interruption starts over rather than raising, as nothing shown would be
+        repeated. Not a body the server ended too early (no `[DONE]`): the same server would
+        end the next one the same way, and each restart pays for the answer again."""
+        if not self._chosen:
+            self.on_interrupt = "restart"
+            self._restart_early_ends = False
+
     def failed(self, error: HolySheepError, now: float, wall_clock: float | None) -> Retry | GiveUp:
         """What to do about `error`, which ended the current attempt."""
         exchange = self.exchange
@@ -324,6 +341,12 @@ class Call:
         if interrupted and self.on_interrupt == "resume" and not self._last_event_id():
             decision: Retry | GiveUp = GiveUp(
                 "the stream cannot be resumed: the server sent no event ids"
+            )
+        elif interrupted and not reconnecting and not self._restart_early_ends and exchange.eof:
+            decision = GiveUp(
+                "the server ended the stream before it was done, and would end a new one the "
+                "same way: complete() starts over only after a broken connection or a stall "
+                "(on_interrupt='restart' restarts this too)"
             )
         else:
             decision = self.policy.decide(
@@ -406,8 +429,8 @@ class Call:
         """The exception the caller sees when we give up, with the call's attempts on it."""
         failure = self._error_to_raise(error, decision)
         failure.attempts = self.attempt
-        if failure is error and decision.cut_short is not None:
-            failure.not_retried = decision.cut_short  # an interruption's message says it
+        if decision.cut_short is not None:
+            failure.not_retried = decision.cut_short
         return failure
 
     def _error_to_raise(self, error: HolySheepError, decision: GiveUp) -> HolySheepError:

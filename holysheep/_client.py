@@ -59,7 +59,7 @@ class Client:
         headers: Mapping[str, str] | None = None,
         require_end: bool = True,
         retry: RetryPolicy | None = None,
-        on_interrupt: OnInterrupt = "raise",
+        on_interrupt: OnInterrupt | None = None,
         limiter: RateLimiter | None = None,
         hooks: Iterable[Callable[[Attempt], None]] = (),
         observers: Iterable[Observer] = (),
@@ -157,14 +157,13 @@ class Chat:
         """Stream a completion to the end and return it (the stream protects against timeouts
         a single long response cannot).
 
-        An interruption after content starts over (`on_interrupt="restart"`), unless the call
-        or the client says "resume", or the call says "raise": the caller sees no text before
-        this returns, so none would be repeated to it.
+        Left to the default `on_interrupt`, a broken connection or a stall after content starts
+        over: the caller sees no text before this returns, so none would be repeated to it
+        (see `Call.completing`).
         """
-        params["on_interrupt"] = self._client._config.complete_on_interrupt(
-            params.get("on_interrupt")
-        )
-        with self.stream(model=model, messages=messages, **params) as stream:
+        stream = self.stream(model=model, messages=messages, **params)
+        stream._call.completing()
+        with stream:
             return stream.until_done()
 
 

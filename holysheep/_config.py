@@ -37,7 +37,7 @@ class ClientConfig:
     headers: Mapping[str, str]
     require_end: bool
     retry: RetryPolicy = attrs.field(factory=RetryPolicy)
-    on_interrupt: OnInterrupt = "raise"
+    on_interrupt: OnInterrupt | None = None  # None: "raise", but `complete()` restarts
     hooks: tuple[Callable[[Attempt], None], ...] = ()
     observers: tuple[Observer, ...] = ()
 
@@ -50,7 +50,7 @@ class ClientConfig:
         headers: Mapping[str, str] | None,
         require_end: bool,
         retry: RetryPolicy | None = None,
-        on_interrupt: OnInterrupt = "raise",
+        on_interrupt: OnInterrupt | None = None,
         hooks: Iterable[Callable[[Attempt], None]] = (),
         observers: Iterable[Observer] = (),
     ) -> ClientConfig:
@@ -63,7 +63,8 @@ class ClientConfig:
                 f"no API key: pass api_key=... or set the {API_KEY_ENV} environment variable"
             )
         _check_header("the API key", key)
-        check_on_interrupt(on_interrupt)
+        if on_interrupt is not None:
+            check_on_interrupt(on_interrupt)
         for name, value in (headers or {}).items():
             _check_header(f"header {name!r}", value)
         url = _base_url(base_url or os.environ.get(BASE_URL_ENV, "").strip() or DEFAULT_BASE_URL)
@@ -78,17 +79,6 @@ class ClientConfig:
             tuple(hooks),
             tuple(observers),
         )
-
-    def complete_on_interrupt(self, given: OnInterrupt | None) -> OnInterrupt:
-        """How `complete()` meets an interruption: the one given to it, else start over.
-
-        Nobody sees `complete()`'s text before it returns, so starting over repeats nothing
-        to anyone, where a stream's caller may have printed it already (hence "raise" there).
-        A client set to "resume" resumes (fewer tokens billed twice).
-        """
-        if given is not None:
-            return given
-        return "resume" if self.on_interrupt == "resume" else "restart"
 
     def call(
         self,

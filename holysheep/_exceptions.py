@@ -103,8 +103,8 @@ class HolySheepError(Exception):
             details.append(f"request_id={self.request_id}")
         if self.attempts is not None and self.attempts > 1:
             details.append(f"attempts={self.attempts}")
-        if self.not_retried is not None:
-            details.append(f"not retried: {self.not_retried}")
+        if self.not_retried is not None and self.not_retried not in self.message:
+            details.append(f"not retried: {self.not_retried}")  # (an interruption says it)
         return details
 
     def __str__(self) -> str:

@@ -332,6 +332,7 @@ class Exchange:
         "bytes",
         "content_chunks",
         "done_at",
+        "eof",
         "events",
         "failure",
         "never_sent",
@@ -400,6 +401,8 @@ class Exchange:
         #: does after it, and only the end of the body is awaited (see `deadline`).
         self.done_at: float | None = None
         self._ended: float | None = None
+        #: The body ended, closed by the server, rather than breaking (see `on_eof`).
+        self.eof = False
 
     # -- the protocol ----------------------------------------------------------------------------
 
@@ -595,6 +598,7 @@ class Exchange:
     def on_eof(self, now: float) -> None:
         """The body ended. Raises `IncompleteStreamError` if it ended too early."""
         self._ended = now
+        self.eof = True
         try:
             self.accumulator.close()
         except HolySheepError as exc:

@@ -1152,8 +1152,8 @@ usage_from(PyObject *raw)
 {
     PyObject *prompt = int_or_none(
         count_of(raw, str_prompt_tokens, count_of(raw, str_input_tokens, Py_None)));
-    PyObject *completion =
-        int_or_none(count_of(raw, str_completion_tokens, count_of(raw, str_output_tokens, Py_None)));
+    PyObject *completion = int_or_none(
+        count_of(raw, str_completion_tokens, count_of(raw, str_output_tokens, Py_None)));
     PyObject *total = int_or_none(count_of(raw, str_total_tokens, Py_None)), *sum = NULL, *usage;
     if (total == Py_None && prompt != Py_None && completion != Py_None) {
         total = sum = PyNumber_Add(prompt, completion);

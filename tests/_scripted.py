@@ -50,6 +50,6 @@ W = TypeVar("W", bound=Any)
 
 
 def as_complete(world: W) -> W:
-    """`world` as `complete()` meets it: its text reaches nobody before the end, so an
-    interruption under "raise" starts over (see `ClientConfig.complete_on_interrupt`)."""
-    return attrs.evolve(world, mode="restart") if world.mode == "raise" else world
+    """`world` as `complete()` meets it: its text reaches nobody before the end, so the
+    default mode (a "raise" world leaves it to the client) is "complete" (see `Call.completing`)."""
+    return attrs.evolve(world, mode="complete") if world.mode == "raise" else world

@@ -65,7 +65,9 @@ COMPLETION_ID = "chatcmpl-prop"
 STALL = 0.25
 IDLE = 0.05
 
-Mode = Literal["raise", "resume", "restart"]
+# "complete": how `complete()` meets the default mode, which a "raise" world leaves to the
+# client: "restart", but a body the server ended too early (a clean "eof") is not restarted.
+Mode = Literal["raise", "resume", "restart", "complete"]
 End = Literal["fault", "eof", "stall", "error", "fatal"]
 
 
@@ -314,6 +316,7 @@ def expect(world: World) -> Expected:
         last_id: str | None = None
         status = 200
         finished_ok = False
+        clean_end = False  # the body ended, closed by the server, too early
         if step.kind == "status":
             status = step.status
             error = {429: RateLimitError, 400: BadRequestError}.get(status, InternalServerError)
@@ -342,6 +345,7 @@ def expect(world: World) -> Expected:
                 end: End = "eof"
             else:
                 end = world.ends(step, start, skip.__contains__)
+                clean_end = end == "eof"
                 finish = len(events) - 2
                 if end in ("fault", "eof"):
                     finished_ok = finish in accumulated and not step.partial
@@ -374,6 +378,8 @@ def expect(world: World) -> Expected:
         blocked = delivered and not (interrupted and mode != "raise")
         if interrupted and mode == "resume" and not ids:
             retry = False  # "the stream cannot be resumed: the server sent no event ids"
+        elif interrupted and mode == "complete" and not reconnecting and clean_end:
+            retry = False  # "the server ended the stream before it was done" (resilience.md)
         else:
             retry = retryable and not blocked and attempt - run_start < world.attempts
         if retry:
@@ -476,7 +482,7 @@ def client_options(world: World) -> dict[str, Any]:
         "api_key": "k",
         "base_url": "http://mock/v1",
         "retry": attrs.evolve(NO_WAIT, attempts=world.attempts),
-        "on_interrupt": world.mode,
+        "on_interrupt": None if world.mode == "raise" else world.mode,  # the default
         "timeout": Timeouts(ttft=5, idle=IDLE if world.stalls() else 60),
     }
 

@@ -104,7 +104,9 @@ TOTAL = 0.5  # for the whole call: every attempt before the hang too
 # gives up on it, far beyond anything expected.
 HANG_LIMIT = 30.0
 
-Mode = Literal["raise", "resume", "restart"]
+# "complete": how `complete()` meets the default mode, which a "raise" world leaves to the
+# client: "restart", but a body the server ended too early (a clean "eof") is not restarted.
+Mode = Literal["raise", "resume", "restart", "complete"]
 Kind = Literal["role", "reasoning", "content", "tool", "finish", "usage", "done"]
 End = Literal["fault", "eof", "error", "fatal"]
 # What ends a hang: its timeouts ("short": ttft and idle; "total"), or the caller ("close").
@@ -662,6 +664,7 @@ def expect(world: World) -> Expected:
         skip = set(accumulated) if mode == "resume" and ids else set()
         error: type[HolySheepError] = HolySheepError
         retryable = interruption = False
+        clean_end = False  # the body ended, closed by the server, too early
         progressed = finished_ok = False
         last_id: str | None = None
         status: int | None = 200
@@ -717,6 +720,7 @@ def expect(world: World) -> Expected:
                 if step.end in ("fault", "eof"):
                     finished_ok = answer.finished(accumulated) and not step.partial
                 error = IncompleteStreamError if step.end in ("fault", "eof") else StreamError
+                clean_end = step.end == "eof"
                 retryable = interruption = step.end != "fatal"
         charged = snapshot(answer, accumulated)[1]
         if finished_ok:
@@ -746,6 +750,8 @@ def expect(world: World) -> Expected:
         blocked = delivered and not (interrupted and mode != "raise")
         if interrupted and mode == "resume" and not ids:
             retry = False  # "the stream cannot be resumed: the server sent no event ids"
+        elif interrupted and mode == "complete" and not reconnecting and clean_end:
+            retry = False  # "the server ended the stream before it was done" (resilience.md)
         else:
             retry = retryable and not blocked and attempt - run_start < world.attempts
         if retry:
@@ -985,7 +991,7 @@ def client_options(
         "api_key": "k",
         "base_url": "http://mock/v1",
         "retry": attrs.evolve(NO_WAIT, attempts=world.attempts),
-        "on_interrupt": world.mode,
+        "on_interrupt": None if world.mode == "raise" else world.mode,  # the default
         "timeout": world.timeouts(),
         "limiter": limiter,
         "hooks": [retrying],

@@ -211,6 +211,46 @@ def test_complete_resumes_when_the_client_says_resume() -> None:
         assert (FULL, "7") == (completion.text, upstream.requests[1].headers["last-event-id"])
 
 
+def test_complete_raises_when_the_client_says_raise() -> None:
+    """`on_interrupt="raise"` set on the client is a choice, not the default: `complete()`
+    keeps it (it used to be indistinguishable from the default, and was overridden)."""
+    with serve() as upstream:
+        upstream.enqueue({"fault": "drop@4"})
+        with pytest.raises(StreamInterruptedError):
+            client(upstream, on_interrupt="raise").chat.complete(model="m", messages=MESSAGES)
+        assert 1 == len(upstream.requests)
+
+
+def test_complete_does_not_start_over_a_stream_the_server_ended_early() -> None:
+    """A body the server ends cleanly, with neither `[DONE]` nor a finish (a gateway that
+    always does, see troubleshooting.md), would end the same way again: `complete()` raises
+    at once rather than paying for the answer four times; `"restart"` asks for it anyway."""
+    early = MockResponse(chunks=sse_body("Hel", "lo")[:3])  # the role chunk and two tokens
+    transport = MockTransport([early] * 4)
+    quiet = holysheep.Client(api_key="k", transport=transport, retry=FAST)
+    with pytest.raises(StreamInterruptedError, match="the server ended the stream before") as info:
+        quiet.chat.complete(model="m", messages=MESSAGES)
+    assert ("Hello", 1) == (info.value.completion.text, len(transport.requests))
+    with pytest.raises(StreamInterruptedError, match="the restart failed"):
+        quiet.chat.complete(model="m", messages=MESSAGES, on_interrupt="restart")
+    assert 1 + FAST.attempts == len(transport.requests)
+
+
+def test_complete_starts_over_after_a_stall() -> None:
+    """A stall after content is transient like a drop: `complete()` starts over."""
+    stalls = MockResponse(chunks=sse_body("Hel", "lo")[:3] + [b": keep-alive\n\n"] * 50, delay=0.02)
+    transport = MockTransport([stalls, MockResponse(chunks=sse_body("Hel", "lo"))])
+    stalled = holysheep.Client(
+        api_key="k", transport=transport, retry=FAST, timeout=Timeouts(idle=0.2)
+    )
+    completion = stalled.chat.complete(model="m", messages=MESSAGES)
+    assert ("Hello", "stop", 2) == (
+        completion.text,
+        completion.finish_reason,
+        len(transport.requests),
+    )
+
+
 def test_complete_raises_on_an_interruption_when_the_call_says_raise() -> None:
     """`on_interrupt="raise"` given to `complete()` itself is honoured, with the partial text."""
     with serve() as upstream:
@@ -1185,3 +1225,17 @@ def test_a_retry_the_total_timeout_would_cut_says_so() -> None:
             )
     assert info.value.not_retried is not None
     assert info.value.not_retried.startswith("the total timeout of 0.5 s would pass")
+
+
+def test_a_restart_cut_short_by_a_limit_says_which() -> None:
+    """`not_retried` is on the interruption too when the reconnect met the limit (it was only
+    in the message), and the message says it once."""
+    with serve() as upstream:
+        upstream.enqueue(
+            {"fault": "drop@3"}, {"fault": {"kind": "status", "status": 429, "retry_after": 120}}
+        )
+        with pytest.raises(StreamInterruptedError, match="the restart failed") as info:
+            client(upstream).chat.complete(model="m", messages=MESSAGES)
+    why = "the server asked to wait 120 s, longer than max_retry_after of 60 s"
+    assert why == info.value.not_retried
+    assert 1 == str(info.value).count(why)
