@@ -3,9 +3,9 @@
 1. resume: N streams, a fraction faulted at random points (drop, stall, 429 with Retry-After,
    500/503, in-band overloaded error); with `on_interrupt="resume"` every completion must be
    byte-identical to the fault-free text: no duplicated and no lost characters.
-2. raise: the same faults with the default `on_interrupt="raise"`: faults before any content
-   are retried away; faults after content raise the documented error carrying exactly the text
-   received before the fault.
+2. raise: the same faults with `on_interrupt="raise"` (a stream's default): faults before any
+   content are retried away; faults after content raise the documented error carrying exactly
+   the text received before the fault.
 3. limiter: 600 requests/minute, burst 10, 5 concurrent; 200 requests queued at once from 50
    threads, then from 200 async tasks; reports the achieved rate and peak concurrency.
 
@@ -113,6 +113,7 @@ def run_raise(n: int, rate: float, seed: int) -> dict[str, Any]:
             api_key="soak",
             base_url=upstream.base_url,
             retry=POLICY,
+            on_interrupt="raise",  # complete() would restart by default
             timeout=Timeouts(ttft=0.5, idle=0.2),
         )
         for entry in plan:
