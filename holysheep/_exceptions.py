@@ -317,8 +317,9 @@ class StreamInterruptedError(IncompleteStreamError):
     """The stream broke after content had reached the caller, and was not resumed.
 
     Retrying silently would repeat text the caller already showed, so this is raised instead
-    (the default `on_interrupt="raise"`). `completion` is everything received, `usage` the
-    server's last usage report, if any.
+    (a stream's default, `on_interrupt="raise"`); so it is when a resume or restart failed, and
+    when `complete()` met a body the server ended too early. `completion` is everything
+    received, `usage` the server's last usage report, if any.
     """
 
     def __init__(

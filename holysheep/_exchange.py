@@ -643,7 +643,10 @@ class Exchange:
         try:
             self.on_eof(now)
         except HolySheepError:
-            return False  # an event cut in the middle after the finish: the usage, likely
+            # An event cut in the middle after the finish (the usage, likely); and the body
+            # did not end, whatever `on_eof` said when asked: the read broke or stalled.
+            self.eof = False
+            return False
         return True
 
     def interrupted(self, cause: BaseException, now: float) -> HolySheepError:

@@ -236,6 +236,19 @@ def test_complete_does_not_start_over_a_stream_the_server_ended_early() -> None:
     assert 1 + FAST.attempts == len(transport.requests)
 
 
+def test_complete_starts_over_after_a_break_past_the_finish() -> None:
+    """A connection that breaks after the finish, in the middle of the usage event, is no end
+    the server chose: `complete()` starts over (the check whether a clean end there would do
+    once left the exchange marked as ended by the server, and it raised)."""
+    whole = sse_body("Hel", "lo")
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
+    cut = MockResponse(chunks=[*whole[:4], usage[:20]], fault="connection reset")
+    transport = MockTransport([cut, MockResponse(chunks=whole)])
+    broken = holysheep.Client(api_key="k", transport=transport, retry=FAST)
+    completion = broken.chat.complete(model="m", messages=MESSAGES)
+    assert ("Hello", 2) == (completion.text, len(transport.requests))
+
+
 def test_complete_starts_over_after_a_stall() -> None:
     """A stall after content is transient like a drop: `complete()` starts over."""
     stalls = MockResponse(chunks=sse_body("Hel", "lo")[:3] + [b": keep-alive\n\n"] * 50, delay=0.02)
