@@ -136,8 +136,10 @@ _tuple = tuple.__new__
 
 
 # HOLYSHEEP_NO_EXTENSIONS=1 runs the pure Python decoder even when the C part is built (the
-# tests run both; so does bench/sse_decode.py). "0" and "" leave it on, as they read.
-_NO_EXTENSIONS = os.environ.get("HOLYSHEEP_NO_EXTENSIONS", "").strip() not in ("", "0")
+# tests run both; so does bench/sse_decode.py). "0", "false", "no", "off" and "" leave it on,
+# as they read.
+_OFF_WORDS = ("", "0", "false", "no", "off")
+_NO_EXTENSIONS = os.environ.get("HOLYSHEEP_NO_EXTENSIONS", "").strip().lower() not in _OFF_WORDS
 _c_feed = None if _speedups is None or _NO_EXTENSIONS else _speedups.feed
 # Not taken only where the C part is not built: tests/test_packaging.py checks that case in a
 # subprocess, which coverage does not follow.

@@ -72,7 +72,9 @@ COMPILER = any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
     not COMPILER, reason="no C compiler here: the pure Python decoder is all there is"
 )
 @pytest.mark.skipif(
-    os.environ.get("HOLYSHEEP_NO_EXTENSIONS", "").strip() not in ("", "0"), reason="turned off"
+    os.environ.get("HOLYSHEEP_NO_EXTENSIONS", "").strip().lower()
+    not in ("", "0", "false", "no", "off"),
+    reason="turned off",
 )
 def test_the_c_part_is_built_where_there_is_a_compiler() -> None:
     """An optional build that failed would go unnoticed: on a machine with a compiler it is in."""
@@ -83,11 +85,15 @@ def test_the_c_part_is_built_where_there_is_a_compiler() -> None:
 
 
 @pytest.mark.skipif(not COMPILER, reason="no C compiler here: there is no C part to turn off")
-@pytest.mark.parametrize(("value", "off"), [("1", True), ("yes", True), ("0", False), ("", False)])
+@pytest.mark.parametrize(
+    ("value", "off"),
+    [("1", True), ("yes", True), ("0", False), ("", False), ("False", False), (" off ", False)],
+)
 def test_holysheep_no_extensions_turns_the_c_part_off(
     tmp_path: Path, value: str, off: bool
 ) -> None:
-    """`HOLYSHEEP_NO_EXTENSIONS=1` turns the C part off; `=0` leaves it on (it turned it off)."""
+    """`HOLYSHEEP_NO_EXTENSIONS=1` turns the C part off; `=0` or `=false` leaves it on (any
+    value turned it off)."""
     code = (
         "import holysheep._sse as s, holysheep._chat as c\n"
         "print(s._c_feed is None, c._c_feed is None)"
