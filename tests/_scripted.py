@@ -49,6 +49,28 @@ def status_response(status: int, headers: dict[str, str]) -> MockResponse:
 W = TypeVar("W", bound=Any)
 
 
+def retried(
+    mode: str,
+    *,
+    interrupted: bool,
+    reconnecting: bool,
+    delivered: bool,
+    retryable: bool,
+    ids: bool,
+    clean_end: bool,
+    attempts_in_run: int,
+    attempts: int,
+) -> bool:
+    """Whether a failed attempt is tried again, as resilience.md says (`Call.failed`): both
+    property tests' models ask this one question the same way."""
+    if interrupted and mode == "resume" and not ids:
+        return False  # "the stream cannot be resumed: the server sent no event ids"
+    if interrupted and mode == "complete" and not reconnecting and clean_end:
+        return False  # "the server ended the stream before it was done"
+    blocked = delivered and not (interrupted and mode != "raise")
+    return retryable and not blocked and attempts_in_run < attempts
+
+
 def as_complete(world: W) -> W:
     """`world` as `complete()` meets it: its text reaches nobody before the end, so the
     default mode (a "raise" world leaves it to the client) is "complete" (see `Call.completing`)."""

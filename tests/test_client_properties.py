@@ -31,6 +31,7 @@ from _scripted import (
     MESSAGES,
     NO_WAIT,
     as_complete,
+    retried,
     split,
     status_response,
 )
@@ -375,13 +376,17 @@ def expect(world: World) -> Expected:
         else:  # a cut stream, a stall, an in-band error: all interruptions but a final error
             retryable = interruption = end != "fatal"
         interrupted = reconnecting or (delivered and interruption)
-        blocked = delivered and not (interrupted and mode != "raise")
-        if interrupted and mode == "resume" and not ids:
-            retry = False  # "the stream cannot be resumed: the server sent no event ids"
-        elif interrupted and mode == "complete" and not reconnecting and clean_end:
-            retry = False  # "the server ended the stream before it was done" (resilience.md)
-        else:
-            retry = retryable and not blocked and attempt - run_start < world.attempts
+        retry = retried(
+            mode,
+            interrupted=interrupted,
+            reconnecting=reconnecting,
+            delivered=delivered,
+            retryable=retryable,
+            ids=ids,
+            clean_end=clean_end,
+            attempts_in_run=attempt - run_start,
+            attempts=world.attempts,
+        )
         if retry:
             if interrupted:
                 if broken is None:
