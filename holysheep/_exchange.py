@@ -597,8 +597,13 @@ class Exchange:
 
     def on_eof(self, now: float) -> None:
         """The body ended. Raises `IncompleteStreamError` if it ended too early."""
-        self._ended = now
         self.eof = True
+        self._end(now)
+
+    def _end(self, now: float) -> None:
+        """End the accumulation at `now`, as at the end of the body, which `complete_at_break`
+        asks about a read that broke or stalled: that body did not end (`eof` stays)."""
+        self._ended = now
         try:
             self.accumulator.close()
         except HolySheepError as exc:
@@ -641,12 +646,9 @@ class Exchange:
             # is the verdict. Closing again would return quietly, and pass the cut stream.
             return False
         try:
-            self.on_eof(now)
+            self._end(now)
         except HolySheepError:
-            # An event cut in the middle after the finish (the usage, likely); and the body
-            # did not end, whatever `on_eof` said when asked: the read broke or stalled.
-            self.eof = False
-            return False
+            return False  # an event cut in the middle after the finish: the usage, likely
         return True
 
     def interrupted(self, cause: BaseException, now: float) -> HolySheepError:
