@@ -333,6 +333,7 @@ class RetryPolicy:
 
         `min(wait_max, wait_initial * wait_exp_base ** (attempt - 1)) + wait_jitter * random()`
         """
+        _check_attempt(attempt)
         try:
             grown = self.wait_initial * float(self.wait_exp_base) ** (attempt - 1)
         except OverflowError:  # thousands of attempts: the cap applies long before
@@ -357,8 +358,7 @@ class RetryPolicy:
         `wall_clock` the current Unix time, used only for a `Retry-After` HTTP-date;
         `retry_delay_hint` the seconds of the stream's SSE `retry:` field, if it set one.
         """
-        if attempt < 1:
-            raise ValueError(f"attempt counts the attempts made and starts at 1, got {attempt}")
+        _check_attempt(attempt)
         verdict = classify(error, wall_clock=wall_clock)
         # A 429 naming a wait throttles the whole account, not this request: everyone sharing
         # a limiter should hold back, whether or not this request tries again.
@@ -411,3 +411,10 @@ class RetryPolicy:
             attempt + 1,
             pause is not None,
         )
+
+
+def _check_attempt(attempt: int) -> None:
+    # Attempt 0 would silently read as "before the first attempt": a wait shorter than
+    # `wait_initial`, or a decision about nothing.
+    if attempt < 1:
+        raise ConfigurationError(f"attempt counts the attempts made and starts at 1, got {attempt}")

@@ -107,16 +107,19 @@ class ServerSentEvent(NamedTuple):
     def encode(self) -> bytes:
         """Serialize to the wire format; decoding the result yields an equal event.
 
+        A value that would decode differently (a line break in `event` or `id`, a CR in
+        `data`) is refused with `ConfigurationError` (a `ValueError`) rather than sent.
+
         An empty `id` is not written, so the event inherits the stream's last event ID, as a
         server that sends no `id` field does.
         """
         for name, value in (("event", self.event), ("id", self.id)):
             if "\n" in value or "\r" in value:
-                raise ValueError(f"SSE {name} cannot contain a line ending: {value!r}")
+                raise ConfigurationError(f"SSE {name} cannot contain a line ending: {value!r}")
         if "\r" in self.data:
-            raise ValueError("SSE data cannot contain CR; a bare CR would end the line")
+            raise ConfigurationError("SSE data cannot contain CR; a bare CR would end the line")
         if "\0" in self.id:
-            raise ValueError("SSE id cannot contain U+0000; a decoder ignores such an id")
+            raise ConfigurationError("SSE id cannot contain U+0000; a decoder ignores such an id")
         lines = []
         if self.event != "message":
             lines.append(f"event: {self.event}\n")
@@ -125,7 +128,7 @@ class ServerSentEvent(NamedTuple):
         if self.retry is not None:
             # Beyond 2**63 - 1 it would decode clamped. (Not shown: str() refuses a huge int.)
             if not 0 <= self.retry <= _MAX_RETRY:
-                raise ValueError("SSE retry must be from 0 to 2**63 - 1 (milliseconds)")
+                raise ConfigurationError("SSE retry must be from 0 to 2**63 - 1 (milliseconds)")
             lines.append(f"retry: {self.retry}\n")
         lines.extend(f"data: {line}\n" for line in self.data.split("\n"))
         lines.append("\n")

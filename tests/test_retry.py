@@ -411,8 +411,10 @@ def test_a_single_attempt_never_retries(policy: RetryPolicy) -> None:
 
 def test_attempt_numbers_start_at_one() -> None:
     """Asking before any attempt failed is a caller bug."""
-    with pytest.raises(ValueError, match="starts at 1, got 0"):
+    with pytest.raises(ConfigurationError, match="starts at 1, got 0"):
         decide(connection_error(), attempt=0)
+    with pytest.raises(ConfigurationError, match="starts at 1, got 0"):
+        RetryPolicy().backoff(0, lambda: 0.0)
 
 
 def test_decisions_match_exhaustively() -> None:

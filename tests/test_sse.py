@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from holysheep import (
+    ConfigurationError,
     LocalProtocolError,
     RemoteProtocolError,
     ServerSentEvent,
@@ -298,7 +299,7 @@ def test_encode_rejects_what_cannot_round_trip() -> None:
         E(retry=2**63),
         E(retry=10**5000),
     ):
-        with pytest.raises(ValueError, match="SSE"):
+        with pytest.raises(ConfigurationError, match="SSE"):
             bad.encode()
 
 
