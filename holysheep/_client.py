@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -83,6 +84,9 @@ class Client:
         self.transport = transport
         self.chat = Chat(self)
         self._watchdog = _Watchdog()
+        # A client dropped without `close()` ends its watchdog thread with it (streams still
+        # open keep theirs until they end, as after `close()`).
+        weakref.finalize(self, self._watchdog.release)
         self._closed = False
 
     @property
@@ -673,6 +677,13 @@ class _Watchdog:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
 
+    def release(self) -> None:
+        """`stop()` without waiting: for a client the garbage collector takes unclosed, whose
+        thread would otherwise sleep for the rest of the process."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
     def _run(self) -> None:
         with self._cond:
             idle = False  # the last look found nothing to watch
@@ -680,22 +691,7 @@ class _Watchdog:
             while not self._stopped or self._streams:
                 self.looks += 1
                 now = _clock()
-                soonest: float | None = None
-                for stream in list(self._streams):
-                    exchange = stream._exchange
-                    due = exchange.deadline()
-                    if due is None:
-                        self._streams.discard(stream)
-                    elif due[0] <= now and due[1] == "done":
-                        self._streams.discard(stream)
-                        stream._expire(None)  # the body lingers after [DONE]: close it
-                    elif due[0] <= now and (error := exchange.timeout_error(now)) is not None:
-                        # (None: content moved the deadline since `deadline()`; look again.)
-                        self._streams.discard(stream)
-                        if error.timeout == "total" or not stream._lapse():
-                            stream._expire(error)
-                    elif soonest is None or due[0] < soonest:
-                        soonest = due[0]
+                soonest = self._look(now)
                 if soonest is None and not idle:
                     idle, soonest = True, now + _IDLE_RECHECK
                 elif soonest is not None:
@@ -706,3 +702,27 @@ class _Watchdog:
                     # rather than sleeping until the next one wakes us too.
                     idle = False
             self._thread = None  # under the lock: a `watch` from now on starts a new one
+
+    def _look(self, now: float) -> float | None:
+        """Expire the streams that are due; the soonest deadline of the others.
+
+        A method of its own so that no stream outlives the look in a local variable of the
+        sleeping thread: that kept the last stream, its transport and its socket alive.
+        """
+        soonest: float | None = None
+        for stream in list(self._streams):
+            exchange = stream._exchange
+            due = exchange.deadline()
+            if due is None:
+                self._streams.discard(stream)
+            elif due[0] <= now and due[1] == "done":
+                self._streams.discard(stream)
+                stream._expire(None)  # the body lingers after [DONE]: close it
+            elif due[0] <= now and (error := exchange.timeout_error(now)) is not None:
+                # (None: content moved the deadline since `deadline()`; look again.)
+                self._streams.discard(stream)
+                if error.timeout == "total" or not stream._lapse():
+                    stream._expire(error)
+            elif soonest is None or due[0] < soonest:
+                soonest = due[0]
+        return soonest

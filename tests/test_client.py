@@ -6,7 +6,9 @@ Every fault is injected by the server, over real sockets; nothing here is mocked
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
+import os
 import runpy
 import socket
 import threading
@@ -1674,6 +1676,50 @@ def test_a_closed_client_keeps_timing_open_streams_and_refuses_new_ones(
         assert time.monotonic() - started < 2
     with pytest.raises(holysheep.LocalProtocolError, match="closed"):
         client.chat.stream(model="m", messages=MESSAGES)
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
+def test_clients_dropped_unclosed_leave_no_thread_or_socket(upstream: MockUpstream) -> None:
+    """A client the garbage collector takes without `close()` ends its watchdog thread, and
+    the thread keeps no stream (nor its transport's socket) alive."""
+    for _ in range(3):  # warm up: what is made once per process is not a leak
+        holysheep.Client(api_key="k", base_url=upstream.base_url).chat.complete(
+            model="m", messages=MESSAGES
+        )
+    gc.collect()
+    threads, fds = threading.active_count(), _fds()
+    for _ in range(20):
+        holysheep.Client(api_key="k", base_url=upstream.base_url).chat.complete(
+            model="m", messages=MESSAGES
+        )
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        gc.collect()
+        if threading.active_count() <= threads and _fds() <= fds:
+            break
+        time.sleep(0.05)
+    grown = (max(0, threading.active_count() - threads), max(0, _fds() - fds))
+    assert (0, 0) == grown  # was (20, 20): a thread and a socket per client
+
+
+def test_a_stream_outliving_its_unclosed_client_keeps_its_timeouts(
+    upstream: MockUpstream, transport: BaseTransport
+) -> None:
+    """`Client(...).chat.stream(...)`: the client can be collected while its stream is read,
+    and the stream's idle timeout still fires."""
+    stream = client_for(upstream, transport, timeout=Timeouts(idle=0.3)).chat.stream(
+        model="m", messages=MESSAGES, extra_headers=config(fault="stall@3")
+    )
+    gc.collect()  # the client is gone; its watchdog was told to stop once streams end
+    started = time.monotonic()
+    with stream, pytest.raises((IdleTimeoutError, IncompleteStreamError)):
+        for _ in stream:
+            pass
+    assert time.monotonic() - started < 2
 
 
 @pytest.mark.anyio
