@@ -4,10 +4,12 @@ on the wire must be what `build_request` would have sent, for every kind of http
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import string
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -257,3 +259,46 @@ def test_one_async_client_on_a_second_event_loop_is_a_clear_error() -> None:
             first.run_until_complete(client.aclose())
         finally:
             first.close()
+
+
+def test_closing_a_client_after_its_event_loop_ended_says_what_to_do(
+    upstream: MockUpstream,
+) -> None:
+    """`asyncio.run(use(client))` then `asyncio.run(client.aclose())`: only the ended loop
+    could have closed the connections; say so (it was a bare "Event loop is closed")."""
+
+    def use_then_close_elsewhere() -> str:
+        client = holysheep.AsyncClient(api_key="k", base_url=upstream.base_url)
+        first = asyncio.new_event_loop()
+        first.run_until_complete(client.chat.complete(model="m", messages=[]))
+        first.close()
+        try:
+            asyncio.run(client.aclose())
+        except holysheep.ConfigurationError as exc:
+            return str(exc)
+        return "no error"
+
+    message = use_then_close_elsewhere()
+    with warnings.catch_warnings():
+        # The stranded sockets, which nothing but that loop could have closed.
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+    assert message.startswith(
+        "AsyncHTTPXTransport's connections belong to an event loop that has ended"
+    )
+
+
+def test_closing_a_client_on_another_loop_while_its_own_runs_is_refused(
+    upstream: MockUpstream,
+) -> None:
+    """That loop still owns the connections and can close them: say so."""
+    client = holysheep.AsyncClient(api_key="k", base_url=upstream.base_url)
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        first.run_until_complete(client.chat.complete(model="m", messages=[]))
+        with pytest.raises(holysheep.ConfigurationError, match="first used on another"):
+            second.run_until_complete(client.aclose())
+        first.run_until_complete(client.aclose())
+    finally:
+        first.close()
+        second.close()

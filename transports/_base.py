@@ -70,6 +70,26 @@ def same_loop(first: object, current: object, transport: str) -> object:
     return current
 
 
+def closing_elsewhere(first: object, current: object, transport: str) -> None:
+    """Refuse, clearly, an `aclose()` on loop `current` for connections of loop `first`.
+
+    asyncio's connections can only be closed by their own loop; once it has ended, asking
+    raised a bare "Event loop is closed" from deep in asyncio (a client used in one
+    `asyncio.run()` and closed in another), and the sockets are left to the garbage
+    collector. Trio's sockets close from any run, so only asyncio's loops are asked.
+    """
+    if first is None or current is first:
+        return
+    is_closed = getattr(first, "is_closed", None)
+    if callable(is_closed) and is_closed():
+        raise ConfigurationError(
+            f"{transport}'s connections belong to an event loop that has ended, and only it "
+            "could close them: close the client inside the loop that used it (`async with "
+            "AsyncClient() as client:` in that loop, or `await client.aclose()` before it ends)"
+        )
+    same_loop(first, current, transport)  # that loop still runs and owns them
+
+
 async def _anoop() -> None:
     pass
 

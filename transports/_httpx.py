@@ -22,6 +22,7 @@ from holysheep.transports._base import (
     AsyncResponse,
     BaseTransport,
     Response,
+    closing_elsewhere,
     connect_error,
     connect_timeout,
     same_loop,
@@ -258,6 +259,8 @@ class AsyncHTTPXTransport(AsyncBaseTransport):
 
     async def aclose(self) -> None:
         if self._owns_client:
+            loop = anyio.lowlevel.current_token().native_token
+            closing_elsewhere(self._loop, loop, "AsyncHTTPXTransport")
             await self.client.aclose()
 
 
