@@ -20,14 +20,14 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 
 from ._call import Attempt, Call, OnInterrupt, ShownText
 from ._chat import ChatChunk, Completion
 from ._config import ClientConfig
-from ._exceptions import APIConnectionError, HolySheepError, LocalProtocolError
+from ._exceptions import APIConnectionError, HolySheepError, LocalProtocolError, new_cause
 from ._exchange import MAX_ERROR_BODY, Exchange, StreamStats, Timeouts
 from ._gate import Gate, gate_for
 from ._limiter import RateLimiter, Ticket
@@ -337,7 +337,7 @@ class AsyncStream:
                         except StopAsyncIteration:
                             end = True
                         except HolySheepError as exc:
-                            raise self._timeout_or(exc) from exc  # while the body is still known
+                            self._raise_for(exc)  # while the body is still known
                         except asyncio.CancelledError:
                             if not self._only_ours(reader):
                                 raise  # the caller's task is being cancelled (too)
@@ -396,7 +396,7 @@ class AsyncStream:
             except StopAsyncIteration:
                 end = True  # a flag: a body may also yield an empty piece, which is no end
             except HolySheepError as exc:
-                raise self._timeout_or(exc) from exc  # while the body is still known
+                self._raise_for(exc)  # while the body is still known
         if scope.cancelled_caught:  # a deadline passed, or close() was called
             return await self._deadline_passed()
         if end:
@@ -588,7 +588,7 @@ class AsyncStream:
                     self._response = await self._transport.send(exchange.request)
                 except HolySheepError as exc:
                     exchange.send_failed(exc)
-                    raise self._timeout_or(exc) from exc
+                    self._raise_for(exc)
             self._scope = None  # done with: it would otherwise live as long as the stream
             response = self._response
             if scope.cancelled_caught:
@@ -622,7 +622,7 @@ class AsyncStream:
             response = await self._transport.send(exchange.request)
         except HolySheepError as exc:
             exchange.send_failed(exc)
-            raise self._timeout_or(exc) from exc
+            self._raise_for(exc)
         except asyncio.CancelledError:
             if not self._only_ours(reader):
                 raise  # the caller's task is being cancelled (too)
@@ -694,6 +694,11 @@ class AsyncStream:
             scope.cancel()
         self._scope = scope
         return scope
+
+    def _raise_for(self, exc: HolySheepError) -> NoReturn:
+        """Raise what `exc`, raised by the transport, stands for (see `_timeout_or`)."""
+        failure = self._timeout_or(exc)
+        raise failure from new_cause(failure, exc)
 
     def _timeout_or(self, exc: HolySheepError | None) -> HolySheepError:
         now = _now()

@@ -14,7 +14,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ._call import Attempt, Call, OnInterrupt, ShownText
 from ._chat import ChatChunk, Completion
@@ -25,6 +25,7 @@ from ._exceptions import (
     ConnectTimeoutError,
     HolySheepError,
     LocalProtocolError,
+    new_cause,
 )
 from ._exchange import MAX_ERROR_BODY, Exchange, StreamStats, Timeouts
 from ._gate import Gate, gate_for
@@ -488,7 +489,7 @@ class Stream:
             response = self._transport.send(exchange.request)
         except HolySheepError as exc:
             exchange.send_failed(exc)
-            raise self._timeout_or(exc) from exc
+            self._raise_for(exc)
         finally:
             with self._lock:
                 self._sending = False
@@ -547,6 +548,11 @@ class Stream:
                 if self._closed:
                     stop.set()
         return stop
+
+    def _raise_for(self, exc: HolySheepError) -> NoReturn:
+        """Raise what `exc`, raised by the transport, stands for (see `_timeout_or`)."""
+        failure = self._timeout_or(exc)
+        raise failure from new_cause(failure, exc)
 
     def _timeout_or(self, exc: HolySheepError | None) -> HolySheepError:
         now = _clock()

@@ -6,6 +6,7 @@ Every fault is injected by the server, over real sockets; nothing here is mocked
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 import holysheep
@@ -328,6 +330,39 @@ def test_connection_refused_is_a_connection_error(transport: BaseTransport) -> N
     with pytest.raises(ConnectError, match="could not connect to") as info:
         client.chat.complete(model="m", messages=MESSAGES, request_id="rid-x")
     assert "rid-x" == info.value.request_id
+    assert REFUSED.format(url) == info.value.message  # not urllib3's "Max retries exceeded"
+    assert not causes(info.value)[-1].__module__.startswith("holysheep")  # the library's own
+
+
+def causes(exc: BaseException) -> list[BaseException]:
+    """`exc`'s chain of causes, outermost first (an exception raised from itself ends it)."""
+    chain: list[BaseException] = []
+    cause = exc.__cause__
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__
+    return chain
+
+
+@pytest.mark.anyio
+async def test_async_connection_refused_says_refused() -> None:
+    """The default async transport names the refusal (anyio says "All connection attempts
+    failed", and asyncio "Connect call failed")."""
+    with serve() as gone:
+        url = gone.base_url
+    client = holysheep.AsyncClient(api_key="k", base_url=url, retry=RetryPolicy.none())
+    with pytest.raises(ConnectError) as info:
+        await client.chat.complete(model="m", messages=MESSAGES)
+    assert REFUSED.format(url) == info.value.message
+    assert httpx.ConnectError in [type(cause) for cause in causes(info.value)]  # kept
+    await client.aclose()
+
+
+# What a refused connection says, whichever transport met it: the system's words.
+REFUSED = (
+    f"could not connect to {{}}/chat/completions: [Errno {errno.ECONNREFUSED}] "
+    f"{os.strerror(errno.ECONNREFUSED)}"
+)
 
 
 # -- timeouts ---------------------------------------------------------------------------------

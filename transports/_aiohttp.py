@@ -89,7 +89,7 @@ def _translate(exc: BaseException, request: Request) -> Exception:
     if isinstance(exc, _CONNECT_TIMEOUT):
         return connect_timeout(request)
     if isinstance(exc, aiohttp.ClientConnectorError):  # refused, DNS, TLS: nothing was sent
-        return connect_error(request, repr(exc))
+        return connect_error(request, exc)
     return APIConnectionError(f"could not reach {request.url}: {exc!r}")
 
 

@@ -23,6 +23,7 @@ Three rules every transport keeps:
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from types import TracebackType
 from typing import final
@@ -49,9 +50,51 @@ def connect_timeout(request: Request) -> ConnectTimeoutError:
     )
 
 
-def connect_error(request: Request, detail: str) -> ConnectError:
-    """No connection made (refused, DNS, a refused certificate): the request was never sent."""
+def connect_error(request: Request, cause: BaseException | str) -> ConnectError:
+    """No connection made (refused, DNS, a refused certificate): the request was never sent.
+
+    `cause`, an HTTP library's exception, is told by the OS error at its root: that says what
+    went wrong ("[Errno 111] Connection refused"), where the library's own words may not
+    (urllib3's "Max retries exceeded" when nothing was retried, anyio's "All connection
+    attempts failed"). The library's exception stays the `__cause__`.
+    """
+    detail = cause if isinstance(cause, str) else _root_os_error(cause)
     return ConnectError(f"could not connect to {request.url}: {detail}")
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and everything it wraps, outermost first: its cause and context, urllib3's
+    `reason`, an exception among its args, and an exception group's members."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        item = todo.pop(0)
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        yield item
+        todo += [item.__cause__, item.__context__, getattr(item, "reason", None)]
+        todo += item.args
+        todo += getattr(item, "exceptions", ())
+
+
+def _root_os_error(exc: BaseException) -> str:
+    found = [cause for cause in causes(exc) if isinstance(cause, OSError) and cause.errno]
+    if not found:
+        return repr(exc)
+    root = found[-1]
+    if type(root) in _PLAIN_ERRORS and root.errno is not None and root.errno > 0:
+        # The system's words: asyncio says "Connect call failed ('127.0.0.1', 9)" for a
+        # refused connection, which does not say refused.
+        return f"[Errno {root.errno}] {os.strerror(root.errno)}"
+    return str(root)  # a DNS failure, a refused certificate: their own words say more
+
+
+# The errors whose `errno` says it all (not `ssl.SSLError` or `socket.gaierror`, whose numbers
+# are their libraries' own).
+_PLAIN_ERRORS = frozenset(
+    [OSError, ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError]
+)
 
 
 def same_loop(first: object, current: object, transport: str) -> object:

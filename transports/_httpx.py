@@ -114,7 +114,7 @@ def _translate(exc: httpx.HTTPError, request: Request) -> Exception:
     if isinstance(exc, httpx.ConnectTimeout):
         return connect_timeout(request)
     if isinstance(exc, httpx.ConnectError):  # refused, DNS, TLS: nothing was sent
-        return connect_error(request, repr(exc))
+        return connect_error(request, exc)
     return APIConnectionError(f"could not reach {request.url}: {exc!r}")
 
 

@@ -17,7 +17,13 @@ from holysheep._exceptions import (
     LocalProtocolError,
 )
 from holysheep._exchange import Request
-from holysheep.transports._base import BaseTransport, Response, connect_error, connect_timeout
+from holysheep.transports._base import (
+    BaseTransport,
+    Response,
+    causes,
+    connect_error,
+    connect_timeout,
+)
 
 __all__ = ["RequestsTransport"]
 
@@ -94,7 +100,7 @@ class RequestsTransport(BaseTransport):
             raise APIConnectionError(f"no response head from {request.url}: {exc}") from exc
         except requests.exceptions.ConnectionError as exc:
             if _never_sent(exc):
-                raise connect_error(request, str(exc)) from exc
+                raise connect_error(request, exc) from exc
             raise APIConnectionError(f"could not reach {request.url}: {exc}") from exc
         except requests.exceptions.RequestException as exc:
             raise APIConnectionError(f"could not reach {request.url}: {exc}") from exc
@@ -128,25 +134,11 @@ def _never_sent(exc: requests.exceptions.ConnectionError) -> bool:
     if isinstance(exc, requests.exceptions.ProxyError):
         return True  # urllib3 wraps only errors before the proxy connection is made
     if isinstance(exc, requests.exceptions.SSLError):
-        return any(isinstance(cause, ssl.SSLCertVerificationError) for cause in _causes(exc))
+        return any(isinstance(cause, ssl.SSLCertVerificationError) for cause in causes(exc))
     reason = exc.args[0] if exc.args else None
     if isinstance(reason, urllib3.exceptions.MaxRetryError):
         reason = reason.reason
     return isinstance(reason, urllib3.exceptions.NewConnectionError)
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """`exc` and what it wraps: its cause or context, urllib3's `reason`, or its first arg."""
-    seen: set[int] = set()
-    todo: list[object] = [exc]
-    while todo:
-        item = todo.pop()
-        if not isinstance(item, BaseException) or id(item) in seen:
-            continue
-        seen.add(id(item))
-        yield item
-        todo += [item.__cause__, item.__context__, getattr(item, "reason", None)]
-        todo += item.args[:1]
 
 
 def _body_and_closer(
