@@ -85,12 +85,21 @@ def _client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
     )
 
 
+def _describe(exc: BaseException) -> str:
+    """`exc` for an error message: its repr, except for a `ClientResponseError` (a bad status
+    line, a body cut short), whose repr holds the request's headers, the API key among them;
+    its str says the status, aiohttp's message and the URL."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{type(exc).__name__}({exc})"
+    return repr(exc)
+
+
 def _translate(exc: BaseException, request: Request) -> Exception:
     if isinstance(exc, _CONNECT_TIMEOUT):
         return connect_timeout(request)
     if isinstance(exc, aiohttp.ClientConnectorError):  # refused, DNS, TLS: nothing was sent
-        return connect_error(request, repr(exc))
-    return APIConnectionError(f"could not reach {request.url}: {exc!r}")
+        return connect_error(request, _describe(exc))
+    return APIConnectionError(f"could not reach {request.url}: {_describe(exc)}")
 
 
 def _require_asyncio() -> None:
@@ -146,7 +155,7 @@ class _Body:
             data = await self._content.readany()
         except _ERRORS as exc:
             raise APIConnectionError(
-                f"the connection failed while reading the stream: {exc!r}"
+                f"the connection failed while reading the stream: {_describe(exc)}"
             ) from exc
         if data:
             return data
