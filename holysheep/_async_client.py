@@ -310,6 +310,7 @@ class AsyncStream:
         try:
             if self._body is None and not self._exhausted:
                 await self.open()
+            away = True  # the caller had the stream until now; not on the loop's next turns
             while not self._exhausted:
                 try:
                     if self._failure is not None:
@@ -318,7 +319,8 @@ class AsyncStream:
                             raise failure
                     body = self._body
                     if body is None or self._closed or not self._timed:
-                        chunks = await self._read()  # trio, and the ends of a stream
+                        chunks = await self._read(away)  # trio, and the ends of a stream
+                        away = False
                     else:
                         # asyncio's read, here rather than in `_read()`: a blocked read then holds
                         # one coroutine frame less, for each of thousands of open streams.
@@ -377,17 +379,22 @@ class AsyncStream:
         finally:
             self._busy = False
 
-    async def _read(self) -> list[ChatChunk]:
+    async def _read(self, away: bool = True) -> list[ChatChunk]:
+        """One read, bounded by the next deadline. `away`: the caller had the stream since the
+        last read, rather than this stream's own loop reading on past events with no chunk
+        (keep-alive comments)."""
         body = self._body
         if body is None or self._closed:
             await self._finish()
             return []
         data = b""
         due, now = self._exchange.deadline(), _now()
-        if due is not None and due[1] in ("ttft", "idle") and due[0] <= now:
-            # Passed with no read pending (a pending one would have been cut): the caller was
-            # busy between chunks. As on asyncio, the clocks start again (`total` stays, and
-            # the scope below raises it).
+        if away and due is not None and due[1] in ("ttft", "idle") and due[0] <= now:
+            # Passed with no read pending: the caller was busy between chunks. As on asyncio,
+            # the clocks start again (`total` stays, and the scope below raises it). Not when
+            # the loop read on: a read can bring a keep-alive just after its deadline, before
+            # the scope cut it, and starting the clocks again then let keep-alives that come on
+            # the deadline's beat hold a stalled stream open on trio.
             self._exchange.resumed(now)
         end = False
         with self._deadline_scope() as scope:

@@ -13,9 +13,11 @@ session to the running event loop, so it cannot be made in a synchronous `__init
 connector has no connection limit by default, because a stream holds its connection for its
 whole life and a cap would queue the stream after it.
 
-aiohttp is told to do nothing the clients already do: no automatic decompression (the request
-asks for `identity`), no redirects, and no total timeout (aiohttp's default would end every
-request after 300 s). What remains is the connect timeout from the request's `Timeouts`. Unlike
+aiohttp is told to do nothing the clients already do: no redirects, and no total timeout
+(aiohttp's default would end every request after 300 s). It does decompress: the request asks
+for `identity`, but a proxy may compress anyway, and `requests` and httpx decode such a body
+too; aiohttp sets up a decoder only for a response that names an encoding, so a plain stream
+costs nothing more. What remains is the connect timeout from the request's `Timeouts`. Unlike
 the other transports it keeps no per-read socket timeout as a backstop: aiohttp implements one by
 replacing a timer on every packet received, which at thousands of streams costs more than the
 clients' own deadline timer, and that timer already bounds every read.
@@ -85,12 +87,21 @@ def _client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
     )
 
 
+def _describe(exc: BaseException) -> str:
+    """`exc` for an error message: its repr, except for a `ClientResponseError` (a bad status
+    line, a body cut short), whose repr holds the request's headers, the API key among them;
+    its str says the status, aiohttp's message and the URL."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{type(exc).__name__}({exc})"
+    return repr(exc)
+
+
 def _translate(exc: BaseException, request: Request) -> Exception:
     if isinstance(exc, _CONNECT_TIMEOUT):
         return connect_timeout(request)
     if isinstance(exc, aiohttp.ClientConnectorError):  # refused, DNS, TLS: nothing was sent
         return connect_error(request, exc)
-    return APIConnectionError(f"could not reach {request.url}: {exc!r}")
+    return APIConnectionError(f"could not reach {request.url}: {_describe(exc)}")
 
 
 def _require_asyncio() -> None:
@@ -146,7 +157,7 @@ class _Body:
             data = await self._content.readany()
         except _ERRORS as exc:
             raise APIConnectionError(
-                f"the connection failed while reading the stream: {exc!r}"
+                f"the connection failed while reading the stream: {_describe(exc)}"
             ) from exc
         if data:
             return data
@@ -170,8 +181,8 @@ class AiohttpTransport(AsyncBaseTransport):
     `max_connections` and `max_connections_per_host` bound the connector (None: no limit, the
     default, since every open stream holds a connection). `keepalive_timeout` is how long an
     idle connection stays pooled. `verify` is True, False, or a CA bundle path. Pass your own
-    `session` to control everything else; it should have `auto_decompress=False`, and it is
-    not closed by `aclose()`.
+    `session` to control everything else; keep aiohttp's `auto_decompress=True` (a compressed
+    body is otherwise handed over compressed), and it is not closed by `aclose()`.
     """
 
     def __init__(
@@ -213,7 +224,7 @@ class AiohttpTransport(AsyncBaseTransport):
         )
         return aiohttp.ClientSession(
             connector=connector,
-            auto_decompress=False,
+            auto_decompress=True,  # aiohttp's default, said: see the module docstring
             timeout=aiohttp.ClientTimeout(total=None),
         )
 

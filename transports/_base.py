@@ -24,13 +24,19 @@ Three rules every transport keeps:
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from types import TracebackType
 from typing import final
 
 import attrs
 
-from holysheep._exceptions import ConfigurationError, ConnectError, ConnectTimeoutError
+from holysheep._exceptions import (
+    APIConnectionError,
+    ConfigurationError,
+    ConnectError,
+    ConnectTimeoutError,
+)
 from holysheep._exchange import Request
 
 __all__ = ["AsyncBaseTransport", "AsyncResponse", "BaseTransport", "Request", "Response"]
@@ -131,6 +137,63 @@ def closing_elsewhere(first: object, current: object, transport: str) -> None:
             "AsyncClient() as client:` in that loop, or `await client.aclose()` before it ends)"
         )
     same_loop(first, current, transport)  # that loop still runs and owns them
+
+
+@final
+class BodyDecoder:
+    """Decompresses a body sent with `Content-Encoding: gzip` or `deflate`, read by read.
+
+    The clients ask for `identity`, but a proxy may compress anyway. `requests` and aiohttp
+    decode such a body themselves; the httpx transports read httpx's raw stream (see
+    `_httpx._aiter_raw`) and decode with this. Each read gives what it completes, so events
+    still flow one by one when the server flushes after each. Bytes that do not decode raise
+    `APIConnectionError`, as `requests` and aiohttp report them.
+    """
+
+    __slots__ = ("_decompressor", "_encoding", "_started")
+
+    def __init__(self, encoding: str) -> None:
+        self._encoding = encoding
+        # gzip: its header and trailer (wbits 16+); deflate: zlib's wrapper, else raw (below).
+        self._decompressor = zlib.decompressobj(
+            16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+        )
+        self._started = False
+
+    def __call__(self, data: bytes) -> bytes:
+        try:
+            try:
+                decoded = self._decompressor.decompress(data)
+            except zlib.error:
+                if self._started or self._encoding != "deflate":
+                    raise
+                # RFC 9110 section 8.4.1.2 names zlib's format, but servers send raw deflate
+                # too; urllib3 and httpx take both, so do we.
+                self._decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
+                decoded = self._decompressor.decompress(data)
+        except zlib.error as exc:
+            raise APIConnectionError(
+                f"the body was sent with Content-Encoding {self._encoding!r} and does not "
+                f"decode: {exc}"
+            ) from exc
+        self._started = True
+        return decoded
+
+    def flush(self) -> bytes:
+        return self._decompressor.flush()
+
+
+def body_decoder(headers: Mapping[str, str]) -> BodyDecoder | None:
+    """A decoder for a body in gzip or deflate (`Content-Encoding`); None for any other."""
+    encoding = headers.get("content-encoding")
+    if encoding is None:
+        return None
+    encoding = encoding.strip().lower()
+    if encoding in ("gzip", "x-gzip"):
+        return BodyDecoder("gzip")
+    if encoding == "deflate":
+        return BodyDecoder("deflate")
+    return None
 
 
 async def _anoop() -> None:

@@ -22,6 +22,7 @@ from holysheep.transports._base import (
     AsyncResponse,
     BaseTransport,
     Response,
+    body_decoder,
     closing_elsewhere,
     connect_error,
     connect_timeout,
@@ -192,7 +193,13 @@ def _body_and_closer(
         stream = response.stream  # not iter_raw(): see `_aiter_raw`
         assert isinstance(stream, httpx.SyncByteStream)
         try:
-            yield from stream
+            decode = body_decoder(response.headers)
+            if decode is None:
+                yield from stream
+            else:
+                for data in stream:
+                    yield decode(data)
+                yield decode.flush()
         except (httpx.HTTPError, httpx.StreamError) as exc:
             raise APIConnectionError(
                 f"the connection failed while reading the stream: {exc!r}"
@@ -267,14 +274,21 @@ class AsyncHTTPXTransport(AsyncBaseTransport):
 async def _aiter_raw(response: httpx.Response) -> AsyncIterator[bytes]:
     # The response's byte stream itself, not `aiter_raw()`: that one re-chunks (a no-op
     # without a chunk size) and counts bytes on every read, a fifth of httpx's cost per read.
-    # The stream still raises httpx's exceptions; the client closes the response.
+    # The stream still raises httpx's exceptions; the client closes the response. A body a
+    # proxy compressed (gzip, deflate) is decoded here, as `requests` decodes it.
     stream = response.stream
     assert isinstance(stream, httpx.AsyncByteStream)
     parts = stream.__aiter__()
+    decode = body_decoder(response.headers)
     finished = False
     try:
-        async for data in parts:
-            yield data
+        if decode is None:
+            async for data in parts:
+                yield data
+        else:  # a loop of its own: the plain one stays free of a test per read
+            async for data in parts:
+                yield decode(data)
+            yield decode.flush()
         finished = True
     except (httpx.HTTPError, httpx.StreamError) as exc:
         finished = True
