@@ -40,13 +40,14 @@ from ._exceptions import (
     IdleTimeoutError,
     IncompleteStreamError,
     LocalProtocolError,
+    RateLimitError,
     StreamError,
     StreamInterruptedError,
 )
 from ._exchange import _NO_IDS, Exchange, StreamStats
 from ._observe import Observer, RequestInfo, notify
 from ._pricing import estimate_tokens
-from ._retry import GiveUp, Retry, RetryPolicy
+from ._retry import GiveUp, Retry, RetryPolicy, retry_after
 
 __all__ = ["Attempt", "Call", "OnInterrupt", "Reset"]
 
@@ -316,6 +317,10 @@ class Call:
                 "Call.failed() reports how an attempt ended, and none was started: "
                 "call start_attempt() first"
             )
+        if isinstance(error, RateLimitError) and error.retry_after is None:
+            # A `Retry-After` HTTP-date needs the wall clock, which only the driver has: the
+            # exchange could read the seconds form alone.
+            error.retry_after = retry_after(error, wall_clock)
         progressed = exchange.progressed
         self._earlier = self._earlier.add(exchange)
         if progressed or self._budget_from is None:

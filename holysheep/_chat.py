@@ -695,6 +695,10 @@ class ChatAccumulator:
                 "ChatAccumulator fed after "
                 + ("close()" if self._closed else f"the stream reported an error: {self._error}")
             )
+        if self.done:
+            # `[DONE]` ended the stream: what a server sends after it (more text, an error,
+            # invalid JSON) is not part of the answer.
+            return None
         data = event.data
         if event.event == "error":
             raise self._stream_error(self._parse_error_payload(data))

@@ -94,6 +94,13 @@ class Client:
     def base_url(self) -> str:
         return self._config.base_url
 
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        return (
+            f"<{type(self).__name__} base_url={self.base_url!r} "
+            f"transport={type(self.transport).__name__}{state}>"
+        )
+
     def close(self) -> None:
         """Close the transport; streams still open keep their timeouts until they end."""
         self._closed = True
@@ -465,6 +472,26 @@ class Stream:
     @property
     def request_id(self) -> str:
         return self._exchange.server_request_id or self._exchange.request_id
+
+    @property
+    def response_headers(self) -> Mapping[str, str]:
+        """The current attempt's response headers, looked up by lower-case name (a gateway's
+        `x-ratelimit-remaining-tokens`, say); empty before the response head came."""
+        return self._exchange.response_headers
+
+    def __repr__(self) -> str:
+        if self._closed and not self._exchange.accumulator.closed:
+            state = "closed"
+        elif self._exchange.accumulator.closed:
+            state = "ended"
+        elif self._call.exchange is None or self._exchange.status_code is None:
+            state = "not sent"
+        else:
+            state = "open"
+        return (
+            f"<{type(self).__name__} request_id={self.request_id!r} "
+            f"attempts={self._call.attempt} {state}>"
+        )
 
     # -- internals ---------------------------------------------------------------------------
 

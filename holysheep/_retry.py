@@ -141,7 +141,7 @@ def _seconds(value: float | None) -> float | None:
     return max(0.0, value)
 
 
-def _retry_after(error: APIStatusError, wall_clock: float | None) -> float | None:
+def retry_after(error: APIStatusError, wall_clock: float | None) -> float | None:
     """The wait an error response asks for, in seconds, or None if it names none.
 
     RFC 9110 section 10.2.3: `Retry-After` is delta-seconds or an HTTP-date. Gateways also
@@ -220,7 +220,7 @@ def classify(error: BaseException, *, wall_clock: float | None = None) -> Classi
             why = f"carries x-should-retry: {str(verdict).lower()}"
         if not verdict:
             return Classification(False, f"{what} {why}")
-        return Classification(True, f"{what} {why}", _retry_after(error, wall_clock))
+        return Classification(True, f"{what} {why}", retry_after(error, wall_clock))
 
     if isinstance(error, IncompleteStreamError):
         # Before the generic StreamError: a cut stream is a dropped connection, not a verdict.

@@ -560,7 +560,7 @@ static Py_ssize_t usage_key_size[USAGE_KEYS];
 #define str_output_tokens (usage_key[4])
 static Py_ssize_t block_size; /* `_BLOCK` in _chat.py */
 static Py_ssize_t acc_closed, acc_error, acc_loads, acc_choice0, acc_first, acc_last, acc_count;
-static Py_ssize_t acc_usage, acc_decoder;
+static Py_ssize_t acc_usage, acc_decoder, acc_done;
 static Py_ssize_t chunk_text, chunk_deltas, chunk_raw, chunk_event, delta_text, delta_choice;
 static Py_ssize_t later_data, later_loads, later_parsed, choice_role, choice_text, choice_blocks;
 static Py_ssize_t choice_finish, finished_reason, finished_choice, report_usage;
@@ -1189,7 +1189,9 @@ chunk_of(PyObject *acc, PyObject *event)
         Py_RETURN_NONE;
     PyObject *type = PyTuple_GET_ITEM(event, 0), *data = PyTuple_GET_ITEM(event, 1);
     PyObject *choice0 = SLOT(acc, acc_choice0), *count = SLOT(acc, acc_count);
+    /* After `[DONE]` nothing more is part of the answer: `feed_event` ignores it. */
     if (SLOT(acc, acc_closed) != Py_False || SLOT(acc, acc_error) != Py_None ||
+        SLOT(acc, acc_done) != Py_False ||
         SLOT(acc, acc_loads) != default_loads || count == NULL || !PyLong_CheckExact(count) ||
         choice0 == NULL || SLOT(acc, acc_first) == NULL || !PyUnicode_CheckExact(data) ||
         !PyUnicode_CheckExact(type))
@@ -1581,6 +1583,7 @@ setup_chat(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         {&acc_count, acc, "chunk_count"},
         {&acc_usage, acc, "_usage"},
         {&acc_decoder, acc, "decoder"},
+        {&acc_done, acc, "done"},
         {&choice_role, choice, "role"},
         {&choice_text, choice, "text"},
         {&choice_blocks, choice, "blocks"},

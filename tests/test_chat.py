@@ -686,6 +686,30 @@ def test_chunks_before_an_error_in_the_same_bytes_go_with_the_error(
     assert () == info.value.chunks  # nothing before it
 
 
+@pytest.mark.parametrize("c_part", [True, False], ids=["C", "Python"])
+@pytest.mark.parametrize("split", [False, True], ids=["one read", "a read each"])
+def test_nothing_after_done_is_part_of_the_answer(
+    c_part: bool, split: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`[DONE]` ends the stream: text, errors and invalid JSON after it are ignored (text
+    after it was added to the answer)."""
+    from holysheep import _chat
+
+    if not c_part:
+        monkeypatch.setattr(_chat, "_c_feed", None)
+    after = [
+        chunk({"content": " extra"}),
+        b'data: {"error": {"message": "late"}}\n\n',
+        b"data: {not json\n\n",
+        b"event: error\ndata: {}\n\n",
+    ]
+    reads = [openai_stream(["Hi"]), *after]
+    acc = ChatAccumulator()
+    chunks = [c for read in reads for c in acc.feed(read)] if split else acc.feed(b"".join(reads))
+    acc.close()
+    assert ("Hi", "Hi", True) == ("".join(c.text for c in chunks), acc.completion.text, acc.done)
+
+
 def test_anthropic_error_event() -> None:
     """`event: error` in Anthropic's shape is a StreamError too."""
     data = {"type": "error", "error": {"type": "invalid_request_error", "message": "bad"}}

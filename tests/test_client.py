@@ -1713,6 +1713,41 @@ def test_a_closed_client_keeps_timing_open_streams_and_refuses_new_ones(
         client.chat.stream(model="m", messages=MESSAGES)
 
 
+def test_response_headers_and_reprs(upstream: MockUpstream, transport: BaseTransport) -> None:
+    """A stream shows its response headers (rate-limit headers live there) and says in its
+    repr which request it is and where it stands."""
+    client = client_for(upstream, transport)
+    stream = client.chat.stream(model="m", messages=MESSAGES, request_id="rid-1")
+    assert ({}, "<Stream request_id='rid-1' attempts=0 not sent>") == (
+        dict(stream.response_headers),
+        repr(stream),
+    )
+    with stream:
+        assert "text/event-stream" == stream.response_headers["content-type"]
+        server_id = stream.response_headers["x-request-id"]
+        assert f"<Stream request_id={server_id!r} attempts=1 open>" == repr(stream)
+        stream.until_done()
+    assert f"<Stream request_id={server_id!r} attempts=1 ended>" == repr(stream)
+    name = type(transport).__name__
+    assert f"<Client base_url={upstream.base_url!r} transport={name}>" == repr(client)
+    client.close()
+    assert repr(client).endswith(" closed>")
+
+
+@pytest.mark.anyio
+async def test_async_response_headers_and_reprs(upstream: MockUpstream) -> None:
+    """The async twins say the same."""
+    async with holysheep.AsyncClient(api_key="k", base_url=upstream.base_url) as client:
+        stream = client.chat.stream(model="m", messages=MESSAGES)
+        async with stream:
+            assert "text/event-stream" == stream.response_headers["content-type"]
+            await stream.aclose()
+        assert repr(stream).endswith(" attempts=1 closed>")
+        assert f"<AsyncClient base_url={upstream.base_url!r} transport=AsyncHTTPXTransport>" == (
+            repr(client)
+        )
+
+
 def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 

@@ -437,24 +437,7 @@ def test_a_compressed_error_body_is_quoted_decoded(kind: str) -> None:
     assert outcome.message.endswith(": bad key (status=401, request_id=req-hostile-7)")
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        kind
-        if kind == "aiohttp"
-        else pytest.param(
-            kind,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="an encoding the HTTP library cannot decode (br without Brotli) reaches "
-                "the SSE decoder as it is: 'stream ended without [DONE] and without a "
-                "finish_reason (the connection closed in the middle of an event)', nothing "
-                "says 'br'; aiohttp names it ('Please install Brotli'), at send",
-            ),
-        )
-        for kind in KINDS
-    ],
-)
+@transports
 def test_an_encoding_nobody_decodes_is_named(kind: str) -> None:
     """A body in an encoding the transport cannot decode gets an error naming the encoding."""
     outcome = run(kind, sized(b"\x8b\x03\x80 not decodable", "Content-Encoding: br"))
@@ -661,13 +644,6 @@ def test_retry_after_in_seconds_is_on_the_error(kind: str) -> None:
     assert ("RateLimitError", 7.0) == (outcome.error, outcome.exc.retry_after)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`RateLimitError.retry_after` is None for an HTTP-date: the core's "
-    "parse_retry_after reads delta-seconds only (it has no clock), and no client fills the "
-    "date in, though docs/reference.md says 'the server's wait in seconds, or None' and the "
-    "retry policy does honour the date",
-)
 @transports
 def test_retry_after_as_a_date_is_on_the_error(kind: str) -> None:
     """`Retry-After` as an HTTP date 30 s ahead gives `retry_after` of about 30 (RFC 9110)."""
@@ -776,12 +752,6 @@ def test_nothing_after_done_fails_the_answer(kind: str, after: bytes) -> None:
     assert ok("Hi") == run(kind, script)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="text after [DONE] is delivered and added to the completion ('Hi extra'), though "
-    "docs/chat.md says `[DONE]` ends the stream, and errors after it are ignored; a change in "
-    "ChatAccumulator and in its C part (chunk_of), left to the maintainers",
-)
 @transports
 def test_content_after_done_is_not_part_of_the_answer(kind: str) -> None:
     """Events after `[DONE]` are not part of the answer."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping
 from types import TracebackType
 from typing import final
 
@@ -36,6 +36,7 @@ from holysheep._exceptions import (
     ConfigurationError,
     ConnectError,
     ConnectTimeoutError,
+    RemoteProtocolError,
 )
 from holysheep._exchange import Request
 
@@ -184,7 +185,10 @@ class BodyDecoder:
 
 
 def body_decoder(headers: Mapping[str, str]) -> BodyDecoder | None:
-    """A decoder for a body in gzip or deflate (`Content-Encoding`); None for any other."""
+    """A decoder for a body in gzip or deflate (`Content-Encoding`); None for one not encoded.
+
+    Raises `RemoteProtocolError` for any other encoding (see `check_encoding`).
+    """
     encoding = headers.get("content-encoding")
     if encoding is None:
         return None
@@ -193,7 +197,28 @@ def body_decoder(headers: Mapping[str, str]) -> BodyDecoder | None:
         return BodyDecoder("gzip")
     if encoding == "deflate":
         return BodyDecoder("deflate")
+    check_encoding(encoding, ("identity",))
     return None
+
+
+def check_encoding(encoding: str | None, known: Collection[str]) -> None:
+    """Refuse a body in an encoding nobody here decodes (`br` without Brotli, say).
+
+    Read as it is, it reached the SSE decoder as noise, and the stream looked cut short ("ended
+    without [DONE]") with nothing to say why.
+    """
+    if not encoding:
+        return
+    unknown = [
+        part
+        for part in (token.strip().lower() for token in encoding.split(","))
+        if part and part != "identity" and part not in known
+    ]
+    if unknown:
+        raise RemoteProtocolError(
+            f"the body was sent with Content-Encoding {encoding!r}, which this transport "
+            "cannot decode (holysheep asks for identity: a proxy on the way compressed it)"
+        )
 
 
 async def _anoop() -> None:

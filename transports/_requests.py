@@ -21,6 +21,7 @@ from holysheep.transports._base import (
     BaseTransport,
     Response,
     causes,
+    check_encoding,
     connect_error,
     connect_timeout,
 )
@@ -149,6 +150,7 @@ def _body_and_closer(
 
     def body() -> Iterator[bytes]:
         nonlocal finished
+        check_encoding(raw.headers.get("content-encoding"), raw.CONTENT_DECODERS)
         try:
             if raw.chunked and raw.supports_chunked_reads():
                 yield from raw.read_chunked(_READ_SIZE, decode_content=True)
