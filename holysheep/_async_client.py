@@ -27,7 +27,7 @@ import anyio
 from ._call import Attempt, Call, OnInterrupt, ShownText
 from ._chat import ChatChunk, Completion
 from ._config import ClientConfig
-from ._exceptions import APIConnectionError, HolySheepError, LocalProtocolError, new_cause
+from ._exceptions import APIConnectionError, HolySheepError, LocalProtocolError
 from ._exchange import MAX_ERROR_BODY, Exchange, StreamStats, Timeouts
 from ._gate import Gate, gate_for
 from ._limiter import RateLimiter, Ticket
@@ -732,7 +732,11 @@ class AsyncStream:
     def _raise_for(self, exc: HolySheepError) -> NoReturn:
         """Raise what `exc`, raised by the transport, stands for (see `_timeout_or`)."""
         failure = self._timeout_or(exc)
-        raise failure from new_cause(failure, exc)
+        if failure is exc:
+            # As it was: `raise exc from exc` made it its own cause, losing the HTTP
+            # library's error it was raised from.
+            raise exc
+        raise failure from exc
 
     def _timeout_or(self, exc: HolySheepError | None) -> HolySheepError:
         now = _now()

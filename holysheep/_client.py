@@ -25,7 +25,6 @@ from ._exceptions import (
     ConnectTimeoutError,
     HolySheepError,
     LocalProtocolError,
-    new_cause,
 )
 from ._exchange import MAX_ERROR_BODY, Exchange, StreamStats, Timeouts
 from ._gate import Gate, gate_for
@@ -42,6 +41,9 @@ _clock = time.monotonic
 
 # How long the watchdog waits, with nothing to watch, before it looks again (see `_Watchdog`).
 _IDLE_RECHECK = 1.0
+# With nothing to watch for a while, how long the thread sleeps unless a stream wakes it: long
+# enough to cost nothing, short enough that a stop it missed (see `release`) ends it anyway.
+_IDLE_SLEEP = 30.0
 
 
 class Client:
@@ -579,7 +581,11 @@ class Stream:
     def _raise_for(self, exc: HolySheepError) -> NoReturn:
         """Raise what `exc`, raised by the transport, stands for (see `_timeout_or`)."""
         failure = self._timeout_or(exc)
-        raise failure from new_cause(failure, exc)
+        if failure is exc:
+            # As it was: `raise exc from exc` made it its own cause, losing the HTTP
+            # library's error it was raised from.
+            raise exc
+        raise failure from exc
 
     def _timeout_or(self, exc: HolySheepError | None) -> HolySheepError:
         now = _clock()
@@ -713,9 +719,15 @@ class _Watchdog:
     def release(self) -> None:
         """`stop()` without waiting: for a client the garbage collector takes unclosed, whose
         thread would otherwise sleep for the rest of the process."""
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
+        self._stopped = True
+        # Not waiting for the lock: the collector may run this in a thread that holds a lock a
+        # transport's close needs, while the thread holds ours closing a stream. Without the
+        # notice, the thread sees `_stopped` at its next look (`_IDLE_SLEEP` at the latest).
+        if self._cond.acquire(blocking=False):
+            try:
+                self._cond.notify()
+            finally:
+                self._cond.release()
 
     def _run(self) -> None:
         with self._cond:
@@ -730,7 +742,8 @@ class _Watchdog:
                 elif soonest is not None:
                     idle = False
                 self._wake_at = soonest
-                if self._cond.wait(None if soonest is None else max(0.0, soonest - now) + 0.001):
+                wait = _IDLE_SLEEP if soonest is None else max(0.0, soonest - now) + 0.001
+                if self._cond.wait(wait):
                     # Woken by a stream: if it has ended before this look, look again in a while
                     # rather than sleeping until the next one wakes us too.
                     idle = False

@@ -335,12 +335,3 @@ class StreamInterruptedError(IncompleteStreamError):
             message, completion=completion, request_id=request_id, status_code=status_code
         )
         self.usage = usage
-
-
-def new_cause(failure: BaseException, exc: BaseException) -> BaseException | None:
-    """What `raise failure from ...` should name as the cause when `failure` stands for `exc`.
-
-    `exc` itself when `failure` is a new error; when it is `exc` again, its cause as it was:
-    `raise exc from exc` made an exception its own cause and lost the HTTP library's error.
-    """
-    return exc if failure is not exc else exc.__cause__

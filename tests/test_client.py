@@ -14,6 +14,7 @@ import runpy
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -342,6 +343,40 @@ def causes(exc: BaseException) -> list[BaseException]:
         chain.append(cause)
         cause = cause.__cause__
     return chain
+
+
+def test_a_refusal_inside_an_except_block_says_refused(transport: BaseTransport) -> None:
+    """The error being handled when the request was made is no cause of it: the message
+    named the caller's own `FileNotFoundError` (and leaked its text)."""
+    with serve() as gone:
+        url = gone.base_url
+    client = holysheep.Client(
+        api_key="k", base_url=url, transport=transport, retry=RetryPolicy.none()
+    )
+    try:
+        open("/nonexistent/holysheep-cache.json")  # noqa: SIM115
+    except FileNotFoundError:
+        with pytest.raises(ConnectError) as info:
+            client.chat.complete(model="m", messages=MESSAGES)
+    assert REFUSED.format(url) == info.value.message
+
+
+def test_a_refusing_proxy_is_named(
+    transport: BaseTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy that refuses: the message says the proxy failed, not the API's host."""
+    with serve() as gone:
+        proxy = gone.base_url.removesuffix("/v1")
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    monkeypatch.setenv("NO_PROXY", "")
+    client = holysheep.Client(
+        api_key="k",
+        base_url="http://api.example.invalid/v1",
+        transport=type(transport)(),
+        retry=RetryPolicy.none(),
+    )
+    with pytest.raises(ConnectError, match=r"through the proxy: \[Errno \d+\] Connection refused"):
+        client.chat.complete(model="m", messages=MESSAGES)
 
 
 @pytest.mark.anyio
@@ -1781,10 +1816,12 @@ def test_a_stream_outliving_its_unclosed_client_keeps_its_timeouts(
 ) -> None:
     """`Client(...).chat.stream(...)`: the client can be collected while its stream is read,
     and the stream's idle timeout still fires."""
-    stream = client_for(upstream, transport, timeout=Timeouts(idle=0.3)).chat.stream(
-        model="m", messages=MESSAGES, extra_headers=config(fault="stall@3")
-    )
+    client = client_for(upstream, transport, timeout=Timeouts(idle=0.3))
+    stream = client.chat.stream(model="m", messages=MESSAGES, extra_headers=config(fault="stall@3"))
+    gone = weakref.ref(client)
+    del client
     gc.collect()  # the client is gone; its watchdog was told to stop once streams end
+    assert gone() is None
     started = time.monotonic()
     with stream, pytest.raises((IdleTimeoutError, IncompleteStreamError)):
         for _ in stream:

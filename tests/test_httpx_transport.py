@@ -10,6 +10,7 @@ import string
 import threading
 import time
 import warnings
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +24,7 @@ from holysheep import RetryPolicy
 from holysheep._exchange import Exchange, Request, Timeouts
 from holysheep.testing import MockUpstream, serve
 from holysheep.transports import AsyncHTTPXTransport, HTTPXTransport
+from holysheep.transports._base import BodyDecoder
 from holysheep.transports._httpx import _build
 
 MESSAGES = [{"role": "user", "content": "Tell me about sheep."}]
@@ -302,3 +304,28 @@ def test_closing_a_client_on_another_loop_while_its_own_runs_is_refused(
     finally:
         first.close()
         second.close()
+
+
+def test_a_client_used_in_one_trio_run_closes_in_another(upstream: MockUpstream) -> None:
+    """Trio's sockets close from any run: `trio.run(client.aclose)` after `trio.run(main)`
+    closes the pool, as it did before asyncio's check came."""
+    trio = pytest.importorskip("trio")
+    client = holysheep.AsyncClient(api_key="k", base_url=upstream.base_url)
+
+    async def use() -> str:
+        return (await client.chat.complete(model="m", messages=[])).text
+
+    assert trio.run(use)
+    trio.run(client.aclose)
+    assert client.transport.client.is_closed  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("wbits", [zlib.MAX_WBITS, -zlib.MAX_WBITS], ids=["zlib", "raw"])
+def test_deflate_of_either_kind_decodes_a_byte_at_a_time(wbits: int) -> None:
+    """`deflate` comes wrapped (RFC 9110) or raw: both decode, even fed one byte per read (a
+    first read with no output once settled the format too early)."""
+    packer = zlib.compressobj(wbits=wbits)
+    body = packer.compress(b"data: hello\n\n") + packer.flush()
+    decoder = BodyDecoder("deflate")
+    pieces = [piece for i in range(len(body)) for piece in decoder.decode(body[i : i + 1])]
+    assert b"data: hello\n\n" == b"".join([*pieces, *decoder.flush()])

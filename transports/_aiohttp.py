@@ -14,10 +14,12 @@ connector has no connection limit by default, because a stream holds its connect
 whole life and a cap would queue the stream after it.
 
 aiohttp is told to do nothing the clients already do: no redirects, and no total timeout
-(aiohttp's default would end every request after 300 s). It does decompress: the request asks
-for `identity`, but a proxy may compress anyway, and `requests` and httpx decode such a body
-too; aiohttp sets up a decoder only for a response that names an encoding, so a plain stream
-costs nothing more. What remains is the connect timeout from the request's `Timeouts`. Unlike
+(aiohttp's default would end every request after 300 s). Nor does it decompress: the request
+asks for `identity`, but a proxy may compress anyway, and then `_DecodedBody` decodes gzip and
+deflate as the other transports do, and names an encoding it cannot decode when the body is
+read. aiohttp's own decoding fails a response in an encoding it cannot decode while parsing
+its head, so a 429 in `br` became a connection error, without its status or `Retry-After`.
+What remains is the connect timeout from the request's `Timeouts`. Unlike
 the other transports it keeps no per-read socket timeout as a backstop: aiohttp implements one by
 replacing a timer on every packet received, which at thousands of streams costs more than the
 clients' own deadline timer, and that timer already bounds every read.
@@ -36,8 +38,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
-import urllib.parse
-import urllib.request
+from collections.abc import Iterator
 from typing import Final, final
 
 try:
@@ -58,8 +59,11 @@ from holysheep._exchange import Request, Timeouts
 from holysheep.transports._base import (
     AsyncBaseTransport,
     AsyncResponse,
+    BodyDecoder,
+    body_decoder,
     connect_error,
     connect_timeout,
+    env_proxy,
     same_loop,
 )
 
@@ -136,7 +140,6 @@ def _header_name(name: str) -> str:
     return istr(name) if isinstance(name, str) else name
 
 
-@final
 class _Body:
     """A response body as an async iterator of raw chunks, one `readany()` per chunk."""
 
@@ -175,14 +178,57 @@ class _Body:
         self._response.close()
 
 
+@final
+class _DecodedBody(_Body):
+    """A body a proxy compressed (`Content-Encoding`), decoded read by read (`BodyDecoder`).
+
+    A class of its own, so that a plain body reads with no test for it. An encoding it cannot
+    decode raises `RemoteProtocolError` at the first read: the response head, and its status,
+    are the client's by then.
+    """
+
+    __slots__ = ("_checked", "_decoder", "_ended", "_pieces")
+
+    def __init__(self, response: aiohttp.ClientResponse, open_bodies: set[_Body]) -> None:
+        super().__init__(response, open_bodies)
+        self._checked = False
+        self._decoder: BodyDecoder | None = None  # None: `identity`
+        # The pieces of the last read, taken one at a time: a read that expands without end
+        # meets the SSE decoder's limits a piece at a time, never all in memory.
+        self._pieces: Iterator[bytes] = iter(())
+        self._ended = False
+
+    async def __anext__(self) -> bytes:
+        if not self._checked:
+            self._checked = True
+            self._decoder = body_decoder(self._response.headers)
+        decoder = self._decoder
+        if decoder is None:
+            return await super().__anext__()
+        while True:
+            piece = next(self._pieces, None)
+            if piece is not None:
+                return piece
+            if self._ended:
+                raise StopAsyncIteration
+            try:
+                data = await super().__anext__()
+            except StopAsyncIteration:
+                self._ended = True
+                self._pieces = decoder.flush()
+                continue
+            self._pieces = decoder.decode(data)
+
+
 class AiohttpTransport(AsyncBaseTransport):
     """Async transport on `aiohttp.ClientSession`, for thousands of streams; asyncio only.
 
     `max_connections` and `max_connections_per_host` bound the connector (None: no limit, the
     default, since every open stream holds a connection). `keepalive_timeout` is how long an
     idle connection stays pooled. `verify` is True, False, or a CA bundle path. Pass your own
-    `session` to control everything else; keep aiohttp's `auto_decompress=True` (a compressed
-    body is otherwise handed over compressed), and it is not closed by `aclose()`.
+    `session` to control everything else; it is not closed by `aclose()`. Make it with
+    `auto_decompress=False`, so that the transport decodes what a proxy compressed (as the
+    other transports do), and an error status in an encoding nobody decodes keeps its status.
     """
 
     def __init__(
@@ -224,7 +270,7 @@ class AiohttpTransport(AsyncBaseTransport):
         )
         return aiohttp.ClientSession(
             connector=connector,
-            auto_decompress=True,  # aiohttp's default, said: see the module docstring
+            auto_decompress=False,  # `_DecodedBody` decodes: see the module docstring
             timeout=aiohttp.ClientTimeout(total=None),
         )
 
@@ -239,13 +285,7 @@ class AiohttpTransport(AsyncBaseTransport):
         # Scheme and host: an https URL may have a proxy of its own.
         origin = "/".join(url.split("/", 3)[:3])
         if origin not in self._proxies:
-            parts = urllib.parse.urlsplit(url)
-            proxy: str | None = None
-            if not urllib.request.proxy_bypass(parts.hostname or ""):
-                proxies = urllib.request.getproxies()
-                proxy = proxies.get(parts.scheme) or proxies.get("all")
-            if proxy and "://" not in proxy:
-                proxy = "http://" + proxy  # `proxy.corp:3128`, as requests and httpx read it
+            proxy = env_proxy(url)
             if len(self._proxies) < 64:
                 self._proxies[origin] = proxy
             return proxy
@@ -272,7 +312,10 @@ class AiohttpTransport(AsyncBaseTransport):
             )
         except _ERRORS as exc:
             raise _translate(exc, request) from exc
-        body = _Body(response, self._open)
+        if "content-encoding" in response.headers and not session.auto_decompress:
+            body: _Body = _DecodedBody(response, self._open)
+        else:
+            body = _Body(response, self._open)
         return AsyncResponse(
             response.status,
             response.headers,  # case-insensitive already: no copy per stream

@@ -23,7 +23,10 @@ Three rules every transport keeps:
 
 from __future__ import annotations
 
+import asyncio
 import os
+import urllib.parse
+import urllib.request
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping
 from types import TracebackType
@@ -57,21 +60,46 @@ def connect_timeout(request: Request) -> ConnectTimeoutError:
     )
 
 
-def connect_error(request: Request, cause: BaseException | str) -> ConnectError:
+def env_proxy(url: str) -> str | None:
+    """The proxy `HTTP(S)_PROXY` / `ALL_PROXY` / `NO_PROXY` name for `url`, as requests and
+    httpx read them by default."""
+    parts = urllib.parse.urlsplit(url)
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if proxy and "://" not in proxy:
+        proxy = "http://" + proxy  # `proxy.corp:3128`, as requests and httpx read it
+    return proxy or None
+
+
+def connect_error(
+    request: Request, cause: BaseException | str, *, via_proxy: bool = False
+) -> ConnectError:
     """No connection made (refused, DNS, a refused certificate): the request was never sent.
 
-    `cause`, an HTTP library's exception, is told by the OS error at its root: that says what
+    `cause`, an HTTP library's exception, is told by the OS errors at its root: they say what
     went wrong ("[Errno 111] Connection refused"), where the library's own words may not
     (urllib3's "Max retries exceeded" when nothing was retried, anyio's "All connection
-    attempts failed"). The library's exception stays the `__cause__`.
+    attempts failed"). The library's exception stays in the `__cause__` chain.
     """
-    detail = cause if isinstance(cause, str) else _root_os_error(cause)
+    detail = cause if isinstance(cause, str) else _root_os_errors(cause)
+    if via_proxy and not detail.startswith(_VIA_PROXY):
+        detail = _VIA_PROXY + detail
     return ConnectError(f"could not connect to {request.url}: {detail}")
 
 
+# Before the details of a failure to reach the proxy (not the API's host).
+_VIA_PROXY = "through the proxy: "
+
+
 def causes(exc: BaseException) -> Iterator[BaseException]:
-    """`exc` and everything it wraps, outermost first: its cause and context, urllib3's
-    `reason`, an exception among its args, and an exception group's members."""
+    """`exc` and everything it wraps, outermost first: its `__cause__`, urllib3's `reason`, an
+    exception among its args, and an exception group's members.
+
+    Not `__context__`: that is whatever the calling code was handling when the request was
+    made (a user's own `FileNotFoundError`, say), nothing the HTTP library wrapped.
+    """
     seen: set[int] = set()
     todo: list[object] = [exc]
     while todo:
@@ -80,21 +108,35 @@ def causes(exc: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(item))
         yield item
-        todo += [item.__cause__, item.__context__, getattr(item, "reason", None)]
+        todo += [item.__cause__, getattr(item, "reason", None)]
         todo += item.args
         todo += getattr(item, "exceptions", ())
 
 
-def _root_os_error(exc: BaseException) -> str:
-    found = [cause for cause in causes(exc) if isinstance(cause, OSError) and cause.errno]
-    if not found:
-        return repr(exc)
-    root = found[-1]
-    if type(root) in _PLAIN_ERRORS and root.errno is not None and root.errno > 0:
+def _root_os_errors(exc: BaseException) -> str:
+    chain = list(causes(exc))
+    found = [cause for cause in chain if isinstance(cause, OSError) and cause.errno]
+    # The roots: an OS error that wraps no other. Several when the host has several addresses
+    # (IPv6 unreachable, IPv4 refused): each is said, once.
+    roots = [error for error in found if not any(other in found for other in causes_of(error))]
+    words = list(dict.fromkeys(_os_words(error) for error in roots))
+    detail = "; ".join(words) if words else repr(exc)
+    if any("Proxy" in type(cause).__name__ for cause in chain):
+        detail = _VIA_PROXY + detail  # the proxy failed, not the API's host
+    return detail
+
+
+def causes_of(exc: BaseException) -> list[BaseException]:
+    """What `exc` wraps, without itself."""
+    return list(causes(exc))[1:]
+
+
+def _os_words(error: OSError) -> str:
+    if type(error) in _PLAIN_ERRORS and error.errno is not None and error.errno > 0:
         # The system's words: asyncio says "Connect call failed ('127.0.0.1', 9)" for a
         # refused connection, which does not say refused.
-        return f"[Errno {root.errno}] {os.strerror(root.errno)}"
-    return str(root)  # a DNS failure, a refused certificate: their own words say more
+        return f"[Errno {error.errno}] {os.strerror(error.errno)}"
+    return str(error)  # a DNS failure, a refused certificate: their own words say more
 
 
 # The errors whose `errno` says it all (not `ssl.SSLError` or `socket.gaierror`, whose numbers
@@ -128,10 +170,9 @@ def closing_elsewhere(first: object, current: object, transport: str) -> None:
     `asyncio.run()` and closed in another), and the sockets are left to the garbage
     collector. Trio's sockets close from any run, so only asyncio's loops are asked.
     """
-    if first is None or current is first:
-        return
-    is_closed = getattr(first, "is_closed", None)
-    if callable(is_closed) and is_closed():
+    if first is None or current is first or not isinstance(first, asyncio.AbstractEventLoop):
+        return  # (trio's token: any run closes them)
+    if first.is_closed():
         raise ConfigurationError(
             f"{transport}'s connections belong to an event loop that has ended, and only it "
             "could close them: close the client inside the loop that used it (`async with "
@@ -140,18 +181,25 @@ def closing_elsewhere(first: object, current: object, transport: str) -> None:
     same_loop(first, current, transport)  # that loop still runs and owns them
 
 
+# The most one piece of a compressed body expands to at a time: the SSE decoder's size limits
+# then act on a body that expands without end (a "zip bomb") before it is all in memory.
+_PIECE = 64 * 1024
+
+
 @final
 class BodyDecoder:
     """Decompresses a body sent with `Content-Encoding: gzip` or `deflate`, read by read.
 
-    The clients ask for `identity`, but a proxy may compress anyway. `requests` and aiohttp
-    decode such a body themselves; the httpx transports read httpx's raw stream (see
-    `_httpx._aiter_raw`) and decode with this. Each read gives what it completes, so events
-    still flow one by one when the server flushes after each. Bytes that do not decode raise
-    `APIConnectionError`, as `requests` and aiohttp report them.
+    The clients ask for `identity`, but a proxy may compress anyway. `requests` decodes such a
+    body itself; the httpx transports read httpx's raw stream (see `_httpx._aiter_raw`) and
+    `AiohttpTransport` its raw payload, and decode with this. Each read gives what it
+    completes, in pieces of at most 64 KiB, so events still flow one by one when the server
+    flushes after each. Bytes that do not decode raise `APIConnectionError`, as `requests`
+    reports them. As urllib3 does, a gzip body may hold several members, and what follows the
+    last one, if it is not gzip, is ignored.
     """
 
-    __slots__ = ("_decompressor", "_encoding", "_started")
+    __slots__ = ("_decompressor", "_encoding", "_ignoring", "_seen", "_started")
 
     def __init__(self, encoding: str) -> None:
         self._encoding = encoding
@@ -159,29 +207,61 @@ class BodyDecoder:
         self._decompressor = zlib.decompressobj(
             16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
         )
-        self._started = False
+        self._started = False  # some output came: the format is settled
+        self._ignoring = False  # trailing bytes after the last gzip member
+        self._seen = b""  # deflate's bytes before the first output
 
-    def __call__(self, data: bytes) -> bytes:
+    def decode(self, data: bytes) -> Iterator[bytes]:
+        """The decoded pieces of `data`, the body's next bytes."""
         try:
-            try:
-                decoded = self._decompressor.decompress(data)
-            except zlib.error:
-                if self._started or self._encoding != "deflate":
-                    raise
-                # RFC 9110 section 8.4.1.2 names zlib's format, but servers send raw deflate
-                # too; urllib3 and httpx take both, so do we.
-                self._decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
-                decoded = self._decompressor.decompress(data)
+            yield from self._pieces(data)
         except zlib.error as exc:
             raise APIConnectionError(
                 f"the body was sent with Content-Encoding {self._encoding!r} and does not "
                 f"decode: {exc}"
             ) from exc
-        self._started = True
-        return decoded
 
-    def flush(self) -> bytes:
-        return self._decompressor.flush()
+    def flush(self) -> Iterator[bytes]:
+        """What is left at the end of the body."""
+        if not self._ignoring:
+            rest = self._decompressor.flush()
+            if rest:
+                yield rest
+
+    def _pieces(self, data: bytes) -> Iterator[bytes]:
+        if self._ignoring:
+            return
+        decompressor = self._decompressor
+        if not self._started and self._encoding == "deflate":
+            self._seen += data  # kept until the format is settled (see below)
+        try:
+            out = decompressor.decompress(data, _PIECE)
+        except zlib.error:
+            if self._started or self._encoding != "deflate":
+                raise
+            # RFC 9110 section 8.4.1.2 names zlib's format, but servers send raw deflate
+            # too; urllib3 and httpx take both, so do we: everything so far, again, as raw.
+            decompressor = self._decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
+            out = decompressor.decompress(self._seen, _PIECE)
+        if out:
+            self._seen = b""
+        while True:
+            if out:
+                self._started = True
+                yield out
+            if decompressor.unconsumed_tail:
+                out = decompressor.decompress(decompressor.unconsumed_tail, _PIECE)
+            elif decompressor.eof and decompressor.unused_data and self._encoding == "gzip":
+                # Another member (RFC 1952 allows several), or trailing bytes to ignore.
+                rest = decompressor.unused_data
+                decompressor = self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                try:
+                    out = decompressor.decompress(rest, _PIECE)
+                except zlib.error:
+                    self._ignoring = True
+                    return
+            else:
+                return
 
 
 def body_decoder(headers: Mapping[str, str]) -> BodyDecoder | None:

@@ -26,6 +26,7 @@ from holysheep.transports._base import (
     closing_elsewhere,
     connect_error,
     connect_timeout,
+    env_proxy,
     same_loop,
 )
 
@@ -111,11 +112,15 @@ def _body_timeout(built: httpx.Request, request: Request) -> None:
         timeouts["read"] = request.timeouts.read_backstop()
 
 
-def _translate(exc: httpx.HTTPError, request: Request) -> Exception:
+def _translate(
+    exc: httpx.HTTPError, request: Request, client: httpx.Client | httpx.AsyncClient
+) -> Exception:
     if isinstance(exc, httpx.ConnectTimeout):
         return connect_timeout(request)
     if isinstance(exc, httpx.ConnectError):  # refused, DNS, TLS: nothing was sent
-        return connect_error(request, exc)
+        # httpx's error does not say whether it met the proxy; the environment does.
+        proxied = client.trust_env and env_proxy(request.url) is not None
+        return connect_error(request, exc, via_proxy=proxied)
     return APIConnectionError(f"could not reach {request.url}: {exc!r}")
 
 
@@ -148,7 +153,7 @@ class HTTPXTransport(BaseTransport):
         except BaseException as exc:
             self._closed_one()
             if isinstance(exc, httpx.HTTPError):
-                raise _translate(exc, request) from exc
+                raise _translate(exc, request, self.client) from exc
             raise
         _body_timeout(built, request)
         body, close, interrupt = _body_and_closer(response, self._closed_one)
@@ -198,8 +203,8 @@ def _body_and_closer(
                 yield from stream
             else:
                 for data in stream:
-                    yield decode(data)
-                yield decode.flush()
+                    yield from decode.decode(data)
+                yield from decode.flush()
         except (httpx.HTTPError, httpx.StreamError) as exc:
             raise APIConnectionError(
                 f"the connection failed while reading the stream: {exc!r}"
@@ -255,7 +260,7 @@ class AsyncHTTPXTransport(AsyncBaseTransport):
         try:
             response = await self.client.send(built, stream=True)
         except httpx.HTTPError as exc:
-            raise _translate(exc, request) from exc
+            raise _translate(exc, request, self.client) from exc
         _body_timeout(built, request)
         return AsyncResponse(
             response.status_code,
@@ -287,8 +292,10 @@ async def _aiter_raw(response: httpx.Response) -> AsyncIterator[bytes]:
                 yield data
         else:  # a loop of its own: the plain one stays free of a test per read
             async for data in parts:
-                yield decode(data)
-            yield decode.flush()
+                for piece in decode.decode(data):
+                    yield piece
+            for piece in decode.flush():
+                yield piece
         finished = True
     except (httpx.HTTPError, httpx.StreamError) as exc:
         finished = True
