@@ -495,6 +495,21 @@ def _within_total(
     return GiveUp(why, decision.pause, why)
 
 
+def describe_stream(kind: str, call: Call, exchange: Exchange, closed: bool) -> str:
+    """A stream's repr, the same for both clients: which request, how many attempts, and
+    where it stands (not sent, open, ended, or closed by the caller before its end)."""
+    if exchange.accumulator.closed:
+        state = "ended"
+    elif closed:
+        state = "closed"
+    elif call.exchange is None or exchange.status_code is None:
+        state = "not sent"
+    else:
+        state = "open"
+    request_id = exchange.server_request_id or exchange.request_id
+    return f"<{kind} request_id={request_id!r} attempts={call.attempt} {state}>"
+
+
 def check_on_interrupt(value: object) -> None:
     """A mistyped mode fails where it is given, not at the first interruption."""
     if value not in _ON_INTERRUPT:

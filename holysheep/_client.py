@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from ._call import Attempt, Call, OnInterrupt, ShownText
+from ._call import Attempt, Call, OnInterrupt, ShownText, describe_stream
 from ._chat import ChatChunk, Completion
 from ._config import ClientConfig
 from ._exceptions import (
@@ -482,18 +482,7 @@ class Stream:
         return self._exchange.response_headers
 
     def __repr__(self) -> str:
-        if self._closed and not self._exchange.accumulator.closed:
-            state = "closed"
-        elif self._exchange.accumulator.closed:
-            state = "ended"
-        elif self._call.exchange is None or self._exchange.status_code is None:
-            state = "not sent"
-        else:
-            state = "open"
-        return (
-            f"<{type(self).__name__} request_id={self.request_id!r} "
-            f"attempts={self._call.attempt} {state}>"
-        )
+        return describe_stream(type(self).__name__, self._call, self._exchange, self._closed)
 
     # -- internals ---------------------------------------------------------------------------
 
