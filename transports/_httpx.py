@@ -284,9 +284,11 @@ async def _aiter_raw(response: httpx.Response) -> AsyncIterator[bytes]:
     stream = response.stream
     assert isinstance(stream, httpx.AsyncByteStream)
     parts = stream.__aiter__()
-    decode = body_decoder(response.headers)
     finished = False
     try:
+        # In the `try`, as in the sync body: an encoding it refuses still unwinds httpx's
+        # generators (see `_unwind`).
+        decode = body_decoder(response.headers)
         if decode is None:
             async for data in parts:
                 yield data
