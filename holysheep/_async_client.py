@@ -27,6 +27,7 @@ import anyio
 from ._call import Attempt, Call, OnInterrupt, ShownText, describe_stream
 from ._chat import ChatChunk, Completion
 from ._config import ClientConfig
+from ._contract import check_response, check_transport, close_failed, stray_error
 from ._exceptions import APIConnectionError, HolySheepError, LocalProtocolError
 from ._exchange import MAX_ERROR_BODY, Exchange, StreamStats, Timeouts
 from ._gate import Gate, gate_for
@@ -89,6 +90,8 @@ class AsyncClient:
             from holysheep.transports import AsyncHTTPXTransport
 
             transport = AsyncHTTPXTransport()
+        else:
+            check_transport(transport, is_async=True)
         self.transport = transport
         self.chat = AsyncChat(self)
         self._closed = False
@@ -347,6 +350,8 @@ class AsyncStream:
                             end = True
                         except HolySheepError as exc:
                             self._raise_for(exc)  # while the body is still known
+                        except OSError as exc:  # a transport of the user's let it through
+                            self._raise_for(stray_error(exc, self._transport))
                         except asyncio.CancelledError:
                             if not self._only_ours(reader):
                                 raise  # the caller's task is being cancelled (too)
@@ -411,6 +416,8 @@ class AsyncStream:
                 end = True  # a flag: a body may also yield an empty piece, which is no end
             except HolySheepError as exc:
                 self._raise_for(exc)  # while the body is still known
+            except OSError as exc:  # a transport of the user's let it through
+                self._raise_for(stray_error(exc, self._transport))
         if scope.cancelled_caught:  # a deadline passed, or close() was called
             return await self._deadline_passed()
         if end:
@@ -608,12 +615,17 @@ class AsyncStream:
         else:
             with self._deadline_scope() as scope:
                 try:
-                    self._response = await self._transport.send(exchange.request)
+                    response = await self._transport.send(exchange.request)
                 except HolySheepError as exc:
                     exchange.send_failed(exc)
                     self._raise_for(exc)
+                except OSError as exc:  # a transport of the user's let it through
+                    error = stray_error(exc, self._transport)
+                    exchange.send_failed(error)
+                    self._raise_for(error)
+                check_response(response, self._transport, is_async=True)
+                self._response = response
             self._scope = None  # done with: it would otherwise live as long as the stream
-            response = self._response
             if scope.cancelled_caught:
                 response = None
         if response is None:
@@ -646,12 +658,17 @@ class AsyncStream:
         except HolySheepError as exc:
             exchange.send_failed(exc)
             self._raise_for(exc)
+        except OSError as exc:  # a transport of the user's let it through (see `stray_error`)
+            error = stray_error(exc, self._transport)
+            exchange.send_failed(error)
+            self._raise_for(error)
         except asyncio.CancelledError:
             if not self._only_ours(reader):
                 raise  # the caller's task is being cancelled (too)
             return None
         finally:
             self._reader = None
+        check_response(response, self._transport, is_async=True)
         if self._cancelled_read:  # the transport swallowed our cancellation and answered
             ours = self._only_ours(reader)
             await response.aclose()
@@ -698,10 +715,10 @@ class AsyncStream:
                 # Nothing left to wait for: the close returns at once (transport rule 4), so
                 # the caller's cancellation cannot cut it short, and a scope would be a tenth
                 # of the CPU a short stream costs.
-                await _close(body, response)
+                await _close(body, response, self._transport)
             elif response is not None:
                 with anyio.CancelScope(shield=True, deadline=_now() + _CLOSE_TIMEOUT):
-                    await _close(body, response)
+                    await _close(body, response, self._transport)
         finally:
             if ticket is not None and self._gate is not None:
                 self._gate.release(ticket, self._call.tokens_used(self._exchange))
@@ -751,23 +768,28 @@ class AsyncStream:
                     size += len(data)
                     if size >= MAX_ERROR_BODY:
                         break
-            except HolySheepError:
+            except (HolySheepError, OSError):
                 pass  # what arrived is still worth quoting
             finally:
                 # A body left mid-way is closed here: no body of the stream's own will be.
                 close = getattr(stream, "aclose", None)
                 if close is not None:
-                    with contextlib.suppress(HolySheepError):
+                    with contextlib.suppress(HolySheepError, OSError):
                         await close()
         return b"".join(parts)
 
 
-async def _close(body: AsyncIterator[bytes] | None, response: AsyncResponse) -> None:
-    close_body = getattr(body, "aclose", None)
-    if close_body is not None:
-        with contextlib.suppress(RuntimeError):  # still running in another task
-            await close_body()
-    await response.aclose()
+async def _close(
+    body: AsyncIterator[bytes] | None, response: AsyncResponse, transport: object
+) -> None:
+    try:
+        close_body = getattr(body, "aclose", None)
+        if close_body is not None:
+            with contextlib.suppress(RuntimeError):  # still running in another task
+                await close_body()
+        await response.aclose()
+    except Exception as exc:  # never instead of the stream's outcome
+        close_failed(transport, exc)
 
 
 def _now() -> float:

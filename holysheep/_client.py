@@ -9,6 +9,7 @@ then fails and the stream raises the typed timeout. The same mechanism serves
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from ._call import Attempt, Call, OnInterrupt, ShownText, describe_stream
 from ._chat import ChatChunk, Completion
 from ._config import ClientConfig
+from ._contract import check_response, check_transport, close_failed, interrupt_failed, stray_error
 from ._exceptions import (
     APIConnectionError,
     APITimeoutError,
@@ -84,6 +86,8 @@ class Client:
             from holysheep.transports import RequestsTransport
 
             transport = RequestsTransport()
+        else:
+            check_transport(transport, is_async=False)
         self.transport = transport
         self.chat = Chat(self)
         self._watchdog = _Watchdog()
@@ -351,12 +355,18 @@ class Stream:
                 try:
                     yield from self._read_attempt()
                     return
-                except HolySheepError as exc:
+                except (HolySheepError, OSError) as exc:
+                    if isinstance(exc, OSError):  # a transport of the user's let it through
+                        exc = stray_error(exc, self._transport)
                     if self._closed and not self._expired:
                         return  # closed by the caller: stop quietly, the partial result stays
                     # What the read's failure stands for (the watchdog's timeout, a cut
                     # stream), as the async client sees it, before asking the core.
                     failure = self._timeout_or(exc)
+                    if failure is not exc and failure.__cause__ is None:
+                        # As the async client raises it: from the transport's error, which
+                        # holds the HTTP library's (it was missing from the chain).
+                        failure.__cause__ = exc
                     if self._exchange.complete_at_break(failure, _clock()):
                         # `[DONE]` came: the answer is complete, whatever the connection did
                         # after it (broke, or lingered past `AFTER_DONE` and was closed); or
@@ -508,9 +518,14 @@ class Stream:
         except HolySheepError as exc:
             exchange.send_failed(exc)
             self._raise_for(exc)
+        except OSError as exc:  # a transport of the user's let it through (see `stray_error`)
+            error = stray_error(exc, self._transport)
+            exchange.send_failed(error)
+            self._raise_for(error)
         finally:
             with self._lock:
                 self._sending = False
+        check_response(response, self._transport, is_async=False)
         with self._lock:
             closed = self._closed
             self._response = response
@@ -551,7 +566,10 @@ class Stream:
             ticket, self._ticket = self._ticket, None
         try:
             if response is not None:
-                response.close()
+                try:
+                    response.close()
+                except Exception as exc:  # never instead of the stream's outcome
+                    close_failed(self._transport, exc)
         finally:  # as in the async client: a close that raises must not keep the ticket
             if ticket is not None and self._gate is not None:
                 self._gate.release(ticket, self._call.tokens_used(self._exchange))
@@ -601,7 +619,7 @@ class Stream:
                 size += len(data)
                 if size >= MAX_ERROR_BODY:
                     break
-        except HolySheepError:
+        except (HolySheepError, OSError):
             pass  # what arrived is still worth quoting
         return b"".join(parts)
 
@@ -640,7 +658,16 @@ class Stream:
         self._expiry = error
         self._expired = True
         if not self._away:
-            self._interrupt()
+            try:
+                self._interrupt()
+            except Exception as exc:
+                # The transport's own bug: in the watchdog's thread it ended the thread, and
+                # every stream of the client lost its timeouts. Its close must wake the read.
+                interrupt_failed(self._transport, exc)
+                response = self._response
+                if response is not None:
+                    with contextlib.suppress(Exception):
+                        response.close()
         # else: the reader is not reading; it finds `_expired` before its next read.
 
     def _interrupt(self) -> None:
@@ -720,23 +747,28 @@ class _Watchdog:
 
     def _run(self) -> None:
         with self._cond:
-            idle = False  # the last look found nothing to watch
-            # Stopped by `Client.close()`: streams still open keep their deadlines until they end.
-            while not self._stopped or self._streams:
-                self.looks += 1
-                now = _clock()
-                soonest = self._look(now)
-                if soonest is None and not idle:
-                    idle, soonest = True, now + _IDLE_RECHECK
-                elif soonest is not None:
-                    idle = False
-                self._wake_at = soonest
-                wait = _IDLE_SLEEP if soonest is None else max(0.0, soonest - now) + 0.001
-                if self._cond.wait(wait):
-                    # Woken by a stream: if it has ended before this look, look again in a while
-                    # rather than sleeping until the next one wakes us too.
-                    idle = False
-            self._thread = None  # under the lock: a `watch` from now on starts a new one
+            try:
+                idle = False  # the last look found nothing to watch
+                # Stopped by `Client.close()`: streams still open keep their deadlines until
+                # they end.
+                while not self._stopped or self._streams:
+                    self.looks += 1
+                    now = _clock()
+                    soonest = self._look(now)
+                    if soonest is None and not idle:
+                        idle, soonest = True, now + _IDLE_RECHECK
+                    elif soonest is not None:
+                        idle = False
+                    self._wake_at = soonest
+                    wait = _IDLE_SLEEP if soonest is None else max(0.0, soonest - now) + 0.001
+                    if self._cond.wait(wait):
+                        # Woken by a stream: if it has ended before this look, look again in a
+                        # while rather than sleeping until the next one wakes us too.
+                        idle = False
+            finally:
+                # Under the lock: a `watch` from now on starts a new one (after an error too,
+                # or the client's streams would have no timeouts from then on).
+                self._thread = None
 
     def _look(self, now: float) -> float | None:
         """Expire the streams that are due; the soonest deadline of the others.

@@ -222,6 +222,72 @@ class StreamStats:
         )
 
 
+#: Header mappings that answer any spelling of a name (`httpx.Headers`, aiohttp's): the
+#: built-in transports add theirs. Anything else a transport hands over is looked at.
+CASELESS_HEADERS: set[type] = set()
+
+
+def _plain(headers: dict[Any, Any]) -> bool:
+    """A plain dict as the rule asks: lower-case `str` names, `str` values. Names are few: a
+    cheap look, made for every response that comes as a dict."""
+    for name, value in headers.items():
+        if name.__class__ is not str or value.__class__ is not str or not name.islower():
+            return False
+    return True
+
+
+def _header_map(headers: object) -> dict[str, str]:
+    """A transport's response headers as the clients read them: lower-case names.
+
+    The rule is a mapping that answers lower-case names, but a user's transport may hand over
+    the server's spelling (`Content-Type`), `(name, value)` pairs (the shape of
+    `Request.headers`), bytes, or a number for `Retry-After`. Read as they were, they gave
+    an `AttributeError` from deep inside, or "the server sent '(none)'" blaming the server,
+    with the request id and `Retry-After` lost. Several values of one name are joined with
+    ", " (RFC 9110 section 5.3).
+    """
+    items: Any = headers.items() if isinstance(headers, Mapping) else headers
+    if isinstance(headers, str | bytes) or not hasattr(items, "__iter__"):
+        raise _bad_headers(headers)
+    out: dict[str, str] = {}
+    for item in items:
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            raise _bad_headers(headers)
+        name = _header_text(item[0], "name").lower()
+        value = _header_text(item[1], f"{name!r} value")
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
+
+
+def _bad_headers(headers: object) -> LocalProtocolError:
+    return LocalProtocolError(
+        "a transport's response headers must be a mapping of names to values, or (name, value) "
+        f"pairs, but they were {type(headers).__name__}: {headers!r:.80}"
+    )
+
+
+def _header_text(value: object, what: str) -> str:
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("latin-1")  # what HTTP/1.1 header bytes decode as
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # `Retry-After: 2` handed over as the number
+    raise LocalProtocolError(
+        f"a transport's response header {what} must be str, but it was "
+        f"{type(value).__name__}: {value!r:.60}"
+    )
+
+
+def _status_of(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int(value)  # `HTTPStatus.OK`
+    raise LocalProtocolError(
+        f"a transport's response status_code must be an int, but it was "
+        f"{type(value).__name__}: {value!r:.60}"
+    )
+
+
 def _as_bytes(data: object) -> bytes:
     """A body piece that is not `bytes`: a transport broke its contract, so say which way
     (deep in the decoder it would be a TypeError about `startswith`)."""
@@ -434,12 +500,16 @@ class Exchange:
         self, status_code: int, headers: Mapping[str, str], now: float
     ) -> Literal["stream", "read_error_body"]:
         """Record the response head; say whether to stream it or read it as an error."""
+        if status_code.__class__ is not int or headers.__class__ not in CASELESS_HEADERS:
+            try:
+                if status_code.__class__ is not int:
+                    status_code = _status_of(status_code)
+                if type(headers) is not dict or not _plain(headers):
+                    headers = _header_map(headers)
+            except HolySheepError as exc:
+                exc.request_id = self.request_id
+                raise
         self.status_code = status_code
-        if type(headers) is dict and any(not name.islower() for name in headers):
-            # A transport's plain dict with the server's spelling (`Content-Type`): the rule
-            # is lower-case names, but blaming the server for "(none)" would mislead, and the
-            # request id and Retry-After would be lost. Names are few: a cheap look.
-            headers = {name.lower(): value for name, value in headers.items()}
         self.response_headers = headers
         self.server_request_id = headers.get("x-request-id") or headers.get("request-id")
         self._connected = now
@@ -514,7 +584,11 @@ class Exchange:
     def on_data(self, data: bytes, now: float) -> list[ChatChunk]:
         """Body bytes in, chunks out; progress is stamped with `now`."""
         if data.__class__ is not bytes:
-            data = _as_bytes(data)
+            try:
+                data = _as_bytes(data)
+            except HolySheepError as exc:
+                self._identify(exc)  # the text so far goes with it, as with any other error
+                raise
         self.bytes += len(data)
         try:
             if self._skip_ids is None:

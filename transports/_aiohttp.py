@@ -44,7 +44,7 @@ from typing import Final, final
 try:
     import aiohttp
     from aiohttp.http_exceptions import HttpProcessingError
-    from multidict import istr  # aiohttp's own dependency
+    from multidict import CIMultiDictProxy, istr  # aiohttp's own dependency
 except ImportError as exc:  # pragma: no cover - the dev environment has aiohttp
     raise ImportError(
         "AiohttpTransport needs aiohttp, an optional dependency: pip install 'holysheep[aiohttp]'"
@@ -55,7 +55,7 @@ from holysheep._exceptions import (
     ConfigurationError,
     LocalProtocolError,
 )
-from holysheep._exchange import Request, Timeouts
+from holysheep._exchange import CASELESS_HEADERS, Request, Timeouts
 from holysheep.transports._base import (
     AsyncBaseTransport,
     AsyncResponse,
@@ -68,6 +68,8 @@ from holysheep.transports._base import (
 )
 
 __all__ = ["AiohttpTransport"]
+
+CASELESS_HEADERS.add(CIMultiDictProxy)  # handed over as they are (see `Exchange.on_headers`)
 
 # Everything aiohttp (or the socket under it) raises for a failed exchange. `HttpProcessingError`
 # is how aiohttp reports bytes it cannot parse; it is not a `ClientError`.

@@ -339,7 +339,7 @@ class BaseTransport:
     """Subclass and implement `send` (and `close` if you hold resources)."""
 
     def send(self, request: Request) -> Response:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement send(request)")
 
     def close(self) -> None:
         """Release pooled connections."""
@@ -360,7 +360,7 @@ class AsyncBaseTransport:
     """Subclass and implement `send` (and `aclose` if you hold resources)."""
 
     async def send(self, request: Request) -> AsyncResponse:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement async send(request)")
 
     async def aclose(self) -> None:
         """Release pooled connections."""

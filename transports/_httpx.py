@@ -16,7 +16,7 @@ from holysheep._exceptions import (
     APIConnectionError,
     LocalProtocolError,
 )
-from holysheep._exchange import Request, Timeouts
+from holysheep._exchange import CASELESS_HEADERS, Request, Timeouts
 from holysheep.transports._base import (
     AsyncBaseTransport,
     AsyncResponse,
@@ -31,6 +31,8 @@ from holysheep.transports._base import (
 )
 
 __all__ = ["AsyncHTTPXTransport", "HTTPXTransport", "default_limits"]
+
+CASELESS_HEADERS.add(httpx.Headers)  # handed over as they are (see `Exchange.on_headers`)
 
 
 def default_limits(max_connections: int | None = 10_000) -> httpx.Limits:

@@ -63,7 +63,36 @@ def _over_defaults(headers: Mapping[str, str] | None) -> dict[str, str]:
     """The given headers over `content-type: text/event-stream`, names in lower case: adding
     an `x-request-id` must not turn a stream into an unexpected content type. None: none."""
     given = headers or {}
+    if not isinstance(given, Mapping):
+        raise TypeError(
+            f"MockResponse headers must be a mapping of names to values, like "
+            f"{{'retry-after': '2'}}; got {reprlib.repr(given)}"
+        )
+    for name, value in given.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError(
+                f"MockResponse headers are str names and str values, as on the wire; "
+                f"{name!r}: {value!r} is not"
+            )
     return {"content-type": "text/event-stream", **{k.lower(): v for k, v in given.items()}}
+
+
+def _status(instance: object, attribute: object, status: object) -> None:
+    if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
+        raise TypeError(f"MockResponse status_code must be an int from 100 to 599; got {status!r}")
+
+
+def _delay(instance: object, attribute: object, delay: object) -> None:
+    if not isinstance(delay, int | float) or isinstance(delay, bool) or not delay >= 0:
+        raise TypeError(f"MockResponse delay is seconds, a number of 0 or more; got {delay!r}")
+
+
+def _fault(instance: object, attribute: object, fault: str | None) -> None:
+    if fault is not None and not isinstance(fault, str):
+        raise TypeError(
+            "MockResponse fault is the message of the APIConnectionError raised after the "
+            f"chunks (a str), or None; got {reprlib.repr(fault)}"
+        )
 
 
 def _as_chunks(chunks: Iterable[bytes]) -> tuple[bytes, ...]:
@@ -111,13 +140,13 @@ class MockResponse:
     connection).
     """
 
-    status_code: int = 200
+    status_code: int = attrs.field(default=200, validator=_status)
     chunks: tuple[bytes, ...] = attrs.field(
         factory=lambda: tuple(sse_body("Hello", "!")), converter=_as_chunks, validator=_all_bytes
     )
     headers: Mapping[str, str] = attrs.field(factory=dict, converter=_over_defaults)
-    delay: float = 0.0
-    fault: str | None = None
+    delay: float = attrs.field(default=0.0, validator=_delay)
+    fault: str | None = attrs.field(default=None, validator=_fault)
 
 
 Handler = Callable[[Request], MockResponse]
