@@ -303,13 +303,22 @@ def choices_asked(body: Mapping[str, Any]) -> int:
 _PROMPT_FIELDS = ("tools", "functions", "response_format")
 
 
+# What the chat format adds to the content's tokens: OpenAI's models count about 3 for each
+# message (its role and separators) and 3 more that prime the reply. Without them a prompt of
+# short messages was estimated at half its real count, and a tokens-per-minute limiter let
+# through more than its budget.
+_PER_MESSAGE = 3
+_PER_PROMPT = 3
+
+
 def estimate_prompt(body: Mapping[str, Any]) -> int:
     """The prompt's tokens, about 4 characters a token: the messages' content, and the tool
-    definitions and response schema, which gateways bill as prompt too."""
-    messages = body.get("messages") or []
-    size = sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, Mapping))
+    definitions and response schema, which gateways bill as prompt too; plus what the chat
+    format adds for each message."""
+    messages = [m for m in body.get("messages") or [] if isinstance(m, Mapping)]
+    size = sum(len(str(m.get("content", ""))) for m in messages)
     for field in _PROMPT_FIELDS:
         value = body.get(field)
         if value:
             size += len(json.dumps(value, default=str))
-    return size // 4
+    return size // 4 + _PER_MESSAGE * len(messages) + _PER_PROMPT

@@ -210,17 +210,18 @@ def classify(error: BaseException, *, wall_clock: float | None = None) -> Classi
 
     if isinstance(error, APIStatusError):
         status = error.status_code
+        # Read whatever the verdict: a 429 naming a wait pauses everyone sharing a limiter
+        # even when this request does not try again (`RetryPolicy.decide`).
+        wait = retry_after(error, wall_clock)
         verdict = _should_retry_header(error)
         if verdict is None and hopeless is not None:
-            return Classification(False, f"{what} reports {hopeless}; retrying cannot fix it")
+            return Classification(False, f"{what} reports {hopeless}; retrying cannot fix it", wait)
         if verdict is None:
             verdict = status in RETRYABLE_STATUSES
             why = "is transient" if verdict else "would fail the same way again"
         else:
             why = f"carries x-should-retry: {str(verdict).lower()}"
-        if not verdict:
-            return Classification(False, f"{what} {why}")
-        return Classification(True, f"{what} {why}", retry_after(error, wall_clock))
+        return Classification(verdict, f"{what} {why}", wait)
 
     if isinstance(error, IncompleteStreamError):
         # Before the generic StreamError: a cut stream is a dropped connection, not a verdict.

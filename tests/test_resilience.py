@@ -757,6 +757,26 @@ def test_the_token_budget_is_charged_what_the_attempts_used(
         made.close()
 
 
+@pytest.mark.parametrize("messages", [1, 4, 12])
+def test_the_reservation_covers_a_prompt_of_short_messages(messages: int) -> None:
+    """The prompt estimate counted content only, about 4 characters a token: short messages
+    came out at half their real count (12 for a 15-token request), and a tokens-per-minute
+    limiter let 750 tokens through a 600 budget at once. It adds what the chat format costs
+    for each message; the embedded upstream counts prompts as OpenAI's models do (a word a
+    token, 3 more a message), so the reservation must cover its usage."""
+    limiter = RateLimiter(tokens_per_minute=6000)
+    prompt = [{"role": "user", "content": "hello there"}] * messages
+    with serve(tokens=10) as upstream:
+        made = client(upstream, limiter=limiter)
+        with made.chat.stream(
+            model="m", messages=prompt, max_tokens=10, stream_options={"include_usage": True}
+        ) as stream:
+            usage = stream.until_done().usage
+        made.close()
+    assert usage is not None
+    assert usage.total_tokens <= stream._call.cost < 2 * usage.total_tokens
+
+
 def closed_port() -> int:
     """A loopback port nothing listens on: connecting is refused."""
     with socket.socket() as sock:

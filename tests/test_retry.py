@@ -137,9 +137,9 @@ def test_x_should_retry_true_overrides_the_status() -> None:
 def test_x_should_retry_false_overrides_the_status() -> None:
     """The server's `x-should-retry: false` stops even a 503, Retry-After or not."""
     error = status(503, {"x-should-retry": "false", "retry-after": "1"})
-    assert Classification(False, "APIStatusError (HTTP 503) carries x-should-retry: false") == (
-        classify(error)
-    )
+    assert Classification(
+        False, "APIStatusError (HTTP 503) carries x-should-retry: false", 1.0
+    ) == classify(error)
 
 
 def test_unrecognised_x_should_retry_falls_back_to_the_status() -> None:
@@ -328,6 +328,27 @@ def test_a_429_that_ends_the_request_still_pauses_everyone(
     )
     assert isinstance(decision, GiveUp)
     assert 7.0 == decision.pause
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        rate_limited(None, **{"x-should-retry": "false", "retry-after": "5"}),
+        RateLimitError(
+            "no credit", status_code=429, code="insufficient_quota", headers={"retry-after": "5"}
+        ),
+    ],
+    ids=["x-should-retry-false", "insufficient-quota"],
+)
+def test_a_429_not_to_retry_still_pauses_everyone_for_its_retry_after(
+    error: RateLimitError,
+) -> None:
+    """A 429 whose Retry-After came with a verdict against retrying (x-should-retry: false,
+    or a quota error) paused nobody: the others sharing the limiter went on sending into the
+    throttle the server named."""
+    decision = decide(error)
+    assert isinstance(decision, GiveUp)
+    assert 5.0 == decision.pause
 
 
 def test_a_503_that_ends_the_request_pauses_nobody() -> None:
