@@ -601,11 +601,16 @@ class AsyncStream:
                 self._scope = scope
                 if self._closed:
                     scope.cancel()
-                self._ticket = await self._gate.aacquire(self._call.cost)
+                until = exchange.send_deadline()
+                within = None if until is None else until - waited
+                self._ticket = await self._gate.aacquire(self._call.cost, within)
             self._scope = None
-            self._call.queued += _now() - waited
+            now = _now()
+            self._call.queued += now - waited
             if self._ticket is None:
-                return  # closed while queued
+                if scope.cancelled_caught or self._closed:
+                    return  # closed while queued
+                raise exchange.queue_timeout(now)  # a retry still queued at `total`
         self._call.sending()
         now = _now()
         exchange.start(now)

@@ -119,6 +119,7 @@ class Call:
         "_make_exchange",
         "_observers",
         "_pending_reset",
+        "_queued_before",
         "_random",
         "_reported",
         "_restart_early_ends",
@@ -181,6 +182,8 @@ class Call:
         # Since when the retry budget counts: the first send, and again from each
         # interruption after content came (a long healthy stream does not use it up).
         self._budget_from: float | None = None
+        # `queued` when the budget started counting: the queue's time since is not the budget's.
+        self._queued_before = 0.0
         # Attempts made before the current run of failures: a resumed stream that made
         # progress since its last failure starts a new run, with every attempt again.
         self._run_start = 0
@@ -328,11 +331,14 @@ class Call:
             # failures, with the whole budget. The time in the queue before is not ours.
             started = exchange.started
             self._budget_from = now if progressed or started is None else started
+            self._queued_before = self.queued
             if progressed and self.on_interrupt == "resume":
                 # Resumed progress is kept, so each run gets every attempt; a restart
                 # starts over and would loop on a server that always drops.
                 self._run_start = self.attempt - 1
-        elapsed = now - self._budget_from
+        # Less the time later attempts waited in the rate limiter's queue: a retry sent to the
+        # back of a busy shared queue is no slower server, and gave up for no reason.
+        elapsed = now - self._budget_from - (self.queued - self._queued_before)
         if progressed:
             self._broken = None  # the reconnection worked: this is a new interruption
         reconnecting = self._broken is not None

@@ -500,10 +500,16 @@ class Stream:
         self._expired = False
         if self._gate is not None:
             waited = _clock()
-            self._ticket = self._gate.acquire(self._call.cost, self._stop_event().is_set)
-            self._call.queued += _clock() - waited
+            stop = self._stop_event()
+            until = exchange.send_deadline()
+            within = None if until is None else until - waited
+            self._ticket = self._gate.acquire(self._call.cost, stop.is_set, within)
+            now = _clock()
+            self._call.queued += now - waited
             if self._ticket is None:
-                return  # closed while queued
+                if stop.is_set():
+                    return  # closed while queued
+                raise exchange.queue_timeout(now)  # a retry still queued at `total`
         self._call.sending()
         exchange.start(_clock())
         self._watchdog.watch(self)

@@ -321,4 +321,5 @@ def estimate_prompt(body: Mapping[str, Any]) -> int:
         value = body.get(field)
         if value:
             size += len(json.dumps(value, default=str))
-    return size // 4 + _PER_MESSAGE * len(messages) + _PER_PROMPT
+    framing = _PER_MESSAGE * len(messages) + _PER_PROMPT if messages else 0
+    return size // 4 + framing

@@ -491,6 +491,26 @@ class Exchange:
         # have cost nothing): anything later may have been read, and answered, unseen.
         self.never_sent = isinstance(error, ConnectError | ConnectTimeoutError)
 
+    def send_deadline(self) -> float | None:
+        """Until when this attempt may wait to be sent, in a rate limiter's queue: a later
+        attempt has what `total` leaves (it counts from the first attempt's send). None for a
+        first attempt, or without `total`."""
+        since, total = self._total_since, self.timeouts.total
+        return None if since is None or total is None else since + total
+
+    def queue_timeout(self, now: float) -> TotalTimeoutError:
+        """The error for a later attempt still queued at `send_deadline()`."""
+        since, total = self._total_since, self.timeouts.total
+        assert since is not None  # see `send_deadline`
+        assert total is not None
+        return TotalTimeoutError(
+            f"total timeout: the stream did not finish within {total:g} s (waited "
+            f"{now - since:.2f} s; the retry was still waiting in the rate limiter's queue)",
+            limit=total,
+            elapsed=now - since,
+            request_id=self.request_id,
+        )
+
     def continues(self, since: float | None) -> None:
         """This attempt continues a call whose first attempt was sent at `since`: `total` is
         the budget of the whole stream, so it keeps counting from there."""

@@ -10,6 +10,7 @@ concurrency slots), so asyncio and trio both work and a cancelled wait cancels i
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import weakref
@@ -47,19 +48,25 @@ class Gate:
         self.limiter = limiter
         self._cond = threading.Condition()
 
-    def acquire(self, cost: int, stop: Callable[[], bool]) -> Ticket | None:
-        """Wait for admission; None if `stop()` turned true while waiting (the stream closed)."""
+    def acquire(
+        self, cost: int, stop: Callable[[], bool], within: float | None = None
+    ) -> Ticket | None:
+        """Wait for admission; None if `stop()` turned true while waiting (the stream closed)
+        or `within` seconds passed first (what the call's `total` timeout leaves)."""
         limiter, cond = self.limiter, self._cond
+        until = None if within is None else _clock() + within
         with cond:
             ticket = limiter.enqueue(cost, _clock())
             try:
                 while isinstance(decision := limiter.poll(ticket, _clock()), Wait):
-                    if stop():
+                    left = math.inf if until is None else until - _clock()
+                    if stop() or left <= 0:
                         limiter.cancel(ticket)
                         cond.notify_all()
                         return None
                     # Bounded so a close() from another thread is noticed promptly.
-                    cond.wait(0.1 if decision.delay is None else min(decision.delay, 0.1))
+                    wait = 0.1 if decision.delay is None else min(decision.delay, 0.1)
+                    cond.wait(min(wait, left))
             except BaseException:
                 limiter.cancel(ticket)
                 cond.notify_all()
@@ -67,9 +74,14 @@ class Gate:
             cond.notify_all()
             return ticket
 
-    async def aacquire(self, cost: int) -> Ticket:
-        """Wait for admission without blocking the event loop; cancellation cancels the ticket."""
+    async def aacquire(self, cost: int, within: float | None = None) -> Ticket | None:
+        """Wait for admission without blocking the event loop; cancellation cancels the ticket.
+        None if `within` seconds passed first (what the call's `total` timeout leaves).
+
+        Seconds, not a deadline: the caller's clock may be trio's, which is not this one.
+        """
         limiter, cond = self.limiter, self._cond
+        until = None if within is None else _clock() + within
         with cond:
             ticket = limiter.enqueue(cost, _clock())
         try:
@@ -79,8 +91,14 @@ class Gate:
                     if not isinstance(decision, Wait):
                         cond.notify_all()
                         return ticket
+                    left = math.inf if until is None else until - _clock()
+                    if left <= 0:
+                        limiter.cancel(ticket)
+                        cond.notify_all()
+                        return None
                 delay = decision.delay
-                await anyio.sleep(_ASYNC_POLL if delay is None else min(delay, _ASYNC_HEAD_POLL))
+                wait = _ASYNC_POLL if delay is None else min(delay, _ASYNC_HEAD_POLL)
+                await anyio.sleep(min(wait, left))
         except BaseException:
             with cond:
                 limiter.cancel(ticket)

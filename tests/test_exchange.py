@@ -90,7 +90,8 @@ def test_config_passes_params_through_and_asks_for_usage() -> None:
     assert "a" == exchange.request.header("x-team")
     assert str(exchange.request.header("x-request-id")).startswith("hs-")
     assert str(exchange.request.header("idempotency-key")).startswith("hs-idem-")
-    assert 5 + 0 == call.cost  # max_tokens + a prompt of 2 characters (~0 tokens)
+    # max_tokens + a prompt of 2 characters (~0 tokens) in one message (3) and the reply (3)
+    assert 5 + 0 + 3 + 3 == call.cost
     override = config.call("m", [], {"stream_options": {"include_usage": False}})
     body = json.loads(override.start_attempt(0.0).request.content)
     assert {"include_usage": False} == body["stream_options"]

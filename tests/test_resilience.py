@@ -9,7 +9,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -1274,3 +1274,126 @@ def test_a_restart_cut_short_by_a_limit_says_which() -> None:
     why = "the server asked to wait 120 s, longer than max_retry_after of 60 s"
     assert why == info.value.not_retried
     assert 1 == str(info.value).count(why)
+
+
+# -- a retry queued behind another stream: `total` bounds the wait, the retry budget does not ---
+
+BUSY = MockResponse(status_code=503, chunks=[b'{"error": {"message": "busy"}}'])
+
+
+class _QueuedRetry:
+    """A's first attempt gets a 503 once B (started by `hold`) is queued behind it for the one
+    slot; B then holds the slot, and A's retry waits in the queue. The requests after: B's
+    answer, another 503 for A, then A's answer."""
+
+    def __init__(self, limiter: RateLimiter, hold: Callable[[], None]) -> None:
+        self.limiter, self.hold = limiter, hold
+        self.answers = [MockResponse(), BUSY, MockResponse()]
+        self.first = True
+
+    def __call__(self, request: holysheep.Request) -> MockResponse:
+        if self.first:
+            self.first = False
+            self.hold()
+            deadline = time.monotonic() + 5
+            while self.limiter.waiting == 0 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            return BUSY
+        return self.answers.pop(0)
+
+    async def answer(self, request: holysheep.Request) -> MockResponse:
+        if self.first:
+            self.first = False
+            self.hold()
+            with anyio.fail_after(5):
+                while self.limiter.waiting == 0:
+                    await anyio.sleep(0.001)
+            return BUSY
+        return self.answers.pop(0)
+
+
+def test_total_bounds_a_retry_waiting_in_the_limiters_queue() -> None:
+    """`total` was not enforced while a retry waited for a slot: with total=2 the error came
+    after 6 s, when the holder let go, and the retry was sent past the deadline."""
+    limiter = RateLimiter(max_concurrent=1)
+    released = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def hold() -> None:
+        def holder() -> None:
+            with made.chat.stream(model="m", messages=MESSAGES, timeout=Timeouts(total=10)):
+                released.wait(5)
+
+        threads.append(threading.Thread(target=holder))
+        threads[0].start()
+
+    transport = MockTransport(_QueuedRetry(limiter, hold))
+    made = holysheep.Client(
+        api_key="k", transport=transport, limiter=limiter, retry=FAST, timeout=Timeouts(total=0.5)
+    )
+    started = time.monotonic()
+    with pytest.raises(holysheep.TotalTimeoutError, match="rate limiter's queue") as info:
+        made.chat.complete(model="m", messages=MESSAGES)
+    took = time.monotonic() - started
+    released.set()
+    threads[0].join(5)
+    assert 0.4 < took < 2.0
+    assert 2 == info.value.attempts
+    assert 2 == len(transport.requests)  # A's first, B's: the queued retry was never sent
+    made.close()
+    assert (0, 0) == (limiter.in_flight, limiter.waiting)
+
+
+@pytest.mark.anyio
+async def test_async_total_bounds_a_retry_waiting_in_the_limiters_queue() -> None:
+    limiter = RateLimiter(max_concurrent=1)
+    async with anyio.create_task_group() as group:
+
+        async def holder() -> None:
+            async with made.chat.stream(model="m", messages=MESSAGES, timeout=Timeouts(total=10)):
+                await anyio.sleep(5)
+
+        transport = AsyncMockTransport(
+            _QueuedRetry(limiter, lambda: group.start_soon(holder)).answer
+        )
+        async with holysheep.AsyncClient(
+            api_key="k",
+            transport=transport,
+            limiter=limiter,
+            retry=FAST,
+            timeout=Timeouts(total=0.5),
+        ) as made:
+            started = time.monotonic()
+            with pytest.raises(holysheep.TotalTimeoutError, match="rate limiter's queue"):
+                await made.chat.complete(model="m", messages=MESSAGES)
+            took = time.monotonic() - started
+            group.cancel_scope.cancel()
+    assert 0.4 < took < 2.0
+    assert 2 == len(transport.requests)
+
+
+def test_time_in_the_limiters_queue_does_not_use_up_the_retry_budget() -> None:
+    """The budget counted a retry's wait for a slot: a 0.3 s budget gave up after the second
+    503 because the retry had queued 1 s behind another stream, although the docs say the
+    queue's time is not the budget's."""
+    limiter = RateLimiter(max_concurrent=1)
+
+    def hold() -> None:
+        def holder() -> None:
+            with made.chat.stream(model="m", messages=MESSAGES, timeout=Timeouts(total=10)):
+                time.sleep(1.0)
+
+        threading.Thread(target=holder).start()
+
+    transport = MockTransport(_QueuedRetry(limiter, hold))
+    made = holysheep.Client(
+        api_key="k",
+        transport=transport,
+        limiter=limiter,
+        retry=RetryPolicy(timeout=0.3, wait_initial=0.001, wait_jitter=0),
+    )
+    with made.chat.stream(model="m", messages=MESSAGES) as stream:
+        assert "Hello!" == stream.until_done().text
+    assert 3 == stream.stats.attempts
+    assert stream.stats.queued > 0.8
+    made.close()
