@@ -220,6 +220,11 @@ class RateLimiter:
         return len(self._queue)
 
     @property
+    def head(self) -> Ticket | None:
+        """The ticket admitted next, when the limits allow: the first waiting one, if any."""
+        return self._queue[0] if self._queue else None
+
+    @property
     def in_flight(self) -> int:
         """Tickets admitted and not yet released."""
         return self._in_flight

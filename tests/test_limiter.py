@@ -497,3 +497,52 @@ def test_ticket_states_are_public() -> None:
         first.state,
         second.state,
     )
+
+
+class _CountingPolls:
+    """A limiter seen through a counter of `poll` calls: how often its waiters looked."""
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+        self.polls = 0
+
+    def poll(self, ticket: Ticket, now: float) -> Admit | Wait:
+        self.polls += 1
+        return self.limiter.poll(ticket, now)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.limiter, name)
+
+
+@pytest.mark.anyio
+async def test_async_waiters_sleep_until_they_are_the_head() -> None:
+    """Queued async waiters looked every 5 ms each: 200 of them cost 0.6 s of CPU a second on
+    asyncio and 1.3 s on trio. Only the head can be admitted next, so only it is woken, by the
+    release; the others wake as they become the head, and all are admitted, in order."""
+    import anyio
+
+    from holysheep._gate import Gate
+
+    counting = _CountingPolls(RateLimiter(max_concurrent=1))
+    gate = Gate(counting)  # type: ignore[arg-type]
+    holder = await gate.aacquire(0)
+    assert holder is not None
+    admitted: list[int] = []
+
+    async def wait() -> None:
+        ticket = await gate.aacquire(0)
+        assert ticket is not None
+        admitted.append(ticket.number)
+        gate.release(ticket, None)
+
+    async with anyio.create_task_group() as group:
+        for _ in range(50):
+            group.start_soon(wait)
+        await anyio.sleep(0.5)
+        polls = counting.polls
+        started = anyio.current_time()
+        gate.release(holder, None)
+    assert sorted(admitted) == admitted
+    assert 50 == len(admitted)
+    assert anyio.current_time() - started < 1.0  # each admission wakes the next head
+    assert polls < 150  # about one look each, and the head's few (the polling made 5,000)
