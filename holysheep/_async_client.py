@@ -34,6 +34,7 @@ from ._gate import Gate, gate_for
 from ._limiter import RateLimiter, Ticket
 from ._observe import Observer
 from ._retry import GiveUp, RetryPolicy
+from ._waiting import Waiting, gone_error
 
 if TYPE_CHECKING:
     from holysheep.transports import AsyncBaseTransport, AsyncResponse
@@ -95,6 +96,7 @@ class AsyncClient:
         self.transport = transport
         self.chat = AsyncChat(self)
         self._closed = False
+        self._waiting = Waiting()
 
     @property
     def base_url(self) -> str:
@@ -108,7 +110,11 @@ class AsyncClient:
         )
 
     async def aclose(self) -> None:
+        """Close the transport. Streams waiting to send (in the rate limiter's queue, or to
+        retry) are woken, and raise: the error they were to retry, or that nothing was sent."""
         self._closed = True
+        for stream in self._waiting.close():
+            stream._client_closed()
         await self.transport.aclose()
 
     async def __aenter__(self) -> AsyncClient:
@@ -157,7 +163,7 @@ class AsyncChat:
             limited=client.limiter is not None,
         )
         gate = gate_for(client.limiter) if client.limiter is not None else None
-        return AsyncStream(call, client.transport, gate)
+        return AsyncStream(call, client.transport, gate, client._waiting)
 
     async def complete(
         self,
@@ -189,6 +195,7 @@ class AsyncStream:
         "_expired",
         "_failure",
         "_gate",
+        "_gone",
         "_index",
         "_lapsed",
         "_pending",
@@ -201,10 +208,19 @@ class AsyncStream:
         "_timer",
         "_timer_due",
         "_transport",
+        "_waiting",
     )
 
-    def __init__(self, call: Call, transport: AsyncBaseTransport, gate: Gate | None) -> None:
+    def __init__(
+        self,
+        call: Call,
+        transport: AsyncBaseTransport,
+        gate: Gate | None,
+        waiting: Waiting | None = None,
+    ) -> None:
         self._call = call
+        self._waiting = Waiting() if waiting is None else waiting
+        self._gone = False  # the client closed while this stream waited (see `Waiting`)
         self._transport = transport
         self._gate = gate
         self._ticket: Ticket | None = None
@@ -259,6 +275,8 @@ class AsyncStream:
                 try:
                     await self._open_attempt(exchange)
                 except HolySheepError as exc:
+                    if self._gone:
+                        raise  # the client closed while it waited (see `_gone_error`)
                     await self._after_failure(exc)  # waits to retry, or raises (reported)
             except BaseException as exc:
                 # Cancelled while queued, sending, reading an error body or waiting to retry:
@@ -597,17 +615,24 @@ class AsyncStream:
     async def _open_attempt(self, exchange: Exchange) -> None:
         if self._gate is not None:
             waited = _now()
-            with anyio.CancelScope() as scope:  # `close()` cancels it
-                self._scope = scope
-                if self._closed:
-                    scope.cancel()
-                until = exchange.send_deadline()
-                within = None if until is None else until - waited
-                self._ticket = await self._gate.aacquire(self._call.cost, within)
+            if not self._waiting.enter(self):
+                raise self._gone_error()
+            try:
+                with anyio.CancelScope() as scope:  # `close()` cancels it
+                    self._scope = scope
+                    if self._closed or self._gone:
+                        scope.cancel()
+                    until = exchange.send_deadline()
+                    within = None if until is None else until - waited
+                    self._ticket = await self._gate.aacquire(self._call.cost, within)
+            finally:
+                self._waiting.leave(self)
             self._scope = None
             now = _now()
             self._call.queued += now - waited
             if self._ticket is None:
+                if self._gone and not self._closed:
+                    raise self._gone_error()
                 if scope.cancelled_caught or self._closed:
                     return  # closed while queued
                 raise exchange.queue_timeout(now)  # a retry still queued at `total`
@@ -695,11 +720,24 @@ class AsyncStream:
             if failure is error:
                 raise error
             raise failure from error
-        with anyio.CancelScope() as scope:
-            self._scope = scope
-            if self._closed:
-                scope.cancel()
-            await anyio.sleep(decision.delay)
+        if self._waiting.enter(self):
+            try:
+                with anyio.CancelScope() as scope:
+                    self._scope = scope
+                    if self._closed or self._gone:
+                        scope.cancel()
+                    await anyio.sleep(decision.delay)
+            finally:
+                self._waiting.leave(self)
+        else:
+            self._gone = True
+        if self._gone and not self._closed:
+            self._exhausted = True
+            failure = self._gone_error(error)
+            self._call.ended(_now(), failure)
+            if failure is error:
+                raise error
+            raise failure from error
         if self._closed:
             # The caller stopped the stream while it waited to retry: it ends quietly with what
             # it has (`close()` reported the end), as a close during a read does.
@@ -727,6 +765,20 @@ class AsyncStream:
         finally:
             if ticket is not None and self._gate is not None:
                 self._gate.release(ticket, self._call.tokens_used(self._exchange))
+
+    def _client_closed(self) -> None:
+        """The client closed while this stream waited to send: wake it (see `Waiting`)."""
+        self._gone = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def _gone_error(self, error: HolySheepError | None = None) -> HolySheepError:
+        """The error to raise for `_gone`: `error`, the last attempt's, or that none was sent."""
+        if error is None and self._call.history:
+            last = self._call.history[-1].exception
+            error = last if isinstance(last, HolySheepError) else None
+        self._gone = True
+        return gone_error(self._call, error)
 
     def _stopped_by_caller(self) -> bool:
         # A method, not an inline test: the flag changes while we await.

@@ -33,6 +33,7 @@ from ._gate import Gate, gate_for
 from ._limiter import RateLimiter, Ticket
 from ._observe import Observer
 from ._retry import GiveUp, RetryPolicy
+from ._waiting import Waiting, gone_error
 
 if TYPE_CHECKING:
     from holysheep.transports import BaseTransport, Response
@@ -91,6 +92,7 @@ class Client:
         self.transport = transport
         self.chat = Chat(self)
         self._watchdog = _Watchdog()
+        self._waiting = Waiting()
         # A client dropped without `close()` ends its watchdog thread with it (streams still
         # open keep theirs until they end, as after `close()`).
         weakref.finalize(self, self._watchdog.release)
@@ -108,8 +110,14 @@ class Client:
         )
 
     def close(self) -> None:
-        """Close the transport; streams still open keep their timeouts until they end."""
+        """Close the transport; streams still open keep their timeouts until they end.
+
+        Streams waiting to send (in the rate limiter's queue, or to retry) are woken, and
+        raise: the error they were to retry, or that nothing was sent.
+        """
         self._closed = True
+        for stream in self._waiting.close():
+            stream._client_closed()
         self._watchdog.stop()
         self.transport.close()
 
@@ -163,7 +171,7 @@ class Chat:
             limited=client.limiter is not None,
         )
         gate = gate_for(client.limiter) if client.limiter is not None else None
-        return Stream(call, client.transport, client._watchdog, gate)
+        return Stream(call, client.transport, client._watchdog, gate, client._waiting)
 
     def complete(
         self,
@@ -198,6 +206,7 @@ class Stream:
         "_expired",
         "_expiry",
         "_gate",
+        "_gone",
         "_lapsed",
         "_lock",
         "_reading",
@@ -206,13 +215,21 @@ class Stream:
         "_stop",
         "_ticket",
         "_transport",
+        "_waiting",
         "_watchdog",
     )
 
     def __init__(
-        self, call: Call, transport: BaseTransport, watchdog: _Watchdog, gate: Gate | None
+        self,
+        call: Call,
+        transport: BaseTransport,
+        watchdog: _Watchdog,
+        gate: Gate | None,
+        waiting: Waiting | None = None,
     ) -> None:
         self._call = call
+        self._waiting = Waiting() if waiting is None else waiting
+        self._gone = False  # the client closed while this stream waited (see `Waiting`)
         self._transport = transport
         self._watchdog = watchdog
         self._gate = gate
@@ -278,6 +295,8 @@ class Stream:
                     # failure after that, as in a read.
                     if self.closed and not self._expired:
                         break
+                    if self._gone:
+                        raise  # the client closed while it waited (see `_gone_error`)
                     self._after_failure(exc)  # waits to retry, or raises (reported already)
             except BaseException as exc:
                 # Ctrl-C or a transport's bug while queued, sending, reading an error body or
@@ -503,10 +522,17 @@ class Stream:
             stop = self._stop_event()
             until = exchange.send_deadline()
             within = None if until is None else until - waited
-            self._ticket = self._gate.acquire(self._call.cost, stop.is_set, within)
+            if not self._waiting.enter(self):
+                raise self._gone_error()
+            try:
+                self._ticket = self._gate.acquire(self._call.cost, stop.is_set, within)
+            finally:
+                self._waiting.leave(self)
             now = _clock()
             self._call.queued += now - waited
             if self._ticket is None:
+                if self._gone and not self._closed:
+                    raise self._gone_error()
                 if stop.is_set():
                     return  # closed while queued
                 raise exchange.queue_timeout(now)  # a retry still queued at `total`
@@ -561,9 +587,34 @@ class Stream:
             if failure is error:
                 raise error
             raise failure from error
-        self._stop_event().wait(decision.delay)
+        if self._waiting.enter(self):
+            try:
+                self._stop_event().wait(decision.delay)
+            finally:
+                self._waiting.leave(self)
+        else:
+            self._gone = True
+        if self._gone and not self._closed:
+            failure = self._gone_error(error)
+            self._call.ended(_clock(), failure)
+            if failure is error:
+                raise error
+            raise failure from error
         # Closed while waiting to retry: the caller stopped the stream, which ends quietly
         # with what it has (`close()` reported the end), as a close during a read does.
+
+    def _client_closed(self) -> None:
+        """The client closed while this stream waited to send: wake it (see `Waiting`)."""
+        self._gone = True
+        self._stop_event().set()
+
+    def _gone_error(self, error: HolySheepError | None = None) -> HolySheepError:
+        """The error to raise for `_gone`: `error`, the last attempt's, or that none was sent."""
+        if error is None and self._call.history:
+            last = self._call.history[-1].exception
+            error = last if isinstance(last, HolySheepError) else None
+        self._gone = True
+        return gone_error(self._call, error)
 
     def _end_attempt(self) -> None:
         self._watchdog.unwatch(self)

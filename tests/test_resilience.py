@@ -1397,3 +1397,110 @@ def test_time_in_the_limiters_queue_does_not_use_up_the_retry_budget() -> None:
     assert 3 == stream.stats.attempts
     assert stream.stats.queued > 0.8
     made.close()
+
+
+# -- closing the client while its streams wait to send -----------------------------------------
+
+BUSY_WITH_ID = MockResponse(
+    status_code=503, chunks=[b'{"error": {"message": "busy"}}'], headers={"x-request-id": "req_9"}
+)
+SLOW_RETRY = RetryPolicy(wait_initial=30, wait_jitter=0)
+
+
+def test_closing_the_client_wakes_its_waiting_streams() -> None:
+    """Streams queued in the limiter, or waiting 30 s to retry a 503, went on waiting after
+    `Client.close()`, then failed on the closed transport ("RequestsTransport is closed"), the
+    503's status, message and request id lost. They wake at once, and say why."""
+    limiter = RateLimiter(max_concurrent=1)
+    transport = MockTransport(lambda request: MockResponse())
+    made = holysheep.Client(api_key="k", transport=transport, limiter=limiter)
+    holder = made.chat.stream(model="m", messages=MESSAGES)
+    holder.open()  # holds the only slot
+    errors: list[BaseException] = []
+
+    def queued() -> None:
+        try:
+            made.chat.complete(model="m", messages=MESSAGES)
+        except holysheep.HolySheepError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=queued) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    while limiter.waiting < 3:
+        time.sleep(0.001)
+    started = time.monotonic()
+    made.close()
+    for thread in threads:
+        thread.join(5)
+    assert time.monotonic() - started < 1.0
+    assert 3 == len(errors)
+    assert all(isinstance(e, holysheep.LocalProtocolError) for e in errors)
+    assert "never sent" in str(errors[0])
+    assert 1 == len(transport.requests)  # the holder's only
+    holder.close()
+
+
+def test_closing_the_client_during_a_retry_wait_raises_the_error_it_was_to_retry() -> None:
+    transport = MockTransport([BUSY_WITH_ID])
+    made = holysheep.Client(api_key="k", transport=transport, retry=SLOW_RETRY)
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            made.chat.complete(model="m", messages=MESSAGES)
+        except holysheep.HolySheepError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    while not transport.requests:
+        time.sleep(0.001)
+    time.sleep(0.05)  # into the 30 s wait
+    started = time.monotonic()
+    made.close()
+    thread.join(5)
+    assert time.monotonic() - started < 1.0
+    (error,) = errors
+    assert isinstance(error, holysheep.InternalServerError)
+    assert (503, "req_9") == (error.status_code, error.request_id)
+    assert "busy" in str(error)
+    assert error.not_retried is not None
+    assert "client was closed" in error.not_retried
+
+
+@pytest.mark.anyio
+async def test_async_closing_the_client_wakes_its_waiting_streams() -> None:
+    limiter = RateLimiter(max_concurrent=1)
+    transport = AsyncMockTransport([BUSY_WITH_ID, MockResponse()])
+    made = holysheep.AsyncClient(
+        api_key="k", transport=transport, limiter=limiter, retry=SLOW_RETRY
+    )
+    errors: list[BaseException] = []
+
+    async def call() -> None:
+        try:
+            await made.chat.complete(model="m", messages=MESSAGES)
+        except holysheep.HolySheepError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(call)  # gets the 503, then waits 30 s to retry
+        while not transport.requests:
+            await anyio.sleep(0.001)
+        holder = made.chat.stream(model="m", messages=MESSAGES)
+        await holder.open()  # the slot, meanwhile
+        for _ in range(3):
+            group.start_soon(call)  # queued behind it
+        while limiter.waiting < 3:
+            await anyio.sleep(0.001)
+        started = anyio.current_time()
+        await made.aclose()
+    assert anyio.current_time() - started < 1.0
+    assert 4 == len(errors)
+    retried = [e for e in errors if isinstance(e, holysheep.InternalServerError)]
+    assert 1 == len(retried)
+    assert "req_9" == retried[0].request_id
+    assert retried[0].not_retried is not None
+    assert 3 == sum("never sent" in str(e) for e in errors)
+    await holder.aclose()

@@ -1,0 +1,69 @@
+"""A client's streams that are waiting to send: queued in a rate limiter, or for a retry.
+
+Closing the client wakes them. Left waiting, they went on for the whole queue or backoff, then
+failed on the closed transport ("RequestsTransport is closed"), with the error that had them
+retry (a 503's status, message and request id) lost.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+from ._call import Call
+from ._exceptions import HolySheepError, LocalProtocolError
+from ._retry import GiveUp
+
+__all__ = ["CLIENT_CLOSED", "Waiting", "gone_error"]
+
+#: Why a stream woken by its client's close did not retry (`HolySheepError.not_retried`).
+CLIENT_CLOSED = "the client was closed while the stream waited to retry"
+
+
+class _Wakeable(Protocol):
+    def _client_closed(self) -> None: ...
+
+
+class Waiting:
+    """The streams of one client that are waiting; `close()` hands them over to be woken."""
+
+    __slots__ = ("_lock", "_streams", "closed")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # A plain set: each stream leaves it when its wait ends (in a `finally`).
+        self._streams: set[_Wakeable] = set()
+        self.closed = False
+
+    def enter(self, stream: _Wakeable) -> bool:
+        """`stream` starts waiting; False if the client is closed already (do not wait)."""
+        with self._lock:
+            if self.closed:
+                return False
+            self._streams.add(stream)
+            return True
+
+    def leave(self, stream: _Wakeable) -> None:
+        with self._lock:
+            self._streams.discard(stream)
+
+    def close(self) -> list[_Wakeable]:
+        """The client closes: the streams waiting now, to wake; none will wait after this."""
+        with self._lock:
+            self.closed = True
+            streams = list(self._streams)
+            self._streams.clear()
+        return streams
+
+
+def gone_error(call: Call, error: HolySheepError | None) -> HolySheepError:
+    """What a stream raises when its client closed while it waited: the error it was to retry
+    (not retried, saying why), or, queued before its first send, that nothing was sent."""
+    if error is None:
+        failure: HolySheepError = LocalProtocolError(
+            "the client was closed while this stream waited in the rate limiter's queue: the "
+            "request was never sent"
+        )
+        failure.request_id = call.exchange.request_id if call.exchange is not None else None
+        return failure
+    return call.error_to_raise(error, GiveUp(CLIENT_CLOSED, None, CLIENT_CLOSED))
