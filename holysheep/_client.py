@@ -609,10 +609,7 @@ class Stream:
         self._stop_event().set()
 
     def _gone_error(self, error: HolySheepError | None = None) -> HolySheepError:
-        """The error to raise for `_gone`: `error`, the last attempt's, or that none was sent."""
-        if error is None and self._call.history:
-            last = self._call.history[-1].exception
-            error = last if isinstance(last, HolySheepError) else None
+        """The error to raise for `_gone` (see `gone_error`)."""
         self._gone = True
         return gone_error(self._call, error)
 

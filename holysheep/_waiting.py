@@ -56,9 +56,13 @@ class Waiting:
         return streams
 
 
-def gone_error(call: Call, error: HolySheepError | None) -> HolySheepError:
+def gone_error(call: Call, error: HolySheepError | None = None) -> HolySheepError:
     """What a stream raises when its client closed while it waited: the error it was to retry
-    (not retried, saying why), or, queued before its first send, that nothing was sent."""
+    (`error`, or the last failed attempt's; not retried, saying why), or, queued before its
+    first send, that nothing was sent."""
+    if error is None and call.history:
+        last = call.history[-1].exception
+        error = last if isinstance(last, HolySheepError) else None
     if error is None:
         failure: HolySheepError = LocalProtocolError(
             "the client was closed while this stream waited in the rate limiter's queue: the "
