@@ -328,6 +328,8 @@ class Stream:
             stop = self._stop  # under the lock: see `_stop_event`
         if stop is not None:
             stop.set()
+            if self._gate is not None:
+                self._gate.wake()  # a wait in the limiter's queue sees it now, not at its next look
         if sending:
             # The request is still going out, or its head still coming, in another thread,
             # which cannot be cut short. It ends the attempt when `send` returns, and only then
@@ -607,6 +609,8 @@ class Stream:
         """The client closed while this stream waited to send: wake it (see `Waiting`)."""
         self._gone = True
         self._stop_event().set()
+        if self._gate is not None:
+            self._gate.wake()
 
     def _gone_error(self, error: HolySheepError | None = None) -> HolySheepError:
         """The error to raise for `_gone` (see `gone_error`)."""

@@ -158,6 +158,11 @@ class Gate:
                 self._changed()
             raise
 
+    def wake(self) -> None:
+        """A sync waiter's stop condition may have turned true (its stream closed): look now."""
+        with self._cond:
+            self._cond.notify_all()
+
     def release(self, ticket: Ticket, tokens: int | None) -> None:
         with self._cond:
             now = _clock()
