@@ -113,8 +113,7 @@ class AsyncClient:
         """Close the transport. Streams waiting to send (in the rate limiter's queue, or to
         retry) are woken, and raise: the error they were to retry, or that nothing was sent."""
         self._closed = True
-        for stream in self._waiting.close():
-            stream._client_closed()
+        self._waiting.close()
         await self.transport.aclose()
 
     async def __aenter__(self) -> AsyncClient:
@@ -630,9 +629,9 @@ class AsyncStream:
             self._scope = None
             now = _now()
             self._call.queued += now - waited
+            if self._gone and not self._closed:
+                raise self._gone_error()  # (admitted as the close came: `open()` gives it back)
             if self._ticket is None:
-                if self._gone and not self._closed:
-                    raise self._gone_error()
                 if scope.cancelled_caught or self._closed:
                     return  # closed while queued
                 raise exchange.queue_timeout(now)  # a retry still queued at `total`

@@ -436,10 +436,19 @@ class Call:
         assert self.exchange is not None
         return self.exchange.stats(now, self)
 
+    @property
+    def sent(self) -> int:
+        """How many attempts were sent: a retry that never left the rate limiter's queue (its
+        `total` ran out, or the client closed) is not one."""
+        exchange = self.exchange
+        if exchange is not None and exchange.started is None and self.attempt > 1:
+            return self.attempt - 1
+        return self.attempt
+
     def error_to_raise(self, error: HolySheepError, decision: GiveUp) -> HolySheepError:
         """The exception the caller sees when we give up, with the call's attempts on it."""
         failure = self._error_to_raise(error, decision)
-        failure.attempts = self.attempt
+        failure.attempts = self.sent
         if decision.cut_short is not None:
             failure.not_retried = decision.cut_short
         return failure

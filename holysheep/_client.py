@@ -116,8 +116,7 @@ class Client:
         raise: the error they were to retry, or that nothing was sent.
         """
         self._closed = True
-        for stream in self._waiting.close():
-            stream._client_closed()
+        self._waiting.close()
         self._watchdog.stop()
         self.transport.close()
 
@@ -532,9 +531,11 @@ class Stream:
                 self._waiting.leave(self)
             now = _clock()
             self._call.queued += now - waited
+            if self._gone and not self._closed:
+                # (Admitted as the close came, too: the transport is closed; `open()` gives
+                # the ticket back.)
+                raise self._gone_error()
             if self._ticket is None:
-                if self._gone and not self._closed:
-                    raise self._gone_error()
                 if stop.is_set():
                     return  # closed while queued
                 raise exchange.queue_timeout(now)  # a retry still queued at `total`

@@ -38,11 +38,16 @@ def check_transport(transport: object, *, is_async: bool) -> None:
                 "AsyncClient an AsyncBaseTransport (AsyncHTTPXTransport, AiohttpTransport, "
                 f"AsyncMockTransport), or use {name} with Client"
             )
-    elif inspect.iscoroutinefunction(send) or not callable(getattr(transport, "close", None)):
+    elif inspect.iscoroutinefunction(send):
         raise ConfigurationError(
-            f"{name} is an async transport (its send is a coroutine, or it has no close()): "
-            "give Client a BaseTransport (RequestsTransport, HTTPXTransport, MockTransport), "
-            f"or use {name} with AsyncClient"
+            f"{name} is an async transport (its send is a coroutine): give Client a "
+            "BaseTransport (RequestsTransport, HTTPXTransport, MockTransport), or use "
+            f"{name} with AsyncClient"
+        )
+    elif not callable(getattr(transport, "close", None)):
+        raise ConfigurationError(
+            f"the transport must have a close() method, which Client.close() calls; {name} "
+            "has not (subclass BaseTransport for one that does nothing)"
         )
 
 

@@ -222,9 +222,52 @@ class StreamStats:
         )
 
 
-#: Header mappings that answer any spelling of a name (`httpx.Headers`, aiohttp's): the
-#: built-in transports add theirs. Anything else a transport hands over is looked at.
+#: Header mappings that answer any spelling of a name with `str` values (`httpx.Headers`,
+#: aiohttp's): handed over as they are, with no copy per open stream. The built-in transports
+#: add theirs; any other class is probed once (see `_readable`).
 CASELESS_HEADERS: set[type] = set()
+# Classes probed and found to need a copy (case-sensitive, or values that are not `str`).
+_COPIED_HEADERS: set[type] = set()
+
+
+def _readable(headers: Any) -> Mapping[str, str]:
+    """A transport's response headers as the clients read them: by lower-case name.
+
+    The rule is a mapping that answers lower-case names. A plain dict that keeps it is taken
+    as it is; one with the server's spelling is copied. Another class is probed once: if it
+    answers a name in any case with the same `str` (urllib3's and requests' headers,
+    `http.client`'s message), it is taken as it is from then on, as httpx's are; if not, it is
+    copied each time (see `_header_map`).
+    """
+    cls = headers.__class__
+    if cls is dict:
+        return headers if _plain(headers) else _header_map(headers)
+    if cls not in _COPIED_HEADERS:
+        if _caseless(headers):
+            CASELESS_HEADERS.add(cls)
+            return headers  # type: ignore[no-any-return]
+        _COPIED_HEADERS.add(cls)
+    return _header_map(headers)
+
+
+def _caseless(headers: Any) -> bool:
+    get, items = getattr(headers, "get", None), getattr(headers, "items", None)
+    if not callable(get) or not callable(items):
+        return False
+    try:
+        pairs = list(items())
+        if not pairs or not all(
+            isinstance(pair, tuple)
+            and len(pair) == 2
+            and pair[0].__class__ is str
+            and pair[1].__class__ is str
+            for pair in pairs
+        ):
+            return False  # (none to probe with: a copy of nothing costs nothing)
+        name, value = pairs[0]
+        return bool(get(name.upper()) == value == get(name.lower()) == get(name.title()))
+    except Exception:  # a mapping of the user's that fails a lookup: copy what it gives
+        return False
 
 
 def _plain(headers: dict[Any, Any]) -> bool:
@@ -237,24 +280,26 @@ def _plain(headers: dict[Any, Any]) -> bool:
 
 
 def _header_map(headers: object) -> dict[str, str]:
-    """A transport's response headers as the clients read them: lower-case names.
+    """A copy of a transport's response headers by lower-case name.
 
-    The rule is a mapping that answers lower-case names, but a user's transport may hand over
-    the server's spelling (`Content-Type`), `(name, value)` pairs (the shape of
-    `Request.headers`), bytes, or a number for `Retry-After`. Read as they were, they gave
-    an `AttributeError` from deep inside, or "the server sent '(none)'" blaming the server,
-    with the request id and `Retry-After` lost. Several values of one name are joined with
-    ", " (RFC 9110 section 5.3).
+    A user's transport may hand over the server's spelling (`Content-Type`), `(name, value)`
+    pairs (the shape of `Request.headers`), bytes, or a number for `Retry-After`. Read as they
+    were, they gave an `AttributeError` from deep inside, or "the server sent '(none)'"
+    blaming the server, with the request id and `Retry-After` lost. Several values of one name
+    are joined with ", " (RFC 9110 section 5.3); a value of None is left out.
     """
-    items: Any = headers.items() if isinstance(headers, Mapping) else headers
-    if isinstance(headers, str | bytes) or not hasattr(items, "__iter__"):
+    items = getattr(headers, "items", None)
+    pairs: Any = items() if callable(items) else headers
+    if isinstance(headers, str | bytes) or not hasattr(pairs, "__iter__"):
         raise _bad_headers(headers)
     out: dict[str, str] = {}
-    for item in items:
-        if not isinstance(item, tuple | list) or len(item) != 2:
+    for pair in pairs:
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
             raise _bad_headers(headers)
-        name = _header_text(item[0], "name").lower()
-        value = _header_text(item[1], f"{name!r} value")
+        if pair[1] is None:
+            continue
+        name = _header_name(pair[0])
+        value = _header_value(pair[1])
         out[name] = f"{out[name]}, {value}" if name in out else value
     return out
 
@@ -266,17 +311,25 @@ def _bad_headers(headers: object) -> LocalProtocolError:
     )
 
 
-def _header_text(value: object, what: str) -> str:
+def _header_name(name: object) -> str:
+    if isinstance(name, str):
+        return name.lower()
+    if isinstance(name, bytes | bytearray):
+        return bytes(name).decode("latin-1").lower()  # what HTTP/1.1 header bytes decode as
+    raise LocalProtocolError(
+        f"a transport's response header name must be str, but it was "
+        f"{type(name).__name__}: {name!r:.60}"
+    )
+
+
+def _header_value(value: object) -> str:
     if isinstance(value, str):
         return str(value)
     if isinstance(value, bytes | bytearray):
-        return bytes(value).decode("latin-1")  # what HTTP/1.1 header bytes decode as
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)  # `Retry-After: 2` handed over as the number
-    raise LocalProtocolError(
-        f"a transport's response header {what} must be str, but it was "
-        f"{type(value).__name__}: {value!r:.60}"
-    )
+        return bytes(value).decode("latin-1")
+    if isinstance(value, list | tuple):  # several values of one name (`set-cookie`)
+        return ", ".join(_header_value(part) for part in value)
+    return str(value)  # `Retry-After: 2` handed over as the number
 
 
 def _status_of(value: object) -> int:
@@ -524,8 +577,7 @@ class Exchange:
             try:
                 if status_code.__class__ is not int:
                     status_code = _status_of(status_code)
-                if type(headers) is not dict or not _plain(headers):
-                    headers = _header_map(headers)
+                headers = _readable(headers)
             except HolySheepError as exc:
                 exc.request_id = self.request_id
                 raise
@@ -904,7 +956,7 @@ class Exchange:
             bytes=nbytes,
             tokens=tokens,
             tokens_estimated=estimated,
-            attempts=call.attempt if call is not None else 1,
+            attempts=call.sent if call is not None else 1,
             retries=tuple(call.history) if call is not None else (),
             queued=call.queued if call is not None else 0.0,
         )

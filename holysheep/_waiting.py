@@ -17,7 +17,7 @@ from ._retry import GiveUp
 __all__ = ["CLIENT_CLOSED", "Waiting", "gone_error"]
 
 #: Why a stream woken by its client's close did not retry (`HolySheepError.not_retried`).
-CLIENT_CLOSED = "the client was closed while the stream waited to retry"
+CLIENT_CLOSED = "the client was closed before the retry was sent"
 
 
 class _Wakeable(Protocol):
@@ -47,13 +47,17 @@ class Waiting:
         with self._lock:
             self._streams.discard(stream)
 
-    def close(self) -> list[_Wakeable]:
-        """The client closes: the streams waiting now, to wake; none will wait after this."""
+    def close(self) -> None:
+        """The client closes: wake the streams waiting now; none will wait after this.
+
+        Under the lock: a stream that stopped waiting just before must not be marked, or its
+        next error (a 429 to retry, say) would be taken for the close's.
+        """
         with self._lock:
             self.closed = True
-            streams = list(self._streams)
+            for stream in self._streams:
+                stream._client_closed()
             self._streams.clear()
-        return streams
 
 
 def gone_error(call: Call, error: HolySheepError | None = None) -> HolySheepError:
@@ -65,8 +69,7 @@ def gone_error(call: Call, error: HolySheepError | None = None) -> HolySheepErro
         error = last if isinstance(last, HolySheepError) else None
     if error is None:
         failure: HolySheepError = LocalProtocolError(
-            "the client was closed while this stream waited in the rate limiter's queue: the "
-            "request was never sent"
+            "the client was closed before this stream's request was sent (it was never sent)"
         )
         failure.request_id = call.exchange.request_id if call.exchange is not None else None
         return failure

@@ -68,13 +68,18 @@ def _over_defaults(headers: Mapping[str, str] | None) -> dict[str, str]:
             f"MockResponse headers must be a mapping of names to values, like "
             f"{{'retry-after': '2'}}; got {reprlib.repr(given)}"
         )
-    for name, value in given.items():
+    headers = {"content-type": "text/event-stream"}
+    pairs: Iterable[tuple[object, object]] = given.items()  # whatever the test wrote
+    for name, value in pairs:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = str(value)  # `{"retry-after": 2}`, as the clients take it from a transport
         if not isinstance(name, str) or not isinstance(value, str):
             raise TypeError(
                 f"MockResponse headers are str names and str values, as on the wire; "
                 f"{name!r}: {value!r} is not"
             )
-    return {"content-type": "text/event-stream", **{k.lower(): v for k, v in given.items()}}
+        headers[name.lower()] = value
+    return headers
 
 
 def _status(instance: object, attribute: object, status: object) -> None:
