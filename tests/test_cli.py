@@ -342,6 +342,10 @@ def test_mock_errors_are_one_line_without_a_traceback() -> None:
         (["--tokens-per-s", "0"], "argument --tokens-per-s: must be more than 0, not 0"),
         (["--keepalive", "0"], "argument --keepalive: must be more than 0, not 0"),
         (["--ttft", "nan"], "argument --ttft: expected a finite number, not nan"),
+        (
+            ["--tokens", "99999999999999999999"],
+            "argument --tokens: must be from 0 to 1,000,000, not 99999999999999999999",
+        ),
     ],
 )
 def test_mock_times_and_rates_out_of_range_are_usage_errors(args: list[str], message: str) -> None:

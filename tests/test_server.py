@@ -6,9 +6,11 @@ import http.client
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 from typing import Any
 
 import attrs
@@ -16,6 +18,7 @@ import pytest
 
 import holysheep
 from holysheep.testing import Fault, UpstreamConfig, UpstreamProcess, raise_fd_limit, serve
+from holysheep.testing._server import MAX_TOKENS
 
 
 def post(
@@ -155,7 +158,11 @@ def test_zero_tokens_stream_an_empty_completion() -> None:
         ({"messages": []}, "{bad", None, None, "X-Mock-Config is not valid JSON"),
         ({"messages": []}, "[1]", None, None, "X-Mock-Config must be a JSON object"),
         ({"messages": []}, '{"tokenz": 3}', None, None, "unknown UpstreamConfig field 'tokenz'"),
-        ({"messages": []}, '{"tokens": -1}', None, None, "'tokens' must be >= 0"),
+        ({"messages": []}, '{"tokens": -1}', None, None, "tokens must be None or a whole number"),
+        # 2.5 tokens streamed 3; a million and one is past the bound; true is not a count.
+        ({"messages": []}, '{"tokens": 2.5}', None, None, "from 0 to 1,000,000, got 2.5"),
+        ({"messages": []}, '{"tokens": 1000001}', None, None, "to 1,000,000, got 1000001"),
+        ({"messages": []}, '{"tokens": true}', None, None, "to 1,000,000, got True"),
         ({"messages": []}, '{"fault": "bogus"}', None, None, "unknown fault 'bogus'"),
         # Values a field refuses: they crashed the handler mid-response, or were taken as
         # another fault (a bogus kind behaved as invalid_json).
@@ -414,6 +421,33 @@ def test_tokens_are_deterministic_and_capped() -> None:
     assert config.token_list(None) == config.token_list(None)
     assert 50 == len(config.token_list(None))
     assert config.token_list(None)[:7] == config.token_list(7)
+
+
+def test_a_long_answer_starts_at_once_and_holds_no_memory_for_its_tokens() -> None:
+    """The most tokens an answer may have: the first event comes without the server making
+    the others first (it made all million before the first byte: 6 s and 427 MB), and the
+    count is cut only as sent; rotation and max_tokens still hold."""
+    config = UpstreamConfig(tokens=MAX_TOKENS)
+    assert MAX_TOKENS == config.token_count(None)
+    assert config.token_list(5) == UpstreamConfig(tokens=5).token_list(None)
+    tracemalloc.start()
+    try:
+        with (
+            serve(config) as upstream,
+            socket.create_connection(("127.0.0.1", upstream.port)) as sock,
+        ):
+            body = json.dumps({"messages": [], "stream": True, "n": 2}).encode()
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            sock.settimeout(10)
+            first = sock.recv(4096)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert first.startswith(b"HTTP/1.1 200 OK")
+    assert peak < 20_000_000, f"{peak:,} bytes"
 
 
 def test_command_serves_and_stops_on_sigterm() -> None:

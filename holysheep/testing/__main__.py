@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from holysheep.testing._server import Fault, MockUpstream, UpstreamConfig
+from holysheep.testing._server import MAX_TOKENS, Fault, MockUpstream, UpstreamConfig
 
 PROG = "python -m holysheep.testing"
 EXIT_ERROR = 1
@@ -28,9 +28,13 @@ def _port(text: str) -> int:
 
 
 def _count(text: str) -> int:
-    count = int(text)
-    if count < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {count}")
+    """A token count: a whole number from 0 to MAX_TOKENS (`--tokens`)."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if not 0 <= count <= MAX_TOKENS:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_TOKENS:,}, not {count}")
     return count
 
 

@@ -11,11 +11,13 @@ deterministic function of the configuration, so a stream resumed with `Last-Even
 exactly the text of an uninterrupted one; ids, `created` and `x-request-id` vary per answer as
 the real API's do, unless the config pins them.
 
-A request is planned before a byte is sent: one `_Planned` per choice (`n` of them), each a
-list of pieces (text tokens, or the argument fragments of one tool call) and a finish reason.
-`_events` lays the plan out as the API streams it, the choices interleaved piece by piece, and
-marks which events are content: faults and `Last-Event-ID` count events in that one list, so
-they mean the same with one choice or eight, and with text or a tool call.
+A request is planned before a byte is sent: one `_Planned` per choice (`n` of them), each its
+pieces (text tokens, or the argument fragments of one tool call) and a finish reason. Text
+tokens are counted up front but cut from the text only as they are sent (`_Tokens`), so a
+million-token answer starts at once and holds no more memory than a short one. `_events` lays
+the plan out as the API streams it, the choices interleaved piece by piece, and marks which
+events are content: faults and `Last-Event-ID` count events in that one sequence, so they mean
+the same with one choice or eight, and with text or a tool call.
 
 Behaviour is an `UpstreamConfig`: token count and text, time to first token, token rate,
 keep-alive comments, event ids, and one `Fault`. The server's default config can be overridden
@@ -86,6 +88,11 @@ _MAX_BODY = 16 * 1024 * 1024
 # thousands of streams (the concurrency benchmark) every wake-up counts.
 _LEAVE_CHECK = 0.05
 _LEAVE_WHOLE = 0.25
+# The most tokens one answer may have. Events are made as they are sent, so a long answer
+# costs time, not memory; the bound turns a typo (`--tokens 10000000000`) into an error
+# rather than a stream that never ends. The longest streams the benchmarks use are 20,000
+# tokens (bench/client.py); a million is 50 times that.
+MAX_TOKENS = 1_000_000
 
 
 # Validators: a bad value in `X-Mock-Config` or `enqueue()` is refused where it is given (the
@@ -105,6 +112,17 @@ def _seconds(_instance: object, attribute: attrs.Attribute[Any], value: Any) -> 
 def _optional_seconds(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None:
         _seconds(instance, attribute, value)
+
+
+def _optional_count(_instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    # bool is an int to Python, and 2.5 tokens would be rounded somewhere: refuse both.
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
+        raise ValueError(
+            f"{attribute.name} must be None or a whole number from 0 to {MAX_TOKENS:,},"
+            f" got {value!r}"
+        )
 
 
 def _optional_positive(_instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -188,9 +206,7 @@ class UpstreamConfig:
     `tool_calls=False`; those get text.
     """
 
-    tokens: int | None = attrs.field(
-        default=None, validator=attrs.validators.optional(attrs.validators.ge(0))
-    )
+    tokens: int | None = attrs.field(default=None, validator=_optional_count)
     text: str = attrs.field(default=DEFAULT_TEXT, validator=_instance_of(str))
     ttft: float = attrs.field(default=0.0, validator=_seconds)
     tokens_per_s: float | None = attrs.field(default=None, validator=_optional_positive)
@@ -225,25 +241,34 @@ class UpstreamConfig:
 
     def token_list(self, max_tokens: int | None) -> list[str]:
         """The deterministic tokens: `text` cut into 1-8 character pieces, cycled as needed."""
-        rng = random.Random(len(self.text))
-        pieces: list[str] = []
-        source = itertools.cycle([self.text]) if self.text else iter(())
-        wanted = self.tokens
-        if wanted == 0:
-            return pieces
-        for text in source:
-            i = 0
-            while i < len(text):
-                n = rng.randint(1, 8)
-                pieces.append(text[i : i + n])
-                i += n
-                if wanted is not None and len(pieces) >= wanted:
-                    break
-            if wanted is None or len(pieces) >= wanted:
-                break
-        if max_tokens is not None:
-            pieces = pieces[: max(0, max_tokens)]
-        return pieces
+        return list(itertools.islice(_cut(self.text), self.token_count(max_tokens)))
+
+    def token_count(self, max_tokens: int | None) -> int:
+        """How many tokens an answer capped at `max_tokens` has: `tokens`, or one pass over
+        `text` when `tokens` is None."""
+        if not self.text:
+            return 0
+        count = self.tokens
+        if count is None:  # one pass: as many pieces as `_cut` makes before it starts again
+            rng, i, count = random.Random(len(self.text)), 0, 0
+            while i < len(self.text):
+                i += rng.randint(1, 8)
+                count += 1
+        return count if max_tokens is None else min(count, max(0, max_tokens))
+
+
+def _cut(text: str) -> Iterator[str]:
+    """`text` cut into 1-8 character pieces, pass after pass, made one at a time. Seeded by
+    the text's length, so the same text is always cut alike (`token_count` counts a pass)."""
+    if not text:
+        return
+    rng = random.Random(len(text))
+    while True:
+        i = 0
+        while i < len(text):
+            n = rng.randint(1, 8)
+            yield text[i : i + n]
+            i += n
 
 
 @final
@@ -475,13 +500,16 @@ class MockUpstream:
             await self._send_json(writer, 200, completion, request_id)
             return True
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        events = list(_events(base, plan, usage if include_usage else None))
-        return await self._stream(config, events, headers, request_id, reader, writer)
+        events = _events(base, plan, usage if include_usage else None)
+        # The content events' indices: after each choice's first (role) chunk.
+        content = range(len(plan), len(plan) + content_events)
+        return await self._stream(config, events, content, headers, request_id, reader, writer)
 
     async def _stream(
         self,
         config: UpstreamConfig,
-        events: list[tuple[bool, bytes]],
+        events: Iterator[tuple[bool, bytes]],
+        content: range,
         headers: Mapping[str, str],
         request_id: str,
         reader: asyncio.StreamReader,
@@ -495,7 +523,7 @@ class MockUpstream:
         # content event would follow it: a resumed request with `after` or fewer left is served
         # whole, so a client resuming after a server-wide `drop@K` always gets to the end.
         fault = config.fault
-        if fault is not None and sum(c for c, _ in events[start:]) <= fault.after:
+        if fault is not None and len(range(max(start, content.start), content.stop)) <= fault.after:
             fault = None
         writer.write(self._head(200, request_id, {"content-type": "text/event-stream"}, None))
         if config.retry_ms is not None:
@@ -505,8 +533,9 @@ class MockUpstream:
         try:
             if start == 0 and config.ttft:
                 await self._wait(config.ttft, config.keepalive_interval, reader, writer)
-            for index in range(start, len(events)):
-                is_content, payload = events[index]
+            for index, (is_content, payload) in enumerate(
+                itertools.islice(events, start, None), start
+            ):
                 if fault is not None and is_content and content_sent >= fault.after:
                     return await self._fault(fault, reader, writer)
                 event = b"data: " + payload + b"\n\n"
@@ -887,11 +916,32 @@ _SAMPLE_VALUES: dict[str, Any] = {"string": "sheep", "integer": 3, "number": 1.5
 
 @final
 @attrs.frozen
+class _Tokens:
+    """The text tokens of one choice, cut only as they are read: the first `count` of
+    `_cut(text)`, rotated by `by` (choice i starts at token i)."""
+
+    text: str
+    count: int
+    by: int
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[str]:
+        by = self.by % self.count if self.count else 0
+        return itertools.chain(
+            itertools.islice(_cut(self.text), by, self.count),
+            itertools.islice(_cut(self.text), by),
+        )
+
+
+@final
+@attrs.frozen
 class _Planned:
     """One choice of an answer: its pieces (text tokens, or the argument fragments of a call to
     `tool` with id `call_id`), each one content event, and its finish reason."""
 
-    pieces: list[str]
+    pieces: _Tokens | list[str]
     finish: str
     tool: str | None = None
     call_id: str | None = None
@@ -917,9 +967,9 @@ def _plan(
     n = body.get("n") or 1
     function = _function_to_call(config, body)
     if function is None:
-        tokens = config.token_list(max_tokens)
-        finish = "length" if max_tokens is not None and len(tokens) >= max_tokens else "stop"
-        return [_Planned(_rotated(tokens, i), finish) for i in range(n)]
+        count = config.token_count(max_tokens)
+        finish = "length" if max_tokens is not None and count >= max_tokens else "stop"
+        return [_Planned(_Tokens(config.text, count, i), finish) for i in range(n)]
     arguments = json.dumps(_sample_arguments(function.get("parameters")), separators=(",", ":"))
     pieces = [arguments[i : i + _ARGUMENT_PIECE] for i in range(0, len(arguments), _ARGUMENT_PIECE)]
     # Like the API, max_tokens cuts the arguments wherever it falls, JSON or not.
@@ -933,13 +983,6 @@ def _plan(
     finish = "length" if len(capped) < len(pieces) else "stop" if named else "tool_calls"
     name = function["name"]
     return [_Planned(capped, finish, name, _call_id(completion_id, i)) for i in range(n)]
-
-
-def _rotated(tokens: list[str], by: int) -> list[str]:
-    if not tokens:
-        return tokens
-    by %= len(tokens)
-    return tokens[by:] + tokens[:by]
 
 
 def _call_id(completion_id: str, choice: int) -> str:
@@ -1031,11 +1074,12 @@ def _events(
             call = {"index": 0, "id": planned.call_id, "type": "function", "function": function}
             first = {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}
         yield False, event(choice(index, first))
+    pieces = [iter(planned.pieces) for planned in plan]
     for step in range(max((len(planned.pieces) for planned in plan), default=0)):
         for index, planned in enumerate(plan):
             if step >= len(planned.pieces):
                 continue
-            piece = planned.pieces[step]
+            piece = next(pieces[index])
             if planned.tool is None:
                 delta: dict[str, Any] = {"content": piece}
             else:
