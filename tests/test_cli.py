@@ -419,6 +419,18 @@ def test_cost_unknown_model_lists_the_known_ones() -> None:
     assert "deepseek-v3.2" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("volume", "message"),
+    [("1,5M", "1.5M, not 1,5M), got '1,5M'"), ("0.4", "less than one token")],
+)
+def test_cost_refuses_a_decimal_comma_and_less_than_a_token(volume: str, message: str) -> None:
+    """A usage error: "1,5M" printed a table for 15M tokens, and "0.4" one for 0 tokens."""
+    result = run("cost", "--tokens-per-month", volume)
+
+    assert (2, "", True) == (result.returncode, result.stdout, message in result.stderr)
+    assert "argument --tokens-per-month: " in result.stderr.splitlines()[-1]
+
+
 def test_cost_does_not_load_the_network_stack() -> None:
     """`holysheep cost` is arithmetic: it starts without requests, httpx or anyio."""
     code = (
