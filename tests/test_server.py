@@ -104,6 +104,50 @@ def test_routes_and_bad_bodies_answer_in_openai_error_shape() -> None:
     assert (404, "no route for GET /nope") == (missing.status, missing_body["error"]["message"])
 
 
+def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send `request` as it is; everything the server answers before it closes."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(5)
+        sock.sendall(request)
+        answer = b""
+        while piece := sock.recv(65536):
+            answer += piece
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("framing", "message"),
+    [
+        (b"Content-Length: abc", "invalid Content-Length header: 'abc'"),
+        (b"Content-Length: -5", "invalid Content-Length header: '-5'"),
+        (
+            b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+            "invalid chunked request body: chunk size 'zz' is not a hexadecimal number",
+        ),
+    ],
+)
+def test_a_body_of_unreadable_length_gets_a_400_and_the_connection_closes(
+    framing: bytes, message: str
+) -> None:
+    """A 400 in the API's error shape, then the close (the next request cannot be found); the
+    handler crashed, the client got nothing and the server logged a ValueError."""
+    with serve() as upstream:
+        answer = raw_exchange(
+            upstream.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n%s\r\n\r\n" % framing
+        )
+        after, _, _ = post(upstream.port, {"messages": []})
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    error = json.loads(body)["error"]
+    assert (message, "invalid_request_error", None, None) == (
+        error["message"],
+        error["type"],
+        error["param"],
+        error["code"],
+    )
+    assert 200 == after
+
+
 def test_routes_are_exact_as_the_gateways_are() -> None:
     """Any path ending in /chat/completions was answered, so a client that dropped `/v1`
     passed every test here and got a 404 from the real gateway; the absolute form a proxy is

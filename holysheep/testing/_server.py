@@ -361,10 +361,22 @@ class MockUpstream:
             name, sep, value = line.partition(":")
             if sep:
                 headers[name.strip().lower()] = value.strip()
+        # A body whose length cannot be read leaves no way to find the next request: answer
+        # 400, as the API's front end does, and close.
         if headers.get("transfer-encoding", "").lower() == "chunked":
-            body_bytes = await _read_chunked(reader)
+            try:
+                body_bytes = await _read_chunked(reader)
+            except ValueError as exc:
+                error = _error(f"invalid chunked request body: {exc}")
+                await self._send_json(writer, 400, error, _request_id(self.config, headers))
+                return False
         else:
-            length = int(headers.get("content-length") or 0)
+            text = headers.get("content-length") or "0"
+            if not (text.isascii() and text.isdigit()):
+                error = _error(f"invalid Content-Length header: {text!r}")
+                await self._send_json(writer, 400, error, _request_id(self.config, headers))
+                return False
+            length = int(text)
             if length > _MAX_BODY:
                 request_id = _request_id(self.config, headers)
                 await self._send_json(writer, 413, _error("request body too large"), request_id)
@@ -1092,9 +1104,13 @@ def _events(
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    """A chunked body; ValueError naming a chunk size that is not a hexadecimal number."""
     parts: list[bytes] = []
     while True:
-        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        line = (await reader.readuntil(b"\r\n")).split(b";")[0].strip()
+        if not line or line.strip(b"0123456789abcdefABCDEF"):
+            raise ValueError(f"chunk size {line.decode('latin-1')!r} is not a hexadecimal number")
+        size = int(line, 16)
         if size == 0:
             await reader.readuntil(b"\r\n")
             return b"".join(parts)
