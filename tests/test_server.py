@@ -459,6 +459,44 @@ def test_fault_parse_rejects_unknown() -> None:
         Fault.parse("dorp@3")
 
 
+@pytest.mark.parametrize(
+    ("status", "kind", "code"),
+    [
+        (400, "invalid_request_error", None),
+        (401, "invalid_request_error", "invalid_api_key"),
+        (403, "permission_error", None),
+        (404, "invalid_request_error", None),
+        (422, "invalid_request_error", None),
+        (429, "rate_limit_error", None),
+        # Retried by the client: invalid_request_error would tell it retrying cannot help.
+        (408, "server_error", None),
+        (409, "server_error", None),
+        (500, "server_error", None),
+        (503, "server_error", None),
+    ],
+)
+def test_a_status_fault_has_the_apis_error_type(status: int, kind: str, code: str | None) -> None:
+    """Every 4xx said `server_error`, which no API sends for a bad request or a bad key."""
+    with serve(fault=f"status={status}") as upstream:
+        answered, _, raw = post(upstream.port, {"messages": []})
+    error = json.loads(raw)["error"]
+    assert (status, kind, None, code) == (answered, error["type"], error["param"], error["code"])
+
+
+@pytest.mark.parametrize("status", [100, 101, 199, 204, 304, 600])
+def test_a_status_fault_without_a_body_is_refused(status: int) -> None:
+    """An answer with a 1xx, 204 or 304 has no body: the error body after a 100 left the
+    client waiting forever. Refused where it is given, and as an X-Mock-Config a 400."""
+    with pytest.raises(ValueError, match=f"from 200 to 599 that has a body .*, got {status}"):
+        Fault("status", status=status)
+    with serve() as upstream:
+        answered, _, raw = post(
+            upstream.port, {"messages": []}, {"x-mock-config": f'{{"fault": "status={status}"}}'}
+        )
+    message = json.loads(raw)["error"]["message"]
+    assert (400, True) == (answered, f"has a body (not 204 or 304), got {status}" in message)
+
+
 def test_tokens_are_deterministic_and_capped() -> None:
     """Same config, same tokens; max_tokens caps them."""
     config = UpstreamConfig(tokens=50)

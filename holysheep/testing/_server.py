@@ -132,6 +132,16 @@ def _optional_positive(_instance: object, attribute: attrs.Attribute[Any], value
         raise ValueError(f"{attribute.name} must be None or a number > 0, got {value!r}")
 
 
+def _fault_status(_instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    # An answer to a 1xx, 204 or 304 has no body (RFC 9110 6.4.1), so the error body sent
+    # with it would be read as the next response, or waited for forever.
+    if not 200 <= value <= 599 or value in (204, 304):
+        raise ValueError(
+            f"{attribute.name} must be an HTTP status from 200 to 599 that has a body (not 204"
+            f" or 304), got {value!r}"
+        )
+
+
 @final
 @attrs.frozen
 class Fault:
@@ -153,10 +163,7 @@ class Fault:
 
     kind: FaultKind = attrs.field(validator=attrs.validators.in_(_FAULT_KINDS))
     after: int = attrs.field(default=0, validator=[_instance_of(int), attrs.validators.ge(0)])
-    status: int = attrs.field(
-        default=500,
-        validator=[_instance_of(int), attrs.validators.ge(100), attrs.validators.le(599)],
-    )
+    status: int = attrs.field(default=500, validator=[_instance_of(int), _fault_status])
     retry_after: float | None = attrs.field(default=None, validator=_optional_seconds)
 
     @classmethod
@@ -447,11 +454,11 @@ class MockUpstream:
         fault = config.fault
         if fault is not None and fault.kind == "status":
             extra = {} if fault.retry_after is None else {"retry-after": f"{fault.retry_after:g}"}
-            kind = "rate_limit_error" if fault.status == 429 else "server_error"
+            kind, code = _status_error(fault.status)
             await self._send_json(
                 writer,
                 fault.status,
-                _error(f"mock fault: HTTP {fault.status}", kind),
+                _error(f"mock fault: HTTP {fault.status}", kind, code=code),
                 request_id,
                 extra,
             )
@@ -694,6 +701,23 @@ _MODELS = ("gpt-4.1", "claude-sonnet-4.5", "gemini-2.5-flash", "deepseek-v3.2")
 
 
 _OVERLOADED = {"error": {"message": "Overloaded", "type": "overloaded_error", "code": "overloaded"}}
+
+
+def _status_error(status: int) -> tuple[str, str | None]:
+    """The `type` and `code` of an error body with this status, as the API sends them: a bad
+    request, a missing model or a bad key (with its code) is `invalid_request_error`, which the
+    client takes as "retrying cannot fix it"; OpenAI has no one type for 403 (Anthropic's
+    `permission_error` says it). 408 and 409 are states of the moment that the client retries:
+    `invalid_request_error` would stop that, so they keep `server_error`, as 5xx do."""
+    if status == 429:
+        return "rate_limit_error", None
+    if status == 401:
+        return "invalid_request_error", "invalid_api_key"
+    if status == 403:
+        return "permission_error", None
+    if 400 <= status < 500 and status not in (408, 409):
+        return "invalid_request_error", None
+    return "server_error", None
 
 
 def _error(
