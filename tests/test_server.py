@@ -323,7 +323,7 @@ def test_enqueue_refuses_an_unknown_field() -> None:
 @pytest.mark.parametrize(
     ("fault", "status", "body"),
     [
-        ("inband_error@1", 200, b'{"error": {"message": "Overloaded"'),
+        ("inband_error@1", 200, b'{"error": {"message": "That model is currently overloaded'),
         ("invalid_json@1", 200, b"{not json"),
         ("drop@1", None, None),
         ("stall@1", None, None),
@@ -346,6 +346,30 @@ def test_stream_faults_apply_to_non_stream_answers(
         finally:
             connection.close()
     assert (status, body) == (answer[0], answer[1] and answer[1][: len(body or b"")])
+
+
+def test_an_inband_error_has_the_openai_shape_and_is_retryable() -> None:
+    """{message, type, param, code}, with OpenAI's type for an overloaded model (it sent no
+    `param` and Anthropic's `overloaded_error`); the client still takes it as transient."""
+    with serve(tokens=3, fault="inband_error@1") as upstream:
+        _, _, raw = post(upstream.port, {"messages": [], "stream": True})
+        with (
+            holysheep.Client(
+                api_key="k", base_url=upstream.base_url, retry=holysheep.RetryPolicy.none()
+            ) as client,
+            pytest.raises(holysheep.StreamError) as info,
+        ):
+            client.chat.complete(model="m", messages=[])
+    assert {
+        "error": {
+            "message": "That model is currently overloaded with other requests. You can retry"
+            " your request.",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    } == json.loads(events(raw)[-1])
+    assert (True, "server_error") == (info.value.retryable, info.value.type)
 
 
 def test_resume_continues_after_last_event_id() -> None:

@@ -700,9 +700,6 @@ class MockUpstream:
 _MODELS = ("gpt-4.1", "claude-sonnet-4.5", "gemini-2.5-flash", "deepseek-v3.2")
 
 
-_OVERLOADED = {"error": {"message": "Overloaded", "type": "overloaded_error", "code": "overloaded"}}
-
-
 def _status_error(status: int) -> tuple[str, str | None]:
     """The `type` and `code` of an error body with this status, as the API sends them: a bad
     request, a missing model or a bad key (with its code) is `invalid_request_error`, which the
@@ -727,6 +724,15 @@ def _error(
     code: str | None = None,
 ) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# What OpenAI sends in the stream when the model is overloaded: its error shape (`param` and
+# `code` null) and type `server_error`, which the client takes as transient (`_chat.py`
+# `_RETRYABLE_KINDS`), so the fault is retried as docs/resilience.md says.
+_OVERLOADED = _error(
+    "That model is currently overloaded with other requests. You can retry your request.",
+    "server_error",
+)
 
 
 class _BadRequest(Exception):
