@@ -104,6 +104,36 @@ def test_routes_and_bad_bodies_answer_in_openai_error_shape() -> None:
     assert (404, "no route for GET /nope") == (missing.status, missing_body["error"]["message"])
 
 
+def get(port: int, path: str) -> tuple[int, Any]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_models_are_listed_and_retrieved_as_the_api_does() -> None:
+    """Each model has its `created` (an int, as the API's), and `/v1/models/{id}` answers the
+    model object (it was a 404), or the API's 404 for a model that does not exist."""
+    with serve() as upstream:
+        _, listed = get(upstream.port, "/v1/models")
+        one = get(upstream.port, "/v1/models/claude-sonnet-4.5")
+        missing = get(upstream.port, "/v1/models/gpt-9")
+    assert {("model", "holysheep-mock", True)} == {
+        (m["object"], m["owned_by"], type(m["created"]) is int) for m in listed["data"]
+    }
+    by_id = {m["id"]: m for m in listed["data"]}
+    assert (200, by_id["claude-sonnet-4.5"]) == one
+    assert (404, "invalid_request_error", "model_not_found") == (
+        missing[0],
+        missing[1]["error"]["type"],
+        missing[1]["error"]["code"],
+    )
+    assert "The model 'gpt-9' does not exist" in missing[1]["error"]["message"]
+
+
 def raw_exchange(port: int, request: bytes) -> bytes:
     """Send `request` as it is; everything the server answers before it closes."""
     with socket.create_connection(("127.0.0.1", port)) as sock:

@@ -40,6 +40,7 @@ import json
 import random
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal, final
@@ -398,8 +399,18 @@ class MockUpstream:
         route = _route(path)
         request_id = _request_id(self.config, headers)
         if method == "GET" and route == "/v1/models":
-            models = [{"id": m, "object": "model", "owned_by": "holysheep-mock"} for m in _MODELS]
+            models = [_model(name) for name in _MODELS]
             await self._send_json(writer, 200, {"object": "list", "data": models}, request_id)
+        elif method == "GET" and route.startswith("/v1/models/"):
+            name = urllib.parse.unquote(route.removeprefix("/v1/models/"))
+            if name in _MODELS:
+                await self._send_json(writer, 200, _model(name), request_id)
+            else:
+                error = _error(
+                    f"The model '{name}' does not exist or you do not have access to it.",
+                    code="model_not_found",
+                )
+                await self._send_json(writer, 404, error, request_id)
         elif method == "POST" and route == "/v1/chat/completions":
             try:
                 config = self._config_for(headers)
@@ -698,6 +709,13 @@ class MockUpstream:
 
 
 _MODELS = ("gpt-4.1", "claude-sonnet-4.5", "gemini-2.5-flash", "deepseek-v3.2")
+# A model's `created`, as the API dates each model (Unix time): fixed, like the real ones.
+_MODELS_CREATED = 1_744_316_542  # 2025-04-10
+
+
+def _model(name: str) -> dict[str, Any]:
+    """A model object, as `/v1/models` lists it and `/v1/models/{id}` answers."""
+    return {"id": name, "object": "model", "created": _MODELS_CREATED, "owned_by": "holysheep-mock"}
 
 
 def _status_error(status: int) -> tuple[str, str | None]:
