@@ -266,6 +266,24 @@ def test_zero_tokens_stream_an_empty_completion() -> None:
             "'tools[0].function.name'",
         ),
         ({"messages": [], "tool_choice": "auto"}, None, "tool_choice", None, "only allowed when"),
+        # Accepted, where the API refuses them: "yes" was taken as true, stream_options
+        # without a stream ignored, and NaN (which Python's json reads) passed as a number.
+        ({"messages": [], "stream": "yes"}, None, "stream", "invalid_type", "expected a boolean"),
+        (
+            {"messages": [], "stream": False, "stream_options": {"include_usage": True}},
+            None,
+            "stream_options",
+            None,
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+        ),
+        (
+            {"messages": [], "temperature": float("nan")},
+            None,
+            None,
+            None,
+            "We could not parse the JSON body of your request: NaN is not a JSON value",
+        ),
+        ({"messages": [], "top_p": float("-inf")}, None, None, None, "-Infinity is not a JSON"),
         (
             {"messages": [], "stream_options": True},
             None,

@@ -391,10 +391,11 @@ class MockUpstream:
                 return False
             body_bytes = await reader.readexactly(length) if length else b""
         keep_alive = headers.get("connection", "").lower() != "close"
+        body, unreadable = None, None
         try:
-            body = json.loads(body_bytes) if body_bytes else None
-        except ValueError:
-            body = None
+            body = json.loads(body_bytes, parse_constant=_not_json) if body_bytes else None
+        except ValueError as exc:  # also a UnicodeDecodeError
+            unreadable = str(exc)
         self.requests.append(RecordedRequest(method, path.split("?")[0], headers, body))
         route = _route(path)
         request_id = _request_id(self.config, headers)
@@ -414,6 +415,10 @@ class MockUpstream:
         elif method == "POST" and route == "/v1/chat/completions":
             try:
                 config = self._config_for(headers)
+                if unreadable is not None:
+                    raise _BadRequest(
+                        f"We could not parse the JSON body of your request: {unreadable}"
+                    )
                 request = _check_body(body)
             except _BadRequest as exc:
                 await self._send_json(writer, 400, exc.body(), request_id)
@@ -776,6 +781,12 @@ def _json_type(value: object) -> str:
     return _JSON_TYPES.get(type(value), "an object")
 
 
+def _not_json(name: str) -> Any:
+    # Python reads NaN, Infinity and -Infinity; JSON (RFC 8259) has no such values and the
+    # API refuses a body holding them.
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def _check_body(body: object) -> dict[str, Any]:
     """Refuse what the real API refuses, in its words, instead of failing mid-answer."""
     if not isinstance(body, dict) or "messages" not in body:
@@ -789,9 +800,17 @@ def _check_body(body: object) -> dict[str, Any]:
     for name in ("max_tokens", "max_completion_tokens"):
         _check_integer(body, name, 1)
     _check_integer(body, "n", 1, _MAX_N)
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _wrong_type("stream", "a boolean", stream)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise _wrong_type("stream_options", "an object", options)
+    if options is not None and not stream:
+        raise _BadRequest(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            "stream_options",
+        )
     _check_tools(body)
     _check_tool_results(messages)
     return body
