@@ -473,6 +473,25 @@ def test_a_client_leaving_while_the_server_waits_is_seen_when_it_leaves(
         assert 1 == upstream.disconnects
 
 
+def test_a_client_leaving_a_non_stream_answer_during_ttft_is_seen() -> None:
+    """Without `stream` the first-token wait was a plain sleep: a client that left during it
+    was never counted (`wait_for_disconnect` gave up)."""
+    with serve(tokens=3, ttft=5.0) as upstream:
+        sock = socket.create_connection(("127.0.0.1", upstream.port))
+        body = json.dumps({"model": "m", "messages": []}).encode()
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        while not upstream.requests:
+            time.sleep(0.01)
+        sock.close()
+        left = time.monotonic()
+        assert upstream.wait_for_disconnect(timeout=3)
+        assert time.monotonic() - left < 1
+        assert 1 == upstream.disconnects
+
+
 def test_request_id_is_minted_or_echoed_on_request() -> None:
     """The server mints its own x-request-id, as the API does, whatever the client sent; with
     `echo_request_id` (server-wide or per request) the client's comes back."""

@@ -514,7 +514,13 @@ class MockUpstream:
             "system_fingerprint": "fp_mock",
         }
         if not body.get("stream"):
-            await asyncio.sleep(config.ttft)
+            try:
+                # As a stream waits, so a client leaving during the wait counts at once (a
+                # plain sleep never looked); no keep-alive: the head is not sent yet.
+                await self._wait(config.ttft, None, reader, writer)
+            except ConnectionError:
+                self._note_disconnect()
+                return False
             if fault is not None and content_events > fault.after:
                 return await self._whole_fault(fault, reader, writer, request_id)
             completion = {
