@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")
     chat.add_argument("--system", metavar="TEXT", help="a system message")
     chat.add_argument("--max-tokens", type=_positive_int, metavar="N")
-    chat.add_argument("--temperature", type=float, metavar="T")
+    chat.add_argument("--temperature", type=_temperature, metavar="T", help="0 to 2")
     chat.add_argument(
         "--json", action="store_true", help="print one JSON object at the end instead"
     )
@@ -249,6 +249,18 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    # float() reads nan and inf, and the API refuses anything outside 0-2: say so here
+    # rather than after a request.
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 2:  # also false for nan
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 2, got {text}")
     return value
 
 

@@ -173,6 +173,27 @@ def test_chat_json_reports_an_error_status_without_a_cost() -> None:
     assert 1 == len(result.stderr.splitlines())
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("nan", "expected a number from 0 to 2, got nan"),
+        ("inf", "expected a number from 0 to 2, got inf"),
+        ("-5", "expected a number from 0 to 2, got -5"),
+        ("2.5", "expected a number from 0 to 2, got 2.5"),
+        ("warm", "expected a number, got 'warm'"),
+    ],
+)
+def test_chat_temperature_is_a_number_from_0_to_2(value: str, message: str) -> None:
+    """A usage error before any request (nan, inf and -5 were sent as they were)."""
+    result = run("chat", "--mock", "hi", f"--temperature={value}")
+
+    assert (2, "") == (result.returncode, result.stdout)
+    assert (
+        f"holysheep chat: error: argument --temperature: {message}"
+        == (result.stderr.splitlines()[-1])
+    )
+
+
 def test_missing_api_key_is_one_line_naming_the_variable() -> None:
     """Without a key the command says which variable to set, with no traceback."""
     result = run("chat", "hi")
