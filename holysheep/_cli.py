@@ -81,6 +81,10 @@ class UsageError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (`sys.exit(main())`)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if sys.stderr is None:
+        # Started with stderr closed (`2>&-`): Python leaves it None, and print(file=None)
+        # writes to stdout, which carries only the answer. Messages go nowhere instead.
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     if args_list[:1] == ["mock"]:
         return _mock(args_list[1:])
     parser = build_parser()
@@ -299,6 +303,9 @@ def _api_key() -> str:
 
 
 def _chat(args: argparse.Namespace) -> int:
+    if sys.stdout is None:
+        # Started with stdout closed (`>&-`): the answer would be paid for and lost.
+        raise ConfigurationError("stdout is closed: there is nowhere to write the answer")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise UsageError("the prompt is empty")

@@ -194,6 +194,36 @@ def test_chat_temperature_is_a_number_from_0_to_2(value: str, message: str) -> N
     )
 
 
+def run_closed(closed: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The command with stdout (`>&-`) or stderr (`2>&-`) closed, as a shell can start it."""
+    command = " ".join([*CLI, *args])  # nothing in CLI or args needs quoting
+    return subprocess.run(
+        ["sh", "-c", f"exec {command} {closed}"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+    )
+
+
+def test_chat_with_stdout_closed_says_so_without_asking() -> None:
+    """It said "AttributeError: 'NoneType' object has no attribute 'write'" (after paying
+    for the request); now one error line, before any request."""
+    result = run_closed(">&-", "chat", "--mock", "hi", "--max-tokens", "3")
+
+    assert (1, "") == (result.returncode, result.stdout)
+    assert ["holysheep: error: stdout is closed: there is nowhere to write the answer"] == (
+        result.stderr.splitlines()
+    )
+
+
+def test_chat_with_stderr_closed_keeps_stdout_for_the_answer() -> None:
+    """The stats line went to stdout (print(file=None) writes there); now nowhere."""
+    result = run_closed("2>&-", "chat", "--mock", "hi", "--max-tokens", "3")
+
+    assert (0, expected_text(3) + "\n", "") == (result.returncode, result.stdout, result.stderr)
+
+
 def test_missing_api_key_is_one_line_naming_the_variable() -> None:
     """Without a key the command says which variable to set, with no traceback."""
     result = run("chat", "hi")
