@@ -473,11 +473,14 @@ def _chat_json(
 
 
 def _money(usd: float, *, estimated: bool = False) -> str:
-    """Dollars for people: cents for real money, more digits for a single request."""
+    """Dollars for people: cents for real money, more digits for a single request; the sign
+    before the dollar sign (-$3.00), as people write it."""
     mark = "~" if estimated else ""
-    if usd == 0 or abs(usd) >= 0.01:
-        return f"{mark}${usd:,.2f}"
-    return f"{mark}${usd:.6f}"
+    sign = "-" if usd < 0 else ""
+    usd = abs(usd)
+    if usd == 0 or usd >= 0.01:
+        return f"{mark}{sign}${usd:,.2f}"
+    return f"{mark}{sign}${usd:.6f}"
 
 
 # -- mock --------------------------------------------------------------------------------------
@@ -543,11 +546,15 @@ def _cost(args: argparse.Namespace) -> int:
     baseline = next((row for row in rows if row.baseline), None)
     print()
     if baseline is not None and selected.savings_usd is not None:
-        ratio = f" ({selected.savings_ratio:.1%})" if selected.savings_ratio is not None else ""
+        # A gateway dearer than direct "costs more", not "saves $-3.00".
+        saves = selected.savings_usd >= 0
+        verb, more = ("saves", "") if saves else ("costs", " more")
+        amount, share = abs(selected.savings_usd), selected.savings_ratio
+        ratio = "" if share is None else f" ({abs(share):.1%}{more})"
         print(
             f"* {selected.model} through HolySheep: {_money(selected.monthly_usd)}/month instead"
-            f" of {_money(baseline.monthly_usd)} direct: saves {_money(selected.savings_usd)}"
-            f"/month{ratio}, {_money(selected.savings_usd * 12)}/year."
+            f" of {_money(baseline.monthly_usd)} direct: {verb} {_money(amount)}/month{more}"
+            f"{ratio}, {_money(amount * 12)}/year{more}."
         )
     else:
         print(f"* {selected.model}: no direct price to compare with; add one in [direct].")

@@ -461,6 +461,20 @@ def test_cost_reads_prices_from_holysheep_prices(tmp_path: Path) -> None:
     assert "$3.00" in result.stdout  # 0.75M x $2 + 0.25M x $6
 
 
+def test_cost_of_a_gateway_dearer_than_direct_says_it_costs_more(tmp_path: Path) -> None:
+    """A negative saving printed "$-3.00 (-60.0%)" and "saves $-3.00/month"."""
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[gateway]\n"gpt-4.1" = 8.0\n[direct]\n"gpt-4.1" = 5.0\n')
+    result = run("cost", "--tokens-per-month", "1M", env=clean_env(HOLYSHEEP_PRICES=str(prices)))
+
+    assert 0 == result.returncode, result.stderr
+    row = next(line for line in result.stdout.splitlines() if "gpt-4.1 *" in line)
+    assert row.endswith("  $8.00    -$3.00 (-60.0%)")
+    assert result.stdout.endswith(
+        "direct: costs $3.00/month more (60.0% more), $36.00/year more.\n"
+    )
+
+
 def test_cost_unknown_model_lists_the_known_ones() -> None:
     """A model without a price is a usage error that says which models have one."""
     result = run("cost", "--tokens-per-month", "1M", "--model", "gpt-5")
