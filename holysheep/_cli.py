@@ -286,7 +286,10 @@ def _share(text: str) -> float:
 
 
 def _levels(text: str) -> tuple[int, ...]:
-    return tuple(_positive_int(part.strip()) for part in text.split(",") if part.strip())
+    levels = tuple(_positive_int(part.strip()) for part in text.split(",") if part.strip())
+    if not levels:  # "" or ",": a ramp of nothing would "succeed" having measured nothing
+        raise argparse.ArgumentTypeError(f"expected levels such as 10,100,1000, got {text!r}")
+    return levels
 
 
 def _api_key() -> str:

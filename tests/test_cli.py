@@ -224,6 +224,18 @@ def test_chat_with_stderr_closed_keeps_stdout_for_the_answer() -> None:
     assert (0, expected_text(3) + "\n", "") == (result.returncode, result.stdout, result.stderr)
 
 
+@pytest.mark.parametrize("levels", ["", ",", " , "])
+def test_bench_without_concurrency_levels_is_a_usage_error(levels: str) -> None:
+    """It ran a ramp of no levels and exited 0."""
+    result = run("bench", f"--concurrency={levels}")
+
+    assert (2, "") == (result.returncode, result.stdout)
+    assert (
+        f"holysheep bench: error: argument --concurrency: expected levels such as 10,100,1000,"
+        f" got {levels!r}"
+    ) == result.stderr.splitlines()[-1]
+
+
 def test_missing_api_key_is_one_line_naming_the_variable() -> None:
     """Without a key the command says which variable to set, with no traceback."""
     result = run("chat", "hi")
