@@ -405,6 +405,20 @@ def test_mock_errors_are_one_line_without_a_traceback() -> None:
         (["--tokens-per-s", "0"], "argument --tokens-per-s: must be more than 0, not 0"),
         (["--keepalive", "0"], "argument --keepalive: must be more than 0, not 0"),
         (["--ttft", "nan"], "argument --ttft: expected a finite number, not nan"),
+        # argparse named the converter ("invalid _port value", "invalid _count value"), and a
+        # fault's number was "invalid literal for int() with base 10: 'x'".
+        (["--port", "abc"], "argument --port: expected a TCP port number, not 'abc'"),
+        (["--tokens", "1.5"], "argument --tokens: expected a whole number, not '1.5'"),
+        (
+            ["--fault", "drop@x"],
+            "argument --fault: fault 'drop@x': the count after @ must be a whole number, got 'x'"
+            " (as in drop@5)",
+        ),
+        (
+            ["--fault", "status=abc"],
+            "argument --fault: fault 'status=abc': the status must be a whole number, got 'abc'"
+            " (as in status=429)",
+        ),
         (
             ["--tokens", "99999999999999999999"],
             "argument --tokens: must be from 0 to 1,000,000, not 99999999999999999999",

@@ -544,6 +544,25 @@ def test_fault_parse(text: str, expected: Fault) -> None:
     assert expected == Fault.parse(text)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("stall@x", "fault 'stall@x': the count after @ must be a whole number, got 'x' (as in"),
+        ("drop,after=1.5", "fault 'drop,after=1.5': after must be a whole number, got '1.5'"),
+        ("status=4xx", "fault 'status=4xx': the status must be a whole number, got '4xx'"),
+        (
+            "status=429,retry_after=soon",
+            "fault 'status=429,retry_after=soon': retry_after must be a number, got 'soon' (as in"
+            " status=429,retry_after=2)",
+        ),
+    ],
+)
+def test_fault_parse_says_which_part_is_wrong(text: str, message: str) -> None:
+    """It was int()'s "invalid literal for int() with base 10: 'x'"."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Fault.parse(text)
+
+
 def test_fault_parse_rejects_unknown() -> None:
     """A typo is an error, not a silently healthy server."""
     with pytest.raises(ValueError, match="unknown fault"):

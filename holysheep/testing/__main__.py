@@ -20,8 +20,15 @@ PROG = "python -m holysheep.testing"
 EXIT_ERROR = 1
 
 
+# Each converter raises ArgumentTypeError with its own words: from a ValueError argparse
+# would say "invalid _port value", naming the function instead of the problem.
+
+
 def _port(text: str) -> int:
-    port = int(text)
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port number, not {text!r}") from None
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0-65535; 0 picks a free one)")
     return port

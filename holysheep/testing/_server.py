@@ -171,21 +171,41 @@ class Fault:
     def parse(cls, text: str) -> Fault:
         head, _, options = text.partition(",")
         kind, _, after = head.partition("@")
-        status, retry_after = 500, None
+        after_part = "the count after @"
+        status, retry_after = "500", None
         if kind.startswith("status"):
-            kind, _, value = kind.partition("=")
-            status = int(value or 500)
+            kind, _, status = kind.partition("=")
+            status = status or "500"
         for option in filter(None, options.split(",")):
             name, _, value = option.partition("=")
             if name == "retry_after":
-                retry_after = float(value)
+                retry_after = value
             elif name == "after":
-                after = value
+                after, after_part = value, "after"
             else:
                 raise ValueError(f"unknown fault option {name!r} in {text!r}")
         if kind not in _FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}; expected one of {', '.join(_FAULT_KINDS)}")
-        return cls(kind, int(after or 0), status, retry_after)  # type: ignore[arg-type]
+
+        # int() and float() would say "invalid literal for int() with base 10: 'x'", naming
+        # neither the part of the fault nor what it should look like.
+        def number(part: str, value: str, read: type[int] | type[float], form: str) -> Any:
+            try:
+                return read(value)
+            except ValueError:
+                kind_of = "a whole number" if read is int else "a number"
+                raise ValueError(
+                    f"fault {text!r}: {part} must be {kind_of}, got {value!r} (as in {form})"
+                ) from None
+
+        return cls(
+            kind,  # type: ignore[arg-type]
+            number(after_part, after, int, f"{kind}@5") if after else 0,
+            number("the status", status, int, "status=429"),
+            None
+            if retry_after is None
+            else number("retry_after", retry_after, float, "status=429,retry_after=2"),
+        )
 
     @classmethod
     def from_value(cls, value: Fault | str | Mapping[str, Any] | None) -> Fault | None:
