@@ -683,6 +683,12 @@ def test_upstream_process_serves_from_a_child_and_stops() -> None:
         post(up.port, {"model": "m", "messages": []})
 
 
+def test_upstream_process_refuses_args_given_as_one_string() -> None:
+    """A str is a sequence of characters: "--event-ids" was passed as 11 one-letter flags."""
+    with pytest.raises(TypeError, match=re.escape("a list of arguments, such as ['--event-ids']")):
+        UpstreamProcess(args="--event-ids")
+
+
 def test_upstream_process_that_cannot_start_says_why() -> None:
     """The child's real exit status and its error line (it used to say "within 30 s (exit
     status None)" of a child that had exited at once)."""
