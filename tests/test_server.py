@@ -145,6 +145,29 @@ def raw_exchange(port: int, request: bytes) -> bytes:
     return answer
 
 
+def test_expect_100_continue_is_answered_before_the_body() -> None:
+    """curl sends `Expect: 100-continue` with bodies over 1 MB and waits a second for the
+    go-ahead, which never came."""
+    body = json.dumps({"messages": [], "n": 1}).encode()
+    with (
+        serve(tokens=2) as upstream,
+        socket.create_connection(("127.0.0.1", upstream.port)) as sock,
+    ):
+        sock.settimeout(0.5)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        go_ahead = sock.recv(65536)
+        sock.settimeout(5)
+        sock.sendall(body)
+        answer = b""
+        while piece := sock.recv(65536):
+            answer += piece
+    assert b"HTTP/1.1 100 Continue\r\n\r\n" == go_ahead
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
 @pytest.mark.parametrize(
     ("framing", "message"),
     [

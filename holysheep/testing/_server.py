@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 One asyncio server (stdlib only) speaks just enough HTTP/1.1: keep-alive, `Content-Length`
-request bodies, chunked responses. `POST /v1/chat/completions` with `"stream": true` answers
-exactly as the OpenAI API does (a role chunk, one chunk per token, a finish chunk, a usage chunk
-when `stream_options.include_usage` is set, `data: [DONE]`; per choice with `n`, and a tool call
+and chunked request bodies (with `Expect: 100-continue` answered), chunked responses.
+`POST /v1/chat/completions` with `"stream": true` answers exactly as the OpenAI API does (a
+role chunk, one chunk per token, a finish chunk, a usage chunk when
+`stream_options.include_usage` is set, `data: [DONE]`; per choice with `n`, and a tool call
 when the request has `tools`); without it, one `chat.completion` object. The tokens are a
 deterministic function of the configuration, so a stream resumed with `Last-Event-ID` has
 exactly the text of an uninterrupted one; ids, `created` and `x-request-id` vary per answer as
@@ -391,7 +392,12 @@ class MockUpstream:
                 headers[name.strip().lower()] = value.strip()
         # A body whose length cannot be read leaves no way to find the next request: answer
         # 400, as the API's front end does, and close.
+        # A client that asked to be told to go on (curl does for bodies over 1 MB) waits for
+        # this before it sends the body, or a second for nothing (RFC 9110 10.1.1).
+        go_on = headers.get("expect", "").lower() == "100-continue"
         if headers.get("transfer-encoding", "").lower() == "chunked":
+            if go_on:
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             try:
                 body_bytes = await _read_chunked(reader)
             except ValueError as exc:
@@ -409,6 +415,8 @@ class MockUpstream:
                 request_id = _request_id(self.config, headers)
                 await self._send_json(writer, 413, _error("request body too large"), request_id)
                 return False
+            if go_on and length:
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             body_bytes = await reader.readexactly(length) if length else b""
         keep_alive = headers.get("connection", "").lower() != "close"
         body, unreadable = None, None
