@@ -81,6 +81,10 @@ class UsageError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (`sys.exit(main())`)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if sys.stderr is None:
+        # Started with stderr closed (`2>&-`): Python leaves it None, and print(file=None)
+        # writes to stdout, which carries only the answer. Messages go nowhere instead.
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     if args_list[:1] == ["mock"]:
         return _mock(args_list[1:])
     parser = build_parser()
@@ -151,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")
     chat.add_argument("--system", metavar="TEXT", help="a system message")
     chat.add_argument("--max-tokens", type=_positive_int, metavar="N")
-    chat.add_argument("--temperature", type=float, metavar="T")
+    chat.add_argument("--temperature", type=_temperature, metavar="T", help="0 to 2")
     chat.add_argument(
         "--json", action="store_true", help="print one JSON object at the end instead"
     )
@@ -252,6 +256,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _temperature(text: str) -> float:
+    # float() reads nan and inf, and the API refuses anything outside 0-2: say so here
+    # rather than after a request.
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 2:  # also false for nan
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 2, got {text}")
+    return value
+
+
 def _token_count(text: str) -> int:
     try:
         return parse_token_count(text)
@@ -270,7 +286,10 @@ def _share(text: str) -> float:
 
 
 def _levels(text: str) -> tuple[int, ...]:
-    return tuple(_positive_int(part.strip()) for part in text.split(",") if part.strip())
+    levels = tuple(_positive_int(part.strip()) for part in text.split(",") if part.strip())
+    if not levels:  # "" or ",": a ramp of nothing would "succeed" having measured nothing
+        raise argparse.ArgumentTypeError(f"expected levels such as 10,100,1000, got {text!r}")
+    return levels
 
 
 def _api_key() -> str:
@@ -287,6 +306,9 @@ def _api_key() -> str:
 
 
 def _chat(args: argparse.Namespace) -> int:
+    if sys.stdout is None:
+        # Started with stdout closed (`>&-`): the answer would be paid for and lost.
+        raise ConfigurationError("stdout is closed: there is nowhere to write the answer")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise UsageError("the prompt is empty")
@@ -454,11 +476,14 @@ def _chat_json(
 
 
 def _money(usd: float, *, estimated: bool = False) -> str:
-    """Dollars for people: cents for real money, more digits for a single request."""
+    """Dollars for people: cents for real money, more digits for a single request; the sign
+    before the dollar sign (-$3.00), as people write it."""
     mark = "~" if estimated else ""
-    if usd == 0 or abs(usd) >= 0.01:
-        return f"{mark}${usd:,.2f}"
-    return f"{mark}${usd:.6f}"
+    sign = "-" if usd < 0 else ""
+    usd = abs(usd)
+    if usd == 0 or usd >= 0.01:
+        return f"{mark}{sign}${usd:,.2f}"
+    return f"{mark}{sign}${usd:.6f}"
 
 
 # -- mock --------------------------------------------------------------------------------------
@@ -524,11 +549,15 @@ def _cost(args: argparse.Namespace) -> int:
     baseline = next((row for row in rows if row.baseline), None)
     print()
     if baseline is not None and selected.savings_usd is not None:
-        ratio = f" ({selected.savings_ratio:.1%})" if selected.savings_ratio is not None else ""
+        # A gateway dearer than direct "costs more", not "saves $-3.00".
+        saves = selected.savings_usd >= 0
+        verb, more = ("saves", "") if saves else ("costs", " more")
+        amount, share = abs(selected.savings_usd), selected.savings_ratio
+        ratio = "" if share is None else f" ({abs(share):.1%}{more})"
         print(
             f"* {selected.model} through HolySheep: {_money(selected.monthly_usd)}/month instead"
-            f" of {_money(baseline.monthly_usd)} direct: saves {_money(selected.savings_usd)}"
-            f"/month{ratio}, {_money(selected.savings_usd * 12)}/year."
+            f" of {_money(baseline.monthly_usd)} direct: {verb} {_money(amount)}/month{more}"
+            f"{ratio}, {_money(amount * 12)}/year{more}."
         )
     else:
         print(f"* {selected.model}: no direct price to compare with; add one in [direct].")

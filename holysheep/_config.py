@@ -206,9 +206,11 @@ def _base_url(url: str) -> str:
     url = url.strip()
     base, sep, query = url.partition("?")
     relative = base.startswith("/")
+    # The scheme before the slashes go: stripped, "http://" was "http:", which has none, and
+    # the error asked for the http:// it had.
+    scheme = base.partition("://")[0].lower() if "://" in base else ""
     base = base.rstrip("/")
     base = base.removesuffix("/chat/completions").rstrip("/")
-    scheme = base.partition("://")[0].lower() if "://" in base else ""
     shown = _without_userinfo(url)  # quoted in errors: never a password
     if scheme not in ("http", "https") and not relative:
         raise ConfigurationError(
@@ -222,7 +224,9 @@ def _base_url(url: str) -> str:
         except ValueError as exc:  # also an unclosed IPv6 bracket
             raise ConfigurationError(f"base_url {shown!r} is not a valid URL: {exc}") from None
         if not parts.hostname:
-            raise ConfigurationError(f"base_url {shown!r} has no host")
+            raise ConfigurationError(
+                f"base_url {shown!r} has no host (for example https://api.holysheep.ai/v1)"
+            )
     return base + sep + query
 
 

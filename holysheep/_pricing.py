@@ -75,7 +75,9 @@ _SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
 # A major-minor version with a dash for the dot, one digit each: 4-5, v3-2 (not 4-0613).
 _DASHED_VERSION = re.compile(r"-(v?\d)-(\d)(?=-|$)")
 _SUFFIXES = {"": 1, "K": 1_000, "M": 1_000_000, "B": 1_000_000_000}
-_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMB]?)\s*$", re.IGNORECASE)
+# A comma separates thousands only in groups of three (1,000,000): in many locales it is the
+# decimal mark, and "1,5M" read as 15M would be ten times the volume meant.
+_COUNT = re.compile(r"^\s*(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?\s*([KMB]?)\s*$", re.IGNORECASE)
 # Who sells a model directly, by name prefix: used only to label the comparison rows.
 _PROVIDERS = (
     ("gpt-", "OpenAI"),
@@ -312,14 +314,20 @@ def cost_of(
 
 
 def parse_token_count(text: str) -> int:
-    """`500M` -> 500_000_000: a count with an optional K, M or B suffix (decimal, 1.5B)."""
-    match = _COUNT.match(text.replace("_", "").replace(",", ""))
+    """`500M` -> 500_000_000: a count with an optional K, M or B suffix (decimal, 1.5B);
+    commas only between groups of three digits (1,000,000), and no amount under one token."""
+    match = _COUNT.match(text.replace("_", ""))
     if match is None:
         raise ConfigurationError(
-            f"expected a token count such as 500M, 1.5B or 20000, got {text!r}"
+            f"expected a token count such as 500M, 1.5B, 20000 or 1,000,000 (a comma only"
+            f" between groups of three digits; 1.5M, not 1,5M), got {text!r}"
         )
-    number, suffix = match.groups()
-    return round(float(number) * _SUFFIXES[suffix.upper()])
+    whole, fraction, suffix = match.groups()
+    number = float(whole.replace(",", "") + (fraction or ""))
+    count = round(number * _SUFFIXES[suffix.upper()])
+    if count == 0 and number > 0:
+        raise ConfigurationError(f"{text.strip()!r} is less than one token")
+    return count
 
 
 @final

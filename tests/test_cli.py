@@ -154,7 +154,7 @@ def test_chat_json_keeps_the_partial_answer_when_the_stream_fails() -> None:
     assert expected_text(3) == report["text"]
     error = report["error"]
     assert ("StreamError", 200) == (error["type"], error["status"])
-    assert "Overloaded" in error["message"]
+    assert "overloaded" in error["message"]
     assert error["request_id"] == report["stats"]["request_id"]
     assert report["cost"]["estimated"]  # text arrived, without usage: an estimate
     (line,) = result.stderr.splitlines()
@@ -171,6 +171,69 @@ def test_chat_json_reports_an_error_status_without_a_cost() -> None:
     assert ("AuthenticationError", 401) == (report["error"]["type"], report["error"]["status"])
     assert "mock fault: HTTP 401" in report["error"]["message"]
     assert 1 == len(result.stderr.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("nan", "expected a number from 0 to 2, got nan"),
+        ("inf", "expected a number from 0 to 2, got inf"),
+        ("-5", "expected a number from 0 to 2, got -5"),
+        ("2.5", "expected a number from 0 to 2, got 2.5"),
+        ("warm", "expected a number, got 'warm'"),
+    ],
+)
+def test_chat_temperature_is_a_number_from_0_to_2(value: str, message: str) -> None:
+    """A usage error before any request (nan, inf and -5 were sent as they were)."""
+    result = run("chat", "--mock", "hi", f"--temperature={value}")
+
+    assert (2, "") == (result.returncode, result.stdout)
+    assert (
+        f"holysheep chat: error: argument --temperature: {message}"
+        == (result.stderr.splitlines()[-1])
+    )
+
+
+def run_closed(closed: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The command with stdout (`>&-`) or stderr (`2>&-`) closed, as a shell can start it."""
+    command = " ".join([*CLI, *args])  # nothing in CLI or args needs quoting
+    return subprocess.run(
+        ["sh", "-c", f"exec {command} {closed}"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+    )
+
+
+def test_chat_with_stdout_closed_says_so_without_asking() -> None:
+    """It said "AttributeError: 'NoneType' object has no attribute 'write'" (after paying
+    for the request); now one error line, before any request."""
+    result = run_closed(">&-", "chat", "--mock", "hi", "--max-tokens", "3")
+
+    assert (1, "") == (result.returncode, result.stdout)
+    assert ["holysheep: error: stdout is closed: there is nowhere to write the answer"] == (
+        result.stderr.splitlines()
+    )
+
+
+def test_chat_with_stderr_closed_keeps_stdout_for_the_answer() -> None:
+    """The stats line went to stdout (print(file=None) writes there); now nowhere."""
+    result = run_closed("2>&-", "chat", "--mock", "hi", "--max-tokens", "3")
+
+    assert (0, expected_text(3) + "\n", "") == (result.returncode, result.stdout, result.stderr)
+
+
+@pytest.mark.parametrize("levels", ["", ",", " , "])
+def test_bench_without_concurrency_levels_is_a_usage_error(levels: str) -> None:
+    """It ran a ramp of no levels and exited 0."""
+    result = run("bench", f"--concurrency={levels}")
+
+    assert (2, "") == (result.returncode, result.stdout)
+    assert (
+        f"holysheep bench: error: argument --concurrency: expected levels such as 10,100,1000,"
+        f" got {levels!r}"
+    ) == result.stderr.splitlines()[-1]
 
 
 def test_missing_api_key_is_one_line_naming_the_variable() -> None:
@@ -342,6 +405,24 @@ def test_mock_errors_are_one_line_without_a_traceback() -> None:
         (["--tokens-per-s", "0"], "argument --tokens-per-s: must be more than 0, not 0"),
         (["--keepalive", "0"], "argument --keepalive: must be more than 0, not 0"),
         (["--ttft", "nan"], "argument --ttft: expected a finite number, not nan"),
+        # argparse named the converter ("invalid _port value", "invalid _count value"), and a
+        # fault's number was "invalid literal for int() with base 10: 'x'".
+        (["--port", "abc"], "argument --port: expected a TCP port number, not 'abc'"),
+        (["--tokens", "1.5"], "argument --tokens: expected a whole number, not '1.5'"),
+        (
+            ["--fault", "drop@x"],
+            "argument --fault: fault 'drop@x': the count after @ must be a whole number, got 'x'"
+            " (as in drop@5)",
+        ),
+        (
+            ["--fault", "status=abc"],
+            "argument --fault: fault 'status=abc': the status must be a whole number, got 'abc'"
+            " (as in status=429)",
+        ),
+        (
+            ["--tokens", "99999999999999999999"],
+            "argument --tokens: must be from 0 to 1,000,000, not 99999999999999999999",
+        ),
     ],
 )
 def test_mock_times_and_rates_out_of_range_are_usage_errors(args: list[str], message: str) -> None:
@@ -406,6 +487,20 @@ def test_cost_reads_prices_from_holysheep_prices(tmp_path: Path) -> None:
     assert "$3.00" in result.stdout  # 0.75M x $2 + 0.25M x $6
 
 
+def test_cost_of_a_gateway_dearer_than_direct_says_it_costs_more(tmp_path: Path) -> None:
+    """A negative saving printed "$-3.00 (-60.0%)" and "saves $-3.00/month"."""
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[gateway]\n"gpt-4.1" = 8.0\n[direct]\n"gpt-4.1" = 5.0\n')
+    result = run("cost", "--tokens-per-month", "1M", env=clean_env(HOLYSHEEP_PRICES=str(prices)))
+
+    assert 0 == result.returncode, result.stderr
+    row = next(line for line in result.stdout.splitlines() if "gpt-4.1 *" in line)
+    assert row.endswith("  $8.00    -$3.00 (-60.0%)")
+    assert result.stdout.endswith(
+        "direct: costs $3.00/month more (60.0% more), $36.00/year more.\n"
+    )
+
+
 def test_cost_unknown_model_lists_the_known_ones() -> None:
     """A model without a price is a usage error that says which models have one."""
     result = run("cost", "--tokens-per-month", "1M", "--model", "gpt-5")
@@ -413,6 +508,18 @@ def test_cost_unknown_model_lists_the_known_ones() -> None:
     assert 2 == result.returncode
     assert "no gateway price for model 'gpt-5'" in result.stderr
     assert "deepseek-v3.2" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("volume", "message"),
+    [("1,5M", "1.5M, not 1,5M), got '1,5M'"), ("0.4", "less than one token")],
+)
+def test_cost_refuses_a_decimal_comma_and_less_than_a_token(volume: str, message: str) -> None:
+    """A usage error: "1,5M" printed a table for 15M tokens, and "0.4" one for 0 tokens."""
+    result = run("cost", "--tokens-per-month", volume)
+
+    assert (2, "", True) == (result.returncode, result.stdout, message in result.stderr)
+    assert "argument --tokens-per-month: " in result.stderr.splitlines()[-1]
 
 
 def test_cost_does_not_load_the_network_stack() -> None:

@@ -297,7 +297,7 @@ def test_inband_error_raises_stream_error_with_partial(
             request_id="rid-42",
             extra_headers=config(fault="inband_error@3", echo_request_id=True),
         )
-    assert (True, "overloaded_error") == (info.value.retryable, info.value.type)
+    assert (True, "server_error") == (info.value.retryable, info.value.type)
     assert (200, "rid-42") == (info.value.status_code, info.value.request_id)
     assert info.value.completion is not None
     assert "".join(UpstreamConfig().token_list(3)) == info.value.completion.text

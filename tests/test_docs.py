@@ -1,4 +1,4 @@
-"""Every Python example in docs/ runs, as written."""
+"""Every Python example in docs/ runs, as written; the docs name only errors that exist."""
 
 from __future__ import annotations
 
@@ -24,3 +24,22 @@ def test_doc_example_runs(where: str, code: str, monkeypatch: pytest.MonkeyPatch
     """The example executes without error; its own asserts check what it shows."""
     monkeypatch.chdir(DOCS.parent)
     exec(compile(code, where, "exec"), {"__name__": "__doc_example__"})
+
+
+def test_the_migration_guide_names_only_errors_that_exist() -> None:
+    """docs/from-openai.md said "`OpenAIError` and `APIError` are both `HolySheepError`", and
+    holysheep has neither name: every error class it names is ours, a builtin, or marked as
+    openai's ("openai's `APIError`", "its `APIError`")."""
+    import builtins
+
+    import holysheep
+
+    text = (DOCS / "from-openai.md").read_text()
+    named = re.findall(r"(openai's |its )?`(\w+Error)`", text)
+    missing = {
+        name
+        for marked, name in named
+        if not marked and not hasattr(holysheep, name) and not hasattr(builtins, name)
+    }
+    assert set() == missing
+    assert "HolySheepError" in {name for _, name in named}

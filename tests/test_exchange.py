@@ -281,6 +281,9 @@ def test_the_base_url_is_read_as_people_write_it(given: str, url: str) -> None:
         ("http://127.0.0.1:99999/v1", "is not a valid URL: Port out of range"),
         ("http://[::1/v1", "is not a valid URL"),
         ("https:///v1", "has no host"),
+        # Nothing after the scheme: it said the URL needed the http:// it had.
+        ("http://", "^base_url 'http://' has no host"),
+        ("https:///", "^base_url 'https:///' has no host"),
     ],
 )
 def test_a_base_url_the_clients_cannot_use_is_a_clear_error(given: str, message: str) -> None:

@@ -261,7 +261,9 @@ def test_monthly_roi_rejects_unknown_models_and_bad_numbers() -> None:
         ("2K", 2_000),
         ("1_000", 1_000),
         ("1,000,000", 1_000_000),
+        ("1,500.5K", 1_500_500),
         (" 3 M ", 3_000_000),
+        ("0", 0),
     ],
 )
 def test_parse_token_count(text: str, count: int) -> None:
@@ -269,10 +271,21 @@ def test_parse_token_count(text: str, count: int) -> None:
     assert count == parse_token_count(text)
 
 
-@pytest.mark.parametrize("text", ["", "M", "5X", "-5M", "1e6", "five"])
+@pytest.mark.parametrize(
+    "text",
+    # A comma outside groups of three is a decimal comma (1,5M was read as 15M) or a typo.
+    ["", "M", "5X", "-5M", "1e6", "five", "1,5M", "1,5", "10,00", "1000,000", ",000", "1,"],
+)
 def test_parse_token_count_rejects(text: str) -> None:
     """Anything else is a ValueError with an example of what works."""
     with pytest.raises(ValueError, match="such as 500M"):
+        parse_token_count(text)
+
+
+@pytest.mark.parametrize("text", ["0.4", "0.0004K"])
+def test_parse_token_count_rejects_less_than_one_token(text: str) -> None:
+    """An amount that rounds to no tokens is a mistake, not a month of 0 tokens."""
+    with pytest.raises(ValueError, match=f"'{text}' is less than one token"):
         parse_token_count(text)
 
 

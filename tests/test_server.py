@@ -6,9 +6,11 @@ import http.client
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 from typing import Any
 
 import attrs
@@ -16,6 +18,7 @@ import pytest
 
 import holysheep
 from holysheep.testing import Fault, UpstreamConfig, UpstreamProcess, raise_fd_limit, serve
+from holysheep.testing._server import MAX_TOKENS
 
 
 def post(
@@ -101,6 +104,103 @@ def test_routes_and_bad_bodies_answer_in_openai_error_shape() -> None:
     assert (404, "no route for GET /nope") == (missing.status, missing_body["error"]["message"])
 
 
+def get(port: int, path: str) -> tuple[int, Any]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_models_are_listed_and_retrieved_as_the_api_does() -> None:
+    """Each model has its `created` (an int, as the API's), and `/v1/models/{id}` answers the
+    model object (it was a 404), or the API's 404 for a model that does not exist."""
+    with serve() as upstream:
+        _, listed = get(upstream.port, "/v1/models")
+        one = get(upstream.port, "/v1/models/claude-sonnet-4.5")
+        missing = get(upstream.port, "/v1/models/gpt-9")
+    assert {("model", "holysheep-mock", True)} == {
+        (m["object"], m["owned_by"], type(m["created"]) is int) for m in listed["data"]
+    }
+    by_id = {m["id"]: m for m in listed["data"]}
+    assert (200, by_id["claude-sonnet-4.5"]) == one
+    assert (404, "invalid_request_error", "model_not_found") == (
+        missing[0],
+        missing[1]["error"]["type"],
+        missing[1]["error"]["code"],
+    )
+    assert "The model 'gpt-9' does not exist" in missing[1]["error"]["message"]
+
+
+def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send `request` as it is; everything the server answers before it closes."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(5)
+        sock.sendall(request)
+        answer = b""
+        while piece := sock.recv(65536):
+            answer += piece
+    return answer
+
+
+def test_expect_100_continue_is_answered_before_the_body() -> None:
+    """curl sends `Expect: 100-continue` with bodies over 1 MB and waits a second for the
+    go-ahead, which never came."""
+    body = json.dumps({"messages": [], "n": 1}).encode()
+    with (
+        serve(tokens=2) as upstream,
+        socket.create_connection(("127.0.0.1", upstream.port)) as sock,
+    ):
+        sock.settimeout(0.5)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        go_ahead = sock.recv(65536)
+        sock.settimeout(5)
+        sock.sendall(body)
+        answer = b""
+        while piece := sock.recv(65536):
+            answer += piece
+    assert b"HTTP/1.1 100 Continue\r\n\r\n" == go_ahead
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+@pytest.mark.parametrize(
+    ("framing", "message"),
+    [
+        (b"Content-Length: abc", "invalid Content-Length header: 'abc'"),
+        (b"Content-Length: -5", "invalid Content-Length header: '-5'"),
+        (
+            b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+            "invalid chunked request body: chunk size 'zz' is not a hexadecimal number",
+        ),
+    ],
+)
+def test_a_body_of_unreadable_length_gets_a_400_and_the_connection_closes(
+    framing: bytes, message: str
+) -> None:
+    """A 400 in the API's error shape, then the close (the next request cannot be found); the
+    handler crashed, the client got nothing and the server logged a ValueError."""
+    with serve() as upstream:
+        answer = raw_exchange(
+            upstream.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n%s\r\n\r\n" % framing
+        )
+        after, _, _ = post(upstream.port, {"messages": []})
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    error = json.loads(body)["error"]
+    assert (message, "invalid_request_error", None, None) == (
+        error["message"],
+        error["type"],
+        error["param"],
+        error["code"],
+    )
+    assert 200 == after
+
+
 def test_routes_are_exact_as_the_gateways_are() -> None:
     """Any path ending in /chat/completions was answered, so a client that dropped `/v1`
     passed every test here and got a 404 from the real gateway; the absolute form a proxy is
@@ -155,7 +255,11 @@ def test_zero_tokens_stream_an_empty_completion() -> None:
         ({"messages": []}, "{bad", None, None, "X-Mock-Config is not valid JSON"),
         ({"messages": []}, "[1]", None, None, "X-Mock-Config must be a JSON object"),
         ({"messages": []}, '{"tokenz": 3}', None, None, "unknown UpstreamConfig field 'tokenz'"),
-        ({"messages": []}, '{"tokens": -1}', None, None, "'tokens' must be >= 0"),
+        ({"messages": []}, '{"tokens": -1}', None, None, "tokens must be None or a whole number"),
+        # 2.5 tokens streamed 3; a million and one is past the bound; true is not a count.
+        ({"messages": []}, '{"tokens": 2.5}', None, None, "from 0 to 1,000,000, got 2.5"),
+        ({"messages": []}, '{"tokens": 1000001}', None, None, "to 1,000,000, got 1000001"),
+        ({"messages": []}, '{"tokens": true}', None, None, "to 1,000,000, got True"),
         ({"messages": []}, '{"fault": "bogus"}', None, None, "unknown fault 'bogus'"),
         # Values a field refuses: they crashed the handler mid-response, or were taken as
         # another fault (a bogus kind behaved as invalid_json).
@@ -185,6 +289,24 @@ def test_zero_tokens_stream_an_empty_completion() -> None:
             "'tools[0].function.name'",
         ),
         ({"messages": [], "tool_choice": "auto"}, None, "tool_choice", None, "only allowed when"),
+        # Accepted, where the API refuses them: "yes" was taken as true, stream_options
+        # without a stream ignored, and NaN (which Python's json reads) passed as a number.
+        ({"messages": [], "stream": "yes"}, None, "stream", "invalid_type", "expected a boolean"),
+        (
+            {"messages": [], "stream": False, "stream_options": {"include_usage": True}},
+            None,
+            "stream_options",
+            None,
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+        ),
+        (
+            {"messages": [], "temperature": float("nan")},
+            None,
+            None,
+            None,
+            "We could not parse the JSON body of your request: NaN is not a JSON value",
+        ),
+        ({"messages": [], "top_p": float("-inf")}, None, None, None, "-Infinity is not a JSON"),
         (
             {"messages": [], "stream_options": True},
             None,
@@ -272,7 +394,7 @@ def test_enqueue_refuses_an_unknown_field() -> None:
 @pytest.mark.parametrize(
     ("fault", "status", "body"),
     [
-        ("inband_error@1", 200, b'{"error": {"message": "Overloaded"'),
+        ("inband_error@1", 200, b'{"error": {"message": "That model is currently overloaded'),
         ("invalid_json@1", 200, b"{not json"),
         ("drop@1", None, None),
         ("stall@1", None, None),
@@ -295,6 +417,30 @@ def test_stream_faults_apply_to_non_stream_answers(
         finally:
             connection.close()
     assert (status, body) == (answer[0], answer[1] and answer[1][: len(body or b"")])
+
+
+def test_an_inband_error_has_the_openai_shape_and_is_retryable() -> None:
+    """{message, type, param, code}, with OpenAI's type for an overloaded model (it sent no
+    `param` and Anthropic's `overloaded_error`); the client still takes it as transient."""
+    with serve(tokens=3, fault="inband_error@1") as upstream:
+        _, _, raw = post(upstream.port, {"messages": [], "stream": True})
+        with (
+            holysheep.Client(
+                api_key="k", base_url=upstream.base_url, retry=holysheep.RetryPolicy.none()
+            ) as client,
+            pytest.raises(holysheep.StreamError) as info,
+        ):
+            client.chat.complete(model="m", messages=[])
+    assert {
+        "error": {
+            "message": "That model is currently overloaded with other requests. You can retry"
+            " your request.",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    } == json.loads(events(raw)[-1])
+    assert (True, "server_error") == (info.value.retryable, info.value.type)
 
 
 def test_resume_continues_after_last_event_id() -> None:
@@ -346,6 +492,25 @@ def test_a_client_leaving_while_the_server_waits_is_seen_when_it_leaves(
         connection.close()
         left = time.monotonic()
         assert upstream.wait_for_disconnect(timeout=2)
+        assert time.monotonic() - left < 1
+        assert 1 == upstream.disconnects
+
+
+def test_a_client_leaving_a_non_stream_answer_during_ttft_is_seen() -> None:
+    """Without `stream` the first-token wait was a plain sleep: a client that left during it
+    was never counted (`wait_for_disconnect` gave up)."""
+    with serve(tokens=3, ttft=5.0) as upstream:
+        sock = socket.create_connection(("127.0.0.1", upstream.port))
+        body = json.dumps({"model": "m", "messages": []}).encode()
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        while not upstream.requests:
+            time.sleep(0.01)
+        sock.close()
+        left = time.monotonic()
+        assert upstream.wait_for_disconnect(timeout=3)
         assert time.monotonic() - left < 1
         assert 1 == upstream.disconnects
 
@@ -402,10 +567,67 @@ def test_fault_parse(text: str, expected: Fault) -> None:
     assert expected == Fault.parse(text)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("stall@x", "fault 'stall@x': the count after @ must be a whole number, got 'x' (as in"),
+        ("drop,after=1.5", "fault 'drop,after=1.5': after must be a whole number, got '1.5'"),
+        ("status=4xx", "fault 'status=4xx': the status must be a whole number, got '4xx'"),
+        (
+            "status=429,retry_after=soon",
+            "fault 'status=429,retry_after=soon': retry_after must be a number, got 'soon' (as in"
+            " status=429,retry_after=2)",
+        ),
+    ],
+)
+def test_fault_parse_says_which_part_is_wrong(text: str, message: str) -> None:
+    """It was int()'s "invalid literal for int() with base 10: 'x'"."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Fault.parse(text)
+
+
 def test_fault_parse_rejects_unknown() -> None:
     """A typo is an error, not a silently healthy server."""
     with pytest.raises(ValueError, match="unknown fault"):
         Fault.parse("dorp@3")
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "code"),
+    [
+        (400, "invalid_request_error", None),
+        (401, "invalid_request_error", "invalid_api_key"),
+        (403, "permission_error", None),
+        (404, "invalid_request_error", None),
+        (422, "invalid_request_error", None),
+        (429, "rate_limit_error", None),
+        # Retried by the client: invalid_request_error would tell it retrying cannot help.
+        (408, "server_error", None),
+        (409, "server_error", None),
+        (500, "server_error", None),
+        (503, "server_error", None),
+    ],
+)
+def test_a_status_fault_has_the_apis_error_type(status: int, kind: str, code: str | None) -> None:
+    """Every 4xx said `server_error`, which no API sends for a bad request or a bad key."""
+    with serve(fault=f"status={status}") as upstream:
+        answered, _, raw = post(upstream.port, {"messages": []})
+    error = json.loads(raw)["error"]
+    assert (status, kind, None, code) == (answered, error["type"], error["param"], error["code"])
+
+
+@pytest.mark.parametrize("status", [100, 101, 199, 204, 304, 600])
+def test_a_status_fault_without_a_body_is_refused(status: int) -> None:
+    """An answer with a 1xx, 204 or 304 has no body: the error body after a 100 left the
+    client waiting forever. Refused where it is given, and as an X-Mock-Config a 400."""
+    with pytest.raises(ValueError, match=f"from 200 to 599 that has a body .*, got {status}"):
+        Fault("status", status=status)
+    with serve() as upstream:
+        answered, _, raw = post(
+            upstream.port, {"messages": []}, {"x-mock-config": f'{{"fault": "status={status}"}}'}
+        )
+    message = json.loads(raw)["error"]["message"]
+    assert (400, True) == (answered, f"has a body (not 204 or 304), got {status}" in message)
 
 
 def test_tokens_are_deterministic_and_capped() -> None:
@@ -414,6 +636,33 @@ def test_tokens_are_deterministic_and_capped() -> None:
     assert config.token_list(None) == config.token_list(None)
     assert 50 == len(config.token_list(None))
     assert config.token_list(None)[:7] == config.token_list(7)
+
+
+def test_a_long_answer_starts_at_once_and_holds_no_memory_for_its_tokens() -> None:
+    """The most tokens an answer may have: the first event comes without the server making
+    the others first (it made all million before the first byte: 6 s and 427 MB), and the
+    count is cut only as sent; rotation and max_tokens still hold."""
+    config = UpstreamConfig(tokens=MAX_TOKENS)
+    assert MAX_TOKENS == config.token_count(None)
+    assert config.token_list(5) == UpstreamConfig(tokens=5).token_list(None)
+    tracemalloc.start()
+    try:
+        with (
+            serve(config) as upstream,
+            socket.create_connection(("127.0.0.1", upstream.port)) as sock,
+        ):
+            body = json.dumps({"messages": [], "stream": True, "n": 2}).encode()
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            sock.settimeout(10)
+            first = sock.recv(4096)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert first.startswith(b"HTTP/1.1 200 OK")
+    assert peak < 20_000_000, f"{peak:,} bytes"
 
 
 def test_command_serves_and_stops_on_sigterm() -> None:
@@ -455,6 +704,12 @@ def test_upstream_process_serves_from_a_child_and_stops() -> None:
     assert up.cpu_seconds() is None
     with pytest.raises(ConnectionRefusedError):
         post(up.port, {"model": "m", "messages": []})
+
+
+def test_upstream_process_refuses_args_given_as_one_string() -> None:
+    """A str is a sequence of characters: "--event-ids" was passed as 11 one-letter flags."""
+    with pytest.raises(TypeError, match=re.escape("a list of arguments, such as ['--event-ids']")):
+        UpstreamProcess(args="--event-ids")
 
 
 def test_upstream_process_that_cannot_start_says_why() -> None:

@@ -14,23 +14,34 @@ import os
 import signal
 import sys
 
-from holysheep.testing._server import Fault, MockUpstream, UpstreamConfig
+from holysheep.testing._server import MAX_TOKENS, Fault, MockUpstream, UpstreamConfig
 
 PROG = "python -m holysheep.testing"
 EXIT_ERROR = 1
 
 
+# Each converter raises ArgumentTypeError with its own words: from a ValueError argparse
+# would say "invalid _port value", naming the function instead of the problem.
+
+
 def _port(text: str) -> int:
-    port = int(text)
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port number, not {text!r}") from None
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0-65535; 0 picks a free one)")
     return port
 
 
 def _count(text: str) -> int:
-    count = int(text)
-    if count < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {count}")
+    """A token count: a whole number from 0 to MAX_TOKENS (`--tokens`)."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if not 0 <= count <= MAX_TOKENS:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_TOKENS:,}, not {count}")
     return count
 
 

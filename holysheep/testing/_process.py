@@ -48,6 +48,9 @@ class UpstreamProcess:
         tokens_per_s: float | None = None,
         args: Sequence[str] = (),
     ) -> None:
+        if isinstance(args, str):
+            # A str is a sequence too: "--event-ids" became 11 arguments of one character.
+            raise TypeError(f"args must be a list of arguments, such as [{args!r}], not a str")
         self.args = ["--port", "0"]
         if tokens is not None:
             self.args += ["--tokens", str(tokens)]
@@ -55,7 +58,7 @@ class UpstreamProcess:
             self.args += ["--ttft", f"{ttft:g}"]
         if tokens_per_s is not None:
             self.args += ["--tokens-per-s", f"{tokens_per_s:g}"]
-        self.args += args
+        self.args += list(args)
         self.base_url = ""
         self.port = 0
         self.pid = 0

@@ -3,19 +3,22 @@
 Theory of operation
 -------------------
 One asyncio server (stdlib only) speaks just enough HTTP/1.1: keep-alive, `Content-Length`
-request bodies, chunked responses. `POST /v1/chat/completions` with `"stream": true` answers
-exactly as the OpenAI API does (a role chunk, one chunk per token, a finish chunk, a usage chunk
-when `stream_options.include_usage` is set, `data: [DONE]`; per choice with `n`, and a tool call
+and chunked request bodies (with `Expect: 100-continue` answered), chunked responses.
+`POST /v1/chat/completions` with `"stream": true` answers exactly as the OpenAI API does (a
+role chunk, one chunk per token, a finish chunk, a usage chunk when
+`stream_options.include_usage` is set, `data: [DONE]`; per choice with `n`, and a tool call
 when the request has `tools`); without it, one `chat.completion` object. The tokens are a
 deterministic function of the configuration, so a stream resumed with `Last-Event-ID` has
 exactly the text of an uninterrupted one; ids, `created` and `x-request-id` vary per answer as
 the real API's do, unless the config pins them.
 
-A request is planned before a byte is sent: one `_Planned` per choice (`n` of them), each a
-list of pieces (text tokens, or the argument fragments of one tool call) and a finish reason.
-`_events` lays the plan out as the API streams it, the choices interleaved piece by piece, and
-marks which events are content: faults and `Last-Event-ID` count events in that one list, so
-they mean the same with one choice or eight, and with text or a tool call.
+A request is planned before a byte is sent: one `_Planned` per choice (`n` of them), each its
+pieces (text tokens, or the argument fragments of one tool call) and a finish reason. Text
+tokens are counted up front but cut from the text only as they are sent (`_Tokens`), so a
+million-token answer starts at once and holds no more memory than a short one. `_events` lays
+the plan out as the API streams it, the choices interleaved piece by piece, and marks which
+events are content: faults and `Last-Event-ID` count events in that one sequence, so they mean
+the same with one choice or eight, and with text or a tool call.
 
 Behaviour is an `UpstreamConfig`: token count and text, time to first token, token rate,
 keep-alive comments, event ids, and one `Fault`. The server's default config can be overridden
@@ -38,6 +41,7 @@ import json
 import random
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal, final
@@ -86,6 +90,11 @@ _MAX_BODY = 16 * 1024 * 1024
 # thousands of streams (the concurrency benchmark) every wake-up counts.
 _LEAVE_CHECK = 0.05
 _LEAVE_WHOLE = 0.25
+# The most tokens one answer may have. Events are made as they are sent, so a long answer
+# costs time, not memory; the bound turns a typo (`--tokens 10000000000`) into an error
+# rather than a stream that never ends. The longest streams the benchmarks use are 20,000
+# tokens (bench/client.py); a million is 50 times that.
+MAX_TOKENS = 1_000_000
 
 
 # Validators: a bad value in `X-Mock-Config` or `enqueue()` is refused where it is given (the
@@ -107,11 +116,32 @@ def _optional_seconds(instance: object, attribute: attrs.Attribute[Any], value: 
         _seconds(instance, attribute, value)
 
 
+def _optional_count(_instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    # bool is an int to Python, and 2.5 tokens would be rounded somewhere: refuse both.
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
+        raise ValueError(
+            f"{attribute.name} must be None or a whole number from 0 to {MAX_TOKENS:,},"
+            f" got {value!r}"
+        )
+
+
 def _optional_positive(_instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, _NUMBER) or not 0 < value < float("inf"):
         raise ValueError(f"{attribute.name} must be None or a number > 0, got {value!r}")
+
+
+def _fault_status(_instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    # An answer to a 1xx, 204 or 304 has no body (RFC 9110 6.4.1), so the error body sent
+    # with it would be read as the next response, or waited for forever.
+    if not 200 <= value <= 599 or value in (204, 304):
+        raise ValueError(
+            f"{attribute.name} must be an HTTP status from 200 to 599 that has a body (not 204"
+            f" or 304), got {value!r}"
+        )
 
 
 @final
@@ -135,31 +165,48 @@ class Fault:
 
     kind: FaultKind = attrs.field(validator=attrs.validators.in_(_FAULT_KINDS))
     after: int = attrs.field(default=0, validator=[_instance_of(int), attrs.validators.ge(0)])
-    status: int = attrs.field(
-        default=500,
-        validator=[_instance_of(int), attrs.validators.ge(100), attrs.validators.le(599)],
-    )
+    status: int = attrs.field(default=500, validator=[_instance_of(int), _fault_status])
     retry_after: float | None = attrs.field(default=None, validator=_optional_seconds)
 
     @classmethod
     def parse(cls, text: str) -> Fault:
         head, _, options = text.partition(",")
         kind, _, after = head.partition("@")
-        status, retry_after = 500, None
+        after_part = "the count after @"
+        status, retry_after = "500", None
         if kind.startswith("status"):
-            kind, _, value = kind.partition("=")
-            status = int(value or 500)
+            kind, _, status = kind.partition("=")
+            status = status or "500"
         for option in filter(None, options.split(",")):
             name, _, value = option.partition("=")
             if name == "retry_after":
-                retry_after = float(value)
+                retry_after = value
             elif name == "after":
-                after = value
+                after, after_part = value, "after"
             else:
                 raise ValueError(f"unknown fault option {name!r} in {text!r}")
         if kind not in _FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}; expected one of {', '.join(_FAULT_KINDS)}")
-        return cls(kind, int(after or 0), status, retry_after)  # type: ignore[arg-type]
+
+        # int() and float() would say "invalid literal for int() with base 10: 'x'", naming
+        # neither the part of the fault nor what it should look like.
+        def number(part: str, value: str, read: type[int] | type[float], form: str) -> Any:
+            try:
+                return read(value)
+            except ValueError:
+                kind_of = "a whole number" if read is int else "a number"
+                raise ValueError(
+                    f"fault {text!r}: {part} must be {kind_of}, got {value!r} (as in {form})"
+                ) from None
+
+        return cls(
+            kind,  # type: ignore[arg-type]
+            number(after_part, after, int, f"{kind}@5") if after else 0,
+            number("the status", status, int, "status=429"),
+            None
+            if retry_after is None
+            else number("retry_after", retry_after, float, "status=429,retry_after=2"),
+        )
 
     @classmethod
     def from_value(cls, value: Fault | str | Mapping[str, Any] | None) -> Fault | None:
@@ -188,9 +235,7 @@ class UpstreamConfig:
     `tool_calls=False`; those get text.
     """
 
-    tokens: int | None = attrs.field(
-        default=None, validator=attrs.validators.optional(attrs.validators.ge(0))
-    )
+    tokens: int | None = attrs.field(default=None, validator=_optional_count)
     text: str = attrs.field(default=DEFAULT_TEXT, validator=_instance_of(str))
     ttft: float = attrs.field(default=0.0, validator=_seconds)
     tokens_per_s: float | None = attrs.field(default=None, validator=_optional_positive)
@@ -225,25 +270,34 @@ class UpstreamConfig:
 
     def token_list(self, max_tokens: int | None) -> list[str]:
         """The deterministic tokens: `text` cut into 1-8 character pieces, cycled as needed."""
-        rng = random.Random(len(self.text))
-        pieces: list[str] = []
-        source = itertools.cycle([self.text]) if self.text else iter(())
-        wanted = self.tokens
-        if wanted == 0:
-            return pieces
-        for text in source:
-            i = 0
-            while i < len(text):
-                n = rng.randint(1, 8)
-                pieces.append(text[i : i + n])
-                i += n
-                if wanted is not None and len(pieces) >= wanted:
-                    break
-            if wanted is None or len(pieces) >= wanted:
-                break
-        if max_tokens is not None:
-            pieces = pieces[: max(0, max_tokens)]
-        return pieces
+        return list(itertools.islice(_cut(self.text), self.token_count(max_tokens)))
+
+    def token_count(self, max_tokens: int | None) -> int:
+        """How many tokens an answer capped at `max_tokens` has: `tokens`, or one pass over
+        `text` when `tokens` is None."""
+        if not self.text:
+            return 0
+        count = self.tokens
+        if count is None:  # one pass: as many pieces as `_cut` makes before it starts again
+            rng, i, count = random.Random(len(self.text)), 0, 0
+            while i < len(self.text):
+                i += rng.randint(1, 8)
+                count += 1
+        return count if max_tokens is None else min(count, max(0, max_tokens))
+
+
+def _cut(text: str) -> Iterator[str]:
+    """`text` cut into 1-8 character pieces, pass after pass, made one at a time. Seeded by
+    the text's length, so the same text is always cut alike (`token_count` counts a pass)."""
+    if not text:
+        return
+    rng = random.Random(len(text))
+    while True:
+        i = 0
+        while i < len(text):
+            n = rng.randint(1, 8)
+            yield text[i : i + n]
+            i += n
 
 
 @final
@@ -336,29 +390,63 @@ class MockUpstream:
             name, sep, value = line.partition(":")
             if sep:
                 headers[name.strip().lower()] = value.strip()
+        # A body whose length cannot be read leaves no way to find the next request: answer
+        # 400, as the API's front end does, and close.
+        # A client that asked to be told to go on (curl does for bodies over 1 MB) waits for
+        # this before it sends the body, or a second for nothing (RFC 9110 10.1.1).
+        go_on = headers.get("expect", "").lower() == "100-continue"
         if headers.get("transfer-encoding", "").lower() == "chunked":
-            body_bytes = await _read_chunked(reader)
+            if go_on:
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            try:
+                body_bytes = await _read_chunked(reader)
+            except ValueError as exc:
+                error = _error(f"invalid chunked request body: {exc}")
+                await self._send_json(writer, 400, error, _request_id(self.config, headers))
+                return False
         else:
-            length = int(headers.get("content-length") or 0)
+            text = headers.get("content-length") or "0"
+            if not (text.isascii() and text.isdigit()):
+                error = _error(f"invalid Content-Length header: {text!r}")
+                await self._send_json(writer, 400, error, _request_id(self.config, headers))
+                return False
+            length = int(text)
             if length > _MAX_BODY:
                 request_id = _request_id(self.config, headers)
                 await self._send_json(writer, 413, _error("request body too large"), request_id)
                 return False
+            if go_on and length:
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             body_bytes = await reader.readexactly(length) if length else b""
         keep_alive = headers.get("connection", "").lower() != "close"
+        body, unreadable = None, None
         try:
-            body = json.loads(body_bytes) if body_bytes else None
-        except ValueError:
-            body = None
+            body = json.loads(body_bytes, parse_constant=_not_json) if body_bytes else None
+        except ValueError as exc:  # also a UnicodeDecodeError
+            unreadable = str(exc)
         self.requests.append(RecordedRequest(method, path.split("?")[0], headers, body))
         route = _route(path)
         request_id = _request_id(self.config, headers)
         if method == "GET" and route == "/v1/models":
-            models = [{"id": m, "object": "model", "owned_by": "holysheep-mock"} for m in _MODELS]
+            models = [_model(name) for name in _MODELS]
             await self._send_json(writer, 200, {"object": "list", "data": models}, request_id)
+        elif method == "GET" and route.startswith("/v1/models/"):
+            name = urllib.parse.unquote(route.removeprefix("/v1/models/"))
+            if name in _MODELS:
+                await self._send_json(writer, 200, _model(name), request_id)
+            else:
+                error = _error(
+                    f"The model '{name}' does not exist or you do not have access to it.",
+                    code="model_not_found",
+                )
+                await self._send_json(writer, 404, error, request_id)
         elif method == "POST" and route == "/v1/chat/completions":
             try:
                 config = self._config_for(headers)
+                if unreadable is not None:
+                    raise _BadRequest(
+                        f"We could not parse the JSON body of your request: {unreadable}"
+                    )
                 request = _check_body(body)
             except _BadRequest as exc:
                 await self._send_json(writer, 400, exc.body(), request_id)
@@ -410,11 +498,11 @@ class MockUpstream:
         fault = config.fault
         if fault is not None and fault.kind == "status":
             extra = {} if fault.retry_after is None else {"retry-after": f"{fault.retry_after:g}"}
-            kind = "rate_limit_error" if fault.status == 429 else "server_error"
+            kind, code = _status_error(fault.status)
             await self._send_json(
                 writer,
                 fault.status,
-                _error(f"mock fault: HTTP {fault.status}", kind),
+                _error(f"mock fault: HTTP {fault.status}", kind, code=code),
                 request_id,
                 extra,
             )
@@ -454,7 +542,13 @@ class MockUpstream:
             "system_fingerprint": "fp_mock",
         }
         if not body.get("stream"):
-            await asyncio.sleep(config.ttft)
+            try:
+                # As a stream waits, so a client leaving during the wait counts at once (a
+                # plain sleep never looked); no keep-alive: the head is not sent yet.
+                await self._wait(config.ttft, None, reader, writer)
+            except ConnectionError:
+                self._note_disconnect()
+                return False
             if fault is not None and content_events > fault.after:
                 return await self._whole_fault(fault, reader, writer, request_id)
             completion = {
@@ -475,13 +569,16 @@ class MockUpstream:
             await self._send_json(writer, 200, completion, request_id)
             return True
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        events = list(_events(base, plan, usage if include_usage else None))
-        return await self._stream(config, events, headers, request_id, reader, writer)
+        events = _events(base, plan, usage if include_usage else None)
+        # The content events' indices: after each choice's first (role) chunk.
+        content = range(len(plan), len(plan) + content_events)
+        return await self._stream(config, events, content, headers, request_id, reader, writer)
 
     async def _stream(
         self,
         config: UpstreamConfig,
-        events: list[tuple[bool, bytes]],
+        events: Iterator[tuple[bool, bytes]],
+        content: range,
         headers: Mapping[str, str],
         request_id: str,
         reader: asyncio.StreamReader,
@@ -495,7 +592,7 @@ class MockUpstream:
         # content event would follow it: a resumed request with `after` or fewer left is served
         # whole, so a client resuming after a server-wide `drop@K` always gets to the end.
         fault = config.fault
-        if fault is not None and sum(c for c, _ in events[start:]) <= fault.after:
+        if fault is not None and len(range(max(start, content.start), content.stop)) <= fault.after:
             fault = None
         writer.write(self._head(200, request_id, {"content-type": "text/event-stream"}, None))
         if config.retry_ms is not None:
@@ -505,8 +602,9 @@ class MockUpstream:
         try:
             if start == 0 and config.ttft:
                 await self._wait(config.ttft, config.keepalive_interval, reader, writer)
-            for index in range(start, len(events)):
-                is_content, payload = events[index]
+            for index, (is_content, payload) in enumerate(
+                itertools.islice(events, start, None), start
+            ):
                 if fault is not None and is_content and content_sent >= fault.after:
                     return await self._fault(fault, reader, writer)
                 event = b"data: " + payload + b"\n\n"
@@ -650,9 +748,30 @@ class MockUpstream:
 
 
 _MODELS = ("gpt-4.1", "claude-sonnet-4.5", "gemini-2.5-flash", "deepseek-v3.2")
+# A model's `created`, as the API dates each model (Unix time): fixed, like the real ones.
+_MODELS_CREATED = 1_744_316_542  # 2025-04-10
 
 
-_OVERLOADED = {"error": {"message": "Overloaded", "type": "overloaded_error", "code": "overloaded"}}
+def _model(name: str) -> dict[str, Any]:
+    """A model object, as `/v1/models` lists it and `/v1/models/{id}` answers."""
+    return {"id": name, "object": "model", "created": _MODELS_CREATED, "owned_by": "holysheep-mock"}
+
+
+def _status_error(status: int) -> tuple[str, str | None]:
+    """The `type` and `code` of an error body with this status, as the API sends them: a bad
+    request, a missing model or a bad key (with its code) is `invalid_request_error`, which the
+    client takes as "retrying cannot fix it"; OpenAI has no one type for 403 (Anthropic's
+    `permission_error` says it). 408 and 409 are states of the moment that the client retries:
+    `invalid_request_error` would stop that, so they keep `server_error`, as 5xx do."""
+    if status == 429:
+        return "rate_limit_error", None
+    if status == 401:
+        return "invalid_request_error", "invalid_api_key"
+    if status == 403:
+        return "permission_error", None
+    if 400 <= status < 500 and status not in (408, 409):
+        return "invalid_request_error", None
+    return "server_error", None
 
 
 def _error(
@@ -662,6 +781,15 @@ def _error(
     code: str | None = None,
 ) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# What OpenAI sends in the stream when the model is overloaded: its error shape (`param` and
+# `code` null) and type `server_error`, which the client takes as transient (`_chat.py`
+# `_RETRYABLE_KINDS`), so the fault is retried as docs/resilience.md says.
+_OVERLOADED = _error(
+    "That model is currently overloaded with other requests. You can retry your request.",
+    "server_error",
+)
 
 
 class _BadRequest(Exception):
@@ -687,6 +815,12 @@ def _json_type(value: object) -> str:
     return _JSON_TYPES.get(type(value), "an object")
 
 
+def _not_json(name: str) -> Any:
+    # Python reads NaN, Infinity and -Infinity; JSON (RFC 8259) has no such values and the
+    # API refuses a body holding them.
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def _check_body(body: object) -> dict[str, Any]:
     """Refuse what the real API refuses, in its words, instead of failing mid-answer."""
     if not isinstance(body, dict) or "messages" not in body:
@@ -700,9 +834,17 @@ def _check_body(body: object) -> dict[str, Any]:
     for name in ("max_tokens", "max_completion_tokens"):
         _check_integer(body, name, 1)
     _check_integer(body, "n", 1, _MAX_N)
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _wrong_type("stream", "a boolean", stream)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise _wrong_type("stream_options", "an object", options)
+    if options is not None and not stream:
+        raise _BadRequest(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            "stream_options",
+        )
     _check_tools(body)
     _check_tool_results(messages)
     return body
@@ -887,11 +1029,32 @@ _SAMPLE_VALUES: dict[str, Any] = {"string": "sheep", "integer": 3, "number": 1.5
 
 @final
 @attrs.frozen
+class _Tokens:
+    """The text tokens of one choice, cut only as they are read: the first `count` of
+    `_cut(text)`, rotated by `by` (choice i starts at token i)."""
+
+    text: str
+    count: int
+    by: int
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[str]:
+        by = self.by % self.count if self.count else 0
+        return itertools.chain(
+            itertools.islice(_cut(self.text), by, self.count),
+            itertools.islice(_cut(self.text), by),
+        )
+
+
+@final
+@attrs.frozen
 class _Planned:
     """One choice of an answer: its pieces (text tokens, or the argument fragments of a call to
     `tool` with id `call_id`), each one content event, and its finish reason."""
 
-    pieces: list[str]
+    pieces: _Tokens | list[str]
     finish: str
     tool: str | None = None
     call_id: str | None = None
@@ -917,9 +1080,9 @@ def _plan(
     n = body.get("n") or 1
     function = _function_to_call(config, body)
     if function is None:
-        tokens = config.token_list(max_tokens)
-        finish = "length" if max_tokens is not None and len(tokens) >= max_tokens else "stop"
-        return [_Planned(_rotated(tokens, i), finish) for i in range(n)]
+        count = config.token_count(max_tokens)
+        finish = "length" if max_tokens is not None and count >= max_tokens else "stop"
+        return [_Planned(_Tokens(config.text, count, i), finish) for i in range(n)]
     arguments = json.dumps(_sample_arguments(function.get("parameters")), separators=(",", ":"))
     pieces = [arguments[i : i + _ARGUMENT_PIECE] for i in range(0, len(arguments), _ARGUMENT_PIECE)]
     # Like the API, max_tokens cuts the arguments wherever it falls, JSON or not.
@@ -933,13 +1096,6 @@ def _plan(
     finish = "length" if len(capped) < len(pieces) else "stop" if named else "tool_calls"
     name = function["name"]
     return [_Planned(capped, finish, name, _call_id(completion_id, i)) for i in range(n)]
-
-
-def _rotated(tokens: list[str], by: int) -> list[str]:
-    if not tokens:
-        return tokens
-    by %= len(tokens)
-    return tokens[by:] + tokens[:by]
 
 
 def _call_id(completion_id: str, choice: int) -> str:
@@ -1031,11 +1187,12 @@ def _events(
             call = {"index": 0, "id": planned.call_id, "type": "function", "function": function}
             first = {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}
         yield False, event(choice(index, first))
+    pieces = [iter(planned.pieces) for planned in plan]
     for step in range(max((len(planned.pieces) for planned in plan), default=0)):
         for index, planned in enumerate(plan):
             if step >= len(planned.pieces):
                 continue
-            piece = planned.pieces[step]
+            piece = next(pieces[index])
             if planned.tool is None:
                 delta: dict[str, Any] = {"content": piece}
             else:
@@ -1048,9 +1205,13 @@ def _events(
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    """A chunked body; ValueError naming a chunk size that is not a hexadecimal number."""
     parts: list[bytes] = []
     while True:
-        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        line = (await reader.readuntil(b"\r\n")).split(b";")[0].strip()
+        if not line or line.strip(b"0123456789abcdefABCDEF"):
+            raise ValueError(f"chunk size {line.decode('latin-1')!r} is not a hexadecimal number")
+        size = int(line, 16)
         if size == 0:
             await reader.readuntil(b"\r\n")
             return b"".join(parts)
