@@ -441,7 +441,7 @@ class Call:
         """How many attempts were sent: a retry that never left the rate limiter's queue (its
         `total` ran out, or the client closed) is not one."""
         exchange = self.exchange
-        if exchange is not None and exchange.started is None and self.attempt > 1:
+        if exchange is not None and exchange.started is None and self.attempt > 0:
             return self.attempt - 1
         return self.attempt
 
