@@ -34,7 +34,7 @@ from ._gate import Gate, gate_for
 from ._limiter import RateLimiter, Ticket
 from ._observe import Observer
 from ._retry import GiveUp, RetryPolicy
-from ._waiting import Waiting, gone_error
+from ._waiting import NO_RETRY_CLIENT_CLOSED, Waiting, gone_error
 
 if TYPE_CHECKING:
     from holysheep.transports import AsyncBaseTransport, AsyncResponse
@@ -215,10 +215,10 @@ class AsyncStream:
         call: Call,
         transport: AsyncBaseTransport,
         gate: Gate | None,
-        waiting: Waiting | None = None,
+        waiting: Waiting,
     ) -> None:
         self._call = call
-        self._waiting = Waiting() if waiting is None else waiting
+        self._waiting = waiting
         self._gone = False  # the client closed while this stream waited (see `Waiting`)
         self._transport = transport
         self._gate = gate
@@ -712,27 +712,23 @@ class AsyncStream:
         decision = self._call.failed(error, _now(), time.time())
         if decision.pause is not None and self._gate is not None:
             self._gate.pause(decision.pause)  # a 429: the whole account waits
+        if not isinstance(decision, GiveUp):
+            if self._waiting.enter(self):
+                try:
+                    with anyio.CancelScope() as scope:
+                        self._scope = scope
+                        if self._closed or self._gone:
+                            scope.cancel()
+                        await anyio.sleep(decision.delay)
+                finally:
+                    self._waiting.leave(self)
+            else:
+                self._gone = True
+            if self._gone and not self._closed:
+                decision = NO_RETRY_CLIENT_CLOSED  # (see `Waiting`)
         if isinstance(decision, GiveUp):
             self._exhausted = True
             failure = self._call.error_to_raise(error, decision)
-            self._call.ended(_now(), failure)
-            if failure is error:
-                raise error
-            raise failure from error
-        if self._waiting.enter(self):
-            try:
-                with anyio.CancelScope() as scope:
-                    self._scope = scope
-                    if self._closed or self._gone:
-                        scope.cancel()
-                    await anyio.sleep(decision.delay)
-            finally:
-                self._waiting.leave(self)
-        else:
-            self._gone = True
-        if self._gone and not self._closed:
-            self._exhausted = True
-            failure = self._gone_error(error)
             self._call.ended(_now(), failure)
             if failure is error:
                 raise error
@@ -771,10 +767,10 @@ class AsyncStream:
         if self._scope is not None:
             self._scope.cancel()
 
-    def _gone_error(self, error: HolySheepError | None = None) -> HolySheepError:
+    def _gone_error(self) -> HolySheepError:
         """The error to raise for `_gone` (see `gone_error`)."""
         self._gone = True
-        return gone_error(self._call, error)
+        return gone_error(self._call)
 
     def _stopped_by_caller(self) -> bool:
         # A method, not an inline test: the flag changes while we await.

@@ -33,7 +33,7 @@ from ._gate import Gate, gate_for
 from ._limiter import RateLimiter, Ticket
 from ._observe import Observer
 from ._retry import GiveUp, RetryPolicy
-from ._waiting import Waiting, gone_error
+from ._waiting import NO_RETRY_CLIENT_CLOSED, Waiting, gone_error
 
 if TYPE_CHECKING:
     from holysheep.transports import BaseTransport, Response
@@ -224,10 +224,10 @@ class Stream:
         transport: BaseTransport,
         watchdog: _Watchdog,
         gate: Gate | None,
-        waiting: Waiting | None = None,
+        waiting: Waiting,
     ) -> None:
         self._call = call
-        self._waiting = Waiting() if waiting is None else waiting
+        self._waiting = waiting
         self._gone = False  # the client closed while this stream waited (see `Waiting`)
         self._transport = transport
         self._watchdog = watchdog
@@ -584,21 +584,18 @@ class Stream:
         decision = self._call.failed(error, _clock(), time.time())
         if decision.pause is not None and self._gate is not None:
             self._gate.pause(decision.pause)  # a 429: the whole account waits
+        if not isinstance(decision, GiveUp):
+            if self._waiting.enter(self):
+                try:
+                    self._stop_event().wait(decision.delay)
+                finally:
+                    self._waiting.leave(self)
+            else:
+                self._gone = True
+            if self._gone and not self._closed:
+                decision = NO_RETRY_CLIENT_CLOSED  # (see `Waiting`)
         if isinstance(decision, GiveUp):
             failure = self._call.error_to_raise(error, decision)
-            self._call.ended(_clock(), failure)
-            if failure is error:
-                raise error
-            raise failure from error
-        if self._waiting.enter(self):
-            try:
-                self._stop_event().wait(decision.delay)
-            finally:
-                self._waiting.leave(self)
-        else:
-            self._gone = True
-        if self._gone and not self._closed:
-            failure = self._gone_error(error)
             self._call.ended(_clock(), failure)
             if failure is error:
                 raise error
@@ -613,10 +610,10 @@ class Stream:
         if self._gate is not None:
             self._gate.wake()
 
-    def _gone_error(self, error: HolySheepError | None = None) -> HolySheepError:
+    def _gone_error(self) -> HolySheepError:
         """The error to raise for `_gone` (see `gone_error`)."""
         self._gone = True
-        return gone_error(self._call, error)
+        return gone_error(self._call)
 
     def _end_attempt(self) -> None:
         self._watchdog.unwatch(self)

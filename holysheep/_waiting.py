@@ -14,10 +14,12 @@ from ._call import Call
 from ._exceptions import HolySheepError, LocalProtocolError
 from ._retry import GiveUp
 
-__all__ = ["CLIENT_CLOSED", "Waiting", "gone_error"]
+__all__ = ["CLIENT_CLOSED", "NO_RETRY_CLIENT_CLOSED", "Waiting", "gone_error"]
 
 #: Why a stream woken by its client's close did not retry (`HolySheepError.not_retried`).
 CLIENT_CLOSED = "the client was closed before the retry was sent"
+#: The decision for a retry its client's close stopped: give up, saying so.
+NO_RETRY_CLIENT_CLOSED = GiveUp(CLIENT_CLOSED, None, CLIENT_CLOSED)
 
 
 class _Wakeable(Protocol):
@@ -60,11 +62,11 @@ class Waiting:
             self._streams.clear()
 
 
-def gone_error(call: Call, error: HolySheepError | None = None) -> HolySheepError:
-    """What a stream raises when its client closed while it waited: the error it was to retry
-    (`error`, or the last failed attempt's; not retried, saying why), or, queued before its
-    first send, that nothing was sent."""
-    if error is None and call.history:
+def gone_error(call: Call) -> HolySheepError:
+    """What a stream raises when its client closed while it waited to send: the last failed
+    attempt's error (not retried, saying why), or, before its first send, that none was."""
+    error = None
+    if call.history:
         last = call.history[-1].exception
         error = last if isinstance(last, HolySheepError) else None
     if error is None:
@@ -73,4 +75,4 @@ def gone_error(call: Call, error: HolySheepError | None = None) -> HolySheepErro
         )
         failure.request_id = call.exchange.request_id if call.exchange is not None else None
         return failure
-    return call.error_to_raise(error, GiveUp(CLIENT_CLOSED, None, CLIENT_CLOSED))
+    return call.error_to_raise(error, NO_RETRY_CLIENT_CLOSED)
