@@ -27,7 +27,7 @@ import anyio
 from ._call import Attempt, Call, OnInterrupt, ShownText, describe_stream
 from ._chat import ChatChunk, Completion
 from ._config import ClientConfig
-from ._contract import check_response, check_transport, close_failed, stray_error
+from ._contract import check_response, check_transport, close_failed, transport_error
 from ._exceptions import APIConnectionError, HolySheepError, LocalProtocolError
 from ._exchange import MAX_ERROR_BODY, Exchange, StreamStats, Timeouts
 from ._gate import Gate, gate_for
@@ -365,10 +365,9 @@ class AsyncStream:
                             data = await body.__anext__()
                         except StopAsyncIteration:
                             end = True
-                        except HolySheepError as exc:
-                            self._raise_for(exc)  # while the body is still known
-                        except OSError as exc:  # a transport of the user's let it through
-                            self._raise_for(stray_error(exc, self._transport))
+                        except (HolySheepError, OSError) as exc:  # (OSError: `stray_error`)
+                            # While the body is still known.
+                            self._raise_for(transport_error(exc, self._transport))
                         except asyncio.CancelledError:
                             if not self._only_ours(reader):
                                 raise  # the caller's task is being cancelled (too)
@@ -431,10 +430,8 @@ class AsyncStream:
                 data = await body.__anext__()
             except StopAsyncIteration:
                 end = True  # a flag: a body may also yield an empty piece, which is no end
-            except HolySheepError as exc:
-                self._raise_for(exc)  # while the body is still known
-            except OSError as exc:  # a transport of the user's let it through
-                self._raise_for(stray_error(exc, self._transport))
+            except (HolySheepError, OSError) as exc:  # (an OSError: see `stray_error`)
+                self._raise_for(transport_error(exc, self._transport))  # while the body is known
         if scope.cancelled_caught:  # a deadline passed, or close() was called
             return await self._deadline_passed()
         if end:
@@ -645,11 +642,8 @@ class AsyncStream:
             with self._deadline_scope() as scope:
                 try:
                     response = await self._transport.send(exchange.request)
-                except HolySheepError as exc:
-                    exchange.send_failed(exc)
-                    self._raise_for(exc)
-                except OSError as exc:  # a transport of the user's let it through
-                    error = stray_error(exc, self._transport)
+                except (HolySheepError, OSError) as exc:  # (an OSError: see `stray_error`)
+                    error = transport_error(exc, self._transport)
                     exchange.send_failed(error)
                     self._raise_for(error)
                 check_response(response, self._transport, is_async=True)
@@ -684,11 +678,8 @@ class AsyncStream:
         self._reader = reader = asyncio.current_task()
         try:
             response = await self._transport.send(exchange.request)
-        except HolySheepError as exc:
-            exchange.send_failed(exc)
-            self._raise_for(exc)
-        except OSError as exc:  # a transport of the user's let it through (see `stray_error`)
-            error = stray_error(exc, self._transport)
+        except (HolySheepError, OSError) as exc:  # (an OSError: see `stray_error`)
+            error = transport_error(exc, self._transport)
             exchange.send_failed(error)
             self._raise_for(error)
         except asyncio.CancelledError:

@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from ._call import Attempt, Call, OnInterrupt, ShownText, describe_stream
 from ._chat import ChatChunk, Completion
 from ._config import ClientConfig
-from ._contract import check_response, check_transport, close_failed, interrupt_failed, stray_error
+from ._contract import (
+    check_response,
+    check_transport,
+    close_failed,
+    interrupt_failed,
+    transport_error,
+)
 from ._exceptions import (
     APIConnectionError,
     APITimeoutError,
@@ -375,9 +381,8 @@ class Stream:
                 try:
                     yield from self._read_attempt()
                     return
-                except (HolySheepError, OSError) as exc:
-                    if isinstance(exc, OSError):  # a transport of the user's let it through
-                        exc = stray_error(exc, self._transport)
+                except (HolySheepError, OSError) as raised:  # (an OSError: see `stray_error`)
+                    exc = transport_error(raised, self._transport)
                     if self._closed and not self._expired:
                         return  # closed by the caller: stop quietly, the partial result stays
                     # What the read's failure stands for (the watchdog's timeout, a cut
@@ -550,11 +555,8 @@ class Stream:
             return
         try:
             response = self._transport.send(exchange.request)
-        except HolySheepError as exc:
-            exchange.send_failed(exc)
-            self._raise_for(exc)
-        except OSError as exc:  # a transport of the user's let it through (see `stray_error`)
-            error = stray_error(exc, self._transport)
+        except (HolySheepError, OSError) as exc:  # (an OSError: see `stray_error`)
+            error = transport_error(exc, self._transport)
             exchange.send_failed(error)
             self._raise_for(error)
         finally:

@@ -10,7 +10,13 @@ from __future__ import annotations
 import inspect
 import warnings
 
-from ._exceptions import APIConnectionError, ConfigurationError, ConnectError, LocalProtocolError
+from ._exceptions import (
+    APIConnectionError,
+    ConfigurationError,
+    ConnectError,
+    HolySheepError,
+    LocalProtocolError,
+)
 
 __all__ = [
     "check_response",
@@ -18,6 +24,7 @@ __all__ = [
     "close_failed",
     "interrupt_failed",
     "stray_error",
+    "transport_error",
 ]
 
 _RULES = "see docs/transports.md"
@@ -85,6 +92,12 @@ def stray_error(exc: OSError, transport: object) -> APIConnectionError:
     )
     error.__cause__ = exc
     return error
+
+
+def transport_error(exc: HolySheepError | OSError, transport: object) -> HolySheepError:
+    """What a transport raised, as the holysheep error it stands for: its own, or the one an
+    `OSError` it let through is taken for (see `stray_error`)."""
+    return exc if isinstance(exc, HolySheepError) else stray_error(exc, transport)
 
 
 def close_failed(transport: object, exc: Exception) -> None:
