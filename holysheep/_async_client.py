@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 
-from ._call import Attempt, Call, OnInterrupt, ShownText, describe_stream
+from ._call import Attempt, Call, OnInterrupt, ShownText, StreamView
 from ._chat import ChatChunk, Completion
 from ._config import ClientConfig
 from ._contract import check_response, check_transport, close_failed, transport_error
@@ -179,7 +179,7 @@ class AsyncChat:
             return await stream.until_done()
 
 
-class AsyncStream:
+class AsyncStream(StreamView):
     """One streamed completion: `async for chunk in stream`; `completion` and `stats` after."""
 
     # Slots: no per-instance dict; one is open per stream, thousands at a time.
@@ -245,11 +245,6 @@ class AsyncStream:
         # An error in a read's bytes after the chunks it completed: raised once they are out.
         self._failure: HolySheepError | None = None
 
-    @property
-    def _exchange(self) -> Exchange:
-        exchange = self._call.exchange
-        return exchange if exchange is not None else self._call.peek()
-
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> AsyncStream:
@@ -307,10 +302,6 @@ class AsyncStream:
         if self._scope is not None:
             self._scope.cancel()
         self._cancel_read()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -586,25 +577,8 @@ class AsyncStream:
         return self.completion
 
     @property
-    def completion(self) -> Completion:
-        return self._call.completion(self._exchange)
-
-    @property
     def stats(self) -> StreamStats:
         return self._exchange.stats(_now(), self._call)
-
-    @property
-    def request_id(self) -> str:
-        return self._exchange.server_request_id or self._exchange.request_id
-
-    @property
-    def response_headers(self) -> Mapping[str, str]:
-        """The current attempt's response headers, looked up by lower-case name (a gateway's
-        `x-ratelimit-remaining-tokens`, say); empty before the response head came."""
-        return self._exchange.response_headers
-
-    def __repr__(self) -> str:
-        return describe_stream(type(self).__name__, self._call, self._exchange, self._closed)
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -510,19 +510,52 @@ def _within_total(
     return GiveUp(why, decision.pause, why)
 
 
-def describe_stream(kind: str, call: Call, exchange: Exchange, closed: bool) -> str:
-    """A stream's repr, the same for both clients: which request, how many attempts, and
-    where it stands (not sent, open, ended, or closed by the caller before its end)."""
-    if exchange.accumulator.closed:
-        state = "ended"
-    elif closed:
-        state = "closed"
-    elif call.exchange is None or exchange.status_code is None:
-        state = "not sent"
-    else:
-        state = "open"
-    request_id = exchange.server_request_id or exchange.request_id
-    return f"<{kind} request_id={request_id!r} attempts={call.attempt} {state}>"
+class StreamView:
+    """What both clients' streams read of their call, written once: the two drivers differ
+    only in how they wait, not in what they show."""
+
+    __slots__ = ()
+    _call: Call
+    _closed: bool
+
+    @property
+    def _exchange(self) -> Exchange:
+        exchange = self._call.exchange
+        return exchange if exchange is not None else self._call.peek()
+
+    @property
+    def completion(self) -> Completion:
+        """Everything accumulated so far (complete once the stream ended cleanly)."""
+        return self._call.completion(self._exchange)
+
+    @property
+    def request_id(self) -> str:
+        return self._exchange.server_request_id or self._exchange.request_id
+
+    @property
+    def response_headers(self) -> Mapping[str, str]:
+        """The current attempt's response headers, looked up by lower-case name (a gateway's
+        `x-ratelimit-remaining-tokens`, say); empty before the response head came."""
+        return self._exchange.response_headers
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        """Which request, how many attempts, and where it stands (not sent, open, ended, or
+        closed by the caller before its end)."""
+        call, exchange = self._call, self._exchange
+        if exchange.accumulator.closed:
+            state = "ended"
+        elif self._closed:
+            state = "closed"
+        elif call.exchange is None or exchange.status_code is None:
+            state = "not sent"
+        else:
+            state = "open"
+        kind = type(self).__name__
+        return f"<{kind} request_id={self.request_id!r} attempts={call.attempt} {state}>"
 
 
 def check_on_interrupt(value: object) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from ._call import Attempt, Call, OnInterrupt, ShownText, describe_stream
+from ._call import Attempt, Call, OnInterrupt, ShownText, StreamView
 from ._chat import ChatChunk, Completion
 from ._config import ClientConfig
 from ._contract import (
@@ -198,7 +198,7 @@ class Chat:
             return stream.until_done()
 
 
-class Stream:
+class Stream(StreamView):
     """One streamed completion: iterate it for `ChatChunk`s; `completion` and `stats` after."""
 
     # Slots: no per-instance dict; one is open per stream, thousands at a time.
@@ -256,11 +256,6 @@ class Stream:
         # a ttft or idle deadline passed meanwhile.
         self._away = True
         self._lapsed = False
-
-    @property
-    def _exchange(self) -> Exchange:
-        exchange = self._call.exchange
-        return exchange if exchange is not None else self._call.peek()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -347,10 +342,6 @@ class Stream:
         if self._call.exchange is not None:
             self._call.exchange.finish(_clock())
             self._call.ended(_clock())
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -498,26 +489,8 @@ class Stream:
         return self.completion
 
     @property
-    def completion(self) -> Completion:
-        """Everything accumulated so far (complete once the stream ended cleanly)."""
-        return self._call.completion(self._exchange)
-
-    @property
     def stats(self) -> StreamStats:
         return self._exchange.stats(_clock(), self._call)
-
-    @property
-    def request_id(self) -> str:
-        return self._exchange.server_request_id or self._exchange.request_id
-
-    @property
-    def response_headers(self) -> Mapping[str, str]:
-        """The current attempt's response headers, looked up by lower-case name (a gateway's
-        `x-ratelimit-remaining-tokens`, say); empty before the response head came."""
-        return self._exchange.response_headers
-
-    def __repr__(self) -> str:
-        return describe_stream(type(self).__name__, self._call, self._exchange, self._closed)
 
     # -- internals ---------------------------------------------------------------------------
 
