@@ -31,6 +31,7 @@ from holysheep.transports import (
     AsyncHTTPXTransport,
     HTTPXTransport,
     RequestsTransport,
+    _httpcore_body,
 )
 
 MESSAGES: Final = [{"role": "user", "content": "hi"}]
@@ -179,7 +180,20 @@ def chunked(*pieces: bytes, trailer: bytes = b"", extension: bytes = b"") -> byt
 
 # --- driving the clients --------------------------------------------------------------------
 
-KINDS: Final = ["requests", "httpx", "httpx-asyncio", "httpx-trio", "aiohttp"]
+# The httpx transports read a plain HTTP/1.1 body from httpcore's connection itself (see
+# `transports/_httpcore_body.py`); the "(layered)" kinds read it through httpx's public API,
+# the path every other connection takes, and must give the same outcome.
+LAYERED: Final = " (layered)"
+KINDS: Final = [
+    "requests",
+    "httpx",
+    "httpx-asyncio",
+    "httpx-trio",
+    "aiohttp",
+    "httpx" + LAYERED,
+    "httpx-asyncio" + LAYERED,
+    "httpx-trio" + LAYERED,
+]
 
 
 @attrs.frozen
@@ -203,10 +217,16 @@ def drive(kind: str, url: str, **options: Any) -> Outcome:
     options.setdefault("api_key", "k")
     options.setdefault("retry", RetryPolicy.none())
     options.setdefault("timeout", FAST)
-    if kind in ("requests", "httpx"):
-        return _drive_sync(kind, url, options)
-    backend = "trio" if kind == "httpx-trio" else "asyncio"
-    return anyio.run(_drive_async, kind, url, options, backend=backend)
+    if kind.endswith(LAYERED):
+        kind = kind.removesuffix(LAYERED)
+        _httpcore_body.use_direct_reads = False
+    try:
+        if kind in ("requests", "httpx"):
+            return _drive_sync(kind, url, options)
+        backend = "trio" if kind == "httpx-trio" else "asyncio"
+        return anyio.run(_drive_async, kind, url, options, backend=backend)
+    finally:
+        _httpcore_body.use_direct_reads = True
 
 
 def _outcome(shown: list[str], completion: holysheep.Completion | None, exc: Any) -> Outcome:

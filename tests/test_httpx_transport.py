@@ -23,7 +23,7 @@ import holysheep
 from holysheep import RetryPolicy
 from holysheep._exchange import Exchange, Request, Timeouts
 from holysheep.testing import MockUpstream, serve
-from holysheep.transports import AsyncHTTPXTransport, HTTPXTransport
+from holysheep.transports import AsyncHTTPXTransport, HTTPXTransport, _httpcore_body
 from holysheep.transports._base import BodyDecoder
 from holysheep.transports._httpx import _build
 
@@ -329,3 +329,131 @@ def test_deflate_of_either_kind_decodes_a_byte_at_a_time(wbits: int) -> None:
     decoder = BodyDecoder("deflate")
     pieces = [piece for i in range(len(body)) for piece in decoder.decode(body[i : i + 1])]
     assert b"data: hello\n\n" == b"".join([*pieces, *decoder.flush()])
+
+
+# --- bodies read from httpcore's connection (transports/_httpcore_body.py) -----------------
+
+
+@pytest.fixture(params=["direct", "layered"])
+def reads(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Both ways an httpx transport reads a body: from the connection, or through httpx."""
+    _httpcore_body.use_direct_reads = request.param == "direct"
+    try:
+        yield request.param
+    finally:
+        _httpcore_body.use_direct_reads = True
+
+
+def assert_whole(completion: holysheep.Completion) -> None:
+    assert ("stop", 50) == (
+        completion.finish_reason,
+        completion.usage and completion.usage.completion_tokens,
+    )
+
+
+CHAT = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+
+
+def chat_request(upstream: MockUpstream) -> Request:
+    return Exchange(
+        url=upstream.base_url + "/chat/completions", api_key="k", body=CHAT, timeouts=Timeouts()
+    ).request
+
+
+@pytest.fixture
+def direct(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each body the httpx transports read was read from the connection."""
+    seen: list[bool] = []
+    for name in ("sync_body", "async_body"):
+        real = getattr(_httpcore_body, name)
+
+        def spy(*args: Any, real: Any = real) -> Any:
+            body = real(*args)
+            seen.append(body is not None)
+            return body
+
+        monkeypatch.setattr(_httpcore_body, name, spy)
+    return seen
+
+
+def test_the_sync_transport_reads_a_plain_body_from_the_connection(
+    upstream: MockUpstream, direct: list[bool]
+) -> None:
+    """The default httpx client's HTTP/1.1 bodies take the direct path (the speed of the
+    httpx transports rests on it: a new httpx or httpcore laid out otherwise turns it off)."""
+    with HTTPXTransport() as transport:
+        response = transport.send(chat_request(upstream))
+        try:
+            assert b"data: [DONE]" in b"".join(response.stream)
+            assert [True] == direct
+        finally:
+            response.close()
+
+
+@pytest.mark.anyio
+async def test_the_async_transport_reads_a_plain_body_from_the_connection(
+    upstream: MockUpstream, direct: list[bool]
+) -> None:
+    """As for the sync transport, on asyncio and on trio."""
+    transport = AsyncHTTPXTransport()
+    try:
+        response = await transport.send(chat_request(upstream))
+        try:
+            assert b"data: [DONE]" in b"".join([data async for data in response.stream])
+            assert [True] == direct
+        finally:
+            await response.aclose()
+    finally:
+        await transport.aclose()
+
+
+def test_a_client_with_another_httpx_transport_reads_through_httpx(direct: list[bool]) -> None:
+    """A connection the layout does not know (here a user's `httpx.MockTransport`) is read
+    through httpx's public API."""
+    sse = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+    mock = httpx.MockTransport(
+        lambda _: httpx.Response(200, headers={"content-type": "text/event-stream"}, content=sse)
+    )
+    with HTTPXTransport(httpx.Client(transport=mock)) as transport:
+        response = transport.send(request())
+        try:
+            assert sse == b"".join(response.stream)
+            assert [False] == direct
+        finally:
+            response.close()
+
+
+def test_sync_streams_reuse_one_connection_and_a_cut_one_is_not_reused(reads: str) -> None:
+    """Read to the end, a body leaves its connection ready for the next request; left
+    half-way, the connection is closed, not handed to the next one mid-body."""
+    with (
+        serve(tokens=50) as fresh,
+        holysheep.Client(
+            api_key="k", base_url=fresh.base_url, transport=HTTPXTransport()
+        ) as client,
+    ):
+        for _ in range(5):
+            assert_whole(client.chat.complete(model="m", messages=MESSAGES))
+        assert 1 == fresh.connections_opened
+        with client.chat.stream(model="m", messages=MESSAGES) as stream:
+            next(iter(stream))
+        assert_whole(client.chat.complete(model="m", messages=MESSAGES))
+        assert 2 == fresh.connections_opened
+
+
+@pytest.mark.anyio
+async def test_async_streams_reuse_one_connection_and_a_cut_one_is_not_reused(
+    reads: str,
+) -> None:
+    """As for the sync transport, on asyncio and on trio."""
+    with serve(tokens=50) as fresh:
+        async with holysheep.AsyncClient(api_key="k", base_url=fresh.base_url) as client:
+            for _ in range(5):
+                completion = await client.chat.complete(model="m", messages=MESSAGES)
+                assert_whole(completion)
+            assert 1 == fresh.connections_opened
+            async with client.chat.stream(model="m", messages=MESSAGES) as stream:
+                await stream.__anext__()
+            completion = await client.chat.complete(model="m", messages=MESSAGES)
+            assert_whole(completion)
+            assert 2 == fresh.connections_opened

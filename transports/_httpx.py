@@ -17,6 +17,7 @@ from holysheep._exceptions import (
     LocalProtocolError,
 )
 from holysheep._exchange import CASELESS_HEADERS, Request, Timeouts
+from holysheep.transports import _httpcore_body
 from holysheep.transports._base import (
     AsyncBaseTransport,
     AsyncResponse,
@@ -158,7 +159,9 @@ class HTTPXTransport(BaseTransport):
                 raise _translate(exc, request, self.client) from exc
             raise
         _body_timeout(built, request)
-        body, close, interrupt = _body_and_closer(response, self._closed_one)
+        body, close, interrupt = _body_and_closer(
+            response, request.timeouts.read_backstop(), self._closed_one
+        )
         return Response(
             response.status_code,
             response.headers,  # case-insensitive already: no copy per stream
@@ -190,27 +193,29 @@ class HTTPXTransport(BaseTransport):
 
 
 def _body_and_closer(
-    response: httpx.Response, closed: Callable[[], None]
+    response: httpx.Response, timeout: float | None, closed: Callable[[], None]
 ) -> tuple[Iterator[bytes], Callable[[], None], Callable[[], None]]:
     finished = False
     done = False
 
     def body() -> Iterator[bytes]:
         nonlocal finished
-        stream = response.stream  # not iter_raw(): see `_aiter_raw`
-        assert isinstance(stream, httpx.SyncByteStream)
         try:
             decode = body_decoder(response.headers)
-            if decode is None:
-                yield from stream
+            direct = None if decode is not None else _httpcore_body.sync_body(response, timeout)
+            if direct is not None:  # see `_httpcore_body`
+                yield from direct
             else:
-                for data in stream:
-                    yield from decode.decode(data)
-                yield from decode.flush()
+                stream = response.stream  # not iter_raw(): see `_aiter_raw`
+                assert isinstance(stream, httpx.SyncByteStream)
+                if decode is None:
+                    yield from stream
+                else:
+                    for data in stream:
+                        yield from decode.decode(data)
+                    yield from decode.flush()
         except (httpx.HTTPError, httpx.StreamError) as exc:
-            raise APIConnectionError(
-                f"the connection failed while reading the stream: {exc!r}"
-            ) from exc
+            raise _httpcore_body.read_failed(exc) from exc
         finished = True
 
     def interrupt() -> None:
@@ -267,7 +272,7 @@ class AsyncHTTPXTransport(AsyncBaseTransport):
         return AsyncResponse(
             response.status_code,
             response.headers,  # case-insensitive already: no copy per stream
-            _aiter_raw(response),
+            _async_body(response),
             response.aclose,
         )
 
@@ -276,6 +281,16 @@ class AsyncHTTPXTransport(AsyncBaseTransport):
             loop = anyio.lowlevel.current_token().native_token
             closing_elsewhere(self._loop, loop, "AsyncHTTPXTransport")
             await self.client.aclose()
+
+
+def _async_body(response: httpx.Response) -> AsyncIterator[bytes]:
+    # Read from the connection itself where it can be (see `_httpcore_body`); a body a proxy
+    # compressed, and every connection of another kind, through httpx.
+    if "content-encoding" not in response.headers:
+        direct = _httpcore_body.async_body(response)
+        if direct is not None:
+            return direct
+    return _aiter_raw(response)
 
 
 async def _aiter_raw(response: httpx.Response) -> AsyncIterator[bytes]:
@@ -303,9 +318,7 @@ async def _aiter_raw(response: httpx.Response) -> AsyncIterator[bytes]:
         finished = True
     except (httpx.HTTPError, httpx.StreamError) as exc:
         finished = True
-        raise APIConnectionError(
-            f"the connection failed while reading the stream: {exc!r}"
-        ) from exc
+        raise _httpcore_body.read_failed(exc) from exc
     finally:
         if not finished:
             await _unwind(response, parts)
