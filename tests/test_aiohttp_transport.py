@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import gc
 import json
 import os
 import socket
 import subprocess
 import sys
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -480,3 +482,29 @@ def test_unknown_names_are_still_attribute_errors() -> None:
 
     with pytest.raises(AttributeError, match="NoSuchTransport"):
         holysheep.transports.NoSuchTransport  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_closing_after_the_event_loop_ended_says_what_to_do(upstream: MockUpstream) -> None:
+    """As the httpx transport: `aclose()` in a new loop cannot close the ended loop's
+    connections, and says so (it returned quietly and stranded them)."""
+
+    def use_then_close_elsewhere() -> str:
+        client = holysheep.AsyncClient(
+            api_key="k", base_url=upstream.base_url, transport=AiohttpTransport()
+        )
+        first = asyncio.new_event_loop()
+        first.run_until_complete(client.chat.complete(model="m", messages=[]))
+        first.close()
+        try:
+            asyncio.run(client.aclose())
+        except holysheep.ConfigurationError as exc:
+            return str(exc)
+        return "no error"
+
+    message = use_then_close_elsewhere()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # the stranded sockets
+        gc.collect()
+    assert message.startswith(
+        "AiohttpTransport's connections belong to an event loop that has ended"
+    )

@@ -61,6 +61,7 @@ from holysheep.transports._base import (
     AsyncResponse,
     BodyDecoder,
     body_decoder,
+    closing_elsewhere,
     connect_error,
     connect_timeout,
     env_proxy,
@@ -327,6 +328,10 @@ class AiohttpTransport(AsyncBaseTransport):
 
     async def aclose(self) -> None:
         """Close the session this transport made (a session passed in is left open)."""
+        if self._owns_session and self._session is not None:
+            # Only the loop that made the session can close its connections (see the httpx
+            # transport): said clearly, not a quiet return that strands them.
+            closing_elsewhere(self._loop, asyncio.get_running_loop(), "AiohttpTransport")
         self._closed = True
         while self._open:
             self._open.pop().close()
