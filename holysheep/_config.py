@@ -65,8 +65,13 @@ class ClientConfig:
         _check_header("the API key", key)
         if on_interrupt is not None:
             check_on_interrupt(on_interrupt)
-        for name, value in (headers or {}).items():
-            _check_header(f"header {name!r}", value)
+        _check_retry(retry)
+        _check_headers(headers)
+        if base_url is not None and not isinstance(base_url, str):
+            raise ConfigurationError(
+                f"base_url must be a str such as 'https://api.holysheep.ai/v1', "
+                f"not {type(base_url).__name__}"
+            )
         url = _base_url(base_url or os.environ.get(BASE_URL_ENV, "").strip() or DEFAULT_BASE_URL)
         return cls(
             key,
@@ -125,10 +130,9 @@ class ClientConfig:
         timeouts = self.timeouts if timeout is None else Timeouts.from_value(timeout)
         if on_interrupt is not None:
             check_on_interrupt(on_interrupt)
-        if headers:
-            for name, value in headers.items():
-                _check_header(f"header {name!r}", value)
-        extra = {**self.headers, **headers} if headers else self.headers
+        _check_retry(retry)
+        _check_headers(headers)
+        extra = _merged_headers(self.headers, headers) if headers else self.headers
         # An `X-Request-ID` among the headers is the request id, as in `Exchange`.
         request_id = request_id or _header(extra, "x-request-id")
         # The caller's own key, if it set one, so a gateway can deduplicate across processes.
@@ -168,6 +172,39 @@ _SDK_OPTIONS = {
     "extra_query": "put the query string in base_url (https://.../v1?key=value)",
     "max_retries": "pass retry=RetryPolicy(attempts=max_retries + 1)",
 }
+
+
+def _check_retry(retry: object) -> None:
+    """A `retry` that is not a `RetryPolicy` (`retry=3`, as openai's `max_retries=3`) fails
+    here, not with an AttributeError at the first failure worth retrying."""
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise ConfigurationError(
+            f"retry must be a RetryPolicy (for example RetryPolicy(attempts=3), or "
+            f"RetryPolicy.none()), not {type(retry).__name__}"
+        )
+
+
+def _check_headers(headers: object) -> None:
+    if headers is None:
+        return
+    if not isinstance(headers, Mapping):
+        raise ConfigurationError(
+            f"headers must be a mapping of names to values (a dict), not {type(headers).__name__}"
+        )
+    for name, value in headers.items():
+        if not isinstance(name, str):
+            raise ConfigurationError(f"a header name must be a str, not {type(name).__name__}")
+        _check_header(f"header {name!r}", value)
+
+
+def _merged_headers(client: Mapping[str, str], call: Mapping[str, str]) -> Mapping[str, str]:
+    """The client's headers with the call's on top; names match whatever their case, so a
+    call's `idempotency-key` replaces the client's `Idempotency-Key` (with both kept, the
+    client's was found first and sent)."""
+    replaced = {name.lower() for name in call}
+    merged = {name: value for name, value in client.items() if name.lower() not in replaced}
+    merged.update(call)
+    return merged
 
 
 def _check_header(what: str, value: object) -> None:
