@@ -9,8 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
+import urllib.request
 from typing import Any
 
 import attrs
@@ -974,3 +976,34 @@ def test_tool_arguments_come_from_the_simple_properties_of_the_schema() -> None:
     assert {"s": "sheep", "i": 3, "x": 1.5, "b": True, "e": "warm", "o": "sheep"} == (
         completion.tool_calls[0].parsed_arguments()
     )
+
+
+def test_a_long_answer_being_made_does_not_stop_the_other_streams() -> None:
+    """An answer of 100,000 tokens is made before its first byte (about 1 s of work), in a
+    thread: a paced stream on the same upstream goes on meanwhile (it stopped for as long)."""
+    with serve(tokens=100, tokens_per_s=50) as upstream:
+        gaps: list[float] = []
+
+        def paced() -> None:
+            client = holysheep.Client(api_key="k", base_url=upstream.base_url)
+            with client, client.chat.stream(model="m", messages=[]) as stream:
+                last = time.monotonic()
+                for _ in stream:
+                    now = time.monotonic()
+                    gaps.append(now - last)
+                    last = now
+
+        reader = threading.Thread(target=paced)
+        reader.start()
+        time.sleep(0.3)  # the paced stream is under way
+        body = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
+        request = urllib.request.Request(
+            upstream.base_url + "/chat/completions",
+            data=body,
+            headers={"Content-Type": "application/json", "X-Mock-Config": '{"tokens": 100000}'},
+        )
+        with urllib.request.urlopen(request) as response:
+            assert response.read(6) == b"data: "
+        reader.join()
+    assert len(gaps) > 50
+    assert max(gaps) < 0.5
