@@ -731,7 +731,7 @@ class Exchange:
         expected, self._expect_id = self._expect_id, None
         try:
             parsed = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # json recurses once per level of nesting
             return  # not a chunk ([DONE], or invalid JSON the accumulator reports)
         found = parsed.get("id") if isinstance(parsed, dict) else None
         if isinstance(found, str) and found != expected:
@@ -976,6 +976,6 @@ def _ends_stream(event: ServerSentEvent) -> bool:
         return False
     try:
         parsed = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(parsed, dict) and parsed.get("error") is not None

@@ -1,0 +1,256 @@
+"""The parsing core at its edges: a chunk refused whole, values nested deeper than Python
+recurses, limits met in the middle of a read, buffers the caller reuses. Every test runs with
+the C part and with Python alone, which must agree."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import holysheep
+from holysheep import (
+    ChatAccumulator,
+    RemoteProtocolError,
+    RetryPolicy,
+    StreamError,
+    _chat,
+    _sse,
+)
+from holysheep._exchange import Exchange
+from holysheep.transports import MockResponse, MockTransport
+
+
+@pytest.fixture(autouse=True, scope="module", params=["C", "pure Python"])
+def implementation(request: pytest.FixtureRequest) -> Iterator[str]:
+    built = _sse._c_feed, _chat._c_feed
+    if request.param == "C" and built[0] is None:
+        pytest.skip("the C part is not built here")
+    if request.param == "pure Python":
+        _sse._c_feed = _chat._c_feed = None
+    yield request.param
+    _sse._c_feed, _chat._c_feed = built
+
+
+def event(obj: Any) -> bytes:
+    return b"data: " + (obj if isinstance(obj, str) else json.dumps(obj)).encode() + b"\n\n"
+
+
+def choice(text: str | None = None, index: int = 0, **more: Any) -> dict[str, Any]:
+    delta = {} if text is None else {"content": text}
+    return {"index": index, "delta": delta, **more}
+
+
+HELLO = event({"id": "good", "model": "m-1", "choices": [choice("Hello")]})
+
+
+def snapshot(acc: ChatAccumulator) -> tuple[Any, ...]:
+    """What a caller can read of the accumulation."""
+    completion = acc.completion
+    return completion, completion.last_chunk, acc.chunk_count, acc.usage, acc.finished
+
+
+# -- a chunk is accumulated whole or not at all ------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [5, None, "x", [choice(" world")], True])
+@pytest.mark.parametrize("first", [True, False], ids=["bad last", "bad first"])
+def test_a_chunk_with_a_choice_that_is_no_object_changes_nothing(bad: Any, first: bool) -> None:
+    """A bad choice beside good ones refuses the whole chunk: its good choice's text, the
+    chunk's id and model, its usage never reach the completion, and it is not counted."""
+    acc = ChatAccumulator()
+    shown = [chunk.text for chunk in acc.feed(HELLO)]
+    before = snapshot(acc)
+    good = [choice(" world", finish_reason="stop"), choice("other", index=1)]
+    choices = [*good, bad] if first else [bad, *good]
+    chunk = {"id": "bad", "model": "m-2", "choices": choices, "usage": {"total_tokens": 3}}
+    with pytest.raises(RemoteProtocolError, match="expected choices to be objects") as info:
+        acc.feed(HELLO.replace(b"Hello", b"!") + event(chunk))
+    shown += [chunk.text for chunk in info.value.chunks]
+    assert ["Hello", "!"] == shown
+    assert "Hello!" == acc.completion.text
+    assert (before[2] + 1, "good", "m-1", None) == (
+        acc.chunk_count,
+        acc.completion.id,
+        acc.completion.model,
+        acc.usage,
+    )
+
+
+_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=5)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_good_choice = st.fixed_dictionaries(
+    {"index": st.integers(0, 2)},
+    optional={
+        "delta": st.fixed_dictionaries(
+            {},
+            optional={
+                "content": st.text(max_size=5),
+                "role": st.sampled_from(["assistant", "tool"]),
+                "refusal": st.text(max_size=3),
+                "reasoning_content": st.text(max_size=3),
+                "tool_calls": st.lists(
+                    st.fixed_dictionaries(
+                        {"index": st.integers(0, 2)},
+                        optional={
+                            "id": st.sampled_from(["a", "b"]),
+                            "function": st.fixed_dictionaries(
+                                {},
+                                optional={
+                                    "name": st.sampled_from(["f", "g"]),
+                                    "arguments": st.one_of(st.text(max_size=4), _values),
+                                },
+                            ),
+                        },
+                    ),
+                    max_size=2,
+                ),
+            },
+        ),
+        "finish_reason": st.one_of(st.sampled_from(["stop", "length"]), _values),
+    },
+)
+_bad_choice = _values.filter(lambda value: not isinstance(value, dict))
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(_good_choice, max_size=3),
+    st.lists(_good_choice, max_size=3),
+    _bad_choice,
+    st.one_of(st.none(), st.just({"total_tokens": 9})),
+)
+def test_a_refused_chunk_leaves_the_accumulation_as_it_was(
+    before: list[dict[str, Any]],
+    after: list[dict[str, Any]],
+    bad: Any,
+    usage: dict[str, int] | None,
+) -> None:
+    """Whatever good choices surround a choice that is no object, and whatever they carry
+    (text, tool calls, finish reasons of any type), the completion is as before the chunk."""
+    acc = ChatAccumulator(require_end=False)
+    acc.feed(HELLO)
+    acc.feed(event({"choices": [choice(" there", index=1)]}))
+    expected = snapshot(acc)
+    with pytest.raises(RemoteProtocolError):
+        acc.feed(event({"id": "bad", "choices": [*before, bad, *after], "usage": usage}))
+    assert expected == snapshot(acc)
+
+
+# -- nested deeper than Python recurses --------------------------------------------------------
+
+DEEP = "[" * 1000 + "]" * 1000  # orjson parses up to 1024 levels; str() and json.dumps() recurse
+
+
+def _call(arguments: str) -> str:
+    return (
+        '{"choices":[{"index":0,"delta":{"content":"lost","tool_calls":[{"index":0,"id":"c",'
+        '"function":{"name":"f","arguments":' + arguments + "}}]}}]}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (_call(DEEP), "nested too deeply"),
+        (
+            '{"choices":[{"index":0,"delta":{"content":"lost"},"finish_reason":' + DEEP + "}]}",
+            "nested too deeply",
+        ),
+        (  # shown to a bounded depth
+            '{"choices":[{"index":0,"delta":{"content":"lost"}},' + DEEP + "]}",
+            r"expected choices to be objects, got '\[\[\[\[\[\[\[\.\.\.\]\]",
+        ),
+        ('{"error":{"message":' + DEEP + "}}", "nested too deeply"),
+        ('{"error":{"message":"","code":' + DEEP + "}}", "nested too deeply"),
+        ('{"error":' + DEEP + "}", "nested too deeply"),
+    ],
+    ids=["tool-call arguments", "finish_reason", "a choice", "error message", "code", "error"],
+)
+def test_a_value_nested_too_deep_is_a_remote_protocol_error(data: str, message: str) -> None:
+    """A chunk nested too deeply to make text of is refused like invalid JSON, never a bare
+    RecursionError, and the chunks the read completed before it come with the error."""
+    acc = ChatAccumulator()
+    acc.feed(HELLO)
+    before = snapshot(acc)
+    with pytest.raises(RemoteProtocolError, match=message) as info:
+        acc.feed(HELLO.replace(b"Hello", b"!") + event(data))
+    assert ["!"] == [chunk.text for chunk in info.value.chunks]
+    assert "Hello!" == acc.completion.text
+    assert before[2] + 1 == acc.chunk_count
+
+
+def test_an_error_event_nested_too_deep_is_a_remote_protocol_error() -> None:
+    """`event: error` whose payload is nested too deep: refused, not a RecursionError."""
+    acc = ChatAccumulator()
+    with pytest.raises(RemoteProtocolError, match="nested too deeply"):
+        acc.feed(HELLO + b"event: error\ndata: " + DEEP.encode() + b"\n\n")
+
+
+def test_json_nested_deeper_than_the_json_module_parses_is_invalid_json() -> None:
+    """Without orjson (an optional extra) the json module parses, and it recurses once per
+    level: a chunk nested deeper than that is refused as invalid JSON."""
+    acc = ChatAccumulator(json_loads=json.loads)
+    deep = '{"x":' + "[" * 100_000 + "]" * 100_000 + "}"
+    with pytest.raises(RemoteProtocolError, match="invalid JSON") as info:
+        acc.feed(HELLO + event(deep))
+    assert ["Hello"] == [chunk.text for chunk in info.value.chunks]
+    # An error event's payload that cannot be parsed is reported as its text, as ever.
+    with pytest.raises(StreamError, match=r"reported an error in the stream: \{\"x\":\[\[\["):
+        ChatAccumulator(json_loads=json.loads).feed(
+            b"event: error\ndata: " + deep.encode() + b"\n\n"
+        )
+
+
+def test_a_resumed_stream_replaying_a_deep_event_is_no_recursion_error() -> None:
+    """A resume compares the first replayed event's id with json, which recurses: an event
+    too deep for it is no chunk to compare, and a replay is dropped as any other."""
+    exchange = Exchange(
+        url="http://127.0.0.1:1/v1/chat/completions",
+        api_key="k",
+        body={"model": "m", "messages": [], "stream": True},
+        timeouts=holysheep.Timeouts(),
+        request_id="r",
+    )
+    exchange.track_event_ids(skip=frozenset({"1"}), expect_id="chatcmpl-A")
+    exchange.start(0.0)
+    exchange.on_headers(200, {"content-type": "text/event-stream"}, 0.1)
+    deep = '{"error":' + "[" * 100_000 + "]" * 100_000 + "}"
+    assert [] == exchange.on_data(b"id: 1\ndata: " + deep.encode() + b"\n\n", 0.2)
+
+
+def test_a_client_shows_what_came_before_a_chunk_nested_too_deep() -> None:
+    """End to end: the client raises RemoteProtocolError after handing over the chunk that
+    came in the same read, and the completion holds exactly what was shown."""
+    body = HELLO + event(_call(DEEP)) + b"data: [DONE]\n\n"
+    client = holysheep.Client(
+        api_key="k",
+        base_url="http://h/v1",
+        transport=MockTransport(lambda request: MockResponse(chunks=[body])),
+        retry=RetryPolicy.none(),
+    )
+    shown = []
+    with (
+        client,
+        client.chat.stream(model="m", messages=[]) as stream,
+        pytest.raises(RemoteProtocolError, match="nested too deeply") as info,
+    ):
+        shown.extend(chunk.text for chunk in stream)  # keeps what came before the error
+    assert info.value.completion is not None
+    assert "Hello" == "".join(shown) == info.value.completion.text == stream.completion.text
+
+
+def test_an_error_payload_with_a_deep_message_still_reports_shallow_errors() -> None:
+    """The guard changes nothing for an ordinary in-band error."""
+    acc = ChatAccumulator()
+    with pytest.raises(StreamError, match="overloaded"):
+        acc.feed(event({"error": {"message": "overloaded", "code": [[1]]}}))
