@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import operator
 import reprlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeAlias, final
 
 import attrs
@@ -678,11 +678,21 @@ class ChatAccumulator:
             if done is not None:
                 return done
         chunks: list[ChatChunk] = []
+        events: Iterable[ServerSentEvent]
+        failure: HolySheepError | None = None
         try:
-            for event in self.decoder.feed(data):
+            try:
+                events = self.decoder.feed(data)
+            except HolySheepError as exc:  # `_decode`, inline: a call less per read
+                if not getattr(exc, "events", None):
+                    raise
+                events, failure = exc.events, exc  # type: ignore[attr-defined]
+            for event in events:
                 chunk = self.feed_event(event)
                 if chunk is not None:
                     chunks.append(chunk)
+            if failure is not None:
+                raise failure
         except HolySheepError as exc:
             if chunks:
                 exc.chunks = chunks  # accumulated already: see `HolySheepError.chunks`
@@ -964,6 +974,24 @@ class ChatAccumulator:
         if self.decoder.truncated:
             return " (the connection closed in the middle of an event)"
         return ""
+
+
+def _decode(
+    decoder: SSEDecoder, data: bytes
+) -> tuple[Iterable[ServerSentEvent], HolySheepError | None]:
+    """`decoder.feed(data)`, and the error it raised after decoding events, if it did.
+
+    An `SSEDecoder` that refuses a read (a limit) puts the events the read completed before
+    the offending line on the error's `events`: they are the stream's, as they would be had
+    the read been cut before that line, so they are taken before the error is raised.
+    """
+    try:
+        return decoder.feed(data), None
+    except HolySheepError as exc:
+        events = getattr(exc, "events", None)
+        if not events:
+            raise
+        return events, exc
 
 
 def _str_or_none(value: Any) -> str | None:

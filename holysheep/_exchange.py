@@ -707,7 +707,8 @@ class Exchange:
         assert skip is not None
         assert seen is not None
         try:
-            for event in self.accumulator.decoder.feed(data):
+            events, failure = _chat._decode(self.accumulator.decoder, data)
+            for event in events:
                 if self._expect_id is not None and event.data:
                     if event.id in skip:
                         self._check_same_completion(event.data)
@@ -720,6 +721,8 @@ class Exchange:
                 chunk = self.accumulator.feed_event(event)
                 if chunk is not None:
                     chunks.append(chunk)
+            if failure is not None:
+                raise failure
         except HolySheepError as exc:
             if chunks:
                 exc.chunks = chunks

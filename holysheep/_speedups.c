@@ -540,7 +540,7 @@ done:
 static PyTypeObject *acc_class, *chunk_class, *delta_class, *later_class, *choice_class;
 static PyTypeObject *finished_class, *report_class, *usage_class;
 static PyObject *error_class; /* HolySheepError: only it carries `chunks` */
-static PyObject *default_loads, *str_feed_event, *str_feed, *zero, *one;
+static PyObject *default_loads, *str_feed_event, *str_feed, *str_events, *zero, *one;
 /* The keys of OpenAI's and Anthropic's usage objects, interned by PyInit__speedups: a usage
    object's dict takes these (as orjson takes the keys it caches), which spares making, hashing
    and comparing a new string for each, a third of building it. The first five are those
@@ -1389,6 +1389,44 @@ attach_chunks(PyObject *chunks, Py_ssize_t made)
     PyErr_Restore(type, value, traceback);
 }
 
+/* An error fetched to be raised again later (`PyErr_Fetch`, `PyErr_Restore`). */
+typedef struct {
+    PyObject *type, *value, *traceback;
+} Failure;
+
+/* When the decoder raised: the events its error carries, a new reference, with the error
+   fetched into `*failure`, to be raised once their chunks are made; NULL, the error left
+   raised, if it carries none. `SSEDecoder` puts the events a read completed before a line it
+   refuses (a limit) on the error's `events`; this is what `ChatAccumulator.feed` does with
+   them (`_decode` in _chat.py): only our errors, and only events that are there (true). */
+static PyObject *
+events_before_error(Failure *failure)
+{
+    if (!PyErr_ExceptionMatches(error_class))
+        return NULL;
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    PyObject *events = value == NULL ? NULL : PyObject_GetAttr(value, str_events);
+    int some = events == NULL ? 0 : PyObject_IsTrue(events);
+    if (some > 0) {
+        failure->type = type;
+        failure->value = value;
+        failure->traceback = traceback;
+        return events;
+    }
+    Py_XDECREF(events);
+    if (some < 0) { /* as `not events` raises in Python: that error goes on */
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(traceback);
+        return NULL;
+    }
+    PyErr_Clear(); /* no `events`: the decoder's error goes on as it was raised */
+    PyErr_Restore(type, value, traceback);
+    return NULL;
+}
+
 /* The chunks of the events the decoder's C part decoded, in the list it made for them: each
    chunk takes the place of the first event not yet replaced (its own, or one that had no
    chunk), and what is left after the last chunk is cut off. The list is ours alone, made by
@@ -1471,8 +1509,12 @@ chat_feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return events == NULL ? NULL : chunks_in_place(acc, events);
         }
     }
-    if (events == NULL) /* a byte order mark, a CR at the end of the last read, ... */
+    Failure failure = {NULL, NULL, NULL};
+    if (events == NULL) { /* a byte order mark, a CR at the end of the last read, ... */
         events = PyObject_CallMethodOneArg(decoder, str_feed, args[1]);
+        if (events == NULL)
+            events = events_before_error(&failure);
+    }
     Py_DECREF(decoder);
     if (events == NULL)
         return NULL;
@@ -1499,8 +1541,16 @@ chat_feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(each);
     }
     Py_DECREF(events);
-    return chunks;
-error:
+    if (failure.value == NULL)
+        return chunks;
+    PyErr_Restore(failure.type, failure.value, failure.traceback); /* raised after its events */
+    attach_chunks(chunks, PyList_GET_SIZE(chunks));
+    Py_DECREF(chunks);
+    return NULL;
+error: /* an error among the events comes before the decoder's, which is dropped */
+    Py_XDECREF(failure.type);
+    Py_XDECREF(failure.value);
+    Py_XDECREF(failure.traceback);
     if (chunks != NULL)
         attach_chunks(chunks, PyList_GET_SIZE(chunks));
     Py_XDECREF(each);
@@ -1634,6 +1684,8 @@ setup_chat(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         (str_feed_event = PyUnicode_InternFromString("feed_event")) == NULL)
         return NULL;
     if (str_feed == NULL && (str_feed = PyUnicode_InternFromString("feed")) == NULL)
+        return NULL;
+    if (str_events == NULL && (str_events = PyUnicode_InternFromString("events")) == NULL)
         return NULL;
     if (zero == NULL && (zero = PyLong_FromLong(0)) == NULL)
         return NULL;

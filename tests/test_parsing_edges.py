@@ -4,6 +4,7 @@ the C part and with Python alone, which must agree."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -254,3 +255,102 @@ def test_an_error_payload_with_a_deep_message_still_reports_shallow_errors() -> 
     acc = ChatAccumulator()
     with pytest.raises(StreamError, match="overloaded"):
         acc.feed(event({"error": {"message": "overloaded", "code": [[1]]}}))
+
+
+# -- a limit met in the middle of a read -------------------------------------------------------
+
+
+def delivered(
+    reads: list[bytes], make: Any = ChatAccumulator, **limits: int
+) -> tuple[list[str], str, str | None]:
+    """What a caller gets from `reads`: the text of each chunk, returned or carried by the
+    error, the completion's text, and the error's message."""
+    acc = make(decoder=holysheep.SSEDecoder(**limits), require_end=False)
+    texts: list[str] = []
+    try:
+        for data in reads:
+            texts += [chunk.text for chunk in acc.feed(data)]
+    except RemoteProtocolError as exc:
+        texts += [chunk.text for chunk in exc.chunks]
+        return texts, acc.completion.text, str(exc)
+    return texts, acc.completion.text, None
+
+
+def content(text: str) -> bytes:
+    return event({"choices": [choice(text)]})
+
+
+class Subclass(ChatAccumulator):
+    """Takes the Python path of `feed` (the C part handles only `ChatAccumulator` itself)."""
+
+
+@pytest.mark.parametrize("make", [ChatAccumulator, Subclass])
+@pytest.mark.parametrize(
+    ("bad", "limits"),
+    [
+        (b"data: " + b"x" * 200 + b"\n\n", {"max_line_size": 100}),
+        (b"data: " + b"x" * 200, {"max_line_size": 100}),
+        (b"data: " + b"x" * 200 + b"\n\n", {"max_event_size": 100}),
+    ],
+    ids=["long line", "long unfinished line", "large event"],
+)
+def test_the_chunks_before_a_limit_do_not_depend_on_the_cut(
+    bad: bytes, limits: dict[str, int], make: Any
+) -> None:
+    """The chunks before an event over a limit reach the caller whether they came in the
+    same read as it or in an earlier one (in one read they come on `exc.chunks`)."""
+    good = content("Hello") + content(" world")
+    expected = delivered([good, bad], make, **limits)
+    assert (["Hello", " world"], "Hello world") == expected[:2]
+    assert expected[2] is not None
+    assert expected == delivered([good + bad], make, **limits)
+    assert expected[:2] == delivered([good[:9], good[9:] + bad], make, **limits)[:2]
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.one_of(
+            st.text(max_size=20).map(content),  # 51 bytes and more: the limit is 100
+            st.integers(1, 200).map(lambda n: b"data: " + b"x" * n + b"\n\n"),
+            st.sampled_from([b": keep-alive\n\n", b"data: \n\n", b"event: ping\ndata: {}\n\n"]),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.lists(st.integers(0, 400), max_size=6),
+    st.sampled_from(["max_line_size", "max_event_size"]),
+)
+def test_chunks_and_limits_give_the_same_outcome_however_the_stream_is_split(
+    events: list[bytes], cuts: list[int], limit: str
+) -> None:
+    """Any stream of chunks and of events over a limit: whatever the reads, the caller gets
+    the same chunks, the same completion and the same kind of outcome."""
+    stream = b"".join(events).replace(b"xxx", "é".encode())
+    whole = delivered([stream], **{limit: 100})
+    bounds = sorted({0, len(stream), *(cut % (len(stream) + 1) for cut in cuts)})
+    split = delivered([stream[a:b] for a, b in itertools.pairwise(bounds)], **{limit: 100})
+    assert whole[:2] == split[:2]
+    assert (whole[2] is None) == (split[2] is None)
+
+
+@pytest.mark.parametrize("track_ids", [False, True], ids=["plain", "resumed"])
+def test_a_client_exchange_hands_over_the_chunks_before_a_limit(track_ids: bool) -> None:
+    """The clients' exchange hands over the chunks the read completed before the event over
+    a limit, then raises, on a first stream and on a resumed one (which tracks event ids)."""
+    exchange = Exchange(
+        url="http://127.0.0.1:1/v1/chat/completions",
+        api_key="k",
+        body={"model": "m", "messages": [], "stream": True},
+        timeouts=holysheep.Timeouts(),
+        request_id="r",
+    )
+    if track_ids:
+        exchange.track_event_ids(skip=frozenset({"0"}))
+    exchange.accumulator.decoder = holysheep.SSEDecoder(max_line_size=100)
+    exchange.start(0.0)
+    exchange.on_headers(200, {"content-type": "text/event-stream"}, 0.1)
+    body = b"id: 1\n" + content("Hello") + b"data: " + b"x" * 200 + b"\n\n"
+    assert ["Hello"] == [chunk.text for chunk in exchange.on_data(body, 0.2)]
+    assert isinstance(exchange.failure, RemoteProtocolError)
+    assert "max_line_size" in str(exchange.failure)
