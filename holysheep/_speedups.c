@@ -130,6 +130,28 @@ get_size(PyObject *decoder, int field, Py_ssize_t *out)
     return 0;
 }
 
+/* A limit (`max_line_size`, `max_event_size`): 1 with it in `*out`; 0 if it is not an int
+   from 1 to PY_SSIZE_T_MAX, which `SSEDecoder.__init__` refuses but a caller may set later,
+   for the Python code to compare as it is; -1 with an error set if it cannot be read. */
+static int
+get_limit(PyObject *decoder, int field, Py_ssize_t *out)
+{
+    PyObject *value = decoder_get(decoder, field);
+    if (value == NULL)
+        return -1;
+    int overflow = 0;
+    long long size = PyLong_Check(value) && !PyBool_Check(value)
+                         ? PyLong_AsLongLongAndOverflow(value, &overflow)
+                         : 0;
+    Py_DECREF(value);
+    if (size == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow || size < 1 || size > PY_SSIZE_T_MAX)
+        return 0;
+    *out = (Py_ssize_t)size;
+    return 1;
+}
+
 static int
 set_size(PyObject *decoder, int field, Py_ssize_t size)
 {
@@ -414,9 +436,11 @@ feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
     PyObject *result = NULL, *pending = NULL, *data_lines = NULL, *joined = NULL;
     Py_ssize_t max_line, max_event;
-    if (get_size(decoder, D_MAX_LINE_SIZE, &max_line) < 0 ||
-        get_size(decoder, D_MAX_EVENT_SIZE, &max_event) < 0)
-        return NULL;
+    int limits = get_limit(decoder, D_MAX_LINE_SIZE, &max_line);
+    if (limits > 0)
+        limits = get_limit(decoder, D_MAX_EVENT_SIZE, &max_event);
+    if (limits <= 0) /* an error, or a limit set to what `__init__` refuses: Python's */
+        return limits < 0 ? NULL : Py_NewRef(Py_None);
     pending = decoder_get(decoder, D_PENDING);
     if (pending == NULL)
         goto done;

@@ -45,6 +45,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 from typing import Any, NamedTuple, final
 
 from ._exceptions import ConfigurationError, LocalProtocolError, RemoteProtocolError
@@ -207,8 +208,14 @@ class SSEDecoder:
         max_line_size: int = DEFAULT_MAX_LINE_SIZE,
         max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
     ) -> None:
-        if max_line_size < 1 or max_event_size < 1:
-            raise ConfigurationError("max_line_size and max_event_size must be positive")
+        for name, size in (("max_line_size", max_line_size), ("max_event_size", max_event_size)):
+            # A size in bytes or characters, as the C part reads it (a Py_ssize_t): a float
+            # (`10e6`, `inf`) or an int past sys.maxsize is no size it can compare with, and a
+            # bool is an int to Python but never a limit.
+            if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= sys.maxsize:
+                raise ConfigurationError(
+                    f"{name} must be a positive int (a size, at most sys.maxsize), got {size!r}"
+                )
         self.max_line_size = max_line_size
         self.max_event_size = max_event_size
         #: The last event ID string (WHATWG): send it back as `Last-Event-ID` to resume.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -317,6 +318,29 @@ def test_limits_must_be_positive() -> None:
     """A zero limit is a configuration mistake."""
     with pytest.raises(ValueError, match="positive"):
         SSEDecoder(max_line_size=0)
+
+
+@pytest.mark.parametrize(
+    "limit", [0, -1, 1.5, 10e6, math.inf, math.nan, 2**64, sys.maxsize + 1, True, "10", None]
+)
+@pytest.mark.parametrize("name", ["max_line_size", "max_event_size"])
+def test_a_limit_that_is_no_size_is_refused(name: str, limit: object) -> None:
+    """A limit is an int from 1 to sys.maxsize: a float (10e6, inf), a bool or an int past
+    what the C part compares with is refused when the decoder is made, not at its first read."""
+    with pytest.raises(ConfigurationError, match=f"{name} must be a positive int"):
+        SSEDecoder(**{name: limit})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("limit", [sys.maxsize, math.inf, 10e6, 2**64])
+def test_a_limit_of_any_size_decodes_alike_on_both_paths(limit: int) -> None:
+    """sys.maxsize is a limit like any other; a limit set afterwards to what the constructor
+    refuses is compared as it is, the C part leaving those reads to Python."""
+    decoder = SSEDecoder(max_line_size=sys.maxsize, max_event_size=sys.maxsize)
+    decoder.max_line_size = decoder.max_event_size = limit
+    assert [E(data="hi"), E(data="a\nb")] == decoder.feed(b"data: hi\n\ndata: a\ndata: b\n\n")
+    acc = _chat.ChatAccumulator(decoder=decoder, require_end=False)
+    chunks = acc.feed(b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n')
+    assert ["hi"] == [chunk.text for chunk in chunks]
 
 
 def test_encode_rejects_what_cannot_round_trip() -> None:
