@@ -670,7 +670,10 @@ class ChatAccumulator:
     # -- input ---------------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> list[ChatChunk]:
-        """Take the next bytes of the response body; return the chunks they complete."""
+        """Take the next bytes of the response body; return the chunks they complete.
+
+        Any bytes-like object will do; the decoder keeps a copy (see `SSEDecoder.feed`).
+        """
         if _c_feed is not None:
             # The same loop in C (_speedups.c), with the common chunks made there too; None,
             # having changed nothing, for a subclass (which may override what it calls).

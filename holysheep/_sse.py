@@ -159,6 +159,17 @@ def _event(event: str, data: str, id: str, retry: int | None) -> ServerSentEvent
     return _tuple(ServerSentEvent, (event, data, id, retry))
 
 
+def _copy_of(data: object) -> bytes:
+    # A read that is not `bytes`: a `bytearray` the caller fills again with the next read
+    # (`recv_into`, `readinto`) would change the line held in `_pending` under us.
+    try:
+        return memoryview(data).tobytes()  # type: ignore[arg-type]  # any buffer; str is none
+    except TypeError as exc:
+        raise TypeError(
+            f"SSEDecoder.feed() takes bytes (or a bytes-like object), not {type(data).__name__}"
+        ) from exc
+
+
 def _reconnection_time(digits: str) -> int:
     # WHATWG: a `retry` value of ASCII digits only is the reconnection time, in base ten. Leading
     # zeros are dropped before the digits are counted: "000...05" is 5, however many zeros.
@@ -244,7 +255,13 @@ class SSEDecoder:
         self._fields = False
 
     def feed(self, data: bytes) -> list[ServerSentEvent]:
-        """Take the next bytes of the stream; return the events they complete."""
+        """Take the next bytes of the stream; return the events they complete.
+
+        Any bytes-like object will do (a `bytearray`, a `memoryview`); what the decoder keeps
+        of it is a copy, so the caller may reuse its buffer for the next read.
+        """
+        if data.__class__ is not bytes:
+            data = _copy_of(data)
         if self._special:
             data = self._special_start(data)
         if not self._special and _c_feed is not None:

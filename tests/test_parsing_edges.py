@@ -354,3 +354,57 @@ def test_a_client_exchange_hands_over_the_chunks_before_a_limit(track_ids: bool)
     assert ["Hello"] == [chunk.text for chunk in exchange.on_data(body, 0.2)]
     assert isinstance(exchange.failure, RemoteProtocolError)
     assert "max_line_size" in str(exchange.failure)
+
+
+# -- the caller's buffers ------------------------------------------------------------------------
+
+
+def reused_buffer(stream: bytes, cuts: list[int]) -> Iterator[bytearray]:
+    """The reads of `stream`, each in the same bytearray, refilled as `recv_into` refills it."""
+    buffer = bytearray()
+    bounds = sorted({0, len(stream), *(cut % (len(stream) + 1) for cut in cuts)})
+    for start, end in itertools.pairwise(bounds):
+        buffer[:] = stream[start:end]
+        yield buffer
+        buffer[:] = b"\xff" * len(buffer)  # what a reused buffer may hold meanwhile
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(st.text(max_size=8).map(content), min_size=1, max_size=4),
+    st.lists(st.integers(0, 400), max_size=8),
+)
+def test_a_buffer_the_caller_reuses_changes_nothing(chunks: list[bytes], cuts: list[int]) -> None:
+    """A bytearray filled again after each read gives what bytes give: the decoder and the
+    accumulator keep copies, never the caller's buffer."""
+    stream = b"".join(chunks).replace(b"\n\n", b"\r\n\r\n", 1)
+    expected = holysheep.SSEDecoder().feed(stream)
+    decoder = holysheep.SSEDecoder()
+    assert expected == [e for read in reused_buffer(stream, cuts) for e in decoder.feed(read)]
+    acc = ChatAccumulator()
+    texts = [chunk.text for read in reused_buffer(stream, cuts) for chunk in acc.feed(read)]
+    assert [chunk.text for chunk in ChatAccumulator().feed(stream)] == texts
+
+
+@pytest.mark.parametrize(
+    "wrap", [bytearray, memoryview, lambda data: memoryview(bytearray(data))[0:]]
+)
+def test_any_bytes_like_read_is_taken(wrap: Any) -> None:
+    """A memoryview, or a bytearray, is a read like bytes, for the decoder and the chat layer,
+    a byte order mark split across reads included."""
+    decoder = holysheep.SSEDecoder()
+    assert [] == decoder.feed(wrap(b"\xef\xbb"))
+    assert [] == decoder.feed(wrap(b"\xbfdata: hel"))
+    assert [_sse.ServerSentEvent(data="hello")] == decoder.feed(wrap(b"lo\n\n"))
+    acc = ChatAccumulator()
+    assert ["Hello"] == [chunk.text for chunk in acc.feed(wrap(HELLO))]
+
+
+@pytest.mark.parametrize("read", ["data: x\n\n", 5, None, [1]])
+def test_a_read_that_is_no_bytes_is_a_type_error(read: Any) -> None:
+    """A str (text, not bytes) or anything else is refused, saying what `feed` takes; an int
+    is not taken as a count of zero bytes, as `bytes(5)` would."""
+    with pytest.raises(TypeError, match=r"feed\(\) takes bytes \(or a bytes-like object\)"):
+        holysheep.SSEDecoder().feed(read)
+    with pytest.raises(TypeError, match=r"feed\(\) takes bytes"):
+        ChatAccumulator().feed(read)
