@@ -111,7 +111,9 @@ class ServerSentEvent(NamedTuple):
         """Serialize to the wire format; decoding the result yields an equal event.
 
         A value that would decode differently (a line break in `event` or `id`, a CR in
-        `data`) is refused with `ConfigurationError` (a `ValueError`) rather than sent.
+        `data`, an empty `event`, which decodes as "message") or cannot be sent (a lone
+        surrogate, which UTF-8 cannot encode) is refused with `ConfigurationError` (a
+        `ValueError`) rather than sent.
 
         An empty `id` is not written, so the event inherits the stream's last event ID, as a
         server that sends no `id` field does.
@@ -123,6 +125,8 @@ class ServerSentEvent(NamedTuple):
             raise ConfigurationError("SSE data cannot contain CR; a bare CR would end the line")
         if "\0" in self.id:
             raise ConfigurationError("SSE id cannot contain U+0000; a decoder ignores such an id")
+        if not self.event:
+            raise ConfigurationError('SSE event cannot be empty; a decoder reads it as "message"')
         lines = []
         if self.event != "message":
             lines.append(f"event: {self.event}\n")
@@ -130,12 +134,16 @@ class ServerSentEvent(NamedTuple):
             lines.append(f"id: {self.id}\n")
         if self.retry is not None:
             # Beyond 2**63 - 1 it would decode clamped. (Not shown: str() refuses a huge int.)
-            if not 0 <= self.retry <= _MAX_RETRY:
+            # A bool is an int to Python, but `retry: True` is no number to a decoder.
+            if isinstance(self.retry, bool) or not 0 <= self.retry <= _MAX_RETRY:
                 raise ConfigurationError("SSE retry must be from 0 to 2**63 - 1 (milliseconds)")
             lines.append(f"retry: {self.retry}\n")
         lines.extend(f"data: {line}\n" for line in self.data.split("\n"))
         lines.append("\n")
-        return "".join(lines).encode("utf-8")
+        try:
+            return "".join(lines).encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate, from "\ud800" or surrogateescape
+            raise ConfigurationError(f"SSE event cannot be sent as UTF-8: {exc.reason}") from exc
 
 
 _tuple = tuple.__new__

@@ -353,9 +353,34 @@ def test_encode_rejects_what_cannot_round_trip() -> None:
         E(retry=-1),
         E(retry=2**63),
         E(retry=10**5000),
+        E(retry=True),
+        E(event=""),
+        E(data="\ud800"),
+        E(event="\udcff", data="x"),
+        E(id="a\udfffb"),
     ):
         with pytest.raises(ConfigurationError, match="SSE"):
             bad.encode()
+
+
+@settings(max_examples=500)
+@given(
+    st.builds(
+        ServerSentEvent,
+        event=st.one_of(st.just("message"), st.text(max_size=6)),
+        data=st.text(max_size=12),
+        id=st.text(max_size=6),
+        retry=st.one_of(st.none(), st.booleans(), st.integers(-5, 2**64)),
+    )
+)
+def test_encode_round_trips_or_refuses(event: ServerSentEvent) -> None:
+    """Any event, of any text (line breaks, NUL, lone surrogates, empty) and any retry: its
+    encoding decodes to an equal event, or `encode()` refuses it with ConfigurationError."""
+    try:
+        wire = event.encode()
+    except ConfigurationError:
+        return
+    assert [event] == SSEDecoder().feed(wire)
 
 
 def test_event_json() -> None:
