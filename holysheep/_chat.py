@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import json
 import operator
-from collections.abc import Callable, Iterator, Mapping
+import reprlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeAlias, final
 
 import attrs
@@ -669,7 +670,10 @@ class ChatAccumulator:
     # -- input ---------------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> list[ChatChunk]:
-        """Take the next bytes of the response body; return the chunks they complete."""
+        """Take the next bytes of the response body; return the chunks they complete.
+
+        Any bytes-like object will do; the decoder keeps a copy (see `SSEDecoder.feed`).
+        """
         if _c_feed is not None:
             # The same loop in C (_speedups.c), with the common chunks made there too; None,
             # having changed nothing, for a subclass (which may override what it calls).
@@ -677,11 +681,21 @@ class ChatAccumulator:
             if done is not None:
                 return done
         chunks: list[ChatChunk] = []
+        events: Iterable[ServerSentEvent]
+        failure: HolySheepError | None = None
         try:
-            for event in self.decoder.feed(data):
+            try:
+                events = self.decoder.feed(data)
+            except HolySheepError as exc:  # `_decode`, inline: a call less per read
+                if not getattr(exc, "events", None):
+                    raise
+                events, failure = exc.events, exc  # type: ignore[attr-defined]
+            for event in events:
                 chunk = self.feed_event(event)
                 if chunk is not None:
                     chunks.append(chunk)
+            if failure is not None:
+                raise failure
         except HolySheepError as exc:
             if chunks:
                 exc.chunks = chunks  # accumulated already: see `HolySheepError.chunks`
@@ -709,7 +723,7 @@ class ChatAccumulator:
             return None
         try:
             obj = self._loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # json's own parser recurses per level
             raise RemoteProtocolError(
                 f"invalid JSON in stream event: {exc}; data: {_snippet(data)}"
             ) from exc
@@ -821,19 +835,19 @@ class ChatAccumulator:
         return states
 
     def _chunk(self, obj: dict[str, Any], event: ServerSentEvent) -> ChatChunk:
+        choices = obj.get("choices")
+        if choices and isinstance(choices, list):
+            _check_choices(choices)  # before any state changes: a chunk is taken whole or not
+        else:
+            choices = None
         self.chunk_count += 1
         if self._first_data is None:
             self._first_data = event.data
         self._last_data = event.data
         deltas: list[ChatDelta] = []
         text = ""
-        choices = obj.get("choices")
-        if choices and isinstance(choices, list):
+        if choices is not None:
             for raw_choice in choices:
-                if not isinstance(raw_choice, dict):
-                    raise RemoteProtocolError(
-                        f"expected choices to be objects, got {_snippet(repr(raw_choice))}"
-                    )
                 index = raw_choice.get("index", 0)
                 if not isinstance(index, int):
                     index = 0
@@ -854,9 +868,9 @@ class ChatAccumulator:
                     if len(delta) > 1 or content is None:
                         self._rest_of_delta(delta, state, deltas)
                 finish = raw_choice.get("finish_reason")
-                if finish:
-                    state.finish_reason = str(finish)
-                    deltas.append(Finished(state.finish_reason, index))
+                if finish:  # a str: `_check_choices` made it one
+                    state.finish_reason = finish
+                    deltas.append(Finished(finish, index))
         usage = obj.get("usage")
         if usage and isinstance(usage, dict):
             self._usage = Usage.from_dict(usage)
@@ -914,11 +928,9 @@ class ChatAccumulator:
         kind = raw.get("type")
         if kind and isinstance(kind, str):
             call.type = kind
-        arguments = function.get("arguments")
+        arguments = function.get("arguments")  # a str or None: see `_check_choices`
         if arguments is None:
             arguments = ""
-        elif not isinstance(arguments, str):  # a gateway that sends an object, not a string
-            arguments = json.dumps(arguments, separators=(",", ":"))
         if arguments:
             call.arguments.append(arguments)
         return ToolCallDelta(
@@ -932,21 +944,27 @@ class ChatAccumulator:
     def _parse_error_payload(self, data: str) -> Any:
         try:
             return self._loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return {"error": {"message": data}}
 
     def _stream_error(self, payload: Any) -> StreamError:
         error = payload.get("error", payload) if isinstance(payload, dict) else payload
-        if isinstance(error, dict):
-            message = error.get("message") or error.get("msg") or json.dumps(error)
-            kind = _str_or_none(error.get("type"))
-            raw_code = error.get("code", error.get("status"))
-        else:
-            message, kind, raw_code = str(error), None, None
-        code = None if raw_code is None else str(raw_code)
+        try:  # str() and json.dumps() recurse once per level of what the server nested
+            if isinstance(error, dict):
+                message = error.get("message") or error.get("msg") or json.dumps(error)
+                kind = _str_or_none(error.get("type"))
+                raw_code = error.get("code", error.get("status"))
+            else:
+                message, kind, raw_code = str(error), None, None
+            code = None if raw_code is None else str(raw_code)
+            text = f"the server reported an error in the stream: {message}"
+        except RecursionError as exc:
+            raise RemoteProtocolError(
+                "the server reported an error in the stream, nested too deeply to read"
+            ) from exc
         status = raw_code if isinstance(raw_code, int) and not isinstance(raw_code, bool) else None
         self._error = StreamError(
-            f"the server reported an error in the stream: {message}",
+            text,
             type=kind,
             code=code,
             status_code=status,
@@ -961,8 +979,74 @@ class ChatAccumulator:
         return ""
 
 
+def _decode(
+    decoder: SSEDecoder, data: bytes
+) -> tuple[Iterable[ServerSentEvent], HolySheepError | None]:
+    """`decoder.feed(data)`, and the error it raised after decoding events, if it did.
+
+    An `SSEDecoder` that refuses a read (a limit) puts the events the read completed before
+    the offending line on the error's `events`: they are the stream's, as they would be had
+    the read been cut before that line, so they are taken before the error is raised.
+    """
+    try:
+        return decoder.feed(data), None
+    except HolySheepError as exc:
+        events = getattr(exc, "events", None)
+        if not events:
+            raise
+        return events, exc
+
+
 def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _check_choices(choices: list[Any]) -> None:
+    """Everything in a chunk's `choices` that can refuse it, done before `_chunk` changes any
+    state, so that a chunk is accumulated whole or not at all: a chunk refused halfway would
+    leave text in the completion that no chunk delivered, which the caller never showed.
+
+    So each choice must be an object, and the values `_chunk` keeps as text but a gateway sent
+    as something else (a `finish_reason` that is no string, tool-call `arguments` sent as an
+    object) are made text here, in the parsed chunk, which is ours alone (`ChatChunk.raw`
+    parses the event again). Making that text recurses once per level of nesting, which
+    orjson accepts up to 1024 deep: deeper than the interpreter's recursion limit allows, the
+    chunk is refused like invalid JSON.
+    """
+    try:
+        for raw_choice in choices:
+            if not isinstance(raw_choice, dict):
+                raise RemoteProtocolError(
+                    f"expected choices to be objects, got {_snippet(_short_repr(raw_choice))}"
+                )
+            finish = raw_choice.get("finish_reason")
+            if finish and not isinstance(finish, str):
+                raw_choice["finish_reason"] = str(finish)
+            delta = raw_choice.get("delta") or raw_choice.get("message")
+            if not delta or not isinstance(delta, dict):
+                continue
+            tool_calls = delta.get("tool_calls")
+            if not tool_calls or not isinstance(tool_calls, list):
+                continue
+            for raw_call in tool_calls:
+                function = raw_call.get("function") if isinstance(raw_call, dict) else None
+                if isinstance(function, dict):
+                    arguments = function.get("arguments")
+                    if arguments is not None and not isinstance(arguments, str):
+                        # a gateway that sends an object, not a string
+                        function["arguments"] = json.dumps(arguments, separators=(",", ":"))
+    except RecursionError as exc:
+        raise RemoteProtocolError(
+            "a chunk nested too deeply to read (deeper than Python's recursion limit allows)"
+        ) from exc
+
+
+# A value shown in an error message, bounded in size and in depth: a choice that is no object
+# may be an array nested a thousand deep, which repr() would recurse through. (Set one by one:
+# `reprlib.Repr` takes them as arguments from Python 3.12.)
+_shown = reprlib.Repr()
+_shown.maxstring = _shown.maxother = _shown.maxlong = _SNIPPET
+_short_repr = _shown.repr
 
 
 def _not_started(unstarted: int, asked: int, joint: str) -> str:

@@ -707,7 +707,8 @@ class Exchange:
         assert skip is not None
         assert seen is not None
         try:
-            for event in self.accumulator.decoder.feed(data):
+            events, failure = _chat._decode(self.accumulator.decoder, data)
+            for event in events:
                 if self._expect_id is not None and event.data:
                     if event.id in skip:
                         self._check_same_completion(event.data)
@@ -720,6 +721,8 @@ class Exchange:
                 chunk = self.accumulator.feed_event(event)
                 if chunk is not None:
                     chunks.append(chunk)
+            if failure is not None:
+                raise failure
         except HolySheepError as exc:
             if chunks:
                 exc.chunks = chunks
@@ -731,7 +734,7 @@ class Exchange:
         expected, self._expect_id = self._expect_id, None
         try:
             parsed = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # json recurses once per level of nesting
             return  # not a chunk ([DONE], or invalid JSON the accumulator reports)
         found = parsed.get("id") if isinstance(parsed, dict) else None
         if isinstance(found, str) and found != expected:
@@ -976,6 +979,6 @@ def _ends_stream(event: ServerSentEvent) -> bool:
         return False
     try:
         parsed = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(parsed, dict) and parsed.get("error") is not None

@@ -130,6 +130,28 @@ get_size(PyObject *decoder, int field, Py_ssize_t *out)
     return 0;
 }
 
+/* A limit (`max_line_size`, `max_event_size`): 1 with it in `*out`; 0 if it is not an int
+   from 1 to PY_SSIZE_T_MAX, which `SSEDecoder.__init__` refuses but a caller may set later,
+   for the Python code to compare as it is; -1 with an error set if it cannot be read. */
+static int
+get_limit(PyObject *decoder, int field, Py_ssize_t *out)
+{
+    PyObject *value = decoder_get(decoder, field);
+    if (value == NULL)
+        return -1;
+    int overflow = 0;
+    long long size = PyLong_Check(value) && !PyBool_Check(value)
+                         ? PyLong_AsLongLongAndOverflow(value, &overflow)
+                         : 0;
+    Py_DECREF(value);
+    if (size == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow || size < 1 || size > PY_SSIZE_T_MAX)
+        return 0;
+    *out = (Py_ssize_t)size;
+    return 1;
+}
+
 static int
 set_size(PyObject *decoder, int field, Py_ssize_t size)
 {
@@ -414,9 +436,11 @@ feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
     PyObject *result = NULL, *pending = NULL, *data_lines = NULL, *joined = NULL;
     Py_ssize_t max_line, max_event;
-    if (get_size(decoder, D_MAX_LINE_SIZE, &max_line) < 0 ||
-        get_size(decoder, D_MAX_EVENT_SIZE, &max_event) < 0)
-        return NULL;
+    int limits = get_limit(decoder, D_MAX_LINE_SIZE, &max_line);
+    if (limits > 0)
+        limits = get_limit(decoder, D_MAX_EVENT_SIZE, &max_event);
+    if (limits <= 0) /* an error, or a limit set to what `__init__` refuses: Python's */
+        return limits < 0 ? NULL : Py_NewRef(Py_None);
     pending = decoder_get(decoder, D_PENDING);
     if (pending == NULL)
         goto done;
@@ -540,7 +564,7 @@ done:
 static PyTypeObject *acc_class, *chunk_class, *delta_class, *later_class, *choice_class;
 static PyTypeObject *finished_class, *report_class, *usage_class;
 static PyObject *error_class; /* HolySheepError: only it carries `chunks` */
-static PyObject *default_loads, *str_feed_event, *str_feed, *zero, *one;
+static PyObject *default_loads, *str_feed_event, *str_feed, *str_events, *zero, *one;
 /* The keys of OpenAI's and Anthropic's usage objects, interned by PyInit__speedups: a usage
    object's dict takes these (as orjson takes the keys it caches), which spares making, hashing
    and comparing a new string for each, a third of building it. The first five are those
@@ -1389,6 +1413,44 @@ attach_chunks(PyObject *chunks, Py_ssize_t made)
     PyErr_Restore(type, value, traceback);
 }
 
+/* An error fetched to be raised again later (`PyErr_Fetch`, `PyErr_Restore`). */
+typedef struct {
+    PyObject *type, *value, *traceback;
+} Failure;
+
+/* When the decoder raised: the events its error carries, a new reference, with the error
+   fetched into `*failure`, to be raised once their chunks are made; NULL, the error left
+   raised, if it carries none. `SSEDecoder` puts the events a read completed before a line it
+   refuses (a limit) on the error's `events`; this is what `ChatAccumulator.feed` does with
+   them (`_decode` in _chat.py): only our errors, and only events that are there (true). */
+static PyObject *
+events_before_error(Failure *failure)
+{
+    if (!PyErr_ExceptionMatches(error_class))
+        return NULL;
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    PyObject *events = value == NULL ? NULL : PyObject_GetAttr(value, str_events);
+    int some = events == NULL ? 0 : PyObject_IsTrue(events);
+    if (some > 0) {
+        failure->type = type;
+        failure->value = value;
+        failure->traceback = traceback;
+        return events;
+    }
+    Py_XDECREF(events);
+    if (some < 0) { /* as `not events` raises in Python: that error goes on */
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(traceback);
+        return NULL;
+    }
+    PyErr_Clear(); /* no `events`: the decoder's error goes on as it was raised */
+    PyErr_Restore(type, value, traceback);
+    return NULL;
+}
+
 /* The chunks of the events the decoder's C part decoded, in the list it made for them: each
    chunk takes the place of the first event not yet replaced (its own, or one that had no
    chunk), and what is left after the last chunk is cut off. The list is ours alone, made by
@@ -1471,8 +1533,12 @@ chat_feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return events == NULL ? NULL : chunks_in_place(acc, events);
         }
     }
-    if (events == NULL) /* a byte order mark, a CR at the end of the last read, ... */
+    Failure failure = {NULL, NULL, NULL};
+    if (events == NULL) { /* a byte order mark, a CR at the end of the last read, ... */
         events = PyObject_CallMethodOneArg(decoder, str_feed, args[1]);
+        if (events == NULL)
+            events = events_before_error(&failure);
+    }
     Py_DECREF(decoder);
     if (events == NULL)
         return NULL;
@@ -1499,8 +1565,16 @@ chat_feed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(each);
     }
     Py_DECREF(events);
-    return chunks;
-error:
+    if (failure.value == NULL)
+        return chunks;
+    PyErr_Restore(failure.type, failure.value, failure.traceback); /* raised after its events */
+    attach_chunks(chunks, PyList_GET_SIZE(chunks));
+    Py_DECREF(chunks);
+    return NULL;
+error: /* an error among the events comes before the decoder's, which is dropped */
+    Py_XDECREF(failure.type);
+    Py_XDECREF(failure.value);
+    Py_XDECREF(failure.traceback);
     if (chunks != NULL)
         attach_chunks(chunks, PyList_GET_SIZE(chunks));
     Py_XDECREF(each);
@@ -1634,6 +1708,8 @@ setup_chat(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         (str_feed_event = PyUnicode_InternFromString("feed_event")) == NULL)
         return NULL;
     if (str_feed == NULL && (str_feed = PyUnicode_InternFromString("feed")) == NULL)
+        return NULL;
+    if (str_events == NULL && (str_events = PyUnicode_InternFromString("events")) == NULL)
         return NULL;
     if (zero == NULL && (zero = PyLong_FromLong(0)) == NULL)
         return NULL;

@@ -26,7 +26,9 @@ discard it too, but say so: `truncated` is true, so a client can tell a cut stre
 finished one.
 
 Sizes are bounded (`max_line_size`, `max_event_size`); going over raises `RemoteProtocolError`
-and the decoder refuses further input. A line is measured in bytes as received, without its
+and the decoder refuses further input. The events the read completed before the offending line
+go with the error, on its `events`: they are what the read would have returned had it been cut
+before that line. A line is measured in bytes as received, without its
 line ending, whether it is whole or still in `_pending`: one unit for both, so where the
 stream is cut into reads changes nothing. An event is measured by its `data` as delivered.
 
@@ -43,6 +45,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 from typing import Any, NamedTuple, final
 
 from ._exceptions import ConfigurationError, LocalProtocolError, RemoteProtocolError
@@ -108,7 +111,9 @@ class ServerSentEvent(NamedTuple):
         """Serialize to the wire format; decoding the result yields an equal event.
 
         A value that would decode differently (a line break in `event` or `id`, a CR in
-        `data`) is refused with `ConfigurationError` (a `ValueError`) rather than sent.
+        `data`, an empty `event`, which decodes as "message") or cannot be sent (a lone
+        surrogate, which UTF-8 cannot encode) is refused with `ConfigurationError` (a
+        `ValueError`) rather than sent.
 
         An empty `id` is not written, so the event inherits the stream's last event ID, as a
         server that sends no `id` field does.
@@ -120,6 +125,8 @@ class ServerSentEvent(NamedTuple):
             raise ConfigurationError("SSE data cannot contain CR; a bare CR would end the line")
         if "\0" in self.id:
             raise ConfigurationError("SSE id cannot contain U+0000; a decoder ignores such an id")
+        if not self.event:
+            raise ConfigurationError('SSE event cannot be empty; a decoder reads it as "message"')
         lines = []
         if self.event != "message":
             lines.append(f"event: {self.event}\n")
@@ -127,12 +134,16 @@ class ServerSentEvent(NamedTuple):
             lines.append(f"id: {self.id}\n")
         if self.retry is not None:
             # Beyond 2**63 - 1 it would decode clamped. (Not shown: str() refuses a huge int.)
-            if not 0 <= self.retry <= _MAX_RETRY:
+            # A bool is an int to Python, but `retry: True` is no number to a decoder.
+            if isinstance(self.retry, bool) or not 0 <= self.retry <= _MAX_RETRY:
                 raise ConfigurationError("SSE retry must be from 0 to 2**63 - 1 (milliseconds)")
             lines.append(f"retry: {self.retry}\n")
         lines.extend(f"data: {line}\n" for line in self.data.split("\n"))
         lines.append("\n")
-        return "".join(lines).encode("utf-8")
+        try:
+            return "".join(lines).encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate, from "\ud800" or surrogateescape
+            raise ConfigurationError(f"SSE event cannot be sent as UTF-8: {exc.reason}") from exc
 
 
 _tuple = tuple.__new__
@@ -154,6 +165,17 @@ def _event(event: str, data: str, id: str, retry: int | None) -> ServerSentEvent
     # The decoder's own constructor, without NamedTuple's keyword handling; the hot paths of
     # `SSEDecoder` inline it.
     return _tuple(ServerSentEvent, (event, data, id, retry))
+
+
+def _copy_of(data: object) -> bytes:
+    # A read that is not `bytes`: a `bytearray` the caller fills again with the next read
+    # (`recv_into`, `readinto`) would change the line held in `_pending` under us.
+    try:
+        return memoryview(data).tobytes()  # type: ignore[arg-type]  # any buffer; str is none
+    except TypeError as exc:
+        raise TypeError(
+            f"SSEDecoder.feed() takes bytes (or a bytes-like object), not {type(data).__name__}"
+        ) from exc
 
 
 def _reconnection_time(digits: str) -> int:
@@ -205,8 +227,14 @@ class SSEDecoder:
         max_line_size: int = DEFAULT_MAX_LINE_SIZE,
         max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
     ) -> None:
-        if max_line_size < 1 or max_event_size < 1:
-            raise ConfigurationError("max_line_size and max_event_size must be positive")
+        for name, size in (("max_line_size", max_line_size), ("max_event_size", max_event_size)):
+            # A size in bytes or characters, as the C part reads it (a Py_ssize_t): a float
+            # (`10e6`, `inf`) or an int past sys.maxsize is no size it can compare with, and a
+            # bool is an int to Python but never a limit.
+            if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= sys.maxsize:
+                raise ConfigurationError(
+                    f"{name} must be a positive int (a size, at most sys.maxsize), got {size!r}"
+                )
         self.max_line_size = max_line_size
         self.max_event_size = max_event_size
         #: The last event ID string (WHATWG): send it back as `Last-Event-ID` to resume.
@@ -235,7 +263,13 @@ class SSEDecoder:
         self._fields = False
 
     def feed(self, data: bytes) -> list[ServerSentEvent]:
-        """Take the next bytes of the stream; return the events they complete."""
+        """Take the next bytes of the stream; return the events they complete.
+
+        Any bytes-like object will do (a `bytearray`, a `memoryview`); what the decoder keeps
+        of it is a copy, so the caller may reuse its buffer for the next read.
+        """
+        if data.__class__ is not bytes:
+            data = _copy_of(data)
         if self._special:
             data = self._special_start(data)
         if not self._special and _c_feed is not None:
@@ -260,14 +294,15 @@ class SSEDecoder:
                 self._pending.append(data)
                 self._pending_size += len(data)
                 if self._pending_size > self.max_line_size:
-                    self._line_too_long()
+                    self._line_too_long([])
                 return []
             end = cut + 1
             block = self._take_pending(data[:end]) if self._pending else data[:end]
             self._pending.append(data[end:])
             self._pending_size = len(data) - end
             if self._pending_size > self.max_line_size:
-                self._line_too_long()
+                # The whole lines before it come first: their events go with the error.
+                self._line_too_long(self._events_before_error(block))
 
         if len(block) > self.max_line_size:
             self._check_line_sizes(block)
@@ -325,37 +360,41 @@ class SSEDecoder:
         # the line machine `_process()`. The cuts lose nothing: each one's first LF ends a line,
         # its second a blank line, and "data: " begins the next piece's first line.
         events: list[ServerSentEvent] = []
-        pieces = text.split(_CUT)
-        if len(pieces) == 1:
-            lines = text.split("\n")
-            lines.pop()  # `text` ends with LF: the last item is always ""
-            self._process(lines, events)
-            return events
-        last = pieces.pop()
-        lines = pieces[0].split("\n")
-        lines.append("")
-        self._process(lines, events)
-        id_buffer = self._id_buffer
-        limit = self.max_event_size
-        for piece in itertools.islice(pieces, 1, None):
-            if "\n" in piece:
-                lines = ("data: " + piece).split("\n")
-                lines.append("")
+        try:
+            pieces = text.split(_CUT)
+            if len(pieces) == 1:
+                lines = text.split("\n")
+                lines.pop()  # `text` ends with LF: the last item is always ""
                 self._process(lines, events)
-                id_buffer = self._id_buffer
-            else:
-                if len(piece) > limit:
-                    self._event_too_large(len(piece))
-                events.append(_tuple(ServerSentEvent, ("message", piece, id_buffer, None)))
-        end = len(last) - 2
-        if last.find("\n") == end:  # exactly one data line and a blank line
-            if end > limit:
-                self._event_too_large(end)
-            events.append(_tuple(ServerSentEvent, ("message", last[:end], id_buffer, None)))
-        else:
-            lines = ("data: " + last).split("\n")
-            lines.pop()
+                return events
+            last = pieces.pop()
+            lines = pieces[0].split("\n")
+            lines.append("")
             self._process(lines, events)
+            id_buffer = self._id_buffer
+            limit = self.max_event_size
+            for piece in itertools.islice(pieces, 1, None):
+                if "\n" in piece:
+                    lines = ("data: " + piece).split("\n")
+                    lines.append("")
+                    self._process(lines, events)
+                    id_buffer = self._id_buffer
+                else:
+                    if len(piece) > limit:
+                        self._event_too_large(len(piece))
+                    events.append(_tuple(ServerSentEvent, ("message", piece, id_buffer, None)))
+            end = len(last) - 2
+            if last.find("\n") == end:  # exactly one data line and a blank line
+                if end > limit:
+                    self._event_too_large(end)
+                events.append(_tuple(ServerSentEvent, ("message", last[:end], id_buffer, None)))
+            else:
+                lines = ("data: " + last).split("\n")
+                lines.pop()
+                self._process(lines, events)
+        except RemoteProtocolError as exc:  # a limit: the events before it are the stream's
+            exc.events = events  # type: ignore[attr-defined]  # see `_fail`
+            raise
         return events
 
     def _process(self, lines: list[str], events: list[ServerSentEvent]) -> None:
@@ -454,20 +493,37 @@ class SSEDecoder:
 
     def _check_line_sizes(self, block: bytes) -> None:
         # In bytes, as `_pending_size` counts a line not finished yet: a line is then judged
-        # the same whether it arrived in one read or in several.
+        # the same whether it arrived in one read or in several. The lines before the first
+        # one too long are decoded first, as they would be had it come in a later read.
         if b"\r" in block:
             block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        longest = max(map(len, block.split(b"\n")))
-        if longest > self.max_line_size:
-            self._fail(
-                f"SSE line exceeds max_line_size ({self.max_line_size} bytes): "
-                f"a line of {longest} bytes"
-            )
+        lines = block.split(b"\n")
+        limit = self.max_line_size
+        for count, line in enumerate(lines):
+            if len(line) > limit:
+                before = b"".join(earlier + b"\n" for earlier in lines[:count])
+                self._fail(
+                    f"SSE line exceeds max_line_size ({limit} bytes): a line of {len(line)} bytes",
+                    self._events_before_error(before),
+                )
 
-    def _line_too_long(self) -> None:
+    def _events_before_error(self, block: bytes) -> list[ServerSentEvent]:
+        # The events of `block`, whole lines, that precede an error in the same read (off the
+        # hot path). An error among them comes first, with the events before it.
+        if not block:
+            return []
+        if len(block) > self.max_line_size:
+            self._check_line_sizes(block)
+        text = block.decode("utf-8", "replace")
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        return self._events(text)
+
+    def _line_too_long(self, events: list[ServerSentEvent]) -> None:
         self._fail(
             f"SSE line exceeds max_line_size ({self.max_line_size} bytes): "
-            f"{self._pending_size} bytes received without a line ending"
+            f"{self._pending_size} bytes received without a line ending",
+            events,
         )
 
     def _event_too_large(self, size: int) -> None:
@@ -476,8 +532,12 @@ class SSEDecoder:
             f"{size} characters of data without a blank line"
         )
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str, events: list[ServerSentEvent] | None = None) -> None:
+        # The events the same read completed before the offending line go with the error, on
+        # its `events` (`_events` puts them there for an error it meets): they are the
+        # stream's, and had the read been cut before that line they would have been returned.
         self._failed = RemoteProtocolError(message)
+        self._failed.events = [] if events is None else events  # type: ignore[attr-defined]
         self._special = True
         raise self._failed
 

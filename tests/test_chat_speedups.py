@@ -334,10 +334,13 @@ def _chunk(draw: st.DrawFn) -> dict[str, Any]:
         "finish_reason": draw(_often(None, _ABSENT, "stop", "")),
         "message": draw(_often(_ABSENT, {"content": "m"})),
     }
-    choices = draw(_often([choice], [], [choice, choice]))
+    choices = draw(_often([choice], [], [choice, choice], [choice, None], [choice, 5]))
     obj = {
         **draw(_often(BASE, {})),
-        "choices": [{k: v for k, v in c.items() if v is not _ABSENT} for c in choices],
+        "choices": [
+            {k: v for k, v in c.items() if v is not _ABSENT} if isinstance(c, dict) else c
+            for c in choices
+        ],
         "usage": draw(_often(_ABSENT, None, {"total_tokens": 3})),
         "error": draw(_often(_ABSENT, None, {"message": "boom"})),
         "extra": draw(
@@ -678,6 +681,34 @@ def test_several_choices_and_shared_index_calls_give_what_python_gives(
         for c in completion.choices
     ]
     assert expected == (finished, choices)
+
+
+_DEEP = "[" * 1000 + "]" * 1000  # orjson parses it; str() and json.dumps() recurse per level
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        '{"choices":[{"index":0,"delta":{"content":" world"}},5]}',
+        '{"choices":[{"index":0,"delta":{"content":" world"}},null]}',
+        '{"choices":[{"index":0,"delta":{"content":" world"},"finish_reason":' + _DEEP + "}]}",
+        '{"choices":[{"index":0,"delta":{"content":" world","tool_calls":[{"index":0,"function":'
+        '{"name":"f","arguments":' + _DEEP + "}}]}}]}",
+        '{"choices":[{"index":0,"delta":{"content":" world"}},' + _DEEP + "]}",
+        '{"error":{"message":' + _DEEP + "}}",
+    ],
+    ids=["a number", "null", "deep finish", "deep arguments", "deep choice", "deep error"],
+)
+def test_a_refused_chunk_after_common_ones_gives_what_python_gives(bad: str) -> None:
+    """A chunk refused for a choice that is no object or a value nested too deep, in the read
+    of common chunks (which C takes): the same error, the same chunks carried by it, and the
+    accumulation as before the refused chunk, on both paths."""
+    common = event_bytes(json.dumps(content("Hello")))
+    reads = [event_bytes(json.dumps(ROLE)), common + event_bytes(bad) + common]
+    assert_same_as_python(reads)
+    name, _, carried, after = [*outcome(reads, c_feed=True)][1]
+    assert ("RemoteProtocolError", ["Hello"]) == (name, [chunk[1] for chunk in carried])
+    assert (2, "Hello") == (after[0], "".join(after[4][1]))
 
 
 @settings(max_examples=300)

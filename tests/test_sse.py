@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -282,10 +283,64 @@ def test_an_oversize_event_among_many_in_one_read_is_refused(read: bytes) -> Non
     )
 
 
+@pytest.mark.parametrize(
+    ("stream", "limits", "expected"),
+    [
+        (  # the report's case: an event, then a line over the limit, in one read
+            b"data: ok\n\ndata: " + b"y" * 50 + b"\n\n",
+            {"max_event_size": 10},
+            r"SSE event exceeds max_event_size \(10\): 50 characters",
+        ),
+        (b"id: 7\ndata: ok\n\ndata: " + b"y" * 50 + b"\n\n", {"max_line_size": 20}, "a line of 56"),
+        (b"data: ok\r\rdata: " + b"y" * 50 + b"\r", {"max_line_size": 20}, "a line of 56"),
+        (b"id: 7\ndata: ok\n\ndata: " + b"y" * 50, {"max_line_size": 20}, "56 bytes received"),
+        (b"id: 7\ndata: ok\n\ndata: y\ndata: " + b"y" * 50 + b"\n", {"max_event_size": 20}, "52"),
+    ],
+    ids=["event", "line", "line ended by CR", "unfinished line", "event of two lines"],
+)
+def test_the_events_before_a_refused_line_come_with_the_error(
+    stream: bytes, limits: dict[str, int], expected: str
+) -> None:
+    """A read that completes events and then goes over a limit: the error carries those
+    events (`events`), as they would have been returned had the read been cut before the
+    offending line, and the last event ID they committed is kept."""
+    decoder = SSEDecoder(**limits)
+    with pytest.raises(RemoteProtocolError, match=expected) as info:
+        decoder.feed(stream)
+    assert [E(data="ok", id=decoder.last_event_id)] == info.value.events  # type: ignore[attr-defined]
+    assert ("7" if b"id: 7" in stream else "") == decoder.last_event_id
+    with pytest.raises(RemoteProtocolError) as alone:
+        SSEDecoder(**limits).feed(stream[stream.index(b"data: y") :])
+    assert [] == alone.value.events  # type: ignore[attr-defined]  # nothing before it
+
+
 def test_limits_must_be_positive() -> None:
     """A zero limit is a configuration mistake."""
     with pytest.raises(ValueError, match="positive"):
         SSEDecoder(max_line_size=0)
+
+
+@pytest.mark.parametrize(
+    "limit", [0, -1, 1.5, 10e6, math.inf, math.nan, 2**64, sys.maxsize + 1, True, "10", None]
+)
+@pytest.mark.parametrize("name", ["max_line_size", "max_event_size"])
+def test_a_limit_that_is_no_size_is_refused(name: str, limit: object) -> None:
+    """A limit is an int from 1 to sys.maxsize: a float (10e6, inf), a bool or an int past
+    what the C part compares with is refused when the decoder is made, not at its first read."""
+    with pytest.raises(ConfigurationError, match=f"{name} must be a positive int"):
+        SSEDecoder(**{name: limit})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("limit", [sys.maxsize, math.inf, 10e6, 2**64])
+def test_a_limit_of_any_size_decodes_alike_on_both_paths(limit: int) -> None:
+    """sys.maxsize is a limit like any other; a limit set afterwards to what the constructor
+    refuses is compared as it is, the C part leaving those reads to Python."""
+    decoder = SSEDecoder(max_line_size=sys.maxsize, max_event_size=sys.maxsize)
+    decoder.max_line_size = decoder.max_event_size = limit
+    assert [E(data="hi"), E(data="a\nb")] == decoder.feed(b"data: hi\n\ndata: a\ndata: b\n\n")
+    acc = _chat.ChatAccumulator(decoder=decoder, require_end=False)
+    chunks = acc.feed(b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n')
+    assert ["hi"] == [chunk.text for chunk in chunks]
 
 
 def test_encode_rejects_what_cannot_round_trip() -> None:
@@ -298,9 +353,34 @@ def test_encode_rejects_what_cannot_round_trip() -> None:
         E(retry=-1),
         E(retry=2**63),
         E(retry=10**5000),
+        E(retry=True),
+        E(event=""),
+        E(data="\ud800"),
+        E(event="\udcff", data="x"),
+        E(id="a\udfffb"),
     ):
         with pytest.raises(ConfigurationError, match="SSE"):
             bad.encode()
+
+
+@settings(max_examples=500)
+@given(
+    st.builds(
+        ServerSentEvent,
+        event=st.one_of(st.just("message"), st.text(max_size=6)),
+        data=st.text(max_size=12),
+        id=st.text(max_size=6),
+        retry=st.one_of(st.none(), st.booleans(), st.integers(-5, 2**64)),
+    )
+)
+def test_encode_round_trips_or_refuses(event: ServerSentEvent) -> None:
+    """Any event, of any text (line breaks, NUL, lone surrogates, empty) and any retry: its
+    encoding decodes to an equal event, or `encode()` refuses it with ConfigurationError."""
+    try:
+        wire = event.encode()
+    except ConfigurationError:
+        return
+    assert [event] == SSEDecoder().feed(wire)
 
 
 def test_event_json() -> None:
@@ -531,11 +611,19 @@ def test_bytes_decode_like_the_literal_spec(stream: bytes, cuts: list[int]) -> N
 
 
 def outcome(stream: bytes, cuts: list[int], **limits: int) -> object:
-    """The events and the decoder's state at the end, or the error."""
+    """The events and the decoder's state at the end, or the error with the events delivered
+    before it: those returned, and those it carries (`events`, from the read it refused)."""
+    decoder = SSEDecoder(**limits)
+    events: list[ServerSentEvent] = []
+    start = 0
     try:
-        events, decoder = decode_split(stream, cuts, **limits)
-    except RemoteProtocolError:
-        return RemoteProtocolError
+        for cut in [*sorted(cuts), len(stream)]:
+            events += decoder.feed(stream[start:cut])
+            start = cut
+        events += decoder.close()
+    except RemoteProtocolError as exc:
+        events += exc.events  # type: ignore[attr-defined]
+        return RemoteProtocolError, events, decoder.last_event_id, decoder.retry
     return events, decoder.last_event_id, decoder.retry, decoder.truncated
 
 
@@ -560,8 +648,8 @@ def any_stream(draw: st.DrawFn) -> bytes:
 def test_limits_give_the_same_outcome_however_the_stream_is_split(
     stream: bytes, cuts: list[int], max_line_size: int, max_event_size: int
 ) -> None:
-    """With limits small enough to trip, any split gives the events, or the error, that the
-    stream fed whole gives."""
+    """With limits small enough to trip, any split gives the events, or the error and the
+    events before it, that the stream fed whole gives."""
     limits = {"max_line_size": max_line_size, "max_event_size": max_event_size}
     cuts = [c for c in cuts if c <= len(stream)]
     assert outcome(stream, [], **limits) == outcome(stream, cuts, **limits)
