@@ -687,9 +687,9 @@ class ChatAccumulator:
             try:
                 events = self.decoder.feed(data)
             except HolySheepError as exc:  # `_decode`, inline: a call less per read
-                if not getattr(exc, "events", None):
+                if not exc.events:
                     raise
-                events, failure = exc.events, exc  # type: ignore[attr-defined]
+                events, failure = exc.events, exc
             for event in events:
                 chunk = self.feed_event(event)
                 if chunk is not None:
@@ -991,7 +991,7 @@ def _decode(
     try:
         return decoder.feed(data), None
     except HolySheepError as exc:
-        events = getattr(exc, "events", None)
+        events = exc.events
         if not events:
             raise
         return events, exc

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ._chat import ChatChunk, Completion, Usage
+    from ._sse import ServerSentEvent
 
 __all__ = [
     "APIConnectionError",
@@ -72,6 +73,11 @@ class HolySheepError(Exception):
     #: before the bad event. They are accumulated already (in `completion`), so a caller that
     #: shows chunks must still show these; the clients hand them over before raising.
     chunks: Sequence[ChatChunk] = ()
+
+    #: For a limit error raised by `SSEDecoder.feed`: the events the same bytes completed
+    #: before the line over the limit. They are the stream's, as they would be had the read
+    #: been cut before that line; `ChatAccumulator.feed` turns them into `chunks`.
+    events: Sequence[ServerSentEvent] = ()
 
     #: For an error a client raised when it gave up: how many attempts the call made (shown
     #: in the message when there was more than one, so a final 503 does not read as the first).

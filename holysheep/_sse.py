@@ -393,7 +393,7 @@ class SSEDecoder:
                 lines.pop()
                 self._process(lines, events)
         except RemoteProtocolError as exc:  # a limit: the events before it are the stream's
-            exc.events = events  # type: ignore[attr-defined]  # see `_fail`
+            exc.events = events  # see `_fail`
             raise
         return events
 
@@ -537,7 +537,7 @@ class SSEDecoder:
         # its `events` (`_events` puts them there for an error it meets): they are the
         # stream's, and had the read been cut before that line they would have been returned.
         self._failed = RemoteProtocolError(message)
-        self._failed.events = [] if events is None else events  # type: ignore[attr-defined]
+        self._failed.events = [] if events is None else events
         self._special = True
         raise self._failed
 
