@@ -550,25 +550,19 @@ class AsyncStream(StreamView):
                 if chunk.text:
                     yield chunk.text
             return
-        shown = ShownText(self._call)
-        while True:
-            try:
-                chunk = await self.__anext__()
-            except StopAsyncIteration:
-                break
-            except HolySheepError as exc:
-                failure = shown.failed(exc)
-                if failure is exc:
-                    raise
-                raise failure from exc
+        shown = ShownText(self._call)  # its errors are made by the call (see `Stream`'s)
+        async for chunk in self:
             text = shown.take(chunk)
             if text is None:
+                failure = shown.diverged(self.completion, self.request_id)
+                self._call.ended(_now(), failure)  # before `aclose()` reports an end
                 await self.aclose()
-                raise shown.diverged(self.completion, self.request_id)
+                raise failure
             if text:
                 yield text
-        if shown.repeating() and self._exchange.accumulator.closed:
-            raise shown.diverged(self.completion, self.request_id)
+        early = shown.ended_early()
+        if early is not None:
+            raise early
 
     async def until_done(self) -> Completion:
         """Read the stream to its end and return the completion."""

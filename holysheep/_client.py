@@ -461,26 +461,21 @@ class Stream(StreamView):
                 if chunk.text:
                     yield chunk.text
             return
+        # Its errors are made by the call (`Call.error_to_raise`, `Call.ended`), so that
+        # observers are told of the exception raised here, not of another, or of an end.
         shown = ShownText(self._call)
-        chunks = iter(self)
-        while True:
-            try:
-                chunk = next(chunks)
-            except StopIteration:
-                break
-            except HolySheepError as exc:
-                failure = shown.failed(exc)
-                if failure is exc:
-                    raise
-                raise failure from exc
+        for chunk in self:
             text = shown.take(chunk)
             if text is None:
+                failure = shown.diverged(self.completion, self.request_id)
+                self._call.ended(_clock(), failure)  # before `close()` reports an end
                 self.close()
-                raise shown.diverged(self.completion, self.request_id)
+                raise failure
             if text:
                 yield text
-        if shown.repeating() and self._exchange.accumulator.closed:
-            raise shown.diverged(self.completion, self.request_id)
+        early = shown.ended_early()
+        if early is not None:
+            raise early
 
     def until_done(self) -> Completion:
         """Read the stream to its end and return the completion."""

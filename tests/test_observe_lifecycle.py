@@ -1,0 +1,158 @@
+"""Observers are told what the caller gets: the same exception, from where the stream really
+stopped, once, and nothing after it. Cases the review of the observability layer found wrong."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import holysheep
+from holysheep import (
+    Attempt,
+    Completion,
+    Observer,
+    RequestInfo,
+    RetryPolicy,
+    StreamInterruptedError,
+    StreamStats,
+)
+from holysheep.transports import (
+    AsyncMockTransport,
+    MockResponse,
+    MockTransport,
+    sse_body,
+)
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+FAST = RetryPolicy(attempts=3, wait_initial=0.01, wait_max=0.02, wait_jitter=0.0)
+ONE_RETRY = RetryPolicy(attempts=2, wait_initial=0.01, wait_jitter=0.0)
+
+
+class Recorder(Observer):
+    """Every callback, in order, with what it was given."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    def on_request(self, info: RequestInfo) -> None:
+        self.events.append(("request", info))
+
+    def on_first_token(self, info: RequestInfo, stats: StreamStats) -> None:
+        self.events.append(("first_token", stats))
+
+    def on_retry(self, info: RequestInfo, attempt: Attempt) -> None:
+        self.events.append(("retry", attempt))
+
+    def on_end(self, info: RequestInfo, completion: Completion, stats: StreamStats) -> None:
+        self.events.append(("end", completion))
+
+    def on_error(self, info: RequestInfo, error: BaseException, stats: StreamStats) -> None:
+        self.events.append(("error", error))
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.events]
+
+    @property
+    def error(self) -> BaseException:
+        name, error = self.events[-1]
+        assert "error" == name
+        assert isinstance(error, BaseException)
+        return error
+
+
+# -- text_stream() after a restart: the error it raises is the one reported ---------------------
+
+
+def diverging() -> list[MockResponse]:
+    """Attempt 1 drops after "Hello wor"; the restart says something else."""
+    return [
+        MockResponse(chunks=sse_body("Hello ", "wor", "ld")[:3], fault="connection reset"),
+        MockResponse(chunks=sse_body("Goodbye ", "moon")),
+    ]
+
+
+def ending_while_repeating() -> list[MockResponse]:
+    """Attempt 1 drops after "Hello world"; the restart ends cleanly after "Hello"."""
+    return [
+        MockResponse(chunks=sse_body("Hello", " world", "!")[:3], fault="connection reset"),
+        MockResponse(chunks=sse_body("Hello")),
+    ]
+
+
+def failing_while_repeating() -> list[MockResponse]:
+    """Attempt 1 drops after "Hello world"; the restart's body ends before any content (an
+    `IncompleteStreamError`, which `text_stream()` raises as the interruption it is)."""
+    return [
+        MockResponse(chunks=sse_body("Hello", " world", "!")[:3], fault="connection reset"),
+        MockResponse(chunks=sse_body("Hello", " world", "!")[:1]),
+    ]
+
+
+SCRIPTS = [diverging, ending_while_repeating, failing_while_repeating]
+
+
+def read_text(client: holysheep.Client) -> str:
+    with client.chat.stream(model="m", messages=MESSAGES) as stream:
+        return "".join(stream.text_stream())
+
+
+async def async_read_text(client: holysheep.AsyncClient) -> str:
+    async with client.chat.stream(model="m", messages=MESSAGES) as stream:
+        return "".join([text async for text in stream.text_stream()])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_text_stream_restart_failures_are_reported_as_the_error_raised(script: Any) -> None:
+    recorder = Recorder()
+    client = holysheep.Client(
+        api_key="k",
+        transport=MockTransport(script()),
+        retry=ONE_RETRY,
+        on_interrupt="restart",
+        observers=[recorder],
+    )
+    with client, pytest.raises(StreamInterruptedError) as info:
+        read_text(client)
+    assert ["request", "first_token", "retry", "error"] == recorder.names
+    assert info.value is recorder.error
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("script", SCRIPTS)
+async def test_async_text_stream_restart_failures_are_reported_as_the_error_raised(
+    script: Any,
+) -> None:
+    recorder = Recorder()
+    client = holysheep.AsyncClient(
+        api_key="k",
+        transport=AsyncMockTransport(script()),
+        retry=ONE_RETRY,
+        on_interrupt="restart",
+        observers=[recorder],
+    )
+    async with client:
+        with pytest.raises(StreamInterruptedError) as info:
+            await async_read_text(client)
+    assert ["request", "first_token", "retry", "error"] == recorder.names
+    assert info.value is recorder.error
+
+
+def test_a_restart_that_catches_up_is_still_an_end() -> None:
+    """The matching itself reports nothing: a restart that repeats and goes on ends well."""
+    recorder = Recorder()
+    script = [
+        MockResponse(chunks=sse_body("Hello", " world", "!")[:3], fault="connection reset"),
+        MockResponse(chunks=sse_body("Hello", " world", "!")),
+    ]
+    client = holysheep.Client(
+        api_key="k",
+        transport=MockTransport(script),
+        retry=FAST,
+        on_interrupt="restart",
+        observers=[recorder],
+    )
+    with client:
+        assert "Hello world!" == read_text(client)
+    assert ["request", "first_token", "retry", "end"] == recorder.names
