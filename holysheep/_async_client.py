@@ -395,6 +395,14 @@ class AsyncStream(StreamView):
                         self._index = 1
                     return chunks[0]
             raise StopAsyncIteration
+        except StopAsyncIteration:
+            raise
+        except BaseException as exc:
+            # Raised by the reading, not by the caller's code: a transport's bug, a cancelled
+            # read, or an error reported already. Ended here: `__aexit__`, if any, would take
+            # an exception for the caller's own, and end the request cleanly.
+            self._call.ended(_now(), exc)
+            raise
         finally:
             self._busy = False
 

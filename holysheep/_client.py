@@ -399,8 +399,12 @@ class Stream(StreamView):
                         reset = self._call.take_reset()
                         if reset is not None:
                             yield ChatChunk.for_reset(reset)
+        except GeneratorExit:
+            raise  # the caller stopped iterating: `close()` below reports the end
         except BaseException as exc:
-            self._call.left(_clock(), exc)
+            # Raised by the reading, never by the caller's code (which runs outside this
+            # generator): a transport's bug, Ctrl-C during a read, or an error reported already.
+            self._call.ended(_clock(), exc)
             raise
         finally:
             self._exhausted = True

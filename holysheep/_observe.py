@@ -63,7 +63,8 @@ class Observer:
         (then `completion.finish_reason` is usually None)."""
 
     def on_error(self, info: RequestInfo, error: BaseException, stats: StreamStats) -> None:
-        """The request failed for good with `error` (the exception the caller sees), or the
+        """The request failed for good with `error` (the exception the caller sees: one of
+        holysheep's, or whatever else the reading raised, a transport's bug say), or the
         reading task was cancelled."""
 
 

@@ -3,6 +3,7 @@ stopped, once, and nothing after it. Cases the review of the observability layer
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -18,9 +19,13 @@ from holysheep import (
     StreamStats,
 )
 from holysheep.transports import (
+    AsyncBaseTransport,
     AsyncMockTransport,
+    AsyncResponse,
+    BaseTransport,
     MockResponse,
     MockTransport,
+    Response,
     sse_body,
 )
 
@@ -156,3 +161,52 @@ def test_a_restart_that_catches_up_is_still_an_end() -> None:
     with client:
         assert "Hello world!" == read_text(client)
     assert ["request", "first_token", "retry", "end"] == recorder.names
+
+
+# -- whatever the reading raises ends the request as an error --------------------------------
+
+HEAD = {"content-type": "text/event-stream"}
+
+
+class BuggyBody(BaseTransport):
+    """A transport whose body raises a bug of its own (no HolySheepError) mid-stream."""
+
+    def send(self, request: Any) -> Response:
+        def body() -> Iterator[bytes]:
+            yield from sse_body("Hel", "lo")[:2]
+            raise ValueError("bug in the transport")
+
+        return Response(200, HEAD, body(), lambda: None)
+
+
+class AsyncBuggyBody(AsyncBaseTransport):
+    async def send(self, request: Any) -> AsyncResponse:
+        async def body() -> AsyncIterator[bytes]:
+            for data in sse_body("Hel", "lo")[:2]:
+                yield data
+            raise ValueError("bug in the transport")
+
+        async def aclose() -> None:
+            pass
+
+        return AsyncResponse(200, HEAD, body(), aclose)
+
+
+def test_a_transport_bug_mid_stream_is_reported_as_the_error() -> None:
+    recorder = Recorder()
+    client = holysheep.Client(api_key="k", transport=BuggyBody(), observers=[recorder])
+    with client, pytest.raises(ValueError, match="bug in the transport") as info:
+        client.chat.complete(model="m", messages=MESSAGES)
+    assert ["request", "first_token", "error"] == recorder.names
+    assert info.value is recorder.error
+
+
+@pytest.mark.anyio
+async def test_async_a_transport_bug_mid_stream_is_reported_as_the_error() -> None:
+    recorder = Recorder()
+    client = holysheep.AsyncClient(api_key="k", transport=AsyncBuggyBody(), observers=[recorder])
+    async with client:
+        with pytest.raises(ValueError, match="bug in the transport") as info:
+            await client.chat.complete(model="m", messages=MESSAGES)
+    assert ["request", "first_token", "error"] == recorder.names
+    assert info.value is recorder.error
