@@ -212,6 +212,7 @@ class Stream(StreamView):
         "_expiry",
         "_gate",
         "_gone",
+        "_in_with",
         "_lapsed",
         "_lock",
         "_reading",
@@ -256,11 +257,13 @@ class Stream(StreamView):
         # a ttft or idle deadline passed meanwhile.
         self._away = True
         self._lapsed = False
+        self._in_with = False  # inside `with stream:`, whose `__exit__` reports (see `__iter__`)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def __enter__(self) -> Stream:
         self.open()
+        self._in_with = True
         return self
 
     def __exit__(
@@ -269,9 +272,13 @@ class Stream(StreamView):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._in_with = False
         if exc is not None:  # `left` looks at nothing else, as in the async twin
             self._call.left(_clock(), exc)
         self.close()
+        # An iteration the caller left in this block closed the stream, and left its end for
+        # here, where the exception the caller left with is known (see `__iter__`).
+        self._call.ended(_clock())
         if self._away or not self._reading:
             # Nobody is in a read: this thread may close (see `close`); a thread that is
             # reading ends the attempt itself, having seen `_closed`.
@@ -320,6 +327,10 @@ class Stream(StreamView):
         be under way (the reader is not `_away`) this only wakes it (`Response.interrupt`),
         and the reader, which checks `_closed` after saying it reads, ends the attempt.
         """
+        self._close(report=True)
+
+    def _close(self, *, report: bool) -> None:
+        """`close()`; `report`: tell observers of the end, or leave that to `__exit__`."""
         with self._lock:
             if self._closed:
                 return
@@ -340,8 +351,10 @@ class Stream(StreamView):
         else:
             self._interrupt()
         if self._call.exchange is not None:
-            self._call.exchange.finish(_clock())
-            self._call.ended(_clock())
+            now = _clock()
+            self._call.exchange.finish(now)
+            if report:
+                self._call.ended(now)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -367,6 +380,7 @@ class Stream(StreamView):
         except BaseException:
             self._reading = False
             raise
+        stopped = False  # by the caller: a `break`, or an exception in its loop body
         try:
             while self._body is not None and not self._exhausted:
                 try:
@@ -400,7 +414,8 @@ class Stream(StreamView):
                         if reset is not None:
                             yield ChatChunk.for_reset(reset)
         except GeneratorExit:
-            raise  # the caller stopped iterating: `close()` below reports the end
+            stopped = True
+            raise
         except BaseException as exc:
             # Raised by the reading, never by the caller's code (which runs outside this
             # generator): a transport's bug, Ctrl-C during a read, or an error reported already.
@@ -409,7 +424,11 @@ class Stream(StreamView):
         finally:
             self._exhausted = True
             self._reading = False
-            self.close()
+            # A `for` loop left by an exception closes this generator before the `with` block's
+            # `__exit__` runs, and nothing here tells Ctrl-C or `SystemExit` (an error, see
+            # `Call.left`) from a `break` (an end): inside `with stream:`, that is left to
+            # `__exit__`, which is told. Outside one, it is an end (observability.md says so).
+            self._close(report=not (stopped and self._in_with))
             self._end_attempt()
 
     def _read_attempt(self) -> Iterator[ChatChunk]:

@@ -210,3 +210,53 @@ async def test_async_a_transport_bug_mid_stream_is_reported_as_the_error() -> No
             await client.chat.complete(model="m", messages=MESSAGES)
     assert ["request", "first_token", "error"] == recorder.names
     assert info.value is recorder.error
+
+
+# -- sync: Ctrl-C in the caller's loop body is an error; a `break`, or its own bug, an end --
+
+
+def answer() -> MockTransport:
+    return MockTransport([MockResponse(chunks=sse_body("Hello", " world"))])
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+def test_ctrl_c_in_the_loop_body_is_reported_as_an_error(exc_type: type[BaseException]) -> None:
+    """As on the async client, and as `Call.left` says: the for loop's generator is closed
+    before `__exit__` is told why, and must not report an end first."""
+    recorder = Recorder()
+    client = holysheep.Client(api_key="k", transport=answer(), observers=[recorder])
+
+    def interrupted() -> None:
+        with client.chat.stream(model="m", messages=MESSAGES) as stream:
+            for chunk in stream:
+                if chunk.text:
+                    raise exc_type
+
+    with client, pytest.raises(exc_type) as info:
+        interrupted()
+    assert ["request", "first_token", "error"] == recorder.names
+    assert info.value is recorder.error
+
+
+@pytest.mark.parametrize("leave", ["break", "raise"])
+def test_a_break_or_an_exception_in_the_loop_body_is_an_end(leave: str) -> None:
+    recorder = Recorder()
+    client = holysheep.Client(api_key="k", transport=answer(), observers=[recorder])
+
+    def leaving() -> None:
+        with client.chat.stream(model="m", messages=MESSAGES) as stream:
+            for chunk in stream:
+                if chunk.text and leave == "break":
+                    break
+                if chunk.text:
+                    raise ValueError("the caller's own bug")
+            assert stream.closed
+
+    with client:
+        if leave == "raise":
+            with pytest.raises(ValueError, match="own bug"):
+                leaving()
+        else:
+            leaving()
+    assert ["request", "first_token", "end"] == recorder.names
+    assert "Hello" == recorder.events[-1][1].text
