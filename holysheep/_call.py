@@ -384,6 +384,12 @@ class Call:
                 self._delivered = False
                 self._resume_from = None
                 self._pending_reset = Reset(decision.reason, decision.attempt)
+        if exchange.started is None:
+            # Never sent: a retry still queued in the rate limiter when `total` ran out. It is
+            # no attempt (`sent` does not count it), so no record or hook call either: those
+            # tell of each request that failed.
+            logger.info("holysheep gives up after attempt %d: %s", self.sent, decision.reason)
+            return decision
         record = Attempt(
             self.attempt,
             f"{type(error).__name__}: {error}",

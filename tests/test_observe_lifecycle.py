@@ -3,6 +3,8 @@ stopped, once, and nothing after it. Cases the review of the observability layer
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -13,10 +15,13 @@ from holysheep import (
     Attempt,
     Completion,
     Observer,
+    RateLimiter,
     RequestInfo,
     RetryPolicy,
     StreamInterruptedError,
     StreamStats,
+    Timeouts,
+    TotalTimeoutError,
 )
 from holysheep.transports import (
     AsyncBaseTransport,
@@ -260,3 +265,54 @@ def test_a_break_or_an_exception_in_the_loop_body_is_an_end(leave: str) -> None:
             leaving()
     assert ["request", "first_token", "end"] == recorder.names
     assert "Hello" == recorder.events[-1][1].text
+
+
+# -- hooks and history count the requests sent, as `attempts` does -----------------------------
+
+
+def test_a_retry_still_queued_at_total_is_no_attempt_for_hooks_or_history() -> None:
+    """A 503 is retried, and the retry waits in the rate limiter's queue, behind another
+    stream, until `total` runs out: it was never sent, so `attempts` is 1, and the hooks and
+    `stats.retries` must tell of one failed attempt, not of a second one."""
+    limiter = RateLimiter(max_concurrent=1)
+    released = threading.Event()
+    holders: list[threading.Thread] = []
+    busy = MockResponse(status_code=503, chunks=[b'{"error": {"message": "busy"}}'])
+
+    def answer(request: holysheep.Request) -> MockResponse:
+        if holders:
+            return MockResponse()  # the other stream's
+        # Before answering the 503, have another stream queue for the slot, and take it next.
+        holders.append(threading.Thread(target=hold))
+        holders[0].start()
+        deadline = time.monotonic() + 5
+        while limiter.waiting == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return busy
+
+    def hold() -> None:
+        with client.chat.stream(model="m", messages=MESSAGES, timeout=Timeouts(total=10)):
+            released.wait(5)
+
+    hooked: list[Attempt] = []
+    recorder = Recorder()
+    client = holysheep.Client(
+        api_key="k",
+        transport=MockTransport(answer),
+        limiter=limiter,
+        retry=FAST,
+        timeout=Timeouts(total=0.5),
+        hooks=[hooked.append],
+        observers=[recorder],
+    )
+    with client:
+        stream = client.chat.stream(model="m", messages=MESSAGES)
+        with pytest.raises(TotalTimeoutError, match="rate limiter's queue") as info:
+            stream.until_done()
+        released.set()
+        holders[0].join(5)
+    assert 1 == info.value.attempts == stream.stats.attempts
+    assert [1] == [attempt.attempt for attempt in hooked]
+    assert hooked == list(stream.stats.retries)
+    mine = [name for name, payload in recorder.events if name == "retry" or payload is info.value]
+    assert ["retry", "error"] == mine  # told of the 503's retry, then of the error
