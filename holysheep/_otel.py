@@ -144,7 +144,10 @@ class OpenTelemetryObserver(Observer):
         self._time_to_first_chunk: Histogram = meter.create_histogram(
             "gen_ai.client.operation.time_to_first_chunk",
             unit="s",
-            description="Time to the first content chunk, from sending the attempt that got it.",
+            # From the first attempt's send, as the conventions define it and `stats.ttft` is:
+            # the caller waited through the failed attempts and the waits between them too.
+            description="Time to the first content chunk, from the first attempt's send "
+            "(retries and their waits included).",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
         self._output_rate: Histogram = meter.create_histogram(

@@ -202,6 +202,27 @@ def test_a_retry_is_a_span_event_and_a_count(telemetry: Telemetry) -> None:
     assert "m" == counted.attributes["gen_ai.request.model"]
 
 
+def test_time_to_first_chunk_counts_from_the_first_attempts_send(telemetry: Telemetry) -> None:
+    """As its description says (it said "from sending the attempt that got it"): a 429 asking
+    for 0.3 s before the answer makes the first chunk at least that late."""
+    observer = telemetry.observer()
+    with serve() as upstream, sync_client(upstream, observer) as client:
+        upstream.enqueue({"fault": {"kind": "status", "status": 429, "retry_after": 0.3}})
+        client.chat.complete(model="m", messages=MESSAGES)
+    assert telemetry.histogram("gen_ai.client.operation.time_to_first_chunk").sum >= 0.3
+    data = telemetry.reader.get_metrics_data()
+    assert data is not None
+    (description,) = {
+        metric.description
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "gen_ai.client.operation.time_to_first_chunk"
+    }
+    assert "from the first attempt's send" in description
+    assert "retries and their waits included" in description
+
+
 def test_a_final_error_sets_status_error_and_error_type(telemetry: Telemetry) -> None:
     observer = telemetry.observer()
     with (
