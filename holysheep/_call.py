@@ -28,7 +28,7 @@ import logging
 import operator
 import os
 from collections.abc import Callable, Mapping
-from typing import Literal, final
+from typing import Any, Literal, final
 
 import attrs
 
@@ -299,8 +299,9 @@ class Call:
             self._delivered = any(map(_DELTAS, chunks))  # any chunk with a delta
         if not self._first_token and self.exchange is not None and self.exchange.progressed:
             self._first_token = True
-            if self._observers:
-                notify(self._observers, "on_first_token", self.info, self._stats(now))
+            if self._observers and not self._reported:
+                # (Reported: `close()` came during the read that brought these chunks.)
+                self._tell("on_first_token", self.info, self._stats(now))
 
     @property
     def earlier(self) -> Earlier:
@@ -410,7 +411,7 @@ class Call:
                 # replace its error (and the partial completion on it) with its own.
                 logger.exception("holysheep hook %r failed", hook)
         if isinstance(decision, Retry) and self._observers:
-            notify(self._observers, "on_retry", self.info, record)
+            self._tell("on_retry", self.info, record)
         return decision
 
     # -- lifecycle for observers: the drivers report, `Call` makes each happen once ------------
@@ -421,6 +422,15 @@ class Call:
             self._announced = True
             if self._observers:
                 notify(self._observers, "on_request", self.info)
+
+    def _tell(self, method: str, *args: Any) -> None:
+        """Tell the observers of progress (a first token, a retry) until the end is reported:
+        an observer may close the stream from its callback, and the end is the last thing
+        each of them hears."""
+        for observer in self._observers:
+            if self._reported:
+                return
+            notify((observer,), method, *args)
 
     def ended(self, now: float, error: BaseException | None = None) -> None:
         """The stream stopped for good: cleanly (`error` None) or with `error`."""

@@ -12,10 +12,14 @@ points per logical request (all its attempts together):
 - `on_retry` adds a span event and counts the retry.
 - `on_end` / `on_error` pop the state, set the response (or error) attributes, end the span and
   record the histograms. The `Observer` contract closes every request with exactly one of the
-  two, so no span stays open and no state outlives its request. Each stream's state is only
-  touched from the thread or task reading that stream; the shared dict sees single `setitem`
-  / `get` / `pop` calls, which are atomic, so one observer can serve a sync client used from
-  many threads.
+  two, so no span stays open and no state outlives its request.
+
+One observer serves every stream of a client, and a sync client may be used from many threads:
+the shared dict sees single `setitem` / `get` / `pop` calls, which are atomic. A stream's own
+callbacks come from the thread or task reading it, but for the end of one closed by `close()`
+from another: that end may overlap a first token or a retry told in the reading thread. So
+`_lock` makes each callback's look at a stream's state whole: an end pops it before a first
+token changes it, or after, never while.
 
 Names follow the OpenTelemetry semantic conventions for Generative AI as released in semantic
 conventions v1.41.0 (the spans and client metrics pages, `schema_url` below): the attribute is
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeGuard, final
@@ -162,6 +167,7 @@ class OpenTelemetryObserver(Observer):
             description="Attempts that failed and were retried.",
         )
         self._streams: dict[RequestInfo, _Stream] = {}
+        self._lock = threading.Lock()  # see the module docstring
 
     # -- Observer ---------------------------------------------------------------------------
 
@@ -187,19 +193,23 @@ class OpenTelemetryObserver(Observer):
         self._streams[info] = _Stream(span, time.monotonic(), common)
 
     def on_first_token(self, info: RequestInfo, stats: StreamStats) -> None:
-        stream = self._streams.get(info)
-        if stream is None or stats.ttft is None:
-            return
-        stream.ttft = stats.ttft
-        stream.span.set_attribute("gen_ai.response.time_to_first_chunk", stats.ttft)
-        stream.span.add_event(
-            "holysheep.first_token", {"gen_ai.response.time_to_first_chunk": stats.ttft}
-        )
+        with self._lock:
+            stream = self._streams.get(info)
+            if stream is None or stats.ttft is None:
+                return
+            stream.ttft = stats.ttft
+            stream.span.set_attribute("gen_ai.response.time_to_first_chunk", stats.ttft)
+            stream.span.add_event(
+                "holysheep.first_token", {"gen_ai.response.time_to_first_chunk": stats.ttft}
+            )
 
     def on_retry(self, info: RequestInfo, attempt: Attempt) -> None:
-        stream = self._streams.get(info)
-        if stream is None:
-            return
+        with self._lock:
+            stream = self._streams.get(info)
+            if stream is not None:
+                self._retried(stream, attempt)
+
+    def _retried(self, stream: _Stream, attempt: Attempt) -> None:
         error_type = _attempt_error_type(attempt)
         event: dict[str, AttributeValue] = {
             "holysheep.retry.attempt": attempt.attempt,
@@ -213,7 +223,8 @@ class OpenTelemetryObserver(Observer):
         self._retries.add(1, {**stream.attributes, "error.type": error_type})
 
     def on_end(self, info: RequestInfo, completion: Completion, stats: StreamStats) -> None:
-        stream = self._streams.pop(info, None)
+        with self._lock:
+            stream = self._streams.pop(info, None)
         if stream is None:
             return
         span, metric = stream.span, stream.attributes
@@ -242,7 +253,8 @@ class OpenTelemetryObserver(Observer):
     def on_error(self, info: RequestInfo, error: BaseException, stats: StreamStats) -> None:
         from opentelemetry.trace import Status, StatusCode
 
-        stream = self._streams.pop(info, None)
+        with self._lock:
+            stream = self._streams.pop(info, None)
         if stream is None:
             return
         span = stream.span

@@ -316,3 +316,67 @@ def test_a_retry_still_queued_at_total_is_no_attempt_for_hooks_or_history() -> N
     assert hooked == list(stream.stats.retries)
     mine = [name for name, payload in recorder.events if name == "retry" or payload is info.value]
     assert ["retry", "error"] == mine  # told of the 503's retry, then of the error
+
+
+# -- nothing is told after the end ----------------------------------------------------------------
+
+
+class Closer(Observer):
+    """Closes the stream from its `on_first_token`."""
+
+    stream: Any = None
+
+    def on_first_token(self, info: RequestInfo, stats: StreamStats) -> None:
+        self.stream.close()
+
+
+def test_an_observer_closing_the_stream_ends_it_for_the_next_observer_too() -> None:
+    """The end is the last callback every observer hears: the next observer's first token,
+    told after the close reported the end, came after it."""
+    closer, recorder = Closer(), Recorder()
+    client = holysheep.Client(api_key="k", transport=answer(), observers=[closer, recorder])
+    with client, client.chat.stream(model="m", messages=MESSAGES) as stream:
+        closer.stream = stream
+        for _ in stream:
+            pass
+    assert ["request", "end"] == recorder.names
+
+
+@pytest.mark.anyio
+async def test_async_an_observer_closing_the_stream_ends_it_for_the_next_observer_too() -> None:
+    closer, recorder = Closer(), Recorder()
+    transport = AsyncMockTransport([MockResponse(chunks=sse_body("Hello", " world"))])
+    client = holysheep.AsyncClient(api_key="k", transport=transport, observers=[closer, recorder])
+    async with client, client.chat.stream(model="m", messages=MESSAGES) as stream:
+        closer.stream = stream
+        async for _ in stream:
+            pass
+    assert ["request", "end"] == recorder.names
+
+
+class ReturnsWhenInterrupted(BaseTransport):
+    """The second read waits until `close()` interrupts it, then returns the content it had
+    (a transport may return or raise there)."""
+
+    def send(self, request: Any) -> Response:
+        woken = threading.Event()
+        role, hello = sse_body("Hello")[:2]
+
+        def body() -> Iterator[bytes]:
+            yield role  # no content yet
+            woken.wait(5)
+            yield hello
+
+        return Response(200, HEAD, body(), woken.set, woken.set)
+
+
+def test_content_read_as_another_thread_closes_brings_no_first_token_after_the_end() -> None:
+    recorder = Recorder()
+    client = holysheep.Client(api_key="k", transport=ReturnsWhenInterrupted(), observers=[recorder])
+    with client, client.chat.stream(model="m", messages=MESSAGES) as stream:
+        closing = threading.Timer(0.1, stream.close)
+        closing.start()
+        for _ in stream:
+            pass
+        closing.join()
+    assert ["request", "end"] == recorder.names
