@@ -235,7 +235,7 @@ class AsyncStream(StreamView):
         # asyncio only (see the module docstring): the deadline timer, when it is due, the task
         # blocked in a body read, and whether we cancelled it.
         self._timed = False  # reads of this attempt are bounded by `_timer`, not a scope
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
         self._timer_due = math.inf
         self._reader: asyncio.Task[Any] | None = None
         self._cancelled_read = False
@@ -499,10 +499,11 @@ class AsyncStream(StreamView):
             self._timer = asyncio.get_running_loop().call_at(at, self._on_timer)
             self._timer_due = at
 
-    def _on_timer(self) -> None:
+    def _on_timer(self, again: bool = False) -> None:
         self._timer, self._timer_due = None, math.inf
         due = self._exchange.deadline()
-        if due is None or due[0] > asyncio.get_running_loop().time():
+        loop = asyncio.get_running_loop()
+        if due is None or due[0] > loop.time():
             # The deadline moved later since we armed (content arrived), or there is none yet
             # (only `idle`, before the first content): wait for the new one.
             self._arm()
@@ -511,6 +512,16 @@ class AsyncStream(StreamView):
             # Nobody is waiting on the server: the caller is busy between chunks. Its next
             # read starts the ttft and idle clocks again (`Exchange.resumed`).
             self._lapsed = True
+            return
+        if not again and due[1] != "total":
+            # Look again after one more turn of the loop. Code that blocks the loop (the
+            # caller's, or an observer's) for longer than `idle` leaves the bytes that came
+            # meanwhile unread, and a read already waiting: the turn that runs this timer
+            # runs the socket's callback too, but wakes the reader only on the next, so the
+            # read would be cancelled as its bytes are there. (Costs a turn per timeout, not
+            # a clock read per read.) Held as the timer, so that `_disarm` cancels it.
+            self._timer = loop.call_soon(self._on_timer, True)
+            self._timer_due = -math.inf  # due now: `_arm` must not replace it
             return
         self._expired = True
         self._cancel_read()

@@ -457,8 +457,10 @@ class Stream(StreamView):
                     # come sooner: the only time a deadline moves earlier.
                     waiting_for_first = False
                     self._watchdog.watch(self)
-                delivered(chunks, now)
+                # Away first: `delivered` runs the observers, whose time is the caller's, as
+                # the loop body's is (a slow one was taken for a stalled server).
                 self._away = True
+                delivered(chunks, now)
                 yield from chunks
                 self._away = False
                 if self._lapsed:

@@ -23,6 +23,7 @@ from holysheep import (
     Timeouts,
     TotalTimeoutError,
 )
+from holysheep.testing import serve
 from holysheep.transports import (
     AsyncBaseTransport,
     AsyncMockTransport,
@@ -380,3 +381,57 @@ def test_content_read_as_another_thread_closes_brings_no_first_token_after_the_e
             pass
         closing.join()
     assert ["request", "end"] == recorder.names
+
+
+# -- an observer's time, and code blocking the event loop, are not the server's idle time -----
+
+
+class SlowFirstToken(Observer):
+    """Blocks in `on_first_token` for longer than the idle timeout (a synchronous export)."""
+
+    def on_first_token(self, info: RequestInfo, stats: StreamStats) -> None:
+        time.sleep(0.6)
+
+
+PACED = Timeouts(idle=0.3)
+
+
+def test_a_slow_observer_is_the_callers_time_not_the_servers() -> None:
+    """As a slow loop body is: the watchdog took the observer's 0.6 s for a stalled server
+    (and `complete()` then paid for the whole answer again)."""
+    with serve(tokens_per_s=100) as upstream:
+        client = holysheep.Client(
+            api_key="k",
+            base_url=upstream.base_url,
+            timeout=PACED,
+            retry=RetryPolicy(attempts=1),
+            observers=[SlowFirstToken()],
+        )
+        with client:
+            completion = client.chat.complete(model="m", messages=MESSAGES, max_tokens=10)
+        assert "length" == completion.finish_reason
+        assert 1 == len(upstream.requests)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("where", ["observer", "loop body"])
+async def test_code_blocking_the_event_loop_does_not_fail_a_stream_that_sent_on_time(
+    where: str,
+) -> None:
+    """On asyncio the deadline timer ran in the loop's first turn after the block, as the
+    bytes sent meanwhile were there but the read waiting for them not yet woken, and cancelled
+    it: `IdleTimeoutError` after "waited 0.60 s" (trio always forgave it)."""
+    observers = [SlowFirstToken()] if where == "observer" else []
+    with serve(tokens_per_s=100) as upstream:
+        client = holysheep.AsyncClient(
+            api_key="k",
+            base_url=upstream.base_url,
+            timeout=PACED,
+            retry=RetryPolicy(attempts=1),
+            observers=observers,
+        )
+        async with client, client.chat.stream(model="m", messages=MESSAGES, max_tokens=10) as s:
+            async for chunk in s:
+                if chunk.text and where == "loop body" and s.completion.text == chunk.text:
+                    time.sleep(0.6)  # blocking, not awaiting: the loop stands still
+        assert "length" == s.completion.finish_reason
