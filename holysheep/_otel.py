@@ -12,14 +12,18 @@ points per logical request (all its attempts together):
 - `on_retry` adds a span event and counts the retry.
 - `on_end` / `on_error` pop the state, set the response (or error) attributes, end the span and
   record the histograms. The `Observer` contract closes every request with exactly one of the
-  two, so no span stays open and no state outlives its request.
+  two, so no span stays open and no state outlives its request; but for a stream dropped
+  without being closed or read to its end, which nothing reports. The state is held by weak
+  reference to the `RequestInfo`, which lives as long as the stream, so such a stream's state
+  and request body go with it; its span is ended as abandoned when the next request starts
+  (`_end_abandoned`).
 
-One observer serves every stream of a client, and a sync client may be used from many threads:
-the shared dict sees single `setitem` / `get` / `pop` calls, which are atomic. A stream's own
-callbacks come from the thread or task reading it, but for the end of one closed by `close()`
-from another: that end may overlap a first token or a retry told in the reading thread. So
-`_lock` makes each callback's look at a stream's state whole: an end pops it before a first
-token changes it, or after, never while.
+One observer serves every stream of a client, and a sync client may be used from many threads,
+so the shared dict is only touched under `_lock`. A stream's own callbacks come from the thread
+or task reading it, but for the end of one closed by `close()` from another: that end may
+overlap a first token or a retry told in the reading thread. The lock also makes each
+callback's look at a stream's state whole: an end pops it before a first token changes it, or
+after, never while.
 
 Names follow the OpenTelemetry semantic conventions for Generative AI as released in semantic
 conventions v1.41.0 (the spans and client metrics pages, `schema_url` below): the attribute is
@@ -41,6 +45,7 @@ import contextlib
 import json
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeGuard, final
 from urllib.parse import urlsplit
@@ -79,6 +84,9 @@ RATE_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 _INSTALL = "pip install 'holysheep[otel]'"
 
+#: `error.type` of the span of a stream dropped without an end (see `_end_abandoned`).
+ABANDONED: Final = "holysheep.abandoned"
+
 # Request body keys -> span attributes, by the type the conventions give them.
 _FLOAT_PARAMS: Final = {
     "temperature": "gen_ai.request.temperature",
@@ -101,6 +109,8 @@ class _Stream:
     #: Attributes every metric point of this request carries.
     attributes: dict[str, AttributeValue]
     ttft: float | None = None
+    #: Ends the span as abandoned if the request's `RequestInfo` goes before its end came.
+    dropped: weakref.finalize[Any, Any] | None = None
 
 
 @final
@@ -166,7 +176,12 @@ class OpenTelemetryObserver(Observer):
             unit="{retry}",
             description="Attempts that failed and were retried.",
         )
-        self._streams: dict[RequestInfo, _Stream] = {}
+        # Weak: a stream dropped without an end must not keep its state and body for good.
+        self._streams: weakref.WeakKeyDictionary[RequestInfo, _Stream] = weakref.WeakKeyDictionary()
+        # The states of requests whose `RequestInfo` went without an end, to end at the next
+        # callback: the garbage collector, which finds them, may run anywhere (within a span
+        # exporter holding its lock, say), so it only appends (atomic, takes no lock).
+        self._abandoned: list[_Stream] = []
         self._lock = threading.Lock()  # see the module docstring
 
     # -- Observer ---------------------------------------------------------------------------
@@ -187,10 +202,16 @@ class OpenTelemetryObserver(Observer):
         }
         if self.capture_content:
             attributes["gen_ai.input.messages"] = _json(_input_messages(info.body.get("messages")))
+        if self._abandoned:
+            self._end_abandoned()
         span = self._tracer.start_span(
             f"chat {info.model}", kind=SpanKind.CLIENT, attributes=attributes
         )
-        self._streams[info] = _Stream(span, time.monotonic(), common)
+        stream = _Stream(span, time.monotonic(), common)
+        stream.dropped = weakref.finalize(info, self._abandoned.append, stream)
+        stream.dropped.atexit = False  # a stream open at exit: the providers may be shut down
+        with self._lock:
+            self._streams[info] = stream
 
     def on_first_token(self, info: RequestInfo, stats: StreamStats) -> None:
         with self._lock:
@@ -227,6 +248,8 @@ class OpenTelemetryObserver(Observer):
             stream = self._streams.pop(info, None)
         if stream is None:
             return
+        if stream.dropped is not None:
+            stream.dropped.detach()
         span, metric = stream.span, stream.attributes
         if completion.model:
             metric["gen_ai.response.model"] = completion.model
@@ -257,6 +280,8 @@ class OpenTelemetryObserver(Observer):
             stream = self._streams.pop(info, None)
         if stream is None:
             return
+        if stream.dropped is not None:
+            stream.dropped.detach()
         span = stream.span
         error_type = type(error).__qualname__
         span.set_attribute("error.type", error_type)
@@ -273,6 +298,28 @@ class OpenTelemetryObserver(Observer):
         )
         if stream.ttft is not None:
             self._time_to_first_chunk.record(stream.ttft, metric)
+
+    def _end_abandoned(self) -> None:
+        """End the spans of requests dropped without an end (see `_abandoned`): status ERROR,
+        as how they went is unknown, and no metric point, as their duration would be the
+        garbage collector's."""
+        from opentelemetry.trace import Status, StatusCode
+
+        while self._abandoned:
+            try:
+                stream = self._abandoned.pop()
+            except IndexError:  # another thread took the last one
+                return
+            span = stream.span
+            span.set_attribute("error.type", ABANDONED)
+            span.set_status(
+                Status(
+                    StatusCode.ERROR,
+                    "the stream was dropped without being closed or read to its end: how it "
+                    "ended is unknown (use `with` / `async with`)",
+                )
+            )
+            span.end()
 
 
 # -- attributes ------------------------------------------------------------------------------
