@@ -235,7 +235,7 @@ class AsyncStream(StreamView):
         # asyncio only (see the module docstring): the deadline timer, when it is due, the task
         # blocked in a body read, and whether we cancelled it.
         self._timed = False  # reads of this attempt are bounded by `_timer`, not a scope
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
         self._timer_due = math.inf
         self._reader: asyncio.Task[Any] | None = None
         self._cancelled_read = False
@@ -395,6 +395,14 @@ class AsyncStream(StreamView):
                         self._index = 1
                     return chunks[0]
             raise StopAsyncIteration
+        except StopAsyncIteration:
+            raise
+        except BaseException as exc:
+            # Raised by the reading, not by the caller's code: a transport's bug, a cancelled
+            # read, or an error reported already. Ended here: `__aexit__`, if any, would take
+            # an exception for the caller's own, and end the request cleanly.
+            self._call.ended(_now(), exc)
+            raise
         finally:
             self._busy = False
 
@@ -491,10 +499,11 @@ class AsyncStream(StreamView):
             self._timer = asyncio.get_running_loop().call_at(at, self._on_timer)
             self._timer_due = at
 
-    def _on_timer(self) -> None:
+    def _on_timer(self, again: bool = False) -> None:
         self._timer, self._timer_due = None, math.inf
         due = self._exchange.deadline()
-        if due is None or due[0] > asyncio.get_running_loop().time():
+        loop = asyncio.get_running_loop()
+        if due is None or due[0] > loop.time():
             # The deadline moved later since we armed (content arrived), or there is none yet
             # (only `idle`, before the first content): wait for the new one.
             self._arm()
@@ -503,6 +512,16 @@ class AsyncStream(StreamView):
             # Nobody is waiting on the server: the caller is busy between chunks. Its next
             # read starts the ttft and idle clocks again (`Exchange.resumed`).
             self._lapsed = True
+            return
+        if not again and due[1] != "total":
+            # Look again after one more turn of the loop. Code that blocks the loop (the
+            # caller's, or an observer's) for longer than `idle` leaves the bytes that came
+            # meanwhile unread, and a read already waiting: the turn that runs this timer
+            # runs the socket's callback too, but wakes the reader only on the next, so the
+            # read would be cancelled as its bytes are there. (Costs a turn per timeout, not
+            # a clock read per read.) Held as the timer, so that `_disarm` cancels it.
+            self._timer = loop.call_soon(self._on_timer, True)
+            self._timer_due = -math.inf  # due now: `_arm` must not replace it
             return
         self._expired = True
         self._cancel_read()
@@ -550,25 +569,19 @@ class AsyncStream(StreamView):
                 if chunk.text:
                     yield chunk.text
             return
-        shown = ShownText(self._call)
-        while True:
-            try:
-                chunk = await self.__anext__()
-            except StopAsyncIteration:
-                break
-            except HolySheepError as exc:
-                failure = shown.failed(exc)
-                if failure is exc:
-                    raise
-                raise failure from exc
+        shown = ShownText(self._call)  # its errors are made by the call (see `Stream`'s)
+        async for chunk in self:
             text = shown.take(chunk)
             if text is None:
+                failure = shown.diverged(self.completion, self.request_id)
+                self._call.ended(_now(), failure)  # before `aclose()` reports an end
                 await self.aclose()
-                raise shown.diverged(self.completion, self.request_id)
+                raise failure
             if text:
                 yield text
-        if shown.repeating() and self._exchange.accumulator.closed:
-            raise shown.diverged(self.completion, self.request_id)
+        early = shown.ended_early()
+        if early is not None:
+            raise early
 
     async def until_done(self) -> Completion:
         """Read the stream to its end and return the completion."""

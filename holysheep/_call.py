@@ -28,7 +28,7 @@ import logging
 import operator
 import os
 from collections.abc import Callable, Mapping
-from typing import Literal, final
+from typing import Any, Literal, final
 
 import attrs
 
@@ -126,6 +126,7 @@ class Call:
         "_resume_from",
         "_run_start",
         "_seen_ids",
+        "_shown",
         "attempt",
         "cost",
         "exchange",
@@ -199,6 +200,9 @@ class Call:
         self.replaced: Completion | None = None
         #: What the failed attempts measured, for the stream's stats (see `earlier`).
         self._earlier = _NOTHING_EARLIER
+        # What `text_stream()` yielded, when it matches a restart against it: its errors are
+        # the ones the caller sees, so observers must be told of those (see `error_to_raise`).
+        self._shown: ShownText | None = None
 
     def peek(self) -> Exchange:
         """The current exchange; before the first attempt, the one it will use.
@@ -295,8 +299,9 @@ class Call:
             self._delivered = any(map(_DELTAS, chunks))  # any chunk with a delta
         if not self._first_token and self.exchange is not None and self.exchange.progressed:
             self._first_token = True
-            if self._observers:
-                notify(self._observers, "on_first_token", self.info, self._stats(now))
+            if self._observers and not self._reported:
+                # (Reported: `close()` came during the read that brought these chunks.)
+                self._tell("on_first_token", self.info, self._stats(now))
 
     @property
     def earlier(self) -> Earlier:
@@ -380,6 +385,12 @@ class Call:
                 self._delivered = False
                 self._resume_from = None
                 self._pending_reset = Reset(decision.reason, decision.attempt)
+        if exchange.started is None:
+            # Never sent: a retry still queued in the rate limiter when `total` ran out. It is
+            # no attempt (`sent` does not count it), so no record or hook call either: those
+            # tell of each request that failed.
+            logger.info("holysheep gives up after attempt %d: %s", self.sent, decision.reason)
+            return decision
         record = Attempt(
             self.attempt,
             f"{type(error).__name__}: {error}",
@@ -400,7 +411,7 @@ class Call:
                 # replace its error (and the partial completion on it) with its own.
                 logger.exception("holysheep hook %r failed", hook)
         if isinstance(decision, Retry) and self._observers:
-            notify(self._observers, "on_retry", self.info, record)
+            self._tell("on_retry", self.info, record)
         return decision
 
     # -- lifecycle for observers: the drivers report, `Call` makes each happen once ------------
@@ -412,11 +423,22 @@ class Call:
             if self._observers:
                 notify(self._observers, "on_request", self.info)
 
+    def _tell(self, method: str, *args: Any) -> None:
+        """Tell the observers of progress (a first token, a retry) until the end is reported:
+        an observer may close the stream from its callback, and the end is the last thing
+        each of them hears."""
+        for observer in self._observers:
+            if self._reported:
+                return
+            notify((observer,), method, *args)
+
     def ended(self, now: float, error: BaseException | None = None) -> None:
         """The stream stopped for good: cleanly (`error` None) or with `error`."""
         if self._reported or not self._announced:
             return
         self._reported = True
+        if error is None and self._shown is not None:
+            error = self._shown.ended_early()  # an end `text_stream()` raises for
         if self._observers:
             stats = self._stats(now)
             if error is None:
@@ -451,6 +473,9 @@ class Call:
         failure.attempts = self.sent
         if decision.cut_short is not None:
             failure.not_retried = decision.cut_short
+        if self._shown is not None:
+            # Made here, not where `text_stream()` catches it: observers get this error too.
+            failure = self._shown.failed(failure)
         return failure
 
     def _error_to_raise(self, error: HolySheepError, decision: GiveUp) -> HolySheepError:
@@ -593,10 +618,13 @@ class ShownText:
     it is part of: see `failed`.
     """
 
-    __slots__ = ("_at", "_call", "_parts", "_shown", "_shown_completion")
+    __slots__ = ("_at", "_call", "_early", "_parts", "_shown", "_shown_completion")
 
     def __init__(self, call: Call | None = None) -> None:
         self._call = call  # for the completion each `Reset` replaces
+        if call is not None:
+            call._shown = self  # the call's errors are then ours (see `Call.error_to_raise`)
+        self._early: StreamInterruptedError | None = None  # see `ended_early`
         self._parts: list[str] = []  # yielded so far, joined only at a Reset
         self._shown = ""
         self._at: int | None = None  # how much of `_shown` the new answer has repeated
@@ -663,11 +691,25 @@ class ShownText:
                 usage=shown.usage,
             )
             failure.attempts = error.attempts
+            failure.not_retried = error.not_retried
             return failure
         error.completion = shown
         if isinstance(error, StreamInterruptedError):
             error.usage = shown.usage
         return error
+
+    def ended_early(self) -> StreamInterruptedError | None:
+        """The error for a restarted answer that ended while still repeating what was yielded
+        (see `repeating`), None for any other end. Made once: `Call.ended` tells observers of
+        it when the end is reported, and `text_stream()` raises the same exception after."""
+        call = self._call
+        if self._early is None and call is not None and self.repeating():
+            exchange = call.exchange
+            # The end of the answer, not the caller's close.
+            if exchange is not None and exchange.accumulator.closed:
+                request_id = exchange.server_request_id or exchange.request_id
+                self._early = self.diverged(call.completion(exchange), request_id)
+        return self._early
 
     def diverged(self, completion: Completion, request_id: str | None) -> StreamInterruptedError:
         """The error for a restarted answer that differs from the text already yielded."""

@@ -212,6 +212,7 @@ class Stream(StreamView):
         "_expiry",
         "_gate",
         "_gone",
+        "_in_with",
         "_lapsed",
         "_lock",
         "_reading",
@@ -256,11 +257,13 @@ class Stream(StreamView):
         # a ttft or idle deadline passed meanwhile.
         self._away = True
         self._lapsed = False
+        self._in_with = False  # inside `with stream:`, whose `__exit__` reports (see `__iter__`)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def __enter__(self) -> Stream:
         self.open()
+        self._in_with = True
         return self
 
     def __exit__(
@@ -269,9 +272,13 @@ class Stream(StreamView):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._in_with = False
         if exc is not None:  # `left` looks at nothing else, as in the async twin
             self._call.left(_clock(), exc)
         self.close()
+        # An iteration the caller left in this block closed the stream, and left its end for
+        # here, where the exception the caller left with is known (see `__iter__`).
+        self._call.ended(_clock())
         if self._away or not self._reading:
             # Nobody is in a read: this thread may close (see `close`); a thread that is
             # reading ends the attempt itself, having seen `_closed`.
@@ -320,6 +327,10 @@ class Stream(StreamView):
         be under way (the reader is not `_away`) this only wakes it (`Response.interrupt`),
         and the reader, which checks `_closed` after saying it reads, ends the attempt.
         """
+        self._close(report=True)
+
+    def _close(self, *, report: bool) -> None:
+        """`close()`; `report`: tell observers of the end, or leave that to `__exit__`."""
         with self._lock:
             if self._closed:
                 return
@@ -340,8 +351,10 @@ class Stream(StreamView):
         else:
             self._interrupt()
         if self._call.exchange is not None:
-            self._call.exchange.finish(_clock())
-            self._call.ended(_clock())
+            now = _clock()
+            self._call.exchange.finish(now)
+            if report:
+                self._call.ended(now)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -367,6 +380,7 @@ class Stream(StreamView):
         except BaseException:
             self._reading = False
             raise
+        stopped = False  # by the caller: a `break`, or an exception in its loop body
         try:
             while self._body is not None and not self._exhausted:
                 try:
@@ -399,13 +413,22 @@ class Stream(StreamView):
                         reset = self._call.take_reset()
                         if reset is not None:
                             yield ChatChunk.for_reset(reset)
+        except GeneratorExit:
+            stopped = True
+            raise
         except BaseException as exc:
-            self._call.left(_clock(), exc)
+            # Raised by the reading, never by the caller's code (which runs outside this
+            # generator): a transport's bug, Ctrl-C during a read, or an error reported already.
+            self._call.ended(_clock(), exc)
             raise
         finally:
             self._exhausted = True
             self._reading = False
-            self.close()
+            # A `for` loop left by an exception closes this generator before the `with` block's
+            # `__exit__` runs, and nothing here tells Ctrl-C or `SystemExit` (an error, see
+            # `Call.left`) from a `break` (an end): inside `with stream:`, that is left to
+            # `__exit__`, which is told. Outside one, it is an end (observability.md says so).
+            self._close(report=not (stopped and self._in_with))
             self._end_attempt()
 
     def _read_attempt(self) -> Iterator[ChatChunk]:
@@ -434,8 +457,10 @@ class Stream(StreamView):
                     # come sooner: the only time a deadline moves earlier.
                     waiting_for_first = False
                     self._watchdog.watch(self)
-                delivered(chunks, now)
+                # Away first: `delivered` runs the observers, whose time is the caller's, as
+                # the loop body's is (a slow one was taken for a stalled server).
                 self._away = True
+                delivered(chunks, now)
                 yield from chunks
                 self._away = False
                 if self._lapsed:
@@ -461,26 +486,21 @@ class Stream(StreamView):
                 if chunk.text:
                     yield chunk.text
             return
+        # Its errors are made by the call (`Call.error_to_raise`, `Call.ended`), so that
+        # observers are told of the exception raised here, not of another, or of an end.
         shown = ShownText(self._call)
-        chunks = iter(self)
-        while True:
-            try:
-                chunk = next(chunks)
-            except StopIteration:
-                break
-            except HolySheepError as exc:
-                failure = shown.failed(exc)
-                if failure is exc:
-                    raise
-                raise failure from exc
+        for chunk in self:
             text = shown.take(chunk)
             if text is None:
+                failure = shown.diverged(self.completion, self.request_id)
+                self._call.ended(_clock(), failure)  # before `close()` reports an end
                 self.close()
-                raise shown.diverged(self.completion, self.request_id)
+                raise failure
             if text:
                 yield text
-        if shown.repeating() and self._exchange.accumulator.closed:
-            raise shown.diverged(self.completion, self.request_id)
+        early = shown.ended_early()
+        if early is not None:
+            raise early
 
     def until_done(self) -> Completion:
         """Read the stream to its end and return the completion."""

@@ -6,7 +6,8 @@ failed for good. Exactly one of `on_end` and `on_error` closes every `on_request
 stream stops (read to the end, closed early, cancelled, or an error), so an observer that opens
 a span or a timer in `on_request` always gets to close it.
 
-Observers run inline, in the thread or task that reads the stream: keep them cheap. One that
+Observers run inline, in the thread or task that reads the stream (but for the end of a stream
+closed with `close()` from another one, told there): keep them cheap. One that
 raises is logged (logger `holysheep`) and otherwise ignored: a metrics bug must not cost a user
 their completion.
 """
@@ -63,7 +64,8 @@ class Observer:
         (then `completion.finish_reason` is usually None)."""
 
     def on_error(self, info: RequestInfo, error: BaseException, stats: StreamStats) -> None:
-        """The request failed for good with `error` (the exception the caller sees), or the
+        """The request failed for good with `error` (the exception the caller sees: one of
+        holysheep's, or whatever else the reading raised, a transport's bug say), or the
         reading task was cancelled."""
 
 

@@ -12,10 +12,18 @@ points per logical request (all its attempts together):
 - `on_retry` adds a span event and counts the retry.
 - `on_end` / `on_error` pop the state, set the response (or error) attributes, end the span and
   record the histograms. The `Observer` contract closes every request with exactly one of the
-  two, so no span stays open and no state outlives its request. Each stream's state is only
-  touched from the thread or task reading that stream; the shared dict sees single `setitem`
-  / `get` / `pop` calls, which are atomic, so one observer can serve a sync client used from
-  many threads.
+  two, so no span stays open and no state outlives its request; but for a stream dropped
+  without being closed or read to its end, which nothing reports. The state is held by weak
+  reference to the `RequestInfo`, which lives as long as the stream, so such a stream's state
+  and request body go with it; its span is ended as abandoned when the next request starts
+  (`_end_abandoned`).
+
+One observer serves every stream of a client, and a sync client may be used from many threads,
+so the shared dict is only touched under `_lock`. A stream's own callbacks come from the thread
+or task reading it, but for the end of one closed by `close()` from another: that end may
+overlap a first token or a retry told in the reading thread. The lock also makes each
+callback's look at a stream's state whole: an end pops it before a first token changes it, or
+after, never while.
 
 Names follow the OpenTelemetry semantic conventions for Generative AI as released in semantic
 conventions v1.41.0 (the spans and client metrics pages, `schema_url` below): the attribute is
@@ -35,7 +43,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeGuard, final
 from urllib.parse import urlsplit
@@ -74,6 +84,9 @@ RATE_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 _INSTALL = "pip install 'holysheep[otel]'"
 
+#: `error.type` of the span of a stream dropped without an end (see `_end_abandoned`).
+ABANDONED: Final = "holysheep.abandoned"
+
 # Request body keys -> span attributes, by the type the conventions give them.
 _FLOAT_PARAMS: Final = {
     "temperature": "gen_ai.request.temperature",
@@ -96,6 +109,8 @@ class _Stream:
     #: Attributes every metric point of this request carries.
     attributes: dict[str, AttributeValue]
     ttft: float | None = None
+    #: Ends the span as abandoned if the request's `RequestInfo` goes before its end came.
+    dropped: weakref.finalize[Any, Any] | None = None
 
 
 @final
@@ -144,7 +159,10 @@ class OpenTelemetryObserver(Observer):
         self._time_to_first_chunk: Histogram = meter.create_histogram(
             "gen_ai.client.operation.time_to_first_chunk",
             unit="s",
-            description="Time to the first content chunk, from sending the attempt that got it.",
+            # From the first attempt's send, as the conventions define it and `stats.ttft` is:
+            # the caller waited through the failed attempts and the waits between them too.
+            description="Time to the first content chunk, from the first attempt's send "
+            "(retries and their waits included).",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
         self._output_rate: Histogram = meter.create_histogram(
@@ -158,7 +176,13 @@ class OpenTelemetryObserver(Observer):
             unit="{retry}",
             description="Attempts that failed and were retried.",
         )
-        self._streams: dict[RequestInfo, _Stream] = {}
+        # Weak: a stream dropped without an end must not keep its state and body for good.
+        self._streams: weakref.WeakKeyDictionary[RequestInfo, _Stream] = weakref.WeakKeyDictionary()
+        # The states of requests whose `RequestInfo` went without an end, to end at the next
+        # callback: the garbage collector, which finds them, may run anywhere (within a span
+        # exporter holding its lock, say), so it only appends (atomic, takes no lock).
+        self._abandoned: list[_Stream] = []
+        self._lock = threading.Lock()  # see the module docstring
 
     # -- Observer ---------------------------------------------------------------------------
 
@@ -178,25 +202,35 @@ class OpenTelemetryObserver(Observer):
         }
         if self.capture_content:
             attributes["gen_ai.input.messages"] = _json(_input_messages(info.body.get("messages")))
+        if self._abandoned:
+            self._end_abandoned()
         span = self._tracer.start_span(
             f"chat {info.model}", kind=SpanKind.CLIENT, attributes=attributes
         )
-        self._streams[info] = _Stream(span, time.monotonic(), common)
+        stream = _Stream(span, time.monotonic(), common)
+        stream.dropped = weakref.finalize(info, self._abandoned.append, stream)
+        stream.dropped.atexit = False  # a stream open at exit: the providers may be shut down
+        with self._lock:
+            self._streams[info] = stream
 
     def on_first_token(self, info: RequestInfo, stats: StreamStats) -> None:
-        stream = self._streams.get(info)
-        if stream is None or stats.ttft is None:
-            return
-        stream.ttft = stats.ttft
-        stream.span.set_attribute("gen_ai.response.time_to_first_chunk", stats.ttft)
-        stream.span.add_event(
-            "holysheep.first_token", {"gen_ai.response.time_to_first_chunk": stats.ttft}
-        )
+        with self._lock:
+            stream = self._streams.get(info)
+            if stream is None or stats.ttft is None:
+                return
+            stream.ttft = stats.ttft
+            stream.span.set_attribute("gen_ai.response.time_to_first_chunk", stats.ttft)
+            stream.span.add_event(
+                "holysheep.first_token", {"gen_ai.response.time_to_first_chunk": stats.ttft}
+            )
 
     def on_retry(self, info: RequestInfo, attempt: Attempt) -> None:
-        stream = self._streams.get(info)
-        if stream is None:
-            return
+        with self._lock:
+            stream = self._streams.get(info)
+            if stream is not None:
+                self._retried(stream, attempt)
+
+    def _retried(self, stream: _Stream, attempt: Attempt) -> None:
         error_type = _attempt_error_type(attempt)
         event: dict[str, AttributeValue] = {
             "holysheep.retry.attempt": attempt.attempt,
@@ -210,9 +244,12 @@ class OpenTelemetryObserver(Observer):
         self._retries.add(1, {**stream.attributes, "error.type": error_type})
 
     def on_end(self, info: RequestInfo, completion: Completion, stats: StreamStats) -> None:
-        stream = self._streams.pop(info, None)
+        with self._lock:
+            stream = self._streams.pop(info, None)
         if stream is None:
             return
+        if stream.dropped is not None:
+            stream.dropped.detach()
         span, metric = stream.span, stream.attributes
         if completion.model:
             metric["gen_ai.response.model"] = completion.model
@@ -239,9 +276,12 @@ class OpenTelemetryObserver(Observer):
     def on_error(self, info: RequestInfo, error: BaseException, stats: StreamStats) -> None:
         from opentelemetry.trace import Status, StatusCode
 
-        stream = self._streams.pop(info, None)
+        with self._lock:
+            stream = self._streams.pop(info, None)
         if stream is None:
             return
+        if stream.dropped is not None:
+            stream.dropped.detach()
         span = stream.span
         error_type = type(error).__qualname__
         span.set_attribute("error.type", error_type)
@@ -258,6 +298,28 @@ class OpenTelemetryObserver(Observer):
         )
         if stream.ttft is not None:
             self._time_to_first_chunk.record(stream.ttft, metric)
+
+    def _end_abandoned(self) -> None:
+        """End the spans of requests dropped without an end (see `_abandoned`): status ERROR,
+        as how they went is unknown, and no metric point, as their duration would be the
+        garbage collector's."""
+        from opentelemetry.trace import Status, StatusCode
+
+        while self._abandoned:
+            try:
+                stream = self._abandoned.pop()
+            except IndexError:  # another thread took the last one
+                return
+            span = stream.span
+            span.set_attribute("error.type", ABANDONED)
+            span.set_status(
+                Status(
+                    StatusCode.ERROR,
+                    "the stream was dropped without being closed or read to its end: how it "
+                    "ended is unknown (use `with` / `async with`)",
+                )
+            )
+            span.end()
 
 
 # -- attributes ------------------------------------------------------------------------------

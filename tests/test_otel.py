@@ -3,6 +3,7 @@ by the SDK's in-memory exporter and reader, on private providers (never the glob
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -200,6 +201,27 @@ def test_a_retry_is_a_span_event_and_a_count(telemetry: Telemetry) -> None:
     assert 1 == counted.value
     assert "InternalServerError" == counted.attributes["error.type"]
     assert "m" == counted.attributes["gen_ai.request.model"]
+
+
+def test_time_to_first_chunk_counts_from_the_first_attempts_send(telemetry: Telemetry) -> None:
+    """As its description says (it said "from sending the attempt that got it"): a 429 asking
+    for 0.3 s before the answer makes the first chunk at least that late."""
+    observer = telemetry.observer()
+    with serve() as upstream, sync_client(upstream, observer) as client:
+        upstream.enqueue({"fault": {"kind": "status", "status": 429, "retry_after": 0.3}})
+        client.chat.complete(model="m", messages=MESSAGES)
+    assert telemetry.histogram("gen_ai.client.operation.time_to_first_chunk").sum >= 0.3
+    data = telemetry.reader.get_metrics_data()
+    assert data is not None
+    (description,) = {
+        metric.description
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "gen_ai.client.operation.time_to_first_chunk"
+    }
+    assert "from the first attempt's send" in description
+    assert "retries and their waits included" in description
 
 
 def test_a_final_error_sets_status_error_and_error_type(telemetry: Telemetry) -> None:
@@ -405,6 +427,39 @@ async def test_async_cancellation_ends_the_span_as_an_error(telemetry: Telemetry
     assert span.attributes is not None
     assert anyio.get_cancelled_exc_class().__qualname__ == span.attributes["error.type"]
     assert not observer._streams
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio warns of the dropped body
+async def test_a_stream_dropped_without_an_end_is_let_go_and_its_span_ended(
+    telemetry: Telemetry,
+) -> None:
+    """Left with `break` outside `async with` and dropped, a stream reports no end: the
+    observer kept its span open and its state, request body included, for good."""
+    observer = telemetry.observer()
+    with serve() as upstream:
+        client = holysheep.AsyncClient(
+            api_key="k",
+            base_url=upstream.base_url,
+            timeout=holysheep.Timeouts(idle=0.05),  # asyncio's timer holds a stream that long
+            observers=[observer],
+        )
+        async with client:
+            async for chunk in client.chat.stream(model="dropped", messages=MESSAGES):
+                if chunk.text:
+                    break
+            await anyio.sleep(0.2)
+            gc.collect()
+            assert not observer._streams  # let go with the stream
+            await client.chat.complete(model="next", messages=MESSAGES)  # ends the other span
+    dropped, completed = sorted(telemetry.spans.get_finished_spans(), key=lambda s: s.name)
+    assert ("chat dropped", "chat next") == (dropped.name, completed.name)
+    assert StatusCode.ERROR == dropped.status.status_code
+    assert "dropped without being closed" in str(dropped.status.description)
+    assert dropped.attributes is not None
+    assert "holysheep.abandoned" == dropped.attributes["error.type"]
+    assert StatusCode.UNSET == completed.status.status_code
+    assert 1 == telemetry.histogram("gen_ai.client.operation.duration").count  # the one ended
 
 
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
