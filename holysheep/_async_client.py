@@ -26,7 +26,7 @@ import anyio
 
 from ._call import Attempt, Call, OnInterrupt, ShownText, StreamView
 from ._chat import ChatChunk, Completion
-from ._config import ClientConfig
+from ._config import ClientConfig, checked_limiter
 from ._contract import check_response, check_transport, close_failed, transport_error
 from ._exceptions import APIConnectionError, HolySheepError, LocalProtocolError
 from ._exchange import MAX_ERROR_BODY, Exchange, StreamStats, Timeouts
@@ -86,7 +86,7 @@ class AsyncClient:
             hooks,
             observers,
         )
-        self.limiter = limiter
+        self.limiter = checked_limiter(limiter)
         if transport is None:
             from holysheep.transports import AsyncHTTPXTransport
 
@@ -295,6 +295,7 @@ class AsyncStream(StreamView):
         if self._closed:
             return
         self._closed = True
+        self._pending = _NO_CHUNKS  # the rest of the last read's chunks are not handed out
         if self._call.exchange is not None:
             now = _now()
             self._call.exchange.finish(now)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from ._call import Attempt, Call, OnInterrupt, ShownText, StreamView
 from ._chat import ChatChunk, Completion
-from ._config import ClientConfig
+from ._config import ClientConfig, checked_limiter
 from ._contract import (
     check_response,
     check_transport,
@@ -88,7 +88,7 @@ class Client:
             hooks,
             observers,
         )
-        self.limiter = limiter
+        self.limiter = checked_limiter(limiter)
         if transport is None:
             from holysheep.transports import RequestsTransport
 
@@ -461,7 +461,10 @@ class Stream(StreamView):
                 # the loop body's is (a slow one was taken for a stalled server).
                 self._away = True
                 delivered(chunks, now)
-                yield from chunks
+                for chunk in chunks:
+                    yield chunk
+                    if self._closed:  # by the loop body, or another thread: not one more
+                        break
                 self._away = False
                 if self._lapsed:
                     self._resume()

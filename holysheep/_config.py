@@ -19,10 +19,18 @@ from ._call import Attempt, Call, OnInterrupt, check_on_interrupt
 from ._chat import ChatAccumulator
 from ._exceptions import ConfigurationError
 from ._exchange import Exchange, Timeouts, encode_body, new_request_ids
+from ._limiter import RateLimiter
 from ._observe import Observer, RequestInfo
 from ._retry import RetryPolicy
 
-__all__ = ["API_KEY_ENV", "BASE_URL_ENV", "DEFAULT_BASE_URL", "ClientConfig", "estimate_cost"]
+__all__ = [
+    "API_KEY_ENV",
+    "BASE_URL_ENV",
+    "DEFAULT_BASE_URL",
+    "ClientConfig",
+    "checked_limiter",
+    "estimate_cost",
+]
 
 API_KEY_ENV = "HOLYSHEEP_API_KEY"
 BASE_URL_ENV = "HOLYSHEEP_BASE_URL"
@@ -172,6 +180,17 @@ _SDK_OPTIONS = {
     "extra_query": "put the query string in base_url (https://.../v1?key=value)",
     "max_retries": "pass retry=RetryPolicy(attempts=max_retries + 1)",
 }
+
+
+def checked_limiter(limiter: RateLimiter | None) -> RateLimiter | None:
+    """`limiter`, or a clear error for what is not a `RateLimiter` (`limiter=10`: a
+    TypeError from deep in the first call)."""
+    if limiter is not None and not isinstance(limiter, RateLimiter):
+        raise ConfigurationError(
+            f"limiter must be a RateLimiter (for example RateLimiter(max_concurrent=10)), "
+            f"not {type(limiter).__name__}"
+        )
+    return limiter
 
 
 def _check_retry(retry: object) -> None:

@@ -45,6 +45,8 @@ CASES: dict[str, Callable[[], object]] = {
     "Client(headers=[pairs])": lambda: Client(api_key="k", headers=[("a", "b")]),  # type: ignore[arg-type]
     "Client(headers={1: 'b'})": lambda: Client(api_key="k", headers={1: "b"}),  # type: ignore[dict-item]
     "Client(base_url=123)": lambda: Client(api_key="k", base_url=123),  # type: ignore[arg-type]
+    "Client(limiter=10)": lambda: Client(api_key="k", limiter=10),  # type: ignore[arg-type]
+    "AsyncClient(limiter=10)": lambda: AsyncClient(api_key="k", limiter=10),  # type: ignore[arg-type]
 }
 
 

@@ -240,3 +240,40 @@ async def test_an_async_handler_returning_no_mock_response_is_a_type_error_namin
     async with holysheep.AsyncClient(api_key="k", transport=AsyncMockTransport(handler)) as client:
         with pytest.raises(TypeError, match="it returned 'hello'"):
             await client.chat.complete(model="m", messages=MESSAGES)
+
+
+# -- close() in the middle of a read's chunks -------------------------------------------------
+
+ONE_READ = MockResponse(chunks=[b"".join(sse_body(*"abcdefghij"))])  # 13 chunks in one read
+
+
+def test_closing_a_sync_stream_in_its_loop_hands_out_no_more_chunks() -> None:
+    """The chunks one read brought are not handed out after `close()` (the rest of the batch
+    still came: a "stop" button kept printing up to a read's worth of text)."""
+    client = holysheep.Client(api_key="k", transport=MockTransport([ONE_READ]))
+    with client, client.chat.stream(model="m", messages=[]) as stream:
+        seen = []
+        for chunk in stream:
+            seen.append(chunk)
+            stream.close()
+    assert 1 == len(seen)
+
+
+@pytest.mark.anyio
+async def test_closing_an_async_stream_hands_out_no_more_chunks() -> None:
+    """As for the sync stream: neither in the loop nor in a later one (`close()` then
+    `async for`: the tutorial says it yields nothing)."""
+    async with holysheep.AsyncClient(
+        api_key="k", transport=AsyncMockTransport([ONE_READ, ONE_READ])
+    ) as client:
+        async with client.chat.stream(model="m", messages=[]) as stream:
+            seen = []
+            async for chunk in stream:
+                seen.append(chunk)
+                await stream.aclose()
+        assert 1 == len(seen)
+        async with client.chat.stream(model="m", messages=[]) as stream:
+            async for _ in stream:
+                break
+            stream.close()
+            assert [] == [chunk async for chunk in stream]
