@@ -187,6 +187,17 @@ def _reconnection_time(digits: str) -> int:
     return min(int(digits) if digits else 0, _MAX_RETRY)
 
 
+def _check_sizes(max_line_size: object, max_event_size: object) -> None:
+    for name, size in (("max_line_size", max_line_size), ("max_event_size", max_event_size)):
+        # A size in bytes or characters, as the C part reads it (a Py_ssize_t): a float
+        # (`10e6`, `inf`) or an int past sys.maxsize is no size it can compare with, and a
+        # bool is an int to Python but never a limit.
+        if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= sys.maxsize:
+            raise ConfigurationError(
+                f"{name} must be a positive int (a size, at most sys.maxsize), got {size!r}"
+            )
+
+
 class SSEDecoder:
     """Incremental, exact, bounded SSE parser.
 
@@ -227,14 +238,10 @@ class SSEDecoder:
         max_line_size: int = DEFAULT_MAX_LINE_SIZE,
         max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
     ) -> None:
-        for name, size in (("max_line_size", max_line_size), ("max_event_size", max_event_size)):
-            # A size in bytes or characters, as the C part reads it (a Py_ssize_t): a float
-            # (`10e6`, `inf`) or an int past sys.maxsize is no size it can compare with, and a
-            # bool is an int to Python but never a limit.
-            if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= sys.maxsize:
-                raise ConfigurationError(
-                    f"{name} must be a positive int (a size, at most sys.maxsize), got {size!r}"
-                )
+        if not (
+            max_line_size is DEFAULT_MAX_LINE_SIZE and max_event_size is DEFAULT_MAX_EVENT_SIZE
+        ):  # the defaults are sizes: not checked again for every stream
+            _check_sizes(max_line_size, max_event_size)
         self.max_line_size = max_line_size
         self.max_event_size = max_event_size
         #: The last event ID string (WHATWG): send it back as `Last-Event-ID` to resume.
