@@ -390,7 +390,7 @@ class AsyncStream(StreamView):
                     # Only once the new attempt is open (see `Stream.__iter__`).
                     reset = self._call.take_reset() if self._body is not None else None
                     chunks = [ChatChunk.for_reset(reset)] if reset is not None else []
-                if chunks:
+                if chunks and not self._closed:  # (closed by an observer told of them)
                     if len(chunks) > 1:
                         self._pending = chunks
                         self._index = 1

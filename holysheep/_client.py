@@ -462,9 +462,9 @@ class Stream(StreamView):
                 self._away = True
                 delivered(chunks, now)
                 for chunk in chunks:
-                    yield chunk
-                    if self._closed:  # by the loop body, or another thread: not one more
+                    if self._closed:  # by the loop body, an observer, another thread
                         break
+                    yield chunk
                 self._away = False
                 if self._lapsed:
                     self._resume()

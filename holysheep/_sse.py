@@ -134,9 +134,13 @@ class ServerSentEvent(NamedTuple):
             lines.append(f"id: {self.id}\n")
         if self.retry is not None:
             # Beyond 2**63 - 1 it would decode clamped. (Not shown: str() refuses a huge int.)
-            # A bool is an int to Python, but `retry: True` is no number to a decoder.
-            if isinstance(self.retry, bool) or not 0 <= self.retry <= _MAX_RETRY:
-                raise ConfigurationError("SSE retry must be from 0 to 2**63 - 1 (milliseconds)")
+            # A bool is an int to Python, but `retry: True` is no number to a decoder, nor is
+            # `retry: 1.5` (only ASCII digits are).
+            retry = self.retry
+            if type(retry) is not int or not 0 <= retry <= _MAX_RETRY:
+                raise ConfigurationError(
+                    "SSE retry must be a whole number from 0 to 2**63 - 1 (milliseconds)"
+                )
             lines.append(f"retry: {self.retry}\n")
         lines.extend(f"data: {line}\n" for line in self.data.split("\n"))
         lines.append("\n")

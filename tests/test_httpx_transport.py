@@ -418,7 +418,7 @@ def test_a_client_with_another_httpx_transport_reads_through_httpx(direct: list[
         response = transport.send(request())
         try:
             assert sse == b"".join(response.stream)
-            assert [False] == direct
+            assert True not in direct  # (httpx read this one when it made it: `_content`)
         finally:
             response.close()
 
@@ -457,3 +457,78 @@ async def test_async_streams_reuse_one_connection_and_a_cut_one_is_not_reused(
             completion = await client.chat.complete(model="m", messages=MESSAGES)
             assert_whole(completion)
             assert 2 == fresh.connections_opened
+
+
+def test_a_stream_dropped_on_trio_gives_its_connection_back(reads: str) -> None:
+    """An `AsyncStream` left by `break` and dropped, without `async with`: trio finalizes its
+    body, which closes the connection (the server sees it go), on both read paths."""
+    trio = pytest.importorskip("trio")
+
+    async def main(upstream: MockUpstream) -> None:
+        async with holysheep.AsyncClient(
+            api_key="k", base_url=upstream.base_url, retry=RetryPolicy.none()
+        ) as client:
+            for _ in range(3):
+                stream = client.chat.stream(model="m", messages=MESSAGES)
+                async for chunk in stream:
+                    if chunk.text:
+                        break
+                del stream, chunk
+                gc.collect()
+            with trio.move_on_after(5):
+                while upstream.disconnects < 3:
+                    await trio.sleep(0.01)
+
+    with serve(tokens=20_000, tokens_per_s=2_000) as paced:  # 10 s answers
+        with warnings.catch_warnings():
+            # trio's, for each body it finalizes: the caller did not close its stream.
+            warnings.filterwarnings("ignore", "Async generator", ResourceWarning)
+            trio.run(main, paced)
+        assert 3 == paced.disconnects
+
+
+def _hooked(kind: type[httpx.Client] | type[httpx.AsyncClient], read: Any) -> Any:
+    """An httpx client whose response hook reads error bodies (to log them, say)."""
+    return kind(event_hooks={"response": [read]})
+
+
+def test_a_body_a_users_hook_read_is_taken_as_read(upstream: MockUpstream) -> None:
+    """A hook of the caller's own httpx client that reads an error body: the error keeps the
+    server's message, and the connection (back in httpx's pool) serves the next request
+    (the stream was read again: it spun, or waited for a body already taken)."""
+
+    def read(response: httpx.Response) -> None:
+        if response.is_error:
+            response.read()
+
+    upstream.enqueue({"fault": {"kind": "status", "status": 400}})
+    transport = HTTPXTransport(_hooked(httpx.Client, read))
+    with holysheep.Client(
+        api_key="k", base_url=upstream.base_url, transport=transport, timeout=5
+    ) as client:
+        with pytest.raises(holysheep.BadRequestError) as info:
+            client.chat.complete(model="m", messages=MESSAGES)
+        assert "(empty body)" not in str(info.value)
+        assert "stop" == client.chat.complete(model="m", messages=MESSAGES).finish_reason
+    transport.client.close()
+
+
+@pytest.mark.anyio
+async def test_a_body_a_users_async_hook_read_is_taken_as_read(upstream: MockUpstream) -> None:
+    """As for the sync transport, on asyncio and on trio."""
+
+    async def read(response: httpx.Response) -> None:
+        if response.is_error:
+            await response.aread()
+
+    upstream.enqueue({"fault": {"kind": "status", "status": 400}})
+    transport = AsyncHTTPXTransport(_hooked(httpx.AsyncClient, read))
+    async with holysheep.AsyncClient(
+        api_key="k", base_url=upstream.base_url, transport=transport, timeout=5
+    ) as client:
+        with pytest.raises(holysheep.BadRequestError) as info:
+            await client.chat.complete(model="m", messages=MESSAGES)
+        assert "(empty body)" not in str(info.value)
+        completion = await client.chat.complete(model="m", messages=MESSAGES)
+        assert "stop" == completion.finish_reason
+    await transport.client.aclose()

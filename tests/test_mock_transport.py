@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import anyio
 import pytest
@@ -277,3 +278,38 @@ async def test_closing_an_async_stream_hands_out_no_more_chunks() -> None:
                 break
             stream.close()
             assert [] == [chunk async for chunk in stream]
+
+
+class _Closer(holysheep.Observer):
+    """Closes the stream it is given when told of the first token."""
+
+    def __init__(self) -> None:
+        self.stream: Any = None
+
+    def on_first_token(self, info: Any, stats: Any) -> None:
+        self.stream.close()
+
+
+def test_a_stream_an_observer_closes_hands_out_nothing_more() -> None:
+    """`close()` from `on_first_token`, before the read's chunks are handed out: none is."""
+    closer = _Closer()
+    client = holysheep.Client(api_key="k", transport=MockTransport([ONE_READ]), observers=[closer])
+    with client, client.chat.stream(model="m", messages=[]) as stream:
+        closer.stream = stream
+        assert [] == list(stream)
+    assert "abcdefghij" == stream.completion.text  # what arrived is kept
+
+
+@pytest.mark.anyio
+async def test_an_async_stream_an_observer_closes_hands_out_nothing_more() -> None:
+    """As for the sync stream (the async one handed out the whole read)."""
+    closer = _Closer()
+    async with (
+        holysheep.AsyncClient(
+            api_key="k", transport=AsyncMockTransport([ONE_READ]), observers=[closer]
+        ) as client,
+        client.chat.stream(model="m", messages=[]) as stream,
+    ):
+        closer.stream = stream
+        assert [] == [chunk async for chunk in stream]
+    assert "abcdefghij" == stream.completion.text

@@ -354,6 +354,8 @@ def test_encode_rejects_what_cannot_round_trip() -> None:
         E(retry=2**63),
         E(retry=10**5000),
         E(retry=True),
+        E(retry=1.5),  # type: ignore[arg-type]
+        E(retry=2.0),  # type: ignore[arg-type]
         E(event=""),
         E(data="\ud800"),
         E(event="\udcff", data="x"),
@@ -370,7 +372,7 @@ def test_encode_rejects_what_cannot_round_trip() -> None:
         event=st.one_of(st.just("message"), st.text(max_size=6)),
         data=st.text(max_size=12),
         id=st.text(max_size=6),
-        retry=st.one_of(st.none(), st.booleans(), st.integers(-5, 2**64)),
+        retry=st.one_of(st.none(), st.booleans(), st.integers(-5, 2**64), st.floats()),
     )
 )
 def test_encode_round_trips_or_refuses(event: ServerSentEvent) -> None:

@@ -143,14 +143,14 @@ def async_body(response: httpx.Response) -> AsyncIterator[bytes] | None:
             anyio.BrokenResourceError,
             anyio.ClosedResourceError,
         )
-        return _async_body(connection, stream.receive, anyio.EndOfStream, broken)
+        return _async_body(response, connection, stream.receive, anyio.EndOfStream, broken)
     trio_stream = _trio_stream(network)
     if trio_stream is None:
         return None
     import trio
 
     broken = (trio.BrokenResourceError, trio.ClosedResourceError)
-    return _async_body(connection, trio_stream.receive_some, (), broken)
+    return _async_body(response, connection, trio_stream.receive_some, (), broken)
 
 
 def _trio_stream(network: object) -> Any:
@@ -165,6 +165,7 @@ def _trio_stream(network: object) -> Any:
 
 
 async def _async_body(
+    response: httpx.Response,
     connection: Any,
     receive: Callable[[int], Awaitable[bytes]],
     end_of_stream: type[BaseException] | tuple[()],
@@ -174,24 +175,34 @@ async def _async_body(
     next_event, receive_data = state.next_event, state.receive_data
     size = connection.READ_NUM_BYTES
     pieces: list[bytes | bytearray] = []
-    while True:
-        outcome = _take(next_event, pieces)
-        if pieces:
-            yield b"".join(pieces)
-            pieces.clear()
-        if outcome is not _NEED_DATA:
-            failure = _broken(outcome)
-            if failure is not None:
-                raise failure
-            return
-        try:
-            data = await receive(size)
-        except end_of_stream:  # anyio says so; trio returns b""
-            data = b""
-        except broken as exc:
-            error = _as_httpx(httpx.ReadError, exc)
-            raise read_failed(error) from error
-        receive_data(data)
+    over = False  # the body ended, or failed (the client closes the response then)
+    try:
+        while True:
+            outcome = _take(next_event, pieces)
+            if pieces:
+                yield b"".join(pieces)
+                pieces.clear()
+            if outcome is not _NEED_DATA:
+                over = True
+                failure = _broken(outcome)
+                if failure is not None:
+                    raise failure
+                return
+            try:
+                data = await receive(size)
+            except end_of_stream:  # anyio says so; trio returns b""
+                data = b""
+            except broken as exc:
+                over = True
+                error = _as_httpx(httpx.ReadError, exc)
+                raise read_failed(error) from error
+            receive_data(data)
+    finally:
+        if not over:
+            # Left mid-way: closed by the client (which closes the response too), or dropped
+            # and finalized by the event loop (trio does that), where nothing else would give
+            # the connection back: httpx's own generators closed it then.
+            await response.aclose()
 
 
 def sync_body(response: httpx.Response, timeout: float | None) -> Iterator[bytes] | None:

@@ -200,6 +200,10 @@ def _body_and_closer(
 
     def body() -> Iterator[bytes]:
         nonlocal finished
+        if response.is_stream_consumed:
+            yield from _content(response)  # (see `_content`)
+            finished = True
+            return
         try:
             decode = body_decoder(response.headers)
             direct = None if decode is not None else _httpcore_body.sync_body(response, timeout)
@@ -286,11 +290,29 @@ class AsyncHTTPXTransport(AsyncBaseTransport):
 def _async_body(response: httpx.Response) -> AsyncIterator[bytes]:
     # Read from the connection itself where it can be (see `_httpcore_body`); a body a proxy
     # compressed, and every connection of another kind, through httpx.
+    if response.is_stream_consumed:
+        return _already_read(response)
     if "content-encoding" not in response.headers:
         direct = _httpcore_body.async_body(response)
         if direct is not None:
             return direct
     return _aiter_raw(response)
+
+
+async def _already_read(response: httpx.Response) -> AsyncIterator[bytes]:
+    for piece in _content(response):
+        yield piece
+
+
+def _content(response: httpx.Response) -> list[bytes]:
+    """The body an event hook of the caller's own httpx client read already (`r.read()` to
+    log an error, say): httpx gave the connection back to its pool then, and reading the
+    stream again took another request's bytes, or waited for nothing."""
+    try:
+        content = response.content
+    except httpx.ResponseNotRead:  # iterated, not kept: gone
+        return []
+    return [content] if content else []
 
 
 async def _aiter_raw(response: httpx.Response) -> AsyncIterator[bytes]:
