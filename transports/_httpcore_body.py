@@ -14,7 +14,8 @@ Only a plain HTTP/1.1 connection of httpx's own default transport, on a network 
 httpcore's own backends (anyio, trio, sync sockets) is read this way: `async_body` and
 `sync_body` return None for anything else (HTTP/2, a transport or network stream of another
 kind, a version of httpx or httpcore laid out otherwise), and the caller reads the body
-through httpx as before. The tests run both ways (`tests/test_httpx_transport.py`).
+through httpx as before. The tests run both ways (`tests/test_httpx_transport.py`,
+`tests/test_hostile_upstream.py`).
 
 The read timeout httpcore would set is not set here: the clients' `ttft`, `idle` and `total`
 bound every read themselves, and the sync transport sets the socket's timeout to the same
@@ -101,26 +102,16 @@ def _broken(outcome: object) -> APIConnectionError | None:
 def _h11_connection(stream: object, layers: tuple[type, ...]) -> Any:
     """The httpcore connection under httpx's response stream, if every layer is the expected
     type (`layers`: bound, response, pool, connection stream); else None."""
-    bound, outer, pool, inner = layers
-    try:
-        if type(stream) is not bound:
+    # Each layer, and the attribute that holds the next one.
+    inner_names = ("_stream", "_httpcore_stream", "_stream", "_connection")
+    for kind, inner in zip(layers, inner_names, strict=True):
+        if type(stream) is not kind:
             return None
-        stream = stream._stream  # type: ignore[attr-defined]
-        if type(stream) is not outer:
-            return None
-        stream = stream._httpcore_stream  # type: ignore[attr-defined]
-        if type(stream) is not pool:
-            return None
-        stream = stream._stream  # type: ignore[attr-defined]
-        if type(stream) is not inner:
-            return None
-        connection = stream._connection  # type: ignore[attr-defined]
-        connection._h11_state.next_event  # noqa: B018 - attributes used below
-        connection._h11_state.receive_data  # noqa: B018
-        connection._network_stream  # noqa: B018
-        return connection
-    except AttributeError:  # pragma: no cover - another httpcore
-        return None
+        stream = getattr(stream, inner, None)
+    state = getattr(stream, "_h11_state", None)
+    if not (hasattr(state, "next_event") and hasattr(stream, "_network_stream")):
+        return None  # pragma: no cover - another httpcore
+    return stream
 
 
 def async_body(response: httpx.Response) -> AsyncIterator[bytes] | None:
