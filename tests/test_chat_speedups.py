@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from _deep import DEEP, recursing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -683,42 +684,22 @@ def test_several_choices_and_shared_index_calls_give_what_python_gives(
     assert expected == (finished, choices)
 
 
-_DEEP = "[" * 1000 + "]" * 1000  # orjson parses it; str() and json.dumps() recurse per level
-
-
-def _recurses_out() -> bool:
-    """Whether str() and json.dumps() run out of recursion on `_DEEP` (not on Python 3.13,
-    which counts C recursion against a far larger limit: such values are taken as text)."""
-    try:
-        value = json.loads(_DEEP)
-        str(value)
-        json.dumps(value)
-    except RecursionError:
-        return True
-    return False
-
-
-_recursing = pytest.mark.skipif(
-    not _recurses_out(), reason="str() and json.dumps() do not recurse out at 1,000 levels"
-)
-
-
 @pytest.mark.parametrize(
     "bad",
     [
         '{"choices":[{"index":0,"delta":{"content":" world"}},5]}',
         '{"choices":[{"index":0,"delta":{"content":" world"}},null]}',
         pytest.param(
-            '{"choices":[{"index":0,"delta":{"content":" world"},"finish_reason":' + _DEEP + "}]}",
-            marks=_recursing,
+            '{"choices":[{"index":0,"delta":{"content":" world"},"finish_reason":' + DEEP + "}]}",
+            marks=recursing,
         ),
         pytest.param(
             '{"choices":[{"index":0,"delta":{"content":" world","tool_calls":[{"index":0,'
-            '"function":{"name":"f","arguments":' + _DEEP + "}}]}}]}",
-            marks=_recursing,
+            '"function":{"name":"f","arguments":' + DEEP + "}}]}}]}",
+            marks=recursing,
         ),
-        '{"choices":[{"index":0,"delta":{"content":" world"}},' + _DEEP + "]}",
-        pytest.param('{"error":{"message":' + _DEEP + "}}", marks=_recursing),
+        '{"choices":[{"index":0,"delta":{"content":" world"}},' + DEEP + "]}",
+        pytest.param('{"error":{"message":' + DEEP + "}}", marks=recursing),
     ],
     ids=["a number", "null", "deep finish", "deep arguments", "deep choice", "deep error"],
 )

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from _deep import DEEP, recursing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -148,26 +149,6 @@ def test_a_refused_chunk_leaves_the_accumulation_as_it_was(
 
 
 # -- nested deeper than Python recurses --------------------------------------------------------
-
-DEEP = "[" * 1000 + "]" * 1000  # orjson parses up to 1024 levels; str() and json.dumps() recurse
-
-
-def _recurses_out(deep: str) -> bool:
-    """Whether this Python's str() or json.dumps() runs out of recursion on `deep`. Python 3.13
-    counts C recursion against a limit of its own, far above 1,000 levels: there, such a value
-    makes text like any other, and there is no RecursionError to turn into an error."""
-    try:
-        value = json.loads(deep)
-        str(value)
-        json.dumps(value)
-    except RecursionError:
-        return True
-    return False
-
-
-recursing = pytest.mark.skipif(
-    not _recurses_out(DEEP), reason="str() and json.dumps() do not recurse out at 1,000 levels"
-)
 
 
 def _call(arguments: str) -> str:
