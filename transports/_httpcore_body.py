@@ -89,14 +89,11 @@ def _take(next_event: Callable[[], Any], pieces: list[bytes | bytearray]) -> obj
         return exc
 
 
-def _broken(outcome: object) -> APIConnectionError | None:
-    """The error to raise for what stopped `_take`, if it was h11's."""
-    if not isinstance(outcome, h11.RemoteProtocolError):
-        return None
-    error = _as_httpx(httpx.RemoteProtocolError, outcome)
-    failure = read_failed(error)
-    failure.__cause__ = error
-    return failure
+def _raise_if_broken(outcome: object) -> None:
+    """Raise ours for what stopped `_take`, if it was h11's error."""
+    if isinstance(outcome, h11.RemoteProtocolError):
+        error = _as_httpx(httpx.RemoteProtocolError, outcome)
+        raise read_failed(error) from error
 
 
 def _h11_connection(stream: object, layers: tuple[type, ...]) -> Any:
@@ -175,9 +172,7 @@ async def _async_body(
                 pieces.clear()
             if outcome is not _NEED_DATA:
                 over = True
-                failure = _broken(outcome)
-                if failure is not None:
-                    raise failure
+                _raise_if_broken(outcome)
                 return
             try:
                 data = await receive(size)
@@ -224,9 +219,7 @@ def _sync_body(connection: Any, sock: socket.socket, timeout: float | None) -> I
             yield b"".join(pieces)
             pieces.clear()
         if outcome is not _NEED_DATA:
-            failure = _broken(outcome)
-            if failure is not None:
-                raise failure
+            _raise_if_broken(outcome)
             return
         try:
             if not timed:  # once: httpcore sets it before every read
