@@ -313,13 +313,15 @@ def _nothing() -> None:
 
 
 class HolySheepAsync:
-    def __init__(self, base_url: str, transport: str = "httpx") -> None:
+    def __init__(self, base_url: str, transport: Any = "httpx") -> None:
         import holysheep
         from holysheep import transports
 
         # aiohttp: the transport for many concurrent streams; its session is made lazily,
-        # inside the running loop, by the first request.
-        chosen = transports.AiohttpTransport() if transport == "aiohttp" else None
+        # inside the running loop, by the first request. Or a transport object.
+        chosen = transport if not isinstance(transport, str) else None
+        if transport == "aiohttp":
+            chosen = transports.AiohttpTransport()
         self.client = holysheep.AsyncClient(api_key=API_KEY, base_url=base_url, transport=chosen)
 
     async def stream(self, tokens: int, on_open: OnOpen = _nothing) -> Sample:

@@ -17,7 +17,7 @@ from holysheep._exceptions import (
     LocalProtocolError,
 )
 from holysheep._exchange import CASELESS_HEADERS, Request, Timeouts
-from holysheep.transports import _httpcore_body
+from holysheep.transports import _httpcore_body, _httpcore_pool
 from holysheep.transports._base import (
     AsyncBaseTransport,
     AsyncResponse,
@@ -138,7 +138,10 @@ class HTTPXTransport(BaseTransport):
         verify: bool | str = True,
     ) -> None:
         self._owns_client = client is None
-        self.client = client or httpx.Client(limits=default_limits(max_connections), verify=verify)
+        if client is None:
+            client = httpx.Client(limits=default_limits(max_connections), verify=verify)
+            _httpcore_pool.mend(client)  # its pool's bookkeeping, linear (see the module)
+        self.client = client
         self._urls: dict[str, httpx.URL] = {}  # parsed request URLs, see `_build`
         # Responses not yet closed, and whether `close()` waits for them (see `close`).
         self._lock = threading.Lock()
@@ -255,9 +258,10 @@ class AsyncHTTPXTransport(AsyncBaseTransport):
         verify: bool | str = True,
     ) -> None:
         self._owns_client = client is None
-        self.client = client or httpx.AsyncClient(
-            limits=default_limits(max_connections), verify=verify
-        )
+        if client is None:
+            client = httpx.AsyncClient(limits=default_limits(max_connections), verify=verify)
+            _httpcore_pool.mend(client)  # its pool's bookkeeping, linear (see the module)
+        self.client = client
         self._urls: dict[str, httpx.URL] = {}  # parsed request URLs, see `_build`
         self._loop: object = None  # the event loop our own pool belongs to (`same_loop`)
 

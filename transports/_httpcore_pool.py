@@ -1,0 +1,168 @@
+"""httpcore's connection pool, with its bookkeeping pass made linear (httpx transports only).
+
+Why: httpcore 1.0's pool runs `_assign_requests_to_connections` each time a request starts or
+ends. For every idle connection, its first loop decides whether to keep it alive by building a
+list of every connection in the pool, so one pass costs O(idle x connections), and a burst of
+streams O(idle x connections x streams). A batch job that sends 200 prompts at once, waits for
+them, then sends 200 more spent 0.4 s of CPU on the first batch and 3.4 s on the second (raw
+httpx alike), nearly all of it in this loop. That list also counts the busy connections with
+the idle ones, so the pool closed every idle connection whenever more than
+`max_keepalive_connections` were open in all, and the next streams had to connect again.
+And a connection handed to a waiting request, but not yet in use, looks idle: another pass
+could close it, to keep within the keep-alive limit or to make room (encode/httpcore#1110).
+
+`_assign` is the same pass with those three things done right: it counts idle connections
+once, keeps up to `max_keepalive_connections` of them whatever else is open, and never closes
+a connection a request holds. Which connection a waiting request gets, and when a new one is
+opened, are httpcore's rules unchanged: the first available connection to its origin, else a
+new one while under `max_connections`, else the oldest idle one is closed for a new one.
+
+How: `mend()` changes the class of the pool inside the `httpx.Client` or `httpx.AsyncClient` a
+transport made itself (a client passed in is left as it is) to a subclass whose only change is
+this method. It applies only to httpcore 1.0, whose pool keeps the state `_assign` reads
+(`_connections`, `_requests`, the two limits); under any other version the pool is left alone.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+import httpcore
+import httpx
+
+__all__ = ["mend"]
+
+# The pool layout `_assign` was written against (httpcore/_async/connection_pool.py, 1.0.x).
+_KNOWN_LAYOUT = httpcore.__version__.startswith("1.0.")
+
+
+class _Connection(Protocol):
+    def can_handle_request(self, origin: httpcore.Origin) -> bool: ...
+    def is_available(self) -> bool: ...
+    def has_expired(self) -> bool: ...
+    def is_idle(self) -> bool: ...
+    def is_closed(self) -> bool: ...
+
+
+def _assign(pool: Any) -> list[Any]:
+    """One pass of the pool's bookkeeping: drop closed connections, pick those to close, and
+    give waiting requests a connection. Returns the connections to close (outside the lock)."""
+    connections: list[_Connection] = pool._connections
+    # Connections a request holds: busy ones, and idle ones handed to a request that has not
+    # started on them yet. Neither is closed to save room.
+    held = {id(request.connection) for request in pool._requests if request.connection is not None}
+    # Whether an idle connection expired (its keep-alive ran out, or the server closed it) is
+    # asked when it is handed out, and of all of them once a second: asking polls its socket,
+    # which for a hundred idle connections on every pass was most of the pass.
+    now = time.monotonic()
+    sweep = now - pool._swept >= _SWEEP_EVERY
+    if sweep:
+        pool._swept = now
+    closing: list[_Connection] = []
+    kept: list[_Connection] = []
+    idle: list[_Connection] = []  # oldest first, as the pool keeps them
+    for connection in connections:
+        if connection.is_closed():
+            continue
+        if connection.is_idle() and connection.is_available():
+            if id(connection) not in held:
+                if sweep and connection.has_expired():
+                    closing.append(connection)
+                    continue
+                idle.append(connection)
+        elif connection.has_expired():  # no socket poll: busy, connecting, or failed to connect
+            closing.append(connection)
+            continue
+        kept.append(connection)
+    surplus = len(idle) - pool._max_keepalive_connections
+    if surplus > 0:
+        closing.extend(idle[:surplus])
+        evicted = {id(connection) for connection in idle[:surplus]}
+        del idle[:surplus]
+        kept = [connection for connection in kept if id(connection) not in evicted]
+    connections[:] = kept  # the same list object: the pool's own methods hold no copy
+
+    queued = [request for request in pool._requests if request.is_queued()]
+    if not queued:
+        return closing
+    available = [connection for connection in kept if connection.is_available()]
+
+    def close(connection: _Connection) -> None:
+        connections.remove(connection)
+        if connection in available:
+            available.remove(connection)
+        if connection in idle:
+            idle.remove(connection)
+        closing.append(connection)
+
+    for request in queued:
+        origin = request.request.url.origin
+        chosen: _Connection | None = None
+        for candidate in [c for c in available if c.can_handle_request(origin)]:
+            if candidate.is_idle():
+                if id(candidate) in held:
+                    # Handed to another request that has not started on it: two requests on
+                    # one HTTP/1.1 connection means one is refused, and waits all over again.
+                    continue
+                if candidate.has_expired():
+                    close(candidate)
+                    continue
+            chosen = candidate
+            break
+        if chosen is None:
+            if len(connections) >= pool._max_connections:
+                victim = next((c for c in idle if id(c) not in held), None)
+                if victim is None:
+                    continue  # waits for a connection to come free
+                close(victim)
+            chosen = pool.create_connection(origin)
+            connections.append(chosen)
+            if chosen.is_available():  # one that may become HTTP/2 takes more requests
+                available.append(chosen)
+        held.add(id(chosen))
+        request.assign_to_connection(chosen)
+    return closing
+
+
+# How often every idle connection is asked whether it expired (see `_assign`).
+_SWEEP_EVERY = 1.0
+
+
+class _AsyncPool(httpcore.AsyncConnectionPool):
+    _swept = 0.0  # when `_assign` last asked every idle connection whether it expired
+
+    def _assign_requests_to_connections(self) -> list[Any]:
+        return _assign(self)
+
+
+class _Pool(httpcore.ConnectionPool):
+    _swept = 0.0
+
+    def _assign_requests_to_connections(self) -> list[Any]:
+        return _assign(self)
+
+
+_MENDED: dict[type, type] = {
+    httpcore.AsyncConnectionPool: _AsyncPool,
+    httpcore.ConnectionPool: _Pool,
+}
+
+
+def mend(client: httpx.Client | httpx.AsyncClient) -> bool:
+    """Give `client`'s own connection pool the linear bookkeeping pass; False if it is not
+    httpx's own transport over a plain httpcore 1.0 pool (then nothing is changed)."""
+    if not _KNOWN_LAYOUT:
+        return False
+    transport = getattr(client, "_transport", None)
+    if type(transport) not in (httpx.HTTPTransport, httpx.AsyncHTTPTransport):
+        return False
+    pool = getattr(transport, "_pool", None)
+    mended = _MENDED.get(type(pool))
+    if mended is None or not all(
+        hasattr(pool, name)
+        for name in ("_connections", "_requests", "_max_connections", "_max_keepalive_connections")
+    ):
+        return False
+    pool.__class__ = mended  # a subclass adding no state: the same object, one method changed
+    return True
