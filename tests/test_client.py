@@ -1476,6 +1476,48 @@ def test_connect_bounds_the_wait_for_the_response_head(
     client.close()
 
 
+@contextlib.contextmanager
+def _unanswered_handshakes() -> Iterator[str]:
+    """A base URL whose TCP handshake never completes: the listener's accept queue is full, so
+    further SYNs are dropped."""
+    with socket.socket() as listener, contextlib.ExitStack() as fillers:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        for _ in range(4):
+            filler = fillers.enter_context(socket.socket())
+            filler.setblocking(False)
+            filler.connect_ex(listener.getsockname())
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+
+
+@pytest.mark.parametrize(
+    ("timeouts", "error"),
+    [
+        (Timeouts(connect=3, ttft=0.3), holysheep.FirstTokenTimeoutError),
+        (Timeouts(connect=3, total=0.4), holysheep.TotalTimeoutError),
+    ],
+)
+def test_ttft_and_total_bound_a_connection_slow_to_be_made(
+    transport: BaseTransport, timeouts: Timeouts, error: type[holysheep.APITimeoutError]
+) -> None:
+    """The sync client cannot cut a send short, so the transport's connect must not outlast
+    `ttft` or `total` (it waited the whole `connect`, 3 s here, then named the shorter one)."""
+    with _unanswered_handshakes() as url:
+        client = holysheep.Client(
+            api_key="k",
+            base_url=url,
+            transport=transport,
+            retry=RetryPolicy.none(),
+            timeout=timeouts,
+        )
+        started = time.monotonic()
+        with pytest.raises(error) as caught:
+            client.chat.complete(model="m", messages=MESSAGES)
+        waited = time.monotonic() - started
+    assert waited < 1.5
+    assert caught.value.elapsed == pytest.approx(waited, abs=0.2)
+
+
 class NeverConnects(BaseTransport):
     """A transport whose connect times out, as its library would tell it."""
 

@@ -48,7 +48,10 @@ def default_limits(max_connections: int | None = 10_000) -> httpx.Limits:
 @functools.lru_cache(maxsize=64)
 def _timeout(t: Timeouts) -> httpx.Timeout:
     # Cached: a client sends every request with the same few `Timeouts`.
-    return httpx.Timeout(connect=t.connect, read=t.head_timeout(), write=t.connect, pool=t.connect)
+    # Connecting, writing the request and waiting for a connection from the pool too, all
+    # within what the head may take: none must outlast `ttft` or `total`, which the sync client
+    # cannot cut short while the transport sends.
+    return httpx.Timeout(t.head_timeout())
 
 
 def _build(

@@ -92,8 +92,12 @@ class RequestsTransport(BaseTransport):
                     request.url, {}, True, self.verify, None
                 )
                 self._settings[origin] = settings
+            # The connect, too, within what the head may take: a connection made slowly (a
+            # blackholed host, a full backlog) must not outlast `ttft` or `total`, which the
+            # sync client cannot cut short while the transport sends.
+            head = t.head_timeout()
             response = session.send(
-                prepared, timeout=(t.connect, t.head_timeout()), allow_redirects=False, **settings
+                prepared, timeout=(head, head), allow_redirects=False, **settings
             )
         except requests.exceptions.ConnectTimeout as exc:
             raise connect_timeout(request) from exc
