@@ -690,9 +690,14 @@ def _bench_faults(args: argparse.Namespace, progress: _Progress) -> dict[str, An
             timeout=timeouts,
         ) as client,
     ):
-        reference = client.chat.complete(
-            model=args.model, messages=_BENCH_MESSAGES, max_tokens=tokens
-        ).text
+        clean = client.chat.complete(model=args.model, messages=_BENCH_MESSAGES, max_tokens=tokens)
+        reference = clean.text
+        # Faults go where the answer has tokens: one placed past its end never fires, and the
+        # stream would count as recovered from a fault it never met (the answer may be shorter
+        # than --max-tokens: the mock's is 97 tokens).
+        usage = clean.usage
+        if usage is not None and usage.completion_tokens:
+            tokens = min(tokens, usage.completion_tokens)
         for i in range(args.requests):
             fault = _fault_for(i, rng, tokens)
             name = _FAULT_ROTATION[i % len(_FAULT_ROTATION)]

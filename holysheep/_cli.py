@@ -289,6 +289,8 @@ def _levels(text: str) -> tuple[int, ...]:
     levels = tuple(_positive_int(part.strip()) for part in text.split(",") if part.strip())
     if not levels:  # "" or ",": a ramp of nothing would "succeed" having measured nothing
         raise argparse.ArgumentTypeError(f"expected levels such as 10,100,1000, got {text!r}")
+    if len(set(levels)) < len(levels):  # their figures would be merged into one row
+        raise argparse.ArgumentTypeError(f"each level once, please: got {text!r}")
     return levels
 
 

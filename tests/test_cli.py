@@ -236,6 +236,35 @@ def test_bench_without_concurrency_levels_is_a_usage_error(levels: str) -> None:
     ) == result.stderr.splitlines()[-1]
 
 
+def test_bench_refuses_a_concurrency_level_given_twice() -> None:
+    """`5,5` merged both runs into one row: "10/5 ok, 200.0%"."""
+    result = run("bench", "--concurrency=5,5")
+
+    assert (2, "") == (result.returncode, result.stdout)
+    assert result.stderr.splitlines()[-1].endswith("each level once, please: got '5,5'")
+
+
+def test_bench_faults_fire_inside_an_answer_shorter_than_max_tokens() -> None:
+    """The mock answers 97 tokens; with --max-tokens 200 half the faults were placed past the
+    end, never fired, and their streams counted as recovered from a fault."""
+    result = run(
+        "bench",
+        "--json",
+        "--requests",
+        "6",
+        "--concurrency",
+        "1",
+        "--faults",
+        "--max-tokens",
+        "200",
+    )
+
+    assert 0 == result.returncode, result.stderr
+    faults = json.loads(result.stdout)["faults"]
+    assert (6, 6) == (faults["streams"], faults["byte_identical"])
+    assert faults["attempts_per_recovered_stream"] >= 2  # every stream needed a retry
+
+
 def test_missing_api_key_is_one_line_naming_the_variable() -> None:
     """Without a key the command says which variable to set, with no traceback."""
     result = run("chat", "hi")
