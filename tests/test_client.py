@@ -414,16 +414,19 @@ def test_ttft_timeout(upstream: MockUpstream, transport: BaseTransport) -> None:
 
 
 def test_idle_timeout_ignores_keepalives(upstream: MockUpstream, transport: BaseTransport) -> None:
-    """A stall with keep-alive comments still trips `idle`; the partial text is kept."""
+    """Keep-alive comments every 50 ms while the next token is 2 s away still trip `idle`;
+    the partial text is kept. (The upstream's stall fault sends no keep-alives: tokens paced
+    slowly do, so this test fails if a comment resets `idle`.)"""
     client = client_for(upstream, transport, timeout=Timeouts(idle=0.3))
-    behaviour = config(fault="stall@4", keepalive_interval=0.05)
+    behaviour = config(tokens_per_s=0.5, keepalive_interval=0.05)
+    left_before = upstream.disconnects
     started = time.monotonic()
     with pytest.raises(IdleTimeoutError) as info:
-        client.chat.complete(model="m", messages=MESSAGES, extra_headers=behaviour)
-    assert time.monotonic() - started < 2.0
+        client.chat.complete(model="m", messages=MESSAGES, max_tokens=3, extra_headers=behaviour)
+    assert time.monotonic() - started < 1.5
     assert info.value.completion is not None
-    assert "".join(UpstreamConfig().token_list(4)) == info.value.completion.text
-    assert upstream.wait_for_disconnect(2.0, count=upstream.disconnects)  # the server saw it
+    assert "".join(UpstreamConfig().token_list(1)) == info.value.completion.text
+    assert upstream.wait_for_disconnect(2.0, count=left_before + 1)  # the server saw it
     client.close()
 
 

@@ -407,18 +407,49 @@ async def test_the_async_transport_reads_a_plain_body_from_the_connection(
         await transport.aclose()
 
 
-def test_a_client_with_another_httpx_transport_reads_through_httpx(direct: list[bool]) -> None:
-    """A connection the layout does not know (here a user's `httpx.MockTransport`) is read
-    through httpx's public API."""
-    sse = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
-    mock = httpx.MockTransport(
-        lambda _: httpx.Response(200, headers={"content-type": "text/event-stream"}, content=sse)
-    )
-    with HTTPXTransport(httpx.Client(transport=mock)) as transport:
-        response = transport.send(request())
+class _WrappedStream(httpx.SyncByteStream):
+    """A user's httpx transport that passes the body on through a stream of its own."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.inner
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _WrappingTransport(httpx.BaseTransport):
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=_WrappedStream(response.stream),
+            extensions=response.extensions,
+        )
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_client_with_another_httpx_transport_reads_through_httpx(
+    upstream: MockUpstream, direct: list[bool]
+) -> None:
+    """A connection the layout does not know (here a user's httpx transport, streaming through
+    a byte stream of its own) is read through httpx's public API, whole."""
+    with (
+        httpx.Client(transport=_WrappingTransport()) as http,
+        HTTPXTransport(http) as transport,
+    ):
+        response = transport.send(chat_request(upstream))
         try:
-            assert sse == b"".join(response.stream)
-            assert True not in direct  # (httpx read this one when it made it: `_content`)
+            assert b"".join(response.stream).endswith(b"data: [DONE]\n\n")
+            assert [False] == direct  # asked, and declined
         finally:
             response.close()
 
