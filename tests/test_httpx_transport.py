@@ -44,7 +44,7 @@ def built_by_httpx(client: httpx.Client | httpx.AsyncClient, sent: Request) -> h
         sent.url,
         headers=sent.headers,
         content=sent.content,
-        timeout=httpx.Timeout(connect=10.0, read=10.05, write=10.0, pool=10.0),
+        timeout=httpx.Timeout(10.05),  # `head_timeout()`: connect, write and pool too
     )
 
 

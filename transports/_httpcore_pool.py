@@ -49,16 +49,6 @@ def _assign(pool: Any) -> list[Any]:
     """One pass of the pool's bookkeeping: drop closed connections, pick those to close, and
     give waiting requests a connection. Returns the connections to close (outside the lock)."""
     connections: list[_Connection] = pool._connections
-    # Connections a request holds: busy ones, and idle ones handed to a request that has not
-    # started on them yet. Neither is closed to save room.
-    held = {id(request.connection) for request in pool._requests if request.connection is not None}
-    # Whether an idle connection expired (its keep-alive ran out, or the server closed it) is
-    # asked when it is handed out, and of all of them once a second: asking polls its socket,
-    # which for a hundred idle connections on every pass was most of the pass.
-    now = time.monotonic()
-    sweep = now - pool._swept >= _SWEEP_EVERY
-    if sweep:
-        pool._swept = now
     closing: list[_Connection] = []
     kept: list[_Connection] = []
     idle: list[_Connection] = []  # oldest first, as the pool keeps them
@@ -66,27 +56,44 @@ def _assign(pool: Any) -> list[Any]:
         if connection.is_closed():
             continue
         if connection.is_idle() and connection.is_available():
-            if id(connection) not in held:
-                if sweep and connection.has_expired():
-                    closing.append(connection)
-                    continue
-                idle.append(connection)
+            idle.append(connection)
         elif connection.has_expired():  # no socket poll: busy, connecting, or failed to connect
             closing.append(connection)
             continue
         kept.append(connection)
+    # Connections a request holds: busy ones, and idle ones handed to a request that has not
+    # started on them yet. Neither is closed to save room. (Only asked with idle ones about:
+    # with every connection busy, a pass is one walk over them.)
+    held = (
+        {id(request.connection) for request in pool._requests if request.connection is not None}
+        if idle
+        else set()
+    )
+    if idle:
+        idle = [connection for connection in idle if id(connection) not in held]
+        # Whether an idle connection expired (its keep-alive ran out, or the server closed
+        # it) is asked when it is handed out, and of all of them once a second: asking polls
+        # its socket, which for a hundred idle connections on every pass was most of the pass.
+        now = time.monotonic()
+        if now - pool._swept >= _SWEEP_EVERY:
+            pool._swept = now
+            expired = [connection for connection in idle if connection.has_expired()]
+            if expired:
+                closing.extend(expired)
+                idle = [connection for connection in idle if connection not in expired]
     surplus = len(idle) - pool._max_keepalive_connections
     if surplus > 0:
         closing.extend(idle[:surplus])
-        evicted = {id(connection) for connection in idle[:surplus]}
         del idle[:surplus]
-        kept = [connection for connection in kept if id(connection) not in evicted]
-    connections[:] = kept  # the same list object: the pool's own methods hold no copy
+    if closing or len(kept) != len(connections):
+        gone = {id(connection) for connection in closing}
+        # The same list object: the pool's own methods hold no copy.
+        connections[:] = [connection for connection in kept if id(connection) not in gone]
 
     queued = [request for request in pool._requests if request.is_queued()]
     if not queued:
         return closing
-    available = [connection for connection in kept if connection.is_available()]
+    available = [connection for connection in connections if connection.is_available()]
 
     def close(connection: _Connection) -> None:
         connections.remove(connection)
@@ -100,14 +107,14 @@ def _assign(pool: Any) -> list[Any]:
         origin = request.request.url.origin
         chosen: _Connection | None = None
         for candidate in [c for c in available if c.can_handle_request(origin)]:
-            if candidate.is_idle():
-                if id(candidate) in held:
-                    # Handed to another request that has not started on it: two requests on
-                    # one HTTP/1.1 connection means one is refused, and waits all over again.
-                    continue
-                if candidate.has_expired():
-                    close(candidate)
-                    continue
+            # Asked when first handed out. One already handed to a request that has not
+            # started on it is handed out again, as httpcore does: the request that finds it
+            # taken waits its turn again, which paces the opening of new connections in a
+            # burst of thousands (given one each at once, their connects starved each other
+            # past the head timeout).
+            if id(candidate) not in held and candidate.is_idle() and candidate.has_expired():
+                close(candidate)
+                continue
             chosen = candidate
             break
         if chosen is None:
