@@ -151,7 +151,6 @@ def test_the_pass_keeps_httpcores_rules(pool: FakePool) -> None:
             assert not [c for c in after if c.is_idle() and id(c) not in taken]
 
 
-
 @given(pools())
 def test_an_idle_connection_handed_out_was_asked_whether_it_expired(pool: FakePool) -> None:
     queued = [r for r in pool._requests if r.connection is None]
