@@ -563,3 +563,21 @@ async def test_a_body_a_users_async_hook_read_is_taken_as_read(upstream: MockUps
         completion = await client.chat.complete(model="m", messages=MESSAGES)
         assert "stop" == completion.finish_reason
     await transport.client.aclose()
+
+
+def test_a_response_dropped_unclosed_gives_its_connection_back() -> None:
+    """httpcore counts the connection of a response nobody closed as in use for good: two
+    dropped ones used up a pool of two, the next request waited for a connection until its
+    timeout, and `close()` never closed the pool. A dropped one is closed at the next send."""
+    with serve(tokens=50, tokens_per_s=20) as upstream:
+        transport = HTTPXTransport(max_connections=2)
+        for _ in range(2):
+            transport.send(chat_request(upstream))  # ...and dropped, unread and unclosed
+        gc.collect()
+        started = time.monotonic()
+        response = transport.send(chat_request(upstream))
+        assert time.monotonic() - started < 1
+        assert upstream.wait_for_disconnect(2.0, count=2)  # the server saw both go
+        response.close()
+        transport.close()
+        assert transport.client.is_closed

@@ -7,6 +7,7 @@ import functools
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import final
 
 import anyio
 import anyio.lowlevel
@@ -150,8 +151,12 @@ class HTTPXTransport(BaseTransport):
         self._lock = threading.Lock()
         self._open = 0
         self._closing = False
+        # Closers of responses dropped unclosed (see `_Dropped`), run by the next `send` or
+        # `close`.
+        self._dropped: list[Callable[[], None]] = []
 
     def send(self, request: Request) -> Response:
+        self._close_dropped()
         with self._lock:
             if self._closing or self.client.is_closed:  # httpx would raise a RuntimeError
                 raise LocalProtocolError("HTTPXTransport is closed: cannot send another request")
@@ -166,7 +171,7 @@ class HTTPXTransport(BaseTransport):
             raise
         _body_timeout(built, request)
         body, close, interrupt = _body_and_closer(
-            response, request.timeouts.read_backstop(), self._closed_one
+            response, request.timeouts.read_backstop(), self._closed_one, self._dropped
         )
         return Response(
             response.status_code,
@@ -184,11 +189,17 @@ class HTTPXTransport(BaseTransport):
         connection gets its number next. So streams still open finish first (their own
         timeouts bound them), and the last one to close closes the pool.
         """
+        self._close_dropped()
         with self._lock:
             self._closing = True
             now = self._open == 0
         if now and self._owns_client:
             self.client.close()
+
+    def _close_dropped(self) -> None:
+        dropped = self._dropped
+        while dropped:
+            dropped.pop()()  # (a list's pop is atomic: another thread may take one too)
 
     def _closed_one(self) -> None:
         with self._lock:
@@ -198,14 +209,51 @@ class HTTPXTransport(BaseTransport):
             self.client.close()
 
 
+@final
+class _Dropped:
+    """Closes a response that was dropped without being closed, once it is garbage.
+
+    httpcore counts the connection of a response nobody closed as in use for good: a caller
+    that lost a few streams to an exception before its `with` ran out of connections, and the
+    transport's `close()` waited for them for ever. The close is not done here, where the
+    garbage collector may have stopped a thread holding the pool's lock (httpcore's, not
+    reentrant), but queued for the transport's next `send` or `close`.
+    """
+
+    __slots__ = ("armed", "close", "queue")
+
+    def __init__(self, close: Callable[[], None], queue: list[Callable[[], None]]) -> None:
+        self.close = close
+        self.queue = queue
+        self.armed = True
+
+    def __del__(self) -> None:
+        if self.armed:
+            self.queue.append(self.close)
+
+
 def _body_and_closer(
-    response: httpx.Response, timeout: float | None, closed: Callable[[], None]
+    response: httpx.Response,
+    timeout: float | None,
+    closed: Callable[[], None],
+    dropped: list[Callable[[], None]],
 ) -> tuple[Iterator[bytes], Callable[[], None], Callable[[], None]]:
     finished = False
     done = False
 
+    def close_dropped() -> None:
+        nonlocal done
+        response.close()
+        if not done:
+            done = True
+            closed()
+
+    # Held by `body` and `close` alone: when the response they belong to is dropped, so is it.
+    guard = _Dropped(close_dropped, dropped)
+
     def body() -> Iterator[bytes]:
         nonlocal finished
+        guard  # noqa: B018 - held, see `guard`
         if response.is_stream_consumed:
             yield from _content(response)  # (see `_content`)
             finished = True
@@ -239,6 +287,7 @@ def _body_and_closer(
 
     def close() -> None:
         nonlocal done
+        guard.armed = False
         # Shut the socket down first: closing it does not wake a thread blocked in recv(),
         # and an unfinished body must not go back to the pool.
         interrupt()
