@@ -36,6 +36,7 @@ from holysheep import (
     RetryPolicy,
     Timeouts,
 )
+from holysheep._exchange import Exchange
 from holysheep.testing import MockUpstream, UpstreamConfig, serve
 from holysheep.transports import AiohttpTransport, AsyncResponse, Request
 
@@ -508,3 +509,17 @@ def test_closing_after_the_event_loop_ended_says_what_to_do(upstream: MockUpstre
     assert message.startswith(
         "AiohttpTransport's connections belong to an event loop that has ended"
     )
+
+
+@pytest.mark.anyio
+async def test_a_body_dropped_unclosed_is_not_kept(upstream: MockUpstream) -> None:
+    """The transport kept every unfinished body it handed out until `aclose()`, so each stream
+    dropped unclosed stayed in memory (aiohttp itself lets go of it at the end of the body)."""
+    request = Exchange(
+        url=upstream.base_url + "/chat/completions", api_key="k", body=b"{}", timeouts=Timeouts()
+    ).request
+    async with AiohttpTransport() as transport:
+        for _ in range(3):
+            await transport.send(request)  # ...and dropped
+        gc.collect()
+        assert 0 == len(transport._open)

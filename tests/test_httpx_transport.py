@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from hypothesis import given
@@ -580,4 +581,21 @@ def test_a_response_dropped_unclosed_gives_its_connection_back() -> None:
         assert upstream.wait_for_disconnect(2.0, count=2)  # the server saw both go
         response.close()
         transport.close()
+        assert transport.client.is_closed
+
+
+@pytest.mark.anyio
+async def test_async_a_response_dropped_unclosed_gives_its_connection_back() -> None:
+    """As for the sync transport: an `AsyncResponse` dropped unread and unclosed is closed at
+    the next send (it held its connection for good), on asyncio and trio."""
+    with serve(tokens=50, tokens_per_s=20) as upstream:
+        transport = AsyncHTTPXTransport(max_connections=2)
+        for _ in range(2):
+            await transport.send(chat_request(upstream))  # ...and dropped
+        gc.collect()
+        with anyio.fail_after(1):
+            response = await transport.send(chat_request(upstream))
+        assert upstream.wait_for_disconnect(2.0, count=2)
+        await response.aclose()
+        await transport.aclose()
         assert transport.client.is_closed

@@ -40,6 +40,7 @@ import functools
 import ssl
 from collections.abc import Iterator
 from typing import Final, final
+from weakref import WeakSet
 
 try:
     import aiohttp
@@ -146,9 +147,9 @@ def _header_name(name: str) -> str:
 class _Body:
     """A response body as an async iterator of raw chunks, one `readany()` per chunk."""
 
-    __slots__ = ("_content", "_open", "_response", "finished")
+    __slots__ = ("__weakref__", "_content", "_open", "_response", "finished")
 
-    def __init__(self, response: aiohttp.ClientResponse, open_bodies: set[_Body]) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, open_bodies: WeakSet[_Body]) -> None:
         self._response = response
         self._content = response.content
         self._open = open_bodies  # the transport's, so `aclose()` can end a blocked read
@@ -192,7 +193,7 @@ class _DecodedBody(_Body):
 
     __slots__ = ("_checked", "_decoder", "_ended", "_pieces")
 
-    def __init__(self, response: aiohttp.ClientResponse, open_bodies: set[_Body]) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, open_bodies: WeakSet[_Body]) -> None:
         super().__init__(response, open_bodies)
         self._checked = False
         self._decoder: BodyDecoder | None = None  # None: `identity`
@@ -247,8 +248,10 @@ class AiohttpTransport(AsyncBaseTransport):
         self._session = session
         self._closed = False
         # Bodies not yet finished or closed: `aclose()` closes them. aiohttp's own close leaves
-        # a read blocked on one of them waiting until the clients' idle timeout.
-        self._open: set[_Body] = set()
+        # a read blocked on one of them waiting until the clients' idle timeout. Weakly: one
+        # dropped unclosed is aiohttp's to release when it is garbage (held here, its
+        # connection stayed in use until `aclose()`).
+        self._open: WeakSet[_Body] = WeakSet()
         self.max_connections = max_connections
         self.max_connections_per_host = max_connections_per_host
         self.keepalive_timeout = keepalive_timeout

@@ -7,7 +7,7 @@ import functools
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import final
+from typing import Any, final
 
 import anyio
 import anyio.lowlevel
@@ -217,19 +217,20 @@ class _Dropped:
     that lost a few streams to an exception before its `with` ran out of connections, and the
     transport's `close()` waited for them for ever. The close is not done here, where the
     garbage collector may have stopped a thread holding the pool's lock (httpcore's, not
-    reentrant), but queued for the transport's next `send` or `close`.
+    reentrant), or outside the event loop, but queued for the transport's next `send` or
+    `close` (`aclose`).
     """
 
-    __slots__ = ("armed", "close", "queue")
+    __slots__ = ("armed", "closer", "queue")
 
-    def __init__(self, close: Callable[[], None], queue: list[Callable[[], None]]) -> None:
-        self.close = close
+    def __init__(self, closer: Any, queue: list[Any]) -> None:
+        self.closer = closer  # what the transport closes: a function, or (async) the response
         self.queue = queue
         self.armed = True
 
     def __del__(self) -> None:
         if self.armed:
-            self.queue.append(self.close)
+            self.queue.append(self.closer)
 
 
 def _body_and_closer(
@@ -316,8 +317,10 @@ class AsyncHTTPXTransport(AsyncBaseTransport):
         self.client = client
         self._urls: dict[str, httpx.URL] = {}  # parsed request URLs, see `_build`
         self._loop: object = None  # the event loop our own pool belongs to (`same_loop`)
+        self._dropped: list[httpx.Response] = []  # dropped unclosed (see `_Dropped`)
 
     async def send(self, request: Request) -> AsyncResponse:
+        await self._close_dropped()
         if self.client.is_closed:  # httpx would raise a RuntimeError of its own
             raise LocalProtocolError("AsyncHTTPXTransport is closed: cannot send another request")
         if self._owns_client:
@@ -329,14 +332,27 @@ class AsyncHTTPXTransport(AsyncBaseTransport):
         except httpx.HTTPError as exc:
             raise _translate(exc, request, self.client) from exc
         _body_timeout(built, request)
+        # Held by `aclose` alone: when the response is dropped, so is it (see `_Dropped`).
+        guard = _Dropped(response, self._dropped)
+
+        async def aclose() -> None:
+            guard.armed = False
+            await response.aclose()
+
         return AsyncResponse(
             response.status_code,
             response.headers,  # case-insensitive already: no copy per stream
             _async_body(response),
-            response.aclose,
+            aclose,
         )
 
+    async def _close_dropped(self) -> None:
+        dropped = self._dropped
+        while dropped:
+            await dropped.pop().aclose()
+
     async def aclose(self) -> None:
+        await self._close_dropped()
         if self._owns_client:
             loop = anyio.lowlevel.current_token().native_token
             closing_elsewhere(self._loop, loop, "AsyncHTTPXTransport")
