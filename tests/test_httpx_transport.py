@@ -4,7 +4,9 @@ on the wire must be what `build_request` would have sent, for every kind of http
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import json
 import socket
 import string
 import threading
@@ -599,3 +601,68 @@ async def test_async_a_response_dropped_unclosed_gives_its_connection_back() -> 
         await response.aclose()
         await transport.aclose()
         assert transport.client.is_closed
+
+
+def _sse_response(text: str, request_id: bytes) -> bytes:
+    chunk = {
+        "id": "c",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": "stop"}],
+    }
+    body = b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
+    return (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-request-id: %s\r\n"
+        b"content-length: %d\r\n\r\n" % (request_id, len(body))
+    ) + body
+
+
+@contextlib.contextmanager
+def _server_sending_more_than_asked() -> Iterator[str]:
+    """Each connection's first response comes with a second one nobody asked for, in the same
+    write (a desynchronised proxy); a second request on the connection is answered afresh."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve_one(conn: socket.socket) -> None:
+        with conn:
+            answered = 0
+            while True:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    head += data
+                answered += 1
+                if answered == 1:
+                    conn.sendall(_sse_response("first", b"r1") + _sse_response("STALE", b"stale"))
+                else:
+                    conn.sendall(_sse_response("fresh", b"r%d" % answered))
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    finally:
+        listener.close()
+
+
+def test_bytes_past_the_end_of_a_body_are_never_the_next_answer() -> None:
+    """h11 kept the surplus as the start of the next response on the connection, and the next
+    stream returned the stale answer, with its request id. Now the connection is closed."""
+    with (
+        _server_sending_more_than_asked() as base_url,
+        holysheep.Client(
+            api_key="k", base_url=base_url, transport=HTTPXTransport(), retry=RetryPolicy.none()
+        ) as client,
+    ):
+        answers = []
+        for _ in range(2):
+            with client.chat.stream(model="m", messages=MESSAGES) as stream:
+                answers.append(("".join(chunk.text for chunk in stream), stream.request_id))
+    assert [("first", "r1"), ("first", "r1")] == answers  # each on a connection of its own

@@ -96,6 +96,18 @@ def _raise_if_broken(outcome: object) -> None:
         raise read_failed(error) from error
 
 
+def _no_reuse_if_more(state: Any) -> None:
+    """At the end of a body: bytes the server sent past it (a `Content-Length` too short, or a
+    second response nobody asked for) are kept by h11 as the start of the next response on this
+    connection, and the next request would read them as its answer. The server's side is
+    marked broken, so that httpcore closes the connection rather than pool it (what requests
+    does)."""
+    if state.trailing_data[0]:
+        broken = getattr(state, "_process_error", None)  # h11's own, since 0.8
+        if broken is not None:
+            broken(state.their_role)
+
+
 def _h11_connection(stream: object, layers: tuple[type, ...]) -> Any:
     """The httpcore connection under httpx's response stream, if every layer is the expected
     type (`layers`: bound, response, pool, connection stream); else None."""
@@ -173,6 +185,7 @@ async def _async_body(
             if outcome is not _NEED_DATA:
                 over = True
                 _raise_if_broken(outcome)
+                _no_reuse_if_more(state)
                 return
             try:
                 data = await receive(size)
@@ -220,6 +233,7 @@ def _sync_body(connection: Any, sock: socket.socket, timeout: float | None) -> I
             pieces.clear()
         if outcome is not _NEED_DATA:
             _raise_if_broken(outcome)
+            _no_reuse_if_more(state)
             return
         try:
             if not timed:  # once: httpcore sets it before every read
