@@ -257,6 +257,43 @@ def test_a_stalled_upstream_ends_in_an_idle_timeout_error_event() -> None:
     )
 
 
+def test_the_text_length_counts_characters_not_bytes() -> None:
+    """`text_length` tells the page how much of the answer it has: in characters, as the page
+    counts them (a count of UTF-8 bytes passed for ASCII text, and the other tests sent only
+    that)."""
+    with (
+        serve(tokens=12, text="Les moutons été 🐑 naïfs, 日本語, über alles.") as upstream,
+        client_for(upstream, retry=RetryPolicy.none()) as client,
+        sync_relay(client) as port,
+    ):
+        upstream.enqueue({"fault": "drop@8"})
+        *pieces, error = fetch(port)
+    shown = texts(pieces)
+    assert not shown.isascii()
+    assert len(shown) == error.json()["text_length"]
+
+
+def test_browsers_at_once_each_get_their_own_answer() -> None:
+    """Ten browsers at once, each answered with a text of its own: each gets one whole text,
+    and no text goes to two (a relay sharing anything between requests mixes them)."""
+    answers = [f"Answer number {i}: " + "sheep " * (i + 3) for i in range(10)]
+    got: list[str] = []
+    with (
+        serve(tokens_per_s=200) as upstream,
+        client_for(upstream) as client,
+        sync_relay(client) as port,
+    ):
+        upstream.enqueue(*({"text": text, "tokens": None} for text in answers))
+        threads = [
+            threading.Thread(target=lambda: got.append(texts(fetch(port)[:-1]))) for _ in answers
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+    assert sorted(answers) == sorted(got)
+
+
 # -- restarts ------------------------------------------------------------------------------------
 
 
