@@ -123,6 +123,8 @@ def test_the_pass_keeps_httpcores_rules(pool: FakePool) -> None:
     assert all(c in after for c in before if id(c) in held), "a held connection left the pool"
     assert all(c in after or c in closing for c in before if not c.is_closed())
     assert all(c.state != "failed" for c in after), "one that failed to connect stays"
+    orphans = [c for c in after if c.state in ("active", "connecting") and id(c) not in held]
+    assert not [c for c in orphans if c in before], "a busy connection nobody holds stays"
     spare = [c for c in after if c.is_idle() and id(c) not in held]
     assert len(spare) <= pool._max_keepalive_connections
     assert len(after) <= max(pool._max_connections, len(before))
@@ -279,3 +281,39 @@ def test_a_connection_past_its_keepalive_is_not_reused() -> None:
             assert response.read().endswith(b"data: [DONE]\n\n")
         assert first.is_closed()
         assert first not in _pool(client).connections  # type: ignore[arg-type]
+
+
+def test_a_connection_made_for_a_cancelled_request_is_closed() -> None:
+    """A request cancelled after the pool made it a connection, before it started on it, left
+    that connection in the pool for good (encode/httpcore#1093)."""
+    orphan, mine = FakeConnection("a", "connecting"), FakeConnection("a", "active")
+    pool = FakePool([orphan, mine], [FakeRequest("a", mine)], 10, 10, time.monotonic())
+    assert _assign(pool) == [orphan]
+    assert pool._connections == [mine]
+
+
+def test_cancelled_requests_leave_the_pool_serving() -> None:
+    """Requests cancelled at every stage, many times over, on a pool of 5: httpcore 1.0 was
+    left with 5 connections nobody used or closed, and the next request waited for one until
+    its pool timeout."""
+
+    async def main(url: str) -> int:
+        limits = httpx.Limits(max_connections=5, max_keepalive_connections=5)
+        async with httpx.AsyncClient(limits=limits) as client:
+            assert _httpcore_pool.mend(client)
+
+            async def one() -> None:
+                async with client.stream("POST", url, content=BODY) as response:
+                    await response.aread()
+
+            for round in range(40):
+                tasks = [asyncio.ensure_future(one()) for _ in range(20)]
+                await asyncio.sleep(round % 10 / 1000)  # cancelled at every stage
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            response = await client.post(url, content=BODY, timeout=httpx.Timeout(5, pool=2))
+            return response.status_code
+
+    with serve(tokens=3, ttft=0.005) as upstream:
+        assert 200 == asyncio.run(main(upstream.base_url + "/chat/completions"))

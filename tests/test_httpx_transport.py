@@ -666,3 +666,19 @@ def test_bytes_past_the_end_of_a_body_are_never_the_next_answer() -> None:
             with client.chat.stream(model="m", messages=MESSAGES) as stream:
                 answers.append(("".join(chunk.text for chunk in stream), stream.request_id))
     assert [("first", "r1"), ("first", "r1")] == answers  # each on a connection of its own
+
+
+def test_a_response_dropped_after_close_still_closes_the_pool() -> None:
+    """`close()` waits for the responses still open; one of them dropped unclosed afterwards was
+    queued for a next send or close that never came, and the pool stayed open."""
+    with serve(tokens=50, tokens_per_s=20) as upstream:
+        transport = HTTPXTransport()
+        response = transport.send(chat_request(upstream))
+        transport.close()  # waits for it...
+        del response  # ...and it is dropped, unclosed
+        gc.collect()
+        assert upstream.wait_for_disconnect(2.0, count=1)
+        deadline = time.monotonic() + 2
+        while not transport.client.is_closed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert transport.client.is_closed

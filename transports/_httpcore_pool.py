@@ -8,14 +8,18 @@ them, then sends 200 more spent 0.4 s of CPU on the first batch and 3.4 s on the
 httpx alike), nearly all of it in this loop. That list also counts the busy connections with
 the idle ones, so the pool closed every idle connection whenever more than
 `max_keepalive_connections` were open in all, and the next streams had to connect again.
-And a connection handed to a waiting request, but not yet in use, looks idle: another pass
-could close it, to keep within the keep-alive limit or to make room (encode/httpcore#1110).
+A connection handed to a waiting request, but not yet in use, looks idle: another pass could
+close it, to keep within the keep-alive limit or to make room (encode/httpcore#1110). And one
+made for a request that was cancelled before it started on it stayed in the pool for good,
+neither idle nor in use: once `max_connections` of them had built up, every request timed
+out waiting for a connection (encode/httpcore#1093).
 
-`_assign` is the same pass with those three things done right: it counts idle connections
-once, keeps up to `max_keepalive_connections` of them whatever else is open, and never closes
-a connection a request holds. Which connection a waiting request gets, and when a new one is
-opened, are httpcore's rules unchanged: the first available connection to its origin, else a
-new one while under `max_connections`, else the oldest idle one is closed for a new one.
+`_assign` is the same pass with those four things done right: it counts idle connections
+once, keeps up to `max_keepalive_connections` of them whatever else is open, never closes a
+connection a request holds, and closes one nobody holds that is not idle. Which connection a
+waiting request gets, and when a new one is opened, are httpcore's rules unchanged: the first
+available connection to its origin, else a new one while under `max_connections`, else the
+oldest idle one is closed for a new one.
 
 How: `mend()` changes the class of the pool inside the `httpx.Client` or `httpx.AsyncClient` a
 transport made itself (a client passed in is left as it is) to a subclass whose only change is
@@ -52,6 +56,7 @@ def _assign(pool: Any) -> list[Any]:
     closing: list[_Connection] = []
     kept: list[_Connection] = []
     idle: list[_Connection] = []  # oldest first, as the pool keeps them
+    busy: list[_Connection] = []  # connecting, or carrying a request
     for connection in connections:
         if connection.is_closed():
             continue
@@ -60,15 +65,16 @@ def _assign(pool: Any) -> list[Any]:
         elif connection.has_expired():  # no socket poll: busy, connecting, or failed to connect
             closing.append(connection)
             continue
+        else:
+            busy.append(connection)
         kept.append(connection)
     # Connections a request holds: busy ones, and idle ones handed to a request that has not
-    # started on them yet. Neither is closed to save room. (Only asked with idle ones about:
-    # with every connection busy, a pass is one walk over them.)
-    held = (
-        {id(request.connection) for request in pool._requests if request.connection is not None}
-        if idle
-        else set()
-    )
+    # started on them yet. Neither is closed to save room.
+    held = {id(request.connection) for request in pool._requests if request.connection is not None}
+    # A busy connection no request holds was made for a request cancelled before it started on
+    # it (still connecting, or connected with nothing sent): nothing would ever use or close
+    # it, and `max_connections` of them left the pool serving nobody (encode/httpcore#1093).
+    closing.extend(connection for connection in busy if id(connection) not in held)
     if idle:
         idle = [connection for connection in idle if id(connection) not in held]
         # Whether an idle connection expired (its keep-alive ran out, or the server closed

@@ -171,7 +171,11 @@ class HTTPXTransport(BaseTransport):
             raise
         _body_timeout(built, request)
         body, close, interrupt = _body_and_closer(
-            response, request.timeouts.read_backstop(), self._closed_one, self._dropped
+            response,
+            request.timeouts.read_backstop(),
+            self._closed_one,
+            self._dropped,
+            self._dropped_after_close,
         )
         return Response(
             response.status_code,
@@ -201,6 +205,12 @@ class HTTPXTransport(BaseTransport):
         while dropped:
             dropped.pop()()  # (a list's pop is atomic: another thread may take one too)
 
+    def _dropped_after_close(self) -> None:
+        # No send or close will come to close it, and the pool waits for it: a thread of its
+        # own does (not the one the garbage collector stopped, see `_Dropped`).
+        if self._closing:
+            threading.Thread(target=self._close_dropped, daemon=True).start()
+
     def _closed_one(self) -> None:
         with self._lock:
             self._open -= 1
@@ -221,16 +231,21 @@ class _Dropped:
     `close` (`aclose`).
     """
 
-    __slots__ = ("armed", "closer", "queue")
+    __slots__ = ("armed", "closer", "queue", "wake")
 
-    def __init__(self, closer: Any, queue: list[Any]) -> None:
+    def __init__(
+        self, closer: Any, queue: list[Any], wake: Callable[[], None] | None = None
+    ) -> None:
         self.closer = closer  # what the transport closes: a function, or (async) the response
         self.queue = queue
+        self.wake = wake  # told when one is queued
         self.armed = True
 
     def __del__(self) -> None:
         if self.armed:
             self.queue.append(self.closer)
+            if self.wake is not None:
+                self.wake()
 
 
 def _body_and_closer(
@@ -238,6 +253,7 @@ def _body_and_closer(
     timeout: float | None,
     closed: Callable[[], None],
     dropped: list[Callable[[], None]],
+    wake: Callable[[], None],
 ) -> tuple[Iterator[bytes], Callable[[], None], Callable[[], None]]:
     finished = False
     done = False
@@ -250,7 +266,7 @@ def _body_and_closer(
             closed()
 
     # Held by `body` and `close` alone: when the response they belong to is dropped, so is it.
-    guard = _Dropped(close_dropped, dropped)
+    guard = _Dropped(close_dropped, dropped, wake)
 
     def body() -> Iterator[bytes]:
         nonlocal finished
