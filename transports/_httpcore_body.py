@@ -89,19 +89,18 @@ def _take(next_event: Callable[[], Any], pieces: list[bytes | bytearray]) -> obj
         return exc
 
 
-def _raise_if_broken(outcome: object) -> None:
-    """Raise ours for what stopped `_take`, if it was h11's error."""
+def _ended(outcome: object, state: Any) -> None:
+    """What stopped `_take`, other than a need for data: raise ours for h11's error; at the end
+    of the body, make sure bytes the server sent past it are never the next answer.
+
+    Such bytes (a `Content-Length` too short, or a second response nobody asked for) are kept
+    by h11 as the start of the next response on this connection, and the next request would
+    read them as its answer. The server's side is marked broken, so that httpcore closes the
+    connection rather than pool it (what requests does).
+    """
     if isinstance(outcome, h11.RemoteProtocolError):
         error = _as_httpx(httpx.RemoteProtocolError, outcome)
         raise read_failed(error) from error
-
-
-def _no_reuse_if_more(state: Any) -> None:
-    """At the end of a body: bytes the server sent past it (a `Content-Length` too short, or a
-    second response nobody asked for) are kept by h11 as the start of the next response on this
-    connection, and the next request would read them as its answer. The server's side is
-    marked broken, so that httpcore closes the connection rather than pool it (what requests
-    does)."""
     if state.trailing_data[0]:
         broken = getattr(state, "_process_error", None)  # h11's own, since 0.8
         if broken is not None:
@@ -184,8 +183,7 @@ async def _async_body(
                 pieces.clear()
             if outcome is not _NEED_DATA:
                 over = True
-                _raise_if_broken(outcome)
-                _no_reuse_if_more(state)
+                _ended(outcome, state)
                 return
             try:
                 data = await receive(size)
@@ -232,8 +230,7 @@ def _sync_body(connection: Any, sock: socket.socket, timeout: float | None) -> I
             yield b"".join(pieces)
             pieces.clear()
         if outcome is not _NEED_DATA:
-            _raise_if_broken(outcome)
-            _no_reuse_if_more(state)
+            _ended(outcome, state)
             return
         try:
             if not timed:  # once: httpcore sets it before every read
