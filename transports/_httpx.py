@@ -258,7 +258,9 @@ def _body_and_closer(
     finished = False
     done = False
 
-    def close_dropped() -> None:
+    def release() -> None:
+        # Closed, and counted closed once (see `HTTPXTransport.close`); all a dropped one needs:
+        # no thread reads it.
         nonlocal done
         response.close()
         if not done:
@@ -266,7 +268,7 @@ def _body_and_closer(
             closed()
 
     # Held by `body` and `close` alone: when the response they belong to is dropped, so is it.
-    guard = _Dropped(close_dropped, dropped, wake)
+    guard = _Dropped(release, dropped, wake)
 
     def body() -> Iterator[bytes]:
         nonlocal finished
@@ -303,15 +305,11 @@ def _body_and_closer(
                     sock.shutdown(socket.SHUT_RDWR)
 
     def close() -> None:
-        nonlocal done
         guard.armed = False
         # Shut the socket down first: closing it does not wake a thread blocked in recv(),
         # and an unfinished body must not go back to the pool.
         interrupt()
-        response.close()
-        if not done:
-            done = True
-            closed()
+        release()
 
     return body(), close, interrupt
 
