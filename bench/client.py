@@ -103,6 +103,8 @@ class Sizes:
     slow_ttft: float  # server TTFT at level 0; each 1,000 streams add a second (see below)
     level_timeout: float  # seconds one level may take before its streams count as failed
     settle_s: float  # pause before each concurrency contender
+    # The concurrency workers' first-generation GC threshold (None: Python's, 700).
+    gc_threshold: int | None = None
 
 
 FULL = Sizes(
@@ -849,6 +851,7 @@ class ConcurrencyRow:
     seconds_to_open_all: float | None = None
     wall_s: float | None = None
     cpu_s: float | None = None
+    gc_s: float | None = None  # of `cpu_s`, the time spent in Python's garbage collector
     us_per_event: float | None = None  # client CPU (user + system) per content event
     rss_delta_mb: float | None = None  # peak RSS minus RSS before the streams
     kb_per_stream: float | None = None  # the same divided by the streams open at the peak
@@ -925,6 +928,8 @@ def _run_worker(name: str, url: str, streams: int, sizes: Sizes) -> dict[str, An
         "--deadline",
         str(sizes.level_timeout),
     ]
+    if sizes.gc_threshold is not None:
+        command += ["--gc-threshold", str(sizes.gc_threshold)]
     try:
         done = subprocess.run(
             command,
@@ -954,6 +959,7 @@ def _fill(row: ConcurrencyRow, result: dict[str, Any]) -> None:
     row.seconds_to_open_all = result["seconds_to_open_all"]
     row.wall_s = result["wall_s"]
     row.cpu_s = result["cpu_s"]
+    row.gc_s = result.get("gc_s")
     row.errors = result["errors"]
     row.events = events = result["events"]
     row.rss_base, row.rss_peak = result["rss_base"], result["rss_peak"]
@@ -1000,11 +1006,37 @@ def _max_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-async def concurrency_worker(name: str, url: str, streams: int, tokens: int, deadline: float):
+class _GCClock:
+    """CPU seconds the garbage collector takes in this thread (where the streams run).
+
+    With thousands of streams open, each full collection walks every object they hold: the
+    collector's share of the CPU is what says whether a difference between two contenders is
+    their code or the size of their heaps.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        del info
+        if phase == "start":
+            self._started = time.thread_time()
+        else:
+            self.seconds += time.thread_time() - self._started
+
+
+async def concurrency_worker(
+    name: str, url: str, streams: int, tokens: int, deadline: float, gc_threshold: int | None
+):
     upstream_proc.raise_fd_limit()
+    if gc_threshold is not None:
+        gc.set_threshold(gc_threshold)  # the first generation's; the older two stay
     impl = await _build_async(SPECS[name], url)
     _check(await impl.stream(tokens), tokens)  # warm-up: lazy imports, the first connection
     gc.collect()
+    gc_clock = _GCClock()
+    gc.callbacks.append(gc_clock)
     rss_base, max_rss_base, cpu_base = _rss(), _max_rss(), _cpu_seconds()
     peak = rss_base or 0
     open_now = max_open = 0
@@ -1060,6 +1092,7 @@ async def concurrency_worker(name: str, url: str, streams: int, tokens: int, dea
         await asyncio.wait(pending, timeout=10)
     wall = perf_counter() - started
     cpu = _cpu_seconds() - cpu_base
+    gc.callbacks.remove(gc_clock)
     watcher.cancel()
     max_rss = _max_rss()
     if max_rss > max_rss_base:  # the kernel's high-water mark saw a peak the sampler missed
@@ -1071,6 +1104,7 @@ async def concurrency_worker(name: str, url: str, streams: int, tokens: int, dea
         "seconds_to_open_all": all_open,
         "wall_s": wall,
         "cpu_s": cpu,
+        "gc_s": gc_clock.seconds,
         "rss_base": rss_base,
         "rss_peak": peak if rss_base is not None else None,
         "errors": dict(errors),
@@ -1238,15 +1272,19 @@ def print_report(meta: dict[str, Any], results: dict[str, list[Any]], found: lis
         print("\n== 3. Concurrency: N slow streams in one asyncio process per contender ==")
         print(
             f"   {meta['concurrency']['slow stream']}. ok = streams that got every token;\n"
-            "   open = most streams open at once; CPU = client user+system time; us/event =\n"
-            "   that per content event; KB/stream = (peak RSS - RSS before) / open; vs aio =\n"
-            "   over raw aiohttp at the same N; server = the upstream's CPU seconds."
+            "   open = most streams open at once; CPU = client user+system time; GC = its\n"
+            "   share in Python's garbage collector; us/event = CPU per content event;\n"
+            "   KB/stream = (peak RSS - RSS before) / open; vs aio = over raw aiohttp at the\n"
+            "   same N; server = the upstream's CPU seconds."
         )
+        threshold = meta["sizes"].get("gc_threshold")
+        if threshold is not None:
+            print(f"   Every worker ran with gc.set_threshold({threshold}).")
         table = []
         last = None
         for row in results["concurrency"]:
             if last is not None and row.streams != last:
-                table.append([""] * 12)
+                table.append([""] * 13)
             table.append(
                 [
                     f"{row.streams:,}" if row.streams != last else "",
@@ -1256,6 +1294,7 @@ def print_report(meta: dict[str, Any], results: dict[str, list[Any]], found: lis
                     fmt(row.seconds_to_open_all, ".1f"),
                     fmt(row.wall_s, ".1f"),
                     fmt(row.cpu_s, ".1f"),
+                    fmt(_share(row.gc_s, row.cpu_s), ".0f", "%"),
                     fmt(row.us_per_event, ".1f"),
                     fmt(row.kb_per_stream, ".1f"),
                     fmt(row.rss_vs_aiohttp, ".2f", "x"),
@@ -1272,6 +1311,7 @@ def print_report(meta: dict[str, Any], results: dict[str, list[Any]], found: lis
             "all open s",
             "wall s",
             "CPU s",
+            "GC",
             "us/event",
             "KB/stream",
             "vs aio",
@@ -1309,6 +1349,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", help="concurrency levels, e.g. 100,1000")
     parser.add_argument("--repeats", type=int, help="throughput rounds and TTFT blocks")
     parser.add_argument("--level-timeout", type=float, help="seconds per concurrency level")
+    parser.add_argument(
+        "--gc-threshold",
+        type=int,
+        help="the concurrency workers' first GC threshold, as a service tuned for many "
+        "streams sets it (see docs/transports.md); every contender gets the same",
+    )
     # The concurrency worker: this script again, in a process of its own.
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -1319,7 +1365,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.worker:
         result = asyncio.run(
-            concurrency_worker(args.worker, args.url, args.streams, args.tokens, args.deadline)
+            concurrency_worker(
+                args.worker, args.url, args.streams, args.tokens, args.deadline, args.gc_threshold
+            )
         )
         print(json.dumps(result))
         return 0
@@ -1331,6 +1379,10 @@ def main(argv: list[str] | None = None) -> int:
         sizes = _replace(sizes, throughput_repeats=args.repeats, ttft_repeats=args.repeats)
     if args.level_timeout:
         sizes = _replace(sizes, level_timeout=args.level_timeout)
+    if args.gc_threshold is not None:
+        if args.gc_threshold < 1:
+            parser.error("--gc-threshold must be at least 1 (0 turns the collector off)")
+        sizes = _replace(sizes, gc_threshold=args.gc_threshold)
     upstream_proc.raise_fd_limit()
     started = perf_counter()
     results: dict[str, list[Any]] = {}
@@ -1368,6 +1420,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print_report(meta, results, found)
     return 0
+
+
+def _share(part: float | None, whole: float | None) -> float | None:
+    if part is None or not whole:
+        return None
+    return part / whole * 100
 
 
 def _replace(sizes: Sizes, **changes: Any) -> Sizes:

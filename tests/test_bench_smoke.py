@@ -52,4 +52,6 @@ def test_client_benchmark_runs_quick() -> None:
         0 == row["new_connections"] for row in report["ttft"] if "holysheep" in row["contender"]
     )
     assert all(row["ok"] == row["streams"] for row in report["concurrency"])
+    # The collector's share is measured (`gc_s`), within the CPU it is a share of.
+    assert all(0 <= row["gc_s"] <= row["cpu_s"] for row in report["concurrency"])
     assert {"PASS", "FAIL"} >= {target["verdict"] for target in report["targets"]}
