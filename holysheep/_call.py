@@ -80,8 +80,9 @@ Hook = Callable[[Attempt], None]
 @final
 @attrs.frozen
 class Earlier:
-    """What a call's failed attempts measured: a stream's stats cover every attempt, since the
-    caller waited through all of them (`ttft` from the first send, not from the last)."""
+    """What the attempts before a call's current one measured: a stream's stats cover every
+    attempt, since the caller waited through all of them (`ttft` from the first send, not
+    from the last)."""
 
     sent: float | None = None  # the first attempt's send, on the driver's clock
     first_content: float | None = None
@@ -227,6 +228,11 @@ class Call:
         headers = {"idempotency-key": self.idempotency_key}
         accumulator = None
         previous = self.exchange
+        if previous is not None:
+            # Its figures join the earlier attempts' now that another attempt replaces it, not
+            # when it failed: a call that gives up keeps it as its current one, and its stats
+            # counted it twice (once as earlier, once as current).
+            self._earlier = self._earlier.add(previous)
         expect_id = None
         if self._resume_from is not None and previous is not None:
             if previous.ids_seen:
@@ -330,7 +336,6 @@ class Call:
             # exchange could read the seconds form alone.
             error.retry_after = retry_after(error, wall_clock)
         progressed = exchange.progressed
-        self._earlier = self._earlier.add(exchange)
         if progressed or self._budget_from is None:
             # Content came since the last failure (or this is the first): a new run of
             # failures, with the whole budget. The time in the queue before is not ours.
@@ -375,7 +380,8 @@ class Call:
                 retry_delay_hint=hint,
             )
         if isinstance(decision, Retry):
-            decision = _within_total(decision, exchange, self._earlier.sent, now)
+            sent = self._earlier.sent if self._earlier.sent is not None else exchange.started
+            decision = _within_total(decision, exchange, sent, now)
         if isinstance(decision, Retry) and interrupted:
             if self._broken is None:
                 self._broken = exchange.completion
@@ -434,6 +440,10 @@ class Call:
 
     def ended(self, now: float, error: BaseException | None = None) -> None:
         """The stream stopped for good: cleanly (`error` None) or with `error`."""
+        if self.exchange is not None:
+            # Its duration stops here, however it ended (a clean end stamped it already): an
+            # error before the body left it growing for as long as the caller kept the stream.
+            self.exchange.finish(now)
         if self._reported or not self._announced:
             return
         self._reported = True

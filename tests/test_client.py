@@ -28,6 +28,7 @@ from holysheep import (
     APIConnectionError,
     AuthenticationError,
     BadRequestError,
+    ChatChunk,
     ConnectError,
     FirstTokenTimeoutError,
     IdleTimeoutError,
@@ -2299,6 +2300,94 @@ def test_stats_of_a_resumed_stream_cover_every_attempt(transport: BaseTransport)
     assert resumed.ttft is not None
     assert resumed.duration is not None
     assert 0.3 <= resumed.ttft < resumed.duration
+
+
+@pytest.mark.parametrize("on_interrupt", ["raise", "restart"])
+def test_stats_of_a_stream_that_fails_for_good_count_each_attempt_once(
+    transport: BaseTransport, on_interrupt: str
+) -> None:
+    """A call that gives up keeps its last attempt as the current one: its events and bytes
+    were counted twice, once with the attempts before it (12 events for the 6 that came)."""
+    with serve() as upstream:
+        client = client_for(
+            upstream,
+            transport,
+            retry=RetryPolicy(attempts=3, wait_initial=0.01, wait_jitter=0),
+            on_interrupt=on_interrupt,
+        )
+        with client.chat.stream(model="m", messages=MESSAGES) as stream:
+            stream.until_done()
+        clean = stream.stats
+        upstream.enqueue(*[{"fault": "drop@4"}] * 3)
+        chunks: list[ChatChunk] = []
+        stream = client.chat.stream(model="m", messages=MESSAGES)
+        with pytest.raises(StreamInterruptedError):
+            _read_into(stream, chunks)
+        client.close()
+    attempts = 1 if on_interrupt == "raise" else 3
+    stats = stream.stats
+    assert attempts == stats.attempts
+    assert len(chunks) == stats.events  # every chunk of every attempt, once
+    # Each attempt got the same first bytes of the clean answer, and not all of them.
+    assert 0 < stats.bytes < attempts * clean.bytes
+    assert 0 == stats.bytes % attempts
+
+
+def _read_into(stream: holysheep.Stream, chunks: list[ChatChunk]) -> None:
+    """The chunks of `stream`, less the `Reset` markers of restarts, until it ends or fails."""
+    with stream:
+        chunks.extend(chunk for chunk in stream if chunk.reset is None)
+
+
+async def _aread_into(stream: holysheep.AsyncStream, chunks: list[ChatChunk]) -> None:
+    async with stream:
+        async for chunk in stream:
+            chunks.append(chunk)  # one by one: a comprehension loses them to the error
+
+
+def test_the_duration_of_a_stream_that_failed_before_its_body_stays_put(
+    transport: BaseTransport,
+) -> None:
+    """Its end was never stamped: read later (logged in an `except` block), `duration` had
+    grown with the wall clock, as if the failed request were still running."""
+    with serve() as upstream:
+        client = client_for(upstream, transport, retry=RetryPolicy(attempts=2, wait_initial=0.01))
+        upstream.enqueue(*[{"fault": {"kind": "status", "status": 503}}] * 2)
+        stream = client.chat.stream(model="m", messages=MESSAGES)
+        with pytest.raises(holysheep.InternalServerError):
+            for _ in stream:
+                pass
+        client.close()
+    first = stream.stats.duration
+    time.sleep(0.2)
+    assert first is not None
+    assert first == stream.stats.duration
+
+
+async def test_async_stats_of_a_stream_that_failed_count_once_and_its_duration_stays(
+    anyio_backend: str,
+) -> None:
+    """The async twin of the two tests above."""
+    del anyio_backend
+    with serve() as upstream:
+        async with holysheep.AsyncClient(
+            api_key="k", base_url=upstream.base_url, retry=RetryPolicy.none()
+        ) as client:
+            upstream.enqueue({"fault": "drop@4"})
+            chunks: list[ChatChunk] = []
+            stream = client.chat.stream(model="m", messages=MESSAGES)
+            with pytest.raises(StreamInterruptedError):
+                await _aread_into(stream, chunks)
+            upstream.enqueue({"fault": {"kind": "status", "status": 400}})
+            refused = client.chat.stream(model="m", messages=MESSAGES)
+            with pytest.raises(holysheep.BadRequestError):
+                async with refused:
+                    pass
+    assert len(chunks) == stream.stats.events
+    first = refused.stats.duration
+    await anyio.sleep(0.2)
+    assert first is not None
+    assert first == refused.stats.duration
 
 
 # -- after [DONE] -------------------------------------------------------------------------------
