@@ -88,13 +88,16 @@ class Earlier:
     first_content: float | None = None
     events: int = 0
     bytes: int = 0
+    last_content: float | None = None
 
     def add(self, exchange: Exchange) -> Earlier:
+        last = exchange.last_progress
         return Earlier(
             self.sent if self.sent is not None else exchange.started,
             self.first_content if self.first_content is not None else exchange.first_progress,
             self.events + exchange.events,
             self.bytes + exchange.bytes,
+            last if last is not None else self.last_content,
         )
 
 
@@ -272,7 +275,8 @@ class Call:
         elif not 200 <= exchange.status_code < 300:
             used = 0
         else:
-            text = exchange.accumulator.completion.text
+            # Everything the model wrote is billed: every choice, reasoning, tool calls.
+            text = exchange.accumulator.completion.output_text
             used = self.prompt_cost + estimate_tokens(text)
         used = max(0, used - self._charged)
         self._charged += used

@@ -420,7 +420,7 @@ def _cost_for(
             name,
             prices,
             prompt_text=prompt_text,
-            completion_text=completion.text,
+            completion_text=completion.output_text,
         )
         if cost is not None:
             return cost

@@ -181,9 +181,10 @@ class StreamStats:
     """What one stream measured. Times are in seconds; None where not (yet) known.
 
     `ttft` runs from sending the request to the first chunk with a delta; `tokens_per_s` is
-    output tokens over the time after that first token, the figure gateways quote. After
-    retries, the figures cover every attempt: times run from the first send, and `events`
-    and `bytes` add up over the attempts.
+    output tokens over `generating`, the time from that first chunk to the last, the figure
+    gateways quote (not to the end of the body: a server may hold it open after `[DONE]`).
+    After retries, the figures cover every attempt: times run from the first send, and
+    `events` and `bytes` add up over the attempts.
     """
 
     request_id: str
@@ -200,12 +201,19 @@ class StreamStats:
     retries: tuple[Attempt, ...] = ()
     #: Seconds spent waiting for the rate limiter.
     queued: float = 0.0
+    #: Seconds from the first chunk with a delta to the last (None before the first).
+    generating: float | None = None
 
     @property
     def tokens_per_s(self) -> float | None:
-        if self.ttft is None or self.duration is None or self.tokens == 0:
+        """None until two reads brought chunks: an answer read in one piece has no rate."""
+        if self.tokens == 0:
             return None
-        generating = self.duration - self.ttft
+        generating = self.generating
+        if generating is None:  # stats made without it: from the first token to the end
+            if self.ttft is None or self.duration is None:
+                return None
+            generating = self.duration - self.ttft
         return self.tokens / generating if generating > 0 else None
 
     def summary(self) -> str:
@@ -824,6 +832,11 @@ class Exchange:
         return self._first_progress
 
     @property
+    def last_progress(self) -> float | None:
+        """When the last content arrived."""
+        return self._last_progress
+
+    @property
     def progressed(self) -> bool:
         """Whether any content (a chunk with deltas) has arrived."""
         return self._first_progress is not None
@@ -929,12 +942,13 @@ class Exchange:
 
     def stats(self, now: float, call: Call | None = None) -> StreamStats:
         """This attempt's figures, and with `call` those of the attempts before it too."""
-        started, first = self._started, self._first_progress
+        started, first, last = self._started, self._first_progress, self._last_progress
         events, nbytes = self.events, self.bytes
         if call is not None:
             earlier = call.earlier
             started = earlier.sent if earlier.sent is not None else started
             first = earlier.first_content if earlier.first_content is not None else first
+            last = last if last is not None else earlier.last_content
             events += earlier.events
             nbytes += earlier.bytes
         end = self._ended if self._ended is not None else now
@@ -944,8 +958,11 @@ class Exchange:
             # No count from the server: the larger of two estimates. A chunk per token holds
             # for OpenAI-style streams (and for scripts where a token is one or two
             # characters); four characters a token holds for gateways that batch. The text
-            # covers every attempt of a resumed completion, the chunks only this one's.
-            tokens = max(self.content_chunks, estimate_tokens(self.accumulator.completion.text))
+            # covers every attempt of a resumed completion, the chunks only this one's; and all
+            # of it, as `Completion.cost` counts it (every choice, reasoning, tool calls): choice
+            # 0's content alone counted 1 token for 300 chunks of reasoning before "Yes.".
+            output = self.accumulator.completion.output_text
+            tokens = max(self.content_chunks, estimate_tokens(output))
             estimated = True
         else:
             estimated = False
@@ -962,6 +979,7 @@ class Exchange:
             attempts=call.sent if call is not None else 1,
             retries=tuple(call.history) if call is not None else (),
             queued=call.queued if call is not None else 0.0,
+            generating=None if first is None or last is None else last - first,
         )
 
 

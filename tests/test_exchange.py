@@ -45,6 +45,7 @@ from holysheep import (
 )
 from holysheep._config import ClientConfig
 from holysheep._exchange import parse_retry_after
+from holysheep._pricing import estimate_tokens
 from holysheep.transports import MockResponse, MockTransport, sse_body
 
 SSE = {"content-type": "text/event-stream; charset=utf-8", "x-request-id": "req_server"}
@@ -387,8 +388,14 @@ def test_a_clean_stream_accumulates_and_measures() -> None:
     exchange = make()
     exchange.start(100.0)
     assert "stream" == exchange.on_headers(200, SSE, 100.1)
-    body = b"".join(sse_body("Hel", "lo"))
-    chunks = exchange.on_data(body[:10], 100.2) + exchange.on_data(body[10:], 100.5)
+    pieces = sse_body("Hel", "lo")
+    body = b"".join(pieces)
+    hel = len(pieces[0]) + len(pieces[1])  # the role chunk and the first content
+    chunks = (
+        exchange.on_data(body[:10], 100.2)
+        + exchange.on_data(body[10:hel], 100.5)
+        + exchange.on_data(body[hel:], 100.75)
+    )
     exchange.on_eof(101.0)
     assert "Hello" == "".join(c.text for c in chunks)
     stats = exchange.stats(200.0)
@@ -399,7 +406,8 @@ def test_a_clean_stream_accumulates_and_measures() -> None:
         stats.tokens_estimated,
     )
     assert ("req_server", len(body)) == (stats.server_request_id, stats.bytes)
-    assert stats.tokens_per_s == pytest.approx(4.0)
+    # 2 tokens from the first content (100.5) to the last chunk with a delta (100.75).
+    assert stats.tokens_per_s == pytest.approx(8.0)
     assert "ttft 500 ms" in stats.summary()
 
 
@@ -423,6 +431,127 @@ def test_without_usage_the_token_count_is_the_larger_estimate(
     exchange.on_eof(0.3)
     stats = exchange.stats(1.0)
     assert (expected, True) == (stats.tokens, stats.tokens_estimated)
+
+
+def _event(choices: list[dict[str, Any]]) -> bytes:
+    return b"data: " + json.dumps({"id": "c", "choices": choices}).encode() + b"\n\n"
+
+
+@pytest.mark.parametrize(
+    ("events", "written"),
+    [
+        # 300 chunks of reasoning, then a short answer: 1 token, from choice 0's content.
+        (
+            [_event([{"index": 0, "delta": {"reasoning_content": "think "}}])] * 300
+            + [_event([{"index": 0, "delta": {"content": "Yes."}}])],
+            "Yes." + "think " * 300,  # (output_text: the text, then the reasoning)
+        ),
+        # Three choices: choice 0's text alone was a third of it.
+        (
+            [
+                _event([{"index": i, "delta": {"content": "word " * 20}} for i in range(3)]),
+            ],
+            "word " * 60,
+        ),
+        # A tool call and no text: 0 tokens, so no rate either.
+        (
+            [
+                _event(
+                    [
+                        {
+                            "index": 0,
+                            "delta": {
+                                "tool_calls": [
+                                    {
+                                        "index": 0,
+                                        "id": "call_1",
+                                        "type": "function",
+                                        "function": {
+                                            "name": "get_weather",
+                                            "arguments": '{"city": "Paris"}',
+                                        },
+                                    }
+                                ]
+                            },
+                        }
+                    ]
+                )
+            ],
+            'get_weather{"city": "Paris"}',
+        ),
+    ],
+    ids=["reasoning", "three choices", "tool call"],
+)
+def test_without_usage_the_token_estimate_counts_everything_the_model_wrote(
+    events: list[bytes], written: str
+) -> None:
+    """What `Completion.cost` and the rate limiter's reckoning count, the stats count too: the
+    estimate was choice 0's content, and the CLI priced the output at it."""
+    exchange = make(n=3)
+    exchange.start(0.0)
+    exchange.on_headers(200, SSE, 0.1)
+    for at, event in enumerate(events):
+        exchange.on_data(event, 0.2 + at / 1000)
+    exchange.on_data(b"data: [DONE]\n\n", 0.9)
+    exchange.on_eof(1.0)
+    stats = exchange.stats(1.0)
+    assert written == exchange.completion.output_text
+    assert (estimate_tokens(written), True) == (stats.tokens, stats.tokens_estimated)
+
+
+def test_without_usage_a_rate_limiter_is_charged_for_everything_the_model_wrote() -> None:
+    """A tokens-per-minute budget settles a stream with no usage at its estimate: it was
+    choice 0's content (1 token here), so 300 chunks of reasoning cost the budget nothing."""
+    call = make_call()
+    call.prompt_cost = 7
+    exchange = call.start_attempt(0.0)
+    exchange.start(0.0)
+    exchange.on_headers(200, SSE, 0.1)
+    reasoning = _event([{"index": 0, "delta": {"reasoning_content": "think "}}])
+    exchange.on_data(reasoning * 300 + _event([{"index": 0, "delta": {"content": "Yes."}}]), 0.2)
+    exchange.on_data(b"data: [DONE]\n\n", 0.3)
+    exchange.on_eof(0.4)
+    assert 7 + estimate_tokens("Yes." + "think " * 300) == call.tokens_used(exchange)
+
+
+def test_the_token_rate_runs_from_the_first_chunk_to_the_last_not_to_the_end_of_the_body() -> None:
+    """A server that holds the body open after `[DONE]` (the clients wait up to a second for
+    its end) made the rate a sixth of what it was; an answer read in one piece has none."""
+    role, first, second, finish, done = sse_body("Hello", " world")
+    exchange = make()
+    exchange.start(0.0)
+    exchange.on_headers(200, SSE, 0.1)
+    exchange.on_data(role + first, 0.2)
+    exchange.on_data(second, 0.3)
+    exchange.on_data(finish + done, 0.4)
+    exchange.on_eof(1.4)  # a second of keep-alives after [DONE]
+    stats = exchange.stats(2.0)
+    assert (pytest.approx(0.2), pytest.approx(1.4)) == (stats.generating, stats.duration)
+    assert pytest.approx(stats.tokens / 0.2) == stats.tokens_per_s
+
+    whole = make()
+    whole.start(0.0)
+    whole.on_headers(200, SSE, 0.1)
+    whole.on_data(b"".join(sse_body("Hello", " world")), 0.2)
+    whole.on_eof(0.3)
+    assert (0.0, None) == (whole.stats(1.0).generating, whole.stats(1.0).tokens_per_s)
+
+
+def test_the_token_rate_of_a_retried_call_reaches_back_to_the_earlier_attempts() -> None:
+    """Before the new attempt's first content, the last content is the broken attempt's."""
+    call = make_call(on_interrupt="restart")
+    broken = call.start_attempt(0.0)
+    broken.start(0.0)
+    broken.on_headers(200, SSE, 0.1)
+    role, first, second, _finish, _done = sse_body("Hello", " world")
+    broken.on_data(role + first, 0.2)
+    broken.on_data(second, 0.5)
+    error = broken.interrupted(APIConnectionError("reset"), 0.6)
+    assert isinstance(call.failed(error, 0.6, None), Retry)
+    retry = call.start_attempt(0.7)
+    retry.start(0.7)
+    assert pytest.approx(0.3) == retry.stats(0.8, call).generating
+    assert 3 == retry.stats(0.8, call).events  # the role chunk and two of content
 
 
 @pytest.mark.parametrize(
