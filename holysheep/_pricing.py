@@ -206,9 +206,10 @@ class PriceTable:
                 f"cannot read {os.fspath(path)}: reading TOML needs Python 3.11+ or `tomli`"
             )
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            raw = Path(path).read_bytes()
         except OSError as exc:
             raise ConfigurationError(f"cannot read prices from {os.fspath(path)}: {exc}") from exc
+        text = _utf8_text(raw, path)
         try:
             data = _toml_loads(text)
         except ValueError as exc:  # tomllib.TOMLDecodeError is a ValueError
@@ -242,7 +243,11 @@ class PriceTable:
                 cls.default(),
                 source=f"built-in prices ({PRICES_ENV} ignored: needs Python 3.11+ or tomli)",
             )
-        return cls.from_toml(path)
+        try:
+            return cls.from_toml(path)
+        except ConfigurationError as exc:
+            # Whoever meets it may not know where the file came from: say it.
+            raise ConfigurationError(f"{exc} (the prices file {PRICES_ENV} names)") from exc
 
     def lookup(self, model: str) -> Price | None:
         """The gateway price of `model`, or None when the table does not know it."""
@@ -281,6 +286,23 @@ def _read_section(data: Mapping[str, Any], section: str, path: object) -> dict[s
             raise ConfigurationError(f"{where}: {exc}") from exc
         prices[model] = price
     return prices
+
+
+def _utf8_text(raw: bytes, path: str | os.PathLike[str]) -> str:
+    """A TOML file's text. TOML is UTF-8; a byte-order mark before it (Notepad writes one) is
+    dropped, and UTF-16 (what Windows PowerShell 5.1 writes by default) is named as such."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigurationError(
+            f"{os.fspath(path)} is UTF-16, and a TOML file must be UTF-8: save it as UTF-8 "
+            "(in PowerShell: Out-File -Encoding utf8)"
+        )
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(
+            f"{os.fspath(path)} is not UTF-8, as a TOML file must be: byte "
+            f"{raw[exc.start]:#04x} at offset {exc.start} does not decode"
+        ) from exc
 
 
 def estimate_tokens(text: str) -> int:

@@ -200,6 +200,36 @@ def test_from_toml_without_a_toml_reader_says_what_is_needed(
     assert f"cannot read {path}: reading TOML needs Python 3.11+ or `tomli`" == str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('[gateway]\n"a" = 1\n'.encode("utf-16"), "is UTF-16, and a TOML file must be UTF-8"),
+        (b'[gateway]\n"caf\xe9" = 1\n', "is not UTF-8, as a TOML file must be: byte 0xe9"),
+    ],
+    ids=["utf-16", "latin-1"],
+)
+def test_a_prices_file_that_is_not_utf8_is_a_clear_error_naming_it_and_the_variable(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    """A UTF-16 file (PowerShell 5.1's default) escaped as a bare `UnicodeDecodeError`, which
+    the CLI printed naming neither the file nor `HOLYSHEEP_PRICES`."""
+    path = tmp_path / "prices.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigurationError) as info:
+        PriceTable.from_environment({PRICES_ENV: str(path)})
+    assert str(path) in str(info.value)
+    assert message in str(info.value)
+    assert str(info.value).endswith(f"(the prices file {PRICES_ENV} names)")
+
+
+def test_a_prices_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Notepad's UTF-8 starts with a byte-order mark, which TOML parsers refuse as an
+    "invalid statement" at line 1: it is dropped."""
+    path = tmp_path / "prices.toml"
+    path.write_bytes(b'\xef\xbb\xbf[gateway]\n"gpt-4.1" = 5\n')
+    assert Price(5.0, 5.0) == PriceTable.from_toml(path).lookup("gpt-4.1")
+
+
 def test_from_environment(tmp_path: Path) -> None:
     """HOLYSHEEP_PRICES names the override file; unset means the built-in table."""
     path = tmp_path / "prices.toml"
