@@ -313,3 +313,97 @@ async def test_an_async_stream_an_observer_closes_hands_out_nothing_more() -> No
         closer.stream = stream
         assert [] == [chunk async for chunk in stream]
     assert "abcdefghij" == stream.completion.text
+
+
+@pytest.mark.anyio
+async def test_each_async_chunk_lets_other_tasks_run_as_a_socket_read_does() -> None:
+    """With no `delay` the body never awaited: a task meant to stop the stream after its first
+    piece ran only once all 2,000 were read, and a timeout around it never fired."""
+    transport = AsyncMockTransport([MockResponse(chunks=sse_body(*["x"] * 2000))])
+    read = 0
+    async with holysheep.AsyncClient(api_key="k", transport=transport) as client:
+        stream = client.chat.stream(model="m", messages=MESSAGES)
+        async with stream, anyio.create_task_group() as group:
+
+            async def stop_after_the_first() -> None:
+                while read == 0:
+                    await anyio.sleep(0)
+                await stream.aclose()
+
+            group.start_soon(stop_after_the_first)
+            async for chunk in stream:
+                read += bool(chunk.text)
+    assert 1 <= read <= 3  # (trio may run the stopper a turn later)
+
+
+def test_an_infinite_delay_is_a_response_that_never_comes() -> None:
+    """`delay=float("inf")` passed validation, then the sync transport failed at once with an
+    `OverflowError` from `Event.wait`, instead of the timeout under test."""
+    transport = MockTransport([MockResponse(delay=float("inf"))])
+    client = holysheep.Client(
+        api_key="k",
+        transport=transport,
+        timeout=Timeouts(ttft=0.2),
+        retry=holysheep.RetryPolicy.none(),
+    )
+    with pytest.raises(FirstTokenTimeoutError):
+        client.chat.complete(model="m", messages=MESSAGES)
+    client.close()
+
+
+def test_a_closed_mock_transport_refuses_requests_as_the_real_ones_do() -> None:
+    """Both mocks answered a client that shared a transport with one closed before it, where
+    every real transport raises: a test fixture hid what production meets."""
+    transport = MockTransport([MockResponse(), MockResponse()])
+    with holysheep.Client(api_key="k", transport=transport) as first:
+        first.chat.complete(model="m", messages=MESSAGES)
+    second = holysheep.Client(api_key="k", transport=transport)
+    with pytest.raises(LocalProtocolError, match="MockTransport is closed: cannot send another"):
+        second.chat.complete(model="m", messages=MESSAGES)
+
+
+@pytest.mark.anyio
+async def test_a_closed_async_mock_transport_refuses_requests_and_ends_open_bodies() -> None:
+    """`aclose()` also ends a body still being read (a real pool closes its connections)."""
+    transport = AsyncMockTransport([MockResponse(delay=60), MockResponse()])
+    async with holysheep.AsyncClient(
+        api_key="k", transport=transport, retry=holysheep.RetryPolicy.none()
+    ) as client:
+        stream = client.chat.stream(model="m", messages=MESSAGES)
+        await stream.__aenter__()
+        await transport.aclose()
+        with anyio.fail_after(5), pytest.raises(holysheep.HolySheepError) as info:
+            await stream.__anext__()  # fails at once, not after 60 s
+        await stream.aclose()
+        assert "AsyncMockTransport was closed while this body was being read" in str(info.value)
+        with pytest.raises(LocalProtocolError, match="AsyncMockTransport is closed"):
+            await client.chat.complete(model="m", messages=MESSAGES)
+
+
+def test_sse_body_with_usage_sends_the_usage_chunk_the_real_api_sends() -> None:
+    """Code that reads `completion.usage` (cost tracking) failed against the mock's stream."""
+    transport = MockTransport(
+        [
+            MockResponse(chunks=sse_body("Hel", "lo", usage=True)),
+            MockResponse(chunks=sse_body("Hi", usage={"prompt_tokens": 9, "completion_tokens": 1})),
+        ]
+    )
+    with holysheep.Client(api_key="k", transport=transport) as client:
+        counted = client.chat.complete(model="m", messages=MESSAGES)
+        given = client.chat.complete(model="m", messages=MESSAGES)
+    assert counted.usage is not None
+    assert given.usage is not None
+    assert ("Hello", 0, 2, 2) == (
+        counted.text,
+        counted.usage.prompt_tokens,
+        counted.usage.completion_tokens,
+        counted.usage.total_tokens,
+    )
+    assert (9, 1) == (given.usage.prompt_tokens, given.usage.completion_tokens)
+    assert 5 == len(sse_body("Hel", "lo")) == len(sse_body("Hel", "lo", usage=True)) - 1
+
+
+def test_a_mock_response_can_be_hashed() -> None:
+    """attrs made it hashable, and its headers dict made `hash()` raise."""
+    response = MockResponse(headers={"x-request-id": "r"})
+    assert {response} == {MockResponse(headers={"x-request-id": "r"})}

@@ -29,6 +29,7 @@ from collections.abc import (
 from typing import final
 
 import anyio
+import anyio.lowlevel
 import attrs
 
 from holysheep._exceptions import APIConnectionError, LocalProtocolError
@@ -38,25 +39,44 @@ from holysheep.transports._base import AsyncBaseTransport, AsyncResponse, BaseTr
 __all__ = ["AsyncMockTransport", "MockResponse", "MockTransport", "sse_body"]
 
 
-def sse_body(*texts: str, finish_reason: str = "stop", model: str = "mock") -> list[bytes]:
-    """The chunks of a well-formed chat stream whose content pieces are `texts`."""
+def sse_body(
+    *texts: str,
+    finish_reason: str = "stop",
+    model: str = "mock",
+    usage: bool | Mapping[str, int] = False,
+) -> list[bytes]:
+    """The chunks of a well-formed chat stream whose content pieces are `texts`.
+
+    `usage=True` adds the usage chunk the real API sends before `[DONE]` (the clients ask for
+    it), counting a token a piece and a prompt of 0; a mapping is sent as the usage object.
+    """
     import json
 
-    def event(delta: dict[str, object], finish: str | None = None) -> bytes:
-        chunk = {
+    def event(delta: dict[str, object] | None, finish: str | None = None, **extra: object) -> bytes:
+        chunk: dict[str, object] = {
             "id": "chatcmpl-mock",
             "object": "chat.completion.chunk",
             "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "choices": []
+            if delta is None
+            else [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **extra,
         }
         return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
-    return [
+    chunks = [
         event({"role": "assistant", "content": ""}),
         *(event({"content": text}) for text in texts),
         event({}, finish_reason),
-        b"data: [DONE]\n\n",
     ]
+    if usage is not False:
+        counts = (
+            dict(usage)
+            if isinstance(usage, Mapping)
+            else {"prompt_tokens": 0, "completion_tokens": len(texts), "total_tokens": len(texts)}
+        )
+        chunks.append(event(None, usage=counts))  # no choices, as OpenAI sends it
+    return [*chunks, b"data: [DONE]\n\n"]
 
 
 def _over_defaults(headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -149,7 +169,8 @@ class MockResponse:
     chunks: tuple[bytes, ...] = attrs.field(
         factory=lambda: tuple(sse_body("Hello", "!")), converter=_as_chunks, validator=_all_bytes
     )
-    headers: Mapping[str, str] = attrs.field(factory=dict, converter=_over_defaults)
+    # Out of the hash (a dict has none), not out of equality: a response can go in a set.
+    headers: Mapping[str, str] = attrs.field(factory=dict, converter=_over_defaults, hash=False)
     delay: float = attrs.field(default=0.0, validator=_delay)
     fault: str | None = attrs.field(default=None, validator=_fault)
 
@@ -209,52 +230,116 @@ def _checked(result: object) -> MockResponse:
     )
 
 
-class MockTransport(BaseTransport):
-    """A sync transport that answers from a script; `requests` records what was sent."""
+def _wait_for(delay: float) -> float | None:
+    """`delay` as `Event.wait` takes it: None (until closed) past what it can wait, such as
+    `float("inf")`, a response that never comes (`wait` overflowed)."""
+    return None if delay > threading.TIMEOUT_MAX else delay
+
+
+class _Closing:
+    """What the two mocks do when closed with bodies still being read."""
+
+    _closed: bool
+
+    def _cut_short(self) -> None:
+        # A body ended by its response's own close ends quietly; one ended by closing the
+        # whole transport fails, as a read from a closed pool's connection does.
+        if self._closed:
+            raise APIConnectionError(
+                f"{type(self).__name__} was closed while this body was being read"
+            )
+
+
+def _closed_error(transport: object) -> LocalProtocolError:
+    # As the real transports say it: a test that shares a mock between clients meets what
+    # sharing a real transport does, once the first client is closed.
+    return LocalProtocolError(f"{type(transport).__name__} is closed: cannot send another request")
+
+
+class MockTransport(_Closing, BaseTransport):
+    """A sync transport that answers from a script; `requests` records what was sent.
+
+    `close()` ends every body still being read, and a request sent after it raises
+    `LocalProtocolError`, as with the real transports.
+    """
 
     def __init__(self, script: Handler | Sequence[MockResponse]) -> None:
         self._handler = _as_handler(script)
         self.requests: list[Request] = []
+        self._closed = False
+        self._open: set[threading.Event] = set()  # the bodies not yet closed
+
+    def close(self) -> None:
+        self._closed = True
+        for closed in list(self._open):
+            closed.set()
 
     def send(self, request: Request) -> Response:
+        if self._closed:
+            raise _closed_error(self)
         self.requests.append(request)
         mock = _checked(self._handler(request))
         closed = threading.Event()
+        self._open.add(closed)
+
+        def close() -> None:
+            closed.set()
+            self._open.discard(closed)
 
         def body() -> Iterator[bytes]:
             for chunk in mock.chunks:
-                if mock.delay and closed.wait(mock.delay):
-                    return
+                if mock.delay:
+                    closed.wait(_wait_for(mock.delay))
                 if closed.is_set():
+                    self._cut_short()
                     return
                 yield chunk
             if mock.fault is not None:
                 raise APIConnectionError(mock.fault)
 
-        return Response(mock.status_code, dict(mock.headers), body(), closed.set)
+        return Response(mock.status_code, dict(mock.headers), body(), close)
 
 
-class AsyncMockTransport(AsyncBaseTransport):
-    """The async twin of `MockTransport`; its handler may also be an `async def`."""
+class AsyncMockTransport(_Closing, AsyncBaseTransport):
+    """The async twin of `MockTransport`; its handler may also be an `async def`.
+
+    Each chunk is a checkpoint, as a socket read is: other tasks run, and a cancel scope or
+    timeout around the stream fires, even with no `delay`.
+    """
 
     def __init__(self, script: AsyncHandler | Sequence[MockResponse]) -> None:
         self._handler = _as_handler(script)
         self.requests: list[Request] = []
+        self._closed = False
+        self._open: set[anyio.Event] = set()  # the bodies not yet closed
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for closed in list(self._open):
+            closed.set()
 
     async def send(self, request: Request) -> AsyncResponse:
+        if self._closed:
+            raise _closed_error(self)
         self.requests.append(request)
         result = self._handler(request)
         if inspect.isawaitable(result):
             result = await result
         mock = _checked(result)
         closed = anyio.Event()
+        self._open.add(closed)
 
         async def body() -> AsyncIterator[bytes]:
             for chunk in mock.chunks:
                 if mock.delay:
                     with anyio.move_on_after(mock.delay):
                         await closed.wait()
+                else:
+                    # A read without one would hand over every chunk in one turn of the loop:
+                    # a task meant to stop the stream after the first never ran.
+                    await anyio.lowlevel.checkpoint()
                 if closed.is_set():
+                    self._cut_short()
                     return
                 yield chunk
             if mock.fault is not None:
@@ -262,5 +347,6 @@ class AsyncMockTransport(AsyncBaseTransport):
 
         async def aclose() -> None:
             closed.set()
+            self._open.discard(closed)
 
         return AsyncResponse(mock.status_code, dict(mock.headers), body(), aclose)
