@@ -685,12 +685,15 @@ def test_c_part_takes_chat_reads_and_leaves_the_rest(implementation: str) -> Non
 
 
 def test_c_part_events_are_the_tuples_python_makes(implementation: str) -> None:
-    """The C part builds events itself: equal, hashed and garbage-collected as Python's."""
+    """The C part builds events itself: equal and hashed as Python's. It leaves them out of
+    the garbage collector's lists (strings, None and an int, in a tuple: no cycle can run
+    through one), which with thousands of open streams shortens every full collection."""
     decoder = SSEDecoder()
     decoder.feed(b":\n")  # clears the start-of-stream state
     (event,) = decoder.feed(b"data: x\n\n")
     python = ServerSentEvent("message", "x", "", None)
-    assert (python, hash(python), True) == (event, hash(event), gc.is_tracked(event))
+    assert (python, hash(python)) == (event, hash(event))
+    assert (implementation != "C") == gc.is_tracked(event)
     assert (ServerSentEvent, 4) == (type(event), len(event))
 
 
