@@ -384,7 +384,8 @@ class Call:
                 retry_delay_hint=hint,
             )
         if isinstance(decision, Retry):
-            sent = self._earlier.sent if self._earlier.sent is not None else exchange.started
+            # The first send, this attempt's if it was the first (`start_attempt` folds it in).
+            sent = self._earlier.add(exchange).sent
             decision = _within_total(decision, exchange, sent, now)
         if isinstance(decision, Retry) and interrupted:
             if self._broken is None:

@@ -237,9 +237,25 @@ def _wait_for(delay: float) -> float | None:
 
 
 class _Closing:
-    """What the two mocks do when closed with bodies still being read."""
+    """Being closed, as the two mocks share it with the real transports: the bodies still
+    being read end (`_open` holds the events that end them), and a later request is refused."""
 
-    _closed: bool
+    def __init__(self) -> None:
+        self._closed = False
+        self._open: set[threading.Event | anyio.Event] = set()
+
+    def _close_all(self) -> None:
+        self._closed = True
+        for closed in list(self._open):
+            closed.set()
+
+    def _check_open(self) -> None:
+        # As the real transports say it: a test that shares a mock between clients meets what
+        # sharing a real transport does, once the first client is closed.
+        if self._closed:
+            raise LocalProtocolError(
+                f"{type(self).__name__} is closed: cannot send another request"
+            )
 
     def _cut_short(self) -> None:
         # A body ended by its response's own close ends quietly; one ended by closing the
@@ -248,12 +264,6 @@ class _Closing:
             raise APIConnectionError(
                 f"{type(self).__name__} was closed while this body was being read"
             )
-
-
-def _closed_error(transport: object) -> LocalProtocolError:
-    # As the real transports say it: a test that shares a mock between clients meets what
-    # sharing a real transport does, once the first client is closed.
-    return LocalProtocolError(f"{type(transport).__name__} is closed: cannot send another request")
 
 
 class MockTransport(_Closing, BaseTransport):
@@ -266,17 +276,13 @@ class MockTransport(_Closing, BaseTransport):
     def __init__(self, script: Handler | Sequence[MockResponse]) -> None:
         self._handler = _as_handler(script)
         self.requests: list[Request] = []
-        self._closed = False
-        self._open: set[threading.Event] = set()  # the bodies not yet closed
+        super().__init__()
 
     def close(self) -> None:
-        self._closed = True
-        for closed in list(self._open):
-            closed.set()
+        self._close_all()
 
     def send(self, request: Request) -> Response:
-        if self._closed:
-            raise _closed_error(self)
+        self._check_open()
         self.requests.append(request)
         mock = _checked(self._handler(request))
         closed = threading.Event()
@@ -310,17 +316,13 @@ class AsyncMockTransport(_Closing, AsyncBaseTransport):
     def __init__(self, script: AsyncHandler | Sequence[MockResponse]) -> None:
         self._handler = _as_handler(script)
         self.requests: list[Request] = []
-        self._closed = False
-        self._open: set[anyio.Event] = set()  # the bodies not yet closed
+        super().__init__()
 
     async def aclose(self) -> None:
-        self._closed = True
-        for closed in list(self._open):
-            closed.set()
+        self._close_all()
 
     async def send(self, request: Request) -> AsyncResponse:
-        if self._closed:
-            raise _closed_error(self)
+        self._check_open()
         self.requests.append(request)
         result = self._handler(request)
         if inspect.isawaitable(result):
